@@ -1,0 +1,386 @@
+"""Run configuration: YAML plus ``key=value`` overrides, validated into typed dataclasses.
+
+Every problem found is reported at once in a single :class:`ConfigError`, each line
+naming the dotted field and the offending value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from orchestrator.errors import ConfigError
+
+METHODS = ("magnitude", "wanda", "sparsegpt", "gblm")
+PATTERNS = ("unstructured", "2:4", "4:8")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of a seeded random LLaMA used in tests (``model.source: tiny``)."""
+
+    layers: int = 2
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 128
+    max_positions: int = 256
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """Which model to prune and how to load it."""
+
+    source: str = "smollm2-135m"
+    dtype: str = "float32"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    gguf_file: str | None = None
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class GenerateConfig:
+    """Options of self-generated calibration (``calibration.source: generate``)."""
+
+    prompt: str = ""
+    temperature: float = 1.0
+    top_p: float = 0.95
+
+
+@dataclass
+class CalibrationConfig:
+    """Calibration text and how windows are sampled from it."""
+
+    source: str = "generate"
+    text_column: str = "text"
+    hub_config: str | None = None
+    split: str = "train"
+    num_samples: int = 32
+    seq_len: int = 512
+    seed: int = 0
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+
+@dataclass
+class GblmConfig:
+    """GBLM-Pruner options (METHODS.md section 2)."""
+
+    alpha: float = 100.0
+    norm: str = "l1"
+    grad_scale: float = 100.0
+
+
+@dataclass
+class SparseGptConfig:
+    """SparseGPT options (METHODS.md section 2)."""
+
+    blocksize: int = 128
+    percdamp: float = 0.01
+
+
+@dataclass
+class PruningConfig:
+    """What to prune and how."""
+
+    method: str = "gblm"
+    sparsity: float | None = None
+    pattern: str = "unstructured"
+    sequential: bool = True
+    gblm: GblmConfig = field(default_factory=GblmConfig)
+    sparsegpt: SparseGptConfig = field(default_factory=SparseGptConfig)
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """``(n, m)`` for an N:M pattern, ``None`` for unstructured."""
+        if self.pattern == "unstructured":
+            return None
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
+
+    @property
+    def target_sparsity(self) -> float:
+        """The sparsity every pruned matrix must reach."""
+        nm = self.nm
+        if nm is not None:
+            return nm[0] / nm[1]
+        return 0.5 if self.sparsity is None else float(self.sparsity)
+
+
+@dataclass
+class EvalConfig:
+    """Perplexity evaluation after pruning."""
+
+    enabled: bool = True
+    source: str | None = None
+    text_column: str = "text"
+    num_windows: int = 40
+    seq_len: int = 512
+    dense_baseline: bool = True
+
+
+@dataclass
+class BackendConfig:
+    """Where the work runs."""
+
+    kind: str = "ray"
+    workers: int = 2
+    address: str | None = None
+    forward_dtype: str = "float32"
+    num_threads: int = 0
+
+
+@dataclass
+class OutputConfig:
+    """Where artifacts go."""
+
+    dir: str = "runs/default"
+    overwrite: bool = False
+    save_model: bool = True
+
+
+@dataclass
+class RunConfig:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict of the resolved config."""
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the resolved config's canonical JSON (output section excluded)."""
+        data = self.to_dict()
+        data.pop("output", None)
+        blob = json.dumps(data, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+# ---------------------------------------------------------------- building
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override value with YAML rules (``1e-3`` -> float, ``null`` -> None)."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], problems: list[str]) -> None:
+    """Apply ``a.b.c=value`` overrides to a nested dict in place."""
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override {item!r}: expected KEY=VALUE (e.g. pruning.sparsity=0.5)")
+            continue
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            problems.append(f"override {item!r}: empty key segment")
+            continue
+        node = data
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                node[part] = nxt
+            node = nxt
+        node[parts[-1]] = _parse_scalar(value)
+
+
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check/coerce a YAML value against a dataclass field type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return True, None
+        for arg in args:
+            if arg is type(None):
+                continue
+            ok, coerced = _type_ok(value, arg)
+            if ok:
+                return True, coerced
+        return False, value
+    if origin is Literal:
+        return value in typing.get_args(tp), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, str(value)
+        return isinstance(value, str), value
+    return True, value
+
+
+def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    """Recursively build dataclass ``cls`` from ``data``, collecting problems."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            problems.append(f"{where}: unknown key (allowed: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        where = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        value = data[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, value, where, problems)
+            continue
+        ok, coerced = _type_ok(value, tp)
+        if not ok:
+            problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+            continue
+        kwargs[f.name] = coerced
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def validate(cfg: RunConfig) -> list[str]:
+    """Semantic checks beyond types. Returns one line per problem."""
+    p: list[str] = []
+    m, c, pr, e, b = cfg.model, cfg.calibration, cfg.pruning, cfg.eval, cfg.backend
+    if not m.source:
+        p.append("model.source: must not be empty")
+    if m.dtype not in DTYPES:
+        p.append(f"model.dtype: {m.dtype!r} is not one of {', '.join(DTYPES)}")
+    t = m.tiny
+    for name in ("layers", "hidden", "heads", "kv_heads", "intermediate", "max_positions"):
+        if getattr(t, name) <= 0:
+            p.append(f"model.tiny.{name}: must be > 0, got {getattr(t, name)!r}")
+    if t.heads > 0 and t.kv_heads > 0 and (t.heads % t.kv_heads or t.hidden % t.heads):
+        p.append(
+            f"model.tiny: heads ({t.heads}) must divide hidden ({t.hidden}) "
+            f"and be a multiple of kv_heads ({t.kv_heads})"
+        )
+    if c.num_samples <= 0:
+        p.append(f"calibration.num_samples: must be > 0, got {c.num_samples!r}")
+    if c.seq_len < 2:
+        p.append(f"calibration.seq_len: must be >= 2, got {c.seq_len!r}")
+    if c.generate.temperature <= 0:
+        p.append(f"calibration.generate.temperature: must be > 0, got {c.generate.temperature!r}")
+    if not 0 < c.generate.top_p <= 1:
+        p.append(f"calibration.generate.top_p: must be in (0, 1], got {c.generate.top_p!r}")
+    if pr.method not in METHODS:
+        p.append(f"pruning.method: {pr.method!r} is not one of {', '.join(METHODS)}")
+    if pr.pattern not in PATTERNS:
+        p.append(_pattern_problem(pr.pattern))
+    elif pr.nm is not None and pr.sparsity is not None:
+        n, mm = pr.nm
+        if abs(pr.sparsity - n / mm) > 1e-9:
+            p.append(f"pruning.sparsity: {pr.sparsity!r} contradicts pattern {pr.pattern} (implies {n / mm})")
+    if pr.sparsity is not None and not 0 < pr.sparsity < 1:
+        p.append(f"pruning.sparsity: must be in (0, 1), got {pr.sparsity!r}")
+    if pr.gblm.norm not in ("l1", "l2"):
+        p.append(f"pruning.gblm.norm: {pr.gblm.norm!r} is not one of l1, l2")
+    if pr.gblm.alpha < 0:
+        p.append(f"pruning.gblm.alpha: must be >= 0, got {pr.gblm.alpha!r}")
+    if pr.gblm.grad_scale <= 0:
+        p.append(f"pruning.gblm.grad_scale: must be > 0, got {pr.gblm.grad_scale!r}")
+    if pr.sparsegpt.blocksize <= 0:
+        p.append(f"pruning.sparsegpt.blocksize: must be > 0, got {pr.sparsegpt.blocksize!r}")
+    if pr.sparsegpt.percdamp <= 0:
+        p.append(f"pruning.sparsegpt.percdamp: must be > 0, got {pr.sparsegpt.percdamp!r}")
+    if e.num_windows <= 0:
+        p.append(f"eval.num_windows: must be > 0, got {e.num_windows!r}")
+    if e.seq_len < 2:
+        p.append(f"eval.seq_len: must be >= 2, got {e.seq_len!r}")
+    if b.kind not in ("local", "ray"):
+        p.append(f"backend.kind: {b.kind!r} is not one of local, ray")
+    if b.workers <= 0:
+        p.append(f"backend.workers: must be > 0, got {b.workers!r}")
+    if b.forward_dtype not in DTYPES:
+        p.append(f"backend.forward_dtype: {b.forward_dtype!r} is not one of {', '.join(DTYPES)}")
+    if b.num_threads < 0:
+        p.append(f"backend.num_threads: must be >= 0, got {b.num_threads!r}")
+    if not cfg.output.dir:
+        p.append("output.dir: must not be empty")
+    return p
+
+
+def _pattern_problem(pattern: str) -> str:
+    parts = str(pattern).split(":")
+    if len(parts) == 2 and all(x.isdigit() for x in parts) and int(parts[0]) >= int(parts[1]):
+        return f"pruning.pattern: {pattern!r} needs N < M"
+    return f"pruning.pattern: {pattern!r} is not one of {', '.join(PATTERNS)}"
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from a nested dict plus overrides.
+
+    Raises:
+        ConfigError: listing every problem found.
+    """
+    problems: list[str] = []
+    data = json.loads(json.dumps(data or {}))  # deep copy, JSON-safe
+    apply_overrides(data, overrides or [], problems)
+    cfg = _build(RunConfig, data, "", problems)
+    if not problems:
+        problems.extend(validate(cfg))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or the defaults when ``path`` is None) and apply overrides.
+
+    Args:
+        path: YAML file, or None for the embedded defaults.
+        overrides: ``dotted.key=value`` strings, values parsed as YAML scalars.
+
+    Raises:
+        ConfigError: unreadable or malformed file, or any invalid field.
+    """
+    data: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"config: file {str(p)!r} does not exist"])
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError([f"config: {str(p)!r} is not valid YAML{where}"]) from None
+        except UnicodeDecodeError:
+            raise ConfigError([f"config: {str(p)!r} is not a text file"]) from None
+        if not isinstance(data, dict):
+            raise ConfigError([f"config: {str(p)!r} must hold a mapping, got {type(data).__name__}"])
+    return config_from_dict(data, overrides)

@@ -1,0 +1,185 @@
+"""Single-process engine (``backend: local``): the reference the distributed engine reproduces.
+
+Phases: a per-sequence gradient pass on the dense model (GBLM), then the block-sequential
+pass: statistics from the unpruned block, prune all its linears, re-forward the pruned
+block to produce the next block's inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from orchestrator.blocks import block_linears, block_prefix, capture_block_inputs, collect_inputs, decoder_blocks, \
+    forward_all
+from orchestrator.config import PruningConfig
+from orchestrator.modeling import TORCH_DTYPES
+from orchestrator.pruning.methods import LayerPruneResult, gradient_kinds, needs_xtx, prune_weight
+from orchestrator.pruning.stats import ActivationStats, add_gradient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneOutcome:
+    """What a pruning pass produced.
+
+    Attributes:
+        masks: full weight name (``model.layers.0.mlp.up_proj.weight``) -> bool mask, True = pruned.
+        layers: one report row per pruned linear.
+        phases: wall-clock seconds per phase.
+    """
+
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    layers: list[dict] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+def pruned_weight_names(model: nn.Module) -> list[str]:
+    """Full names of every weight the run prunes (each linear inside the decoder blocks)."""
+    prefix = block_prefix(model)
+    names = []
+    for i, block in enumerate(decoder_blocks(model)):
+        names += [f"{prefix}.{i}.{n}.weight" for n in block_linears(block)]
+    return names
+
+
+def gradient_pass(model: nn.Module, input_ids: torch.Tensor, kinds: tuple[str, ...], scale: float,
+                  progress: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    """Per-sequence gradient sums for every pruned weight (batch size 1, HF causal-LM loss).
+
+    Args:
+        model: dense causal LM; its parameters' ``requires_grad`` is restored afterwards.
+        input_ids: ``(N, L)`` calibration sequences.
+        kinds: subset of ``("abs", "sq", "sum")``.
+        scale: factor applied to each per-sequence gradient before folding (GBLM: 100).
+        progress: show a progress bar.
+
+    Returns:
+        weight name -> kind -> fp32 tensor shaped like the weight.
+    """
+    names = set(pruned_weight_names(model))
+    params = dict(model.named_parameters())
+    saved = {n: p.requires_grad for n, p in params.items()}
+    sums: dict[str, dict[str, torch.Tensor]] = {
+        n: {k: torch.zeros(params[n].shape, dtype=torch.float32) for k in kinds} for n in names
+    }
+    handles = []
+    for n, p in params.items():
+        p.requires_grad_(n in names)
+        if n in names:
+            def hook(param, _n=n):
+                add_gradient(sums[_n], param.grad, scale)
+                param.grad = None
+
+            handles.append(p.register_post_accumulate_grad_hook(hook))
+    try:
+        for i in tqdm(range(input_ids.shape[0]), desc="gradient pass", disable=not progress, unit="seq"):
+            ids = input_ids[i : i + 1]
+            loss = model(ids, labels=ids, use_cache=False).loss
+            loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for n, p in params.items():
+            p.requires_grad_(saved[n])
+            p.grad = None
+    return sums
+
+
+def prune_linears(linears: dict[str, nn.Linear], stats: dict[str, ActivationStats] | None,
+                  grads: Callable[[str], torch.Tensor | None], cfg: PruningConfig
+                  ) -> dict[str, LayerPruneResult]:
+    """Prune every linear of one block in place with the configured method.
+
+    Args:
+        linears: local name -> linear layer (weights are overwritten).
+        stats: local name -> input statistics (None for magnitude).
+        grads: local name -> GBLM gradient statistic (or None).
+        cfg: pruning options.
+    """
+    results = {}
+    for name, lin in linears.items():
+        res = prune_weight(
+            lin.weight.data, cfg.method, cfg.target_sparsity, cfg.nm,
+            act=None if stats is None else stats[name], grad=grads(name),
+            alpha=cfg.gblm.alpha, norm=cfg.gblm.norm,
+            blocksize=cfg.sparsegpt.blocksize, percdamp=cfg.sparsegpt.percdamp, name=name,
+        )
+        lin.weight.data.copy_(res.weight)
+        results[name] = res
+    return results
+
+
+def layer_row(full_name: str, res: LayerPruneResult) -> dict:
+    """One report row for a pruned weight."""
+    return {
+        "name": full_name,
+        "shape": list(res.mask.shape),
+        "sparsity": float(res.mask.float().mean()),
+        "score_mean": res.score_mean,
+    }
+
+
+def block_sequential(model: nn.Module, input_ids: torch.Tensor, cfg: PruningConfig,
+                     grads: dict[str, dict[str, torch.Tensor]] | None = None,
+                     forward_dtype: str = "float32", progress: bool = True) -> PruneOutcome:
+    """Prune every decoder block in order, in place.
+
+    Args:
+        model: the model to prune.
+        input_ids: ``(N, L)`` calibration sequences.
+        cfg: pruning options (``sequential: false`` takes all statistics from the dense model).
+        grads: output of :func:`gradient_pass` when the method needs gradients.
+        forward_dtype: autocast dtype of block forwards (statistics stay fp32).
+        progress: show a progress bar.
+    """
+    out = PruneOutcome()
+    amp = None if forward_dtype == "float32" else TORCH_DTYPES[forward_dtype]
+    kind = gradient_kinds(cfg.method, cfg.gblm.norm)
+    prefix = block_prefix(model)
+    with_stats = cfg.method != "magnitude"  # magnitude needs no data: no forwards at all
+    hidden, kwargs = capture_block_inputs(model, input_ids) if with_stats else (None, {})  # (N, L, H)
+    for i, block in enumerate(tqdm(decoder_blocks(model), desc=f"{cfg.method} blocks", disable=not progress)):
+        linears = block_linears(block)
+        stats = None
+        if with_stats:
+            with collect_inputs(linears, needs_xtx(cfg.method)) as stats:
+                dense_out = forward_all(block, hidden, kwargs, autocast_dtype=amp)
+
+        def grad_of(name: str, _i: int = i) -> torch.Tensor | None:
+            if not kind or grads is None:
+                return None
+            return grads[f"{prefix}.{_i}.{name}.weight"][kind[0]]
+
+        results = prune_linears(linears, stats, grad_of, cfg)
+        for name, res in results.items():
+            full = f"{prefix}.{i}.{name}.weight"
+            out.masks[full] = res.mask
+            out.layers.append(layer_row(full, res))
+        if with_stats:
+            hidden = forward_all(block, hidden, kwargs, autocast_dtype=amp) if cfg.sequential else dense_out
+    return out
+
+
+def run_local(model: nn.Module, input_ids: torch.Tensor, cfg: PruningConfig, forward_dtype: str = "float32",
+              progress: bool = True) -> PruneOutcome:
+    """The whole single-process pruning job on a loaded model (modified in place)."""
+    phases: dict[str, float] = {}
+    grads = None
+    kinds = gradient_kinds(cfg.method, cfg.gblm.norm)
+    if kinds:
+        t0 = time.perf_counter()
+        grads = gradient_pass(model, input_ids, kinds, cfg.gblm.grad_scale, progress)
+        phases["gradient_pass"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    outcome = block_sequential(model, input_ids, cfg, grads, forward_dtype, progress)
+    phases["block_pass"] = time.perf_counter() - t0
+    outcome.phases = phases
+    return outcome

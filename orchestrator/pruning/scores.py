@@ -1,0 +1,52 @@
+"""Importance scores of unstructured / N:M pruning (METHODS.md section 2)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def magnitude_score(weight: torch.Tensor) -> torch.Tensor:
+    """``|W|`` as fp32, shape ``(out, in)``."""
+    return weight.detach().float().abs()
+
+
+def wanda_score(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
+    """Wanda: ``|W_ij| * sqrt(act_sq_j / N)``.
+
+    Args:
+        weight: ``(out, in)``.
+        input_norm: ``(in,)`` the per-column ``sqrt(act_sq / N)``.
+
+    Returns:
+        ``(out, in)`` fp32 scores.
+    """
+    return weight.detach().float().abs() * input_norm.float().unsqueeze(0)
+
+
+def gblm_score(
+    weight: torch.Tensor,
+    input_norm: torch.Tensor,
+    grad_stat: torch.Tensor,
+    alpha: float,
+    norm: str = "l1",
+) -> torch.Tensor:
+    """GBLM-Pruner: ``|W_ij| * (sqrt(act_sq_j / N) + alpha * G_ij)``.
+
+    Args:
+        weight: ``(out, in)``.
+        input_norm: ``(in,)`` ``sqrt(act_sq / N)``.
+        grad_stat: ``(out, in)``: ``grad_abs`` for ``norm="l1"``; ``grad_sq`` for ``"l2"``
+            (its square root is taken here). Not divided by N, as in the published code.
+        alpha: weight of the gradient term (100 in the paper).
+        norm: ``"l1"`` (p = 1) or ``"l2"`` (p = 2).
+
+    Returns:
+        ``(out, in)`` fp32 scores.
+    """
+    if norm == "l1":
+        g = grad_stat.float()
+    elif norm == "l2":
+        g = grad_stat.float().sqrt()
+    else:
+        raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
+    return weight.detach().float().abs() * (input_norm.float().unsqueeze(0) + alpha * g)

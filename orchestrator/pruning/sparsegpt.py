@@ -1,0 +1,100 @@
+"""SparseGPT's blocked OBS update (METHODS.md section 2)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _upper_cholesky_of_inverse(h: torch.Tensor, percdamp: float, name: str) -> torch.Tensor:
+    """Damp ``h`` and return the upper Cholesky factor of its inverse, raising damping on failure."""
+    diag_mean = torch.mean(torch.diag(h))
+    damp = percdamp
+    for attempt in range(8):
+        hd = h.clone()
+        idx = torch.arange(h.shape[0])
+        hd[idx, idx] += damp * diag_mean
+        try:
+            low = torch.linalg.cholesky(hd)
+            hinv = torch.cholesky_inverse(low)
+            return torch.linalg.cholesky(hinv, upper=True)
+        except torch.linalg.LinAlgError:
+            log.warning(
+                "SparseGPT %s: Cholesky failed with damping %.3g (attempt %d), raising it x10",
+                name, damp, attempt + 1,
+            )
+            damp *= 10
+    raise RuntimeError(f"SparseGPT {name}: Hessian not positive definite even with damping {damp}")
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    name: str = "layer",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune one weight matrix with SparseGPT and update the kept weights.
+
+    Args:
+        weight: ``(out, in)``, left untouched.
+        hessian: ``(in, in)`` fp32, ``(2/N) * sum x x^T``.
+        sparsity: target fraction (ignored when ``nm`` is given).
+        nm: ``(n, m)`` for N:M, else unstructured (one threshold per column block).
+        blocksize: columns per lazy-update block.
+        percdamp: damping as a fraction of ``mean(diag H)``.
+        name: used in log messages.
+
+    Returns:
+        ``(new_weight, mask)``: the updated ``(out, in)`` weight in ``weight``'s dtype and
+        the ``(out, in)`` bool mask, True = pruned.
+    """
+    w = weight.detach().float().clone()  # (out, in)
+    h = hessian.detach().float().clone()  # (in, in)
+    cols = w.shape[1]
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    hinv = _upper_cholesky_of_inverse(h, percdamp, name)  # (in, in) upper
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        w1 = w[:, i1:i2].clone()  # (out, count)
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]  # (count, count)
+        d1 = torch.diag(hinv1)  # (count,)
+        if nm is None:
+            tmp = w1.pow(2) / d1.pow(2).unsqueeze(0)
+            k = int(tmp.numel() * sparsity)
+            mask1 = torch.zeros(tmp.numel(), dtype=torch.bool)
+            if k:
+                mask1[torch.sort(tmp.reshape(-1), stable=True).indices[:k]] = True
+            mask1 = mask1.view_as(tmp)
+        else:
+            mask1 = torch.zeros_like(w1, dtype=torch.bool)
+        for i in range(count):
+            col = w1[:, i]
+            d = hinv1[i, i]
+            if nm is not None and i % nm[1] == 0:
+                n, m = nm
+                tmp = w1[:, i : i + m].pow(2) / d1[i : i + m].pow(2).unsqueeze(0)
+                idx = torch.sort(tmp, dim=1, stable=True).indices[:, :n]
+                mask1.scatter_(1, i + idx, True)
+            q = col.clone()
+            q[mask1[:, i]] = 0
+            q1[:, i] = q
+            err = (col - q) / d  # (out,)
+            w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i1:i2] = q1
+        mask[:, i1:i2] = mask1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    w[mask] = 0
+    return w.to(weight.dtype), mask

@@ -1,0 +1,133 @@
+"""Calibration statistics that merge by plain addition (METHODS.md section 1).
+
+Every accumulator carries its sample count, so partial statistics computed on
+several workers combine with :meth:`merge` in any order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+GRAD_KINDS = ("abs", "sq", "sum")
+
+
+@dataclass
+class ActivationStats:
+    """Input statistics of one linear layer.
+
+    Attributes:
+        act_sq: ``(in,)`` fp32, sum over all tokens of ``x_j ** 2``.
+        xtx: ``(in, in)`` fp32, sum over tokens of ``x x^T`` (only when ``with_xtx``).
+        samples: number of calibration sequences folded in.
+        tokens: number of tokens folded in.
+    """
+
+    in_features: int
+    with_xtx: bool = False
+    act_sq: torch.Tensor = field(init=False)
+    xtx: torch.Tensor | None = field(init=False, default=None)
+    samples: int = 0
+    tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.act_sq = torch.zeros(self.in_features, dtype=torch.float32)
+        if self.with_xtx:
+            self.xtx = torch.zeros(self.in_features, self.in_features, dtype=torch.float32)
+
+    def update(self, x: torch.Tensor) -> None:
+        """Fold in a batch of inputs.
+
+        Args:
+            x: ``(batch, seq, in)`` or ``(seq, in)`` layer inputs, any float dtype.
+        """
+        if x.dim() == 2:
+            x = x.unsqueeze(0)
+        batch = x.shape[0]
+        flat = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        self.act_sq += flat.pow(2).sum(dim=0)
+        if self.xtx is not None:
+            self.xtx += flat.t() @ flat
+        self.samples += batch
+        self.tokens += flat.shape[0]
+
+    def merge(self, other: ActivationStats) -> ActivationStats:
+        """Add ``other`` into ``self`` and return ``self``."""
+        self.act_sq += other.act_sq
+        if self.xtx is not None:
+            if other.xtx is None:
+                raise ValueError("cannot merge statistics without xtx into ones with xtx")
+            self.xtx += other.xtx
+        self.samples += other.samples
+        self.tokens += other.tokens
+        return self
+
+    def input_norm(self) -> torch.Tensor:
+        """``sqrt(act_sq / N)`` with N the number of sequences: Wanda's ``(in,)`` factor."""
+        return torch.sqrt(self.act_sq / max(self.samples, 1))
+
+    def hessian(self) -> torch.Tensor:
+        """SparseGPT's ``H = (2 / N) * sum x x^T`` as ``(in, in)`` fp32."""
+        if self.xtx is None:
+            raise ValueError("hessian requested but statistics were collected without xtx")
+        return self.xtx * (2.0 / max(self.samples, 1))
+
+
+@dataclass
+class GradientStats:
+    """Per-sequence gradient sums of one weight (or of a partition of it).
+
+    Attributes:
+        abs: ``sum_n |s * g_n|`` (GBLM p = 1), when requested.
+        sq: ``sum_n (s * g_n) ** 2`` (GBLM p = 2, Fisher diagonal), when requested.
+        sum: ``sum_n s * g_n`` (Taylor importance), when requested.
+        samples: number of per-sequence gradients folded in.
+        scale: ``s``, the factor applied to each gradient before folding.
+    """
+
+    shape: tuple[int, ...]
+    kinds: tuple[str, ...] = ("abs",)
+    scale: float = 1.0
+    samples: int = 0
+    sums: dict[str, torch.Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        bad = [k for k in self.kinds if k not in GRAD_KINDS]
+        if bad:
+            raise ValueError(f"unknown gradient statistic(s) {bad}; allowed {GRAD_KINDS}")
+        self.sums = {k: torch.zeros(self.shape, dtype=torch.float32) for k in self.kinds}
+
+    def update(self, grad: torch.Tensor) -> None:
+        """Fold in one per-sequence gradient of shape ``shape``."""
+        add_gradient(self.sums, grad, self.scale)
+        self.samples += 1
+
+    def merge(self, other: GradientStats) -> GradientStats:
+        """Add ``other`` into ``self`` and return ``self``."""
+        for k, v in self.sums.items():
+            v += other.sums[k]
+        self.samples += other.samples
+        return self
+
+    def __getitem__(self, kind: str) -> torch.Tensor:
+        return self.sums[kind]
+
+
+def add_gradient(sums: dict[str, torch.Tensor], grad: torch.Tensor, scale: float) -> None:
+    """Fold one gradient into the named sums in place (fp32).
+
+    Args:
+        sums: map from kind (``abs``/``sq``/``sum``) to an fp32 buffer shaped like ``grad``.
+        grad: one per-sequence gradient (any float dtype).
+        scale: factor applied before folding (GBLM uses 100).
+    """
+    g = grad.detach().float()
+    if scale != 1.0:
+        g = g * scale
+    if "abs" in sums:
+        sums["abs"].add_(g.abs())
+    if "sq" in sums:
+        sums["sq"].addcmul_(g, g)
+    if "sum" in sums:
+        sums["sum"].add_(g)

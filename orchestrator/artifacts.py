@@ -98,6 +98,11 @@ class RunWriter:
             if p.is_file():
                 files[str(p.relative_to(self.tmp))] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
         (self.tmp / "manifest.json").write_text(json.dumps({"files": files}, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        self.tmp.chmod(0o777 & ~umask)  # mkdtemp creates 0700; a published run is normal
+        for p in self.tmp.rglob("*"):
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
         old = None
         if self.final.exists():
             if not self.overwrite:

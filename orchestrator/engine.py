@@ -109,7 +109,7 @@ def prune_linears(linears: dict[str, nn.Linear], stats: dict[str, ActivationStat
         res = prune_weight(
             lin.weight.data, cfg.method, cfg.target_sparsity, cfg.nm,
             act=None if stats is None else stats[name], grad=grads(name),
-            alpha=cfg.gblm.alpha, norm=cfg.gblm.norm,
+            alpha=cfg.gblm.alpha, norm=cfg.gblm.norm, grad_scale=cfg.gblm.grad_scale,
             blocksize=cfg.sparsegpt.blocksize, percdamp=cfg.sparsegpt.percdamp, name=name,
         )
         lin.weight.data.copy_(res.weight)

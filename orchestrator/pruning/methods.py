@@ -53,6 +53,7 @@ def prune_weight(
     grad: torch.Tensor | None = None,
     alpha: float = 100.0,
     norm: str = "l1",
+    grad_scale: float = 1.0,
     blocksize: int = 128,
     percdamp: float = 0.01,
     name: str = "layer",
@@ -68,6 +69,7 @@ def prune_weight(
         grad: GBLM's gradient statistic (``grad_abs`` for l1, ``grad_sq`` for l2).
         alpha: GBLM's alpha.
         norm: GBLM's gradient norm.
+        grad_scale: factor the gradient statistics were accumulated with.
         blocksize: SparseGPT column block.
         percdamp: SparseGPT damping.
         name: layer name for messages.
@@ -91,7 +93,7 @@ def prune_weight(
     elif method == "gblm":
         if act is None or grad is None:
             raise ValueError(f"{name}: gblm needs activation and gradient statistics")
-        score = gblm_score(weight, act.input_norm(), grad, alpha, norm)
+        score = gblm_score(weight, act.input_norm(), grad, alpha, norm, grad_scale)
         mask = build_mask(score, sparsity, nm)
     else:
         raise ValueError(f"unknown pruning method {method!r}")

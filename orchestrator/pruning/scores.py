@@ -29,8 +29,15 @@ def gblm_score(
     grad_stat: torch.Tensor,
     alpha: float,
     norm: str = "l1",
+    grad_scale: float = 1.0,
 ) -> torch.Tensor:
-    """GBLM-Pruner: ``|W_ij| * (sqrt(act_sq_j / N) + alpha * G_ij)``.
+    """GBLM-Pruner: ``|W_ij| * (sqrt(act_sq_j / N) + alpha * G_ij / grad_scale)``.
+
+    ``alpha`` weighs raw per-sequence gradients, as in the paper. The statistics may
+    have been accumulated from gradients multiplied by ``grad_scale`` (the published code
+    uses 100 to keep fp16 sums away from underflow); dividing by it here makes the
+    published code's score (``|W| * sqrt(act) + |W| * G_scaled``) the ``alpha = 100,
+    grad_scale = 100`` case.
 
     Args:
         weight: ``(out, in)``.
@@ -39,6 +46,7 @@ def gblm_score(
             (its square root is taken here). Not divided by N, as in the published code.
         alpha: weight of the gradient term (100 in the paper).
         norm: ``"l1"`` (p = 1) or ``"l2"`` (p = 2).
+        grad_scale: factor the gradients were multiplied by before folding.
 
     Returns:
         ``(out, in)`` fp32 scores.
@@ -49,4 +57,4 @@ def gblm_score(
         g = grad_stat.float().sqrt()
     else:
         raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
-    return weight.detach().float().abs() * (input_norm.float().unsqueeze(0) + alpha * g)
+    return weight.detach().float().abs() * (input_norm.float().unsqueeze(0) + (alpha / grad_scale) * g)

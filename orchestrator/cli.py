@@ -1,0 +1,174 @@
+"""``rayprune`` command line: prune, eval, plan.
+
+Exit codes: 0 success, 1 runtime failure, 2 bad usage/config/input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from orchestrator.errors import RayPruneError, UsageError
+
+log = logging.getLogger("rayprune")
+
+EPILOG = """\
+examples:
+  rayprune prune configs/default.yaml                 prune SmolLM2-135M with GBLM (2 Ray workers)
+  rayprune prune configs/default.yaml pruning.method=wanda pruning.pattern=2:4 output.dir=runs/wanda24
+  rayprune prune backend.kind=local model.source=tiny calibration.num_samples=4 calibration.seq_len=32
+  rayprune eval runs/default eval.source=../shared/data/eval-debian-handbook.parquet
+  rayprune plan configs/default.yaml --gpu-mem 80
+
+Overrides are KEY=VALUE with dotted keys into the YAML config (values parsed as YAML).
+All config problems are reported at once; bad input exits with status 2.
+"""
+
+
+def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """First positional that is not ``KEY=VALUE`` is the config path; the rest are overrides."""
+    config = None
+    overrides = []
+    for item in items:
+        if "=" not in item and config is None and not overrides:
+            config = item
+        else:
+            overrides.append(item)
+    return config, overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``rayprune`` command."""
+    parser = argparse.ArgumentParser(
+        prog="rayprune",
+        description="Prune large language models on a Ray cluster (GBLM, Wanda, SparseGPT, magnitude).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prune", help="prune a model, evaluate it and write a run directory",
+                       description="Prune a model as the config says; write model/, masks.safetensors, "
+                                   "config.yaml, report.json and report.md into output.dir.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]",
+                   help="YAML config (optional: defaults otherwise) followed by overrides")
+
+    e = sub.add_parser("eval", help="perplexity of a checkpoint or run directory",
+                       description="Evaluate perplexity (eval.* settings) of a model directory, a run "
+                                   "directory (its model/), a .gguf file or a builtin model name.")
+    e.add_argument("model", help="model directory, run directory, .gguf file or builtin name")
+    e.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]", help="config and overrides for eval.*")
+    e.add_argument("--json", dest="json_out", help="also write the result as JSON to this file")
+
+    pl = sub.add_parser("plan", help="memory and communication plan per worker (reads the model config only)")
+    pl.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
+    pl.add_argument("--gpu-mem", type=float, default=80.0, help="GPU memory per worker in GiB (default 80)")
+    pl.add_argument("--model-config", help="a model config.json to plan for instead of the run's model")
+    return parser
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "datasets", "urllib3", "filelock", "httpx", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.INFO)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def cmd_prune(ns: argparse.Namespace) -> int:
+    """``rayprune prune``."""
+    from orchestrator.config import load_config
+    from orchestrator.coordinator import run_prune
+
+    path, overrides = _split_args(ns.args)
+    cfg = load_config(path, overrides)
+    final = run_prune(cfg, progress=not ns.quiet)
+    report = json.loads((final / "report.json").read_text())
+    met = report["metrics"]
+    summary = {"run_dir": str(final), "reached_sparsity": round(report["sparsity"]["reached"], 6)}
+    summary.update({k: round(v, 4) for k, v in met.items() if k.endswith("_ppl")})
+    sys.stdout.write(json.dumps(summary) + "\n")
+    return 0
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    """``rayprune eval``."""
+    from orchestrator.config import load_config
+    from orchestrator.coordinator import eval_windows
+    from orchestrator.evaluate import perplexity
+    from orchestrator.modeling import load_model, load_tokenizer, materialize
+
+    path, overrides = _split_args(ns.args)
+    target = Path(ns.model)
+    if (target / "model" / "config.json").is_file():
+        target = target / "model"
+    cfg = load_config(path, [*overrides, f"model.source={target if target.exists() else ns.model}"])
+    if not cfg.eval.source:
+        raise UsageError("eval.source: not set (e.g. eval.source=../shared/data/eval-debian-handbook.parquet)")
+    model_path = materialize(cfg.model)
+    tokenizer = load_tokenizer(model_path, cfg.model)
+    model = load_model(model_path, cfg.model)
+    windows = eval_windows(cfg, tokenizer, model)
+    ppl = perplexity(model, windows, progress=not ns.quiet)
+    result = {"model": str(model_path), "ppl": ppl, "seq_len": cfg.eval.seq_len, "windows": int(windows.shape[0])}
+    if ns.json_out:
+        Path(ns.json_out).write_text(json.dumps(result, indent=2) + "\n")
+    sys.stdout.write(f"perplexity {ppl:.4f} (context {cfg.eval.seq_len}, {windows.shape[0]} windows)\n")
+    return 0
+
+
+def cmd_plan(ns: argparse.Namespace) -> int:
+    """``rayprune plan``."""
+    from transformers import AutoConfig
+
+    from orchestrator.config import load_config
+    from orchestrator.modeling import materialize
+    from orchestrator.planner import format_plan, min_workers, plan
+
+    path, overrides = _split_args(ns.args)
+    cfg = load_config(path, overrides)
+    if ns.model_config:
+        mc_path = Path(ns.model_config)
+        if not mc_path.is_file():
+            raise UsageError(f"--model-config: file {str(mc_path)!r} does not exist")
+        model_config = json.loads(mc_path.read_text())
+    else:
+        model_config = AutoConfig.from_pretrained(materialize(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
+    pr = cfg.pruning
+    kw = dict(method=pr.method, norm=pr.gblm.norm, num_samples=cfg.calibration.num_samples,
+              seq_len=cfg.calibration.seq_len)
+    result = plan(model_config, workers=cfg.backend.workers, **kw)
+    sys.stdout.write(format_plan(result) + "\n")
+    need = min_workers(model_config, int(ns.gpu_mem * 2**30), **kw)
+    sys.stdout.write(f"workers needed with {ns.gpu_mem:g} GiB per GPU: {need}\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``rayprune`` console script."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    _setup_logging(ns.verbose, ns.quiet)
+    handlers = {"prune": cmd_prune, "eval": cmd_eval, "plan": cmd_plan}
+    try:
+        return handlers[ns.command](ns)
+    except RayPruneError as exc:
+        sys.stderr.write(f"rayprune: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("rayprune: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The coordinator: the one driver that sequences a run's phases and writes its artifacts."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from orchestrator import __version__
+from orchestrator.artifacts import REPORT_SCHEMA_VERSION, RunWriter
+from orchestrator.config import RunConfig
+from orchestrator.data import calibration_windows, check_vocab, first_windows, load_texts, tokenize_corpus
+from orchestrator.engine import PruneOutcome, pruned_weight_names, run_local
+from orchestrator.evaluate import perplexity
+from orchestrator.modeling import load_model, load_tokenizer, materialize
+from orchestrator.pruning.masks import sparsity_of
+from orchestrator.report import render_markdown
+
+log = logging.getLogger(__name__)
+
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase, logged as each ends."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        """Time the enclosed block as ``name``."""
+        log.info("phase %s: start", name)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - t0, 3)
+            log.info("phase %s: %.1f s", name, self.seconds[name])
+
+
+def eval_windows(cfg: RunConfig, tokenizer, model) -> torch.Tensor | None:
+    """The evaluation windows of a run, or None when evaluation is off or has no source."""
+    e = cfg.eval
+    if not e.enabled:
+        return None
+    if not e.source:
+        log.info("eval.source is not set: skipping perplexity evaluation")
+        return None
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and e.seq_len > max_pos:
+        from orchestrator.errors import UsageError
+
+        raise UsageError(f"eval.seq_len: {e.seq_len} exceeds the model's maximum of {max_pos}")
+    tokens = tokenize_corpus(load_texts(e.source, e.text_column, "eval.source"), tokenizer)
+    check_vocab(tokens, model, "eval.source")
+    return first_windows(tokens, e.seq_len, e.num_windows, "eval.source")
+
+
+def reached_sparsity(model, names: list[str]) -> tuple[float, int, int]:
+    """Zeros over all pruned weights: ``(fraction, zeros, total)``."""
+    params = dict(model.named_parameters())
+    zeros = sum(int((params[n] == 0).sum()) for n in names)
+    total = sum(params[n].numel() for n in names)
+    return zeros / max(total, 1), zeros, total
+
+
+def prune_with_backend(cfg: RunConfig, model, model_path: str, calib: torch.Tensor, progress: bool
+                       ) -> tuple[PruneOutcome, list[dict]]:
+    """Run the configured backend; afterwards ``model`` holds the pruned weights."""
+    if cfg.backend.kind == "local":
+        if cfg.backend.num_threads:
+            torch.set_num_threads(cfg.backend.num_threads)
+        outcome = run_local(model, calib, cfg.pruning, cfg.backend.forward_dtype, progress)
+        return outcome, []
+    from actors.engine import run_ray  # Ray and DeepSpeed only load for this backend
+
+    result = run_ray(cfg, model_path, calib, progress=progress)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, w in result.weights.items():
+            params[name].copy_(w.to(params[name].dtype))
+    return result.outcome, result.memory
+
+
+def run_prune(cfg: RunConfig, progress: bool = True) -> Path:
+    """Prune, evaluate and write a run directory; returns its final path.
+
+    Raises:
+        UsageError: bad input (nothing is written).
+    """
+    timer = PhaseTimer()
+    with RunWriter(cfg.output) as writer:
+        with timer.phase("load"):
+            model_path = materialize(cfg.model)
+            tokenizer = load_tokenizer(model_path, cfg.model)
+            model = load_model(model_path, cfg.model)
+        with timer.phase("data"):
+            calib = calibration_windows(cfg, model_path, tokenizer, model)
+            windows = eval_windows(cfg, tokenizer, model)
+        metrics: dict = {"eval_seq_len": cfg.eval.seq_len, "eval_windows": None if windows is None else len(windows)}
+        if windows is not None and cfg.eval.dense_baseline:
+            with timer.phase("eval_dense"):
+                metrics["dense_ppl"] = perplexity(model, windows, progress, "dense perplexity")
+        with timer.phase("prune"):
+            outcome, memory = prune_with_backend(cfg, model, model_path, calib, progress)
+        names = pruned_weight_names(model)
+        frac, zeros, total = reached_sparsity(model, names)
+        if windows is not None:
+            with timer.phase("eval_pruned"):
+                metrics["pruned_ppl"] = perplexity(model, windows, progress, "pruned perplexity")
+        with timer.phase("save"):
+            if cfg.output.save_model:
+                writer.write_model(model, tokenizer)
+            writer.write_masks(outcome.masks)
+            writer.write_config(cfg)
+        report = {
+            "schema_version": REPORT_SCHEMA_VERSION,
+            "rayprune_version": __version__,
+            "config_fingerprint": cfg.fingerprint(),
+            "config": cfg.to_dict(),
+            "model": {"path": model_path, "architecture": type(model).__name__,
+                      "parameters": sum(p.numel() for p in model.parameters())},
+            "calibration": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1])},
+            "sparsity": {"target": cfg.pruning.target_sparsity, "reached": frac, "zeros": zeros,
+                         "pruned_weights_total": total},
+            "metrics": metrics,
+            "phases": {**timer.seconds, **{f"prune.{k}": round(v, 3) for k, v in outcome.phases.items()}},
+            "memory_per_worker": memory,
+            "layers": outcome.layers,
+            "host": {"python": platform.python_version(), "torch": torch.__version__},
+        }
+        writer.write_json("report.json", report)
+        writer.path("report.md").write_text(render_markdown(report))
+        final = writer.publish()
+    log.info("reached sparsity %.4f; %s", frac,
+             ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith("ppl")) or "no evaluation")
+    return final
+
+
+def sparsity_table(model, names: list[str]) -> dict[str, float]:
+    """Per-weight reached sparsity (used by ``rayprune eval``)."""
+    params = dict(model.named_parameters())
+    return {n: sparsity_of(params[n]) for n in names}

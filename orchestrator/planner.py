@@ -1,0 +1,362 @@
+"""Memory and communication planner: reads a model's config only, never its weights.
+
+Predicts, per worker, what a run needs under ZeRO-3 sharding (parameters and
+gradient statistics partitioned over ``W`` workers, calibration sequences split
+over workers) and how many workers a GPU size requires. Pure Python: no torch,
+no Ray, no DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+GIB = 1024**3
+FP32 = 4
+METHODS = ("magnitude", "wanda", "sparsegpt", "gblm")
+
+LLAMA2_13B: dict[str, Any] = {
+    "hidden_size": 5120,
+    "intermediate_size": 13824,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 40,
+    "vocab_size": 32000,
+    "tie_word_embeddings": False,
+}
+LLAMA2_70B: dict[str, Any] = {
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+    "tie_word_embeddings": False,
+}
+
+
+def grad_kinds_for(method: str, norm: str = "l1") -> tuple[str, ...]:
+    """Gradient statistics ``method`` keeps (mirrors ``pruning.methods.gradient_kinds``).
+
+    Args:
+        method: ``magnitude``, ``wanda``, ``sparsegpt`` or ``gblm``.
+        norm: GBLM's gradient norm, ``l1`` (keeps ``abs``) or ``l2`` (keeps ``sq``).
+
+    Returns:
+        The kinds kept, empty for gradient-free methods.
+
+    Raises:
+        ValueError: unknown method or norm.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown pruning method {method!r}; expected one of {', '.join(METHODS)}")
+    if norm not in ("l1", "l2"):
+        raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
+    if method == "gblm":
+        return ("abs",) if norm == "l1" else ("sq",)
+    return ()
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The parts of a LLaMA-style config the planner needs."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    head_dim: int
+    tied: bool
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ModelShape:
+        """Read a ``PretrainedConfig``-like object or a dict.
+
+        Args:
+            cfg: has ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``,
+                ``num_attention_heads``, ``vocab_size``; optional ``num_key_value_heads``
+                (default: heads), ``head_dim`` (default: hidden / heads),
+                ``tie_word_embeddings`` (default False), ``attention_bias``, ``mlp_bias``.
+
+        Raises:
+            ValueError: a required field is missing or not a positive integer.
+        """
+
+        def get(name: str, default: Any = None) -> Any:
+            val = cfg.get(name, default) if isinstance(cfg, Mapping) else getattr(cfg, name, default)
+            return default if val is None else val
+
+        missing = [
+            n
+            for n in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+            if get(n) is None
+        ]
+        if missing:
+            raise ValueError(f"model config lacks {', '.join(missing)}")
+        heads = int(get("num_attention_heads"))
+        hidden = int(get("hidden_size"))
+        shape = cls(
+            hidden=hidden,
+            intermediate=int(get("intermediate_size")),
+            layers=int(get("num_hidden_layers")),
+            heads=heads,
+            kv_heads=int(get("num_key_value_heads", heads)),
+            vocab=int(get("vocab_size")),
+            head_dim=int(get("head_dim", hidden // heads if heads else 0)),
+            tied=bool(get("tie_word_embeddings", False)),
+            attention_bias=bool(get("attention_bias", False)),
+            mlp_bias=bool(get("mlp_bias", False)),
+        )
+        bad = [k for k, v in asdict(shape).items() if isinstance(v, int) and not isinstance(v, bool) and v <= 0]
+        if bad:
+            raise ValueError(f"model config fields must be > 0: {', '.join(bad)}")
+        return shape
+
+    def block_linears(self) -> dict[str, tuple[int, int]]:
+        """``name -> (out, in)`` of the pruned linears of one decoder block."""
+        q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
+        return {
+            "q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i),
+        }
+
+    def block_linear_params(self) -> int:
+        """Weights (no biases) of one block's linears: what gradient statistics cover."""
+        return sum(o * i for o, i in self.block_linears().values())
+
+    def block_params(self) -> int:
+        """All parameters of one decoder block (linears, biases, two RMSNorms)."""
+        lin = self.block_linears()
+        bias = 0
+        if self.attention_bias:
+            bias += sum(lin[n][0] for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        if self.mlp_bias:
+            bias += sum(lin[n][0] for n in ("gate_proj", "up_proj", "down_proj"))
+        return self.block_linear_params() + bias + 2 * self.hidden
+
+    def total_params(self) -> int:
+        """Parameter count exactly as ``LlamaForCausalLM(cfg).parameters()``."""
+        embed = self.vocab * self.hidden
+        head = 0 if self.tied else self.vocab * self.hidden
+        return self.layers * self.block_params() + self.hidden + embed + head
+
+    def xtx_bytes(self) -> int:
+        """fp32 ``sum x x^T`` of every linear of one block (one ``in x in`` matrix each)."""
+        return sum(i * i for _, i in self.block_linears().values()) * FP32
+
+
+@dataclass
+class Plan:
+    """Per-worker memory (bytes) and communication volume (bytes) of one run.
+
+    Attributes:
+        workers: number of workers ``W``.
+        method: pruning method.
+        grad_kinds: gradient statistics kept (``abs``/``sq``), empty if none.
+        total_params: parameters of the whole model.
+        param_bytes: this worker's parameter shard, ``params * dtype_bytes / W``.
+        grad_stat_bytes: per kind, this worker's fp32 shard of decoder linear weights.
+        calib_bytes: calibration hidden states held, ``ceil(N/W) * L * hidden * 4 * 2``.
+        largest_block_bytes: one gathered block in fp32 plus its gathered gradient
+            statistics plus (SparseGPT) its ``xtx`` matrices.
+        grad_pass_bytes: gradient-pass transient: one gathered block's parameters and
+            gradients in the model dtype plus one sequence's saved activations and
+            fp32 logits (rough); 0 for gradient-free methods.
+        peak_bytes: ``param + grad stats + max(grad_pass, calib + largest_block)``.
+        comm_per_seq_bytes: gradient pass, per calibration sequence and worker: two
+            parameter all-gathers (forward and backward), ZeRO's gradient
+            reduce-scatter, and one fp32 reduce-scatter per gradient statistic, each
+            with the ring factor ``(W-1)/W``; 0 for gradient-free methods.
+        comm_block_pass_bytes: block-sequential pass, whole run: one all-gather of
+            every block and the all-reduce of each block's activation statistics.
+    """
+
+    workers: int
+    method: str
+    grad_kinds: tuple[str, ...]
+    total_params: int
+    param_bytes: int
+    grad_stat_bytes: dict[str, int]
+    calib_bytes: int
+    largest_block_bytes: int
+    grad_pass_bytes: int
+    comm_per_seq_bytes: int
+    comm_block_pass_bytes: int
+    peak_bytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        stats = sum(self.grad_stat_bytes.values())
+        self.peak_bytes = (
+            self.param_bytes + stats + max(self.grad_pass_bytes, self.calib_bytes + self.largest_block_bytes)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-ready) of every field."""
+        d = asdict(self)
+        d["grad_kinds"] = list(self.grad_kinds)
+        return d
+
+
+def plan(
+    model_config: Any,
+    *,
+    workers: int,
+    method: str,
+    norm: str = "l1",
+    num_samples: int,
+    seq_len: int,
+    dtype_bytes: int = 2,
+) -> Plan:
+    """Predict per-worker memory and communication for one run.
+
+    Args:
+        model_config: a ``PretrainedConfig``-like object or dict (see :meth:`ModelShape.from_config`).
+        workers: number of workers ``W`` (ZeRO-3 shards over all of them).
+        method: ``magnitude``, ``wanda``, ``sparsegpt`` or ``gblm``.
+        norm: GBLM's gradient norm (``l1`` keeps ``grad_abs``, ``l2`` keeps ``grad_sq``).
+        num_samples: calibration sequences ``N``.
+        seq_len: tokens per sequence ``L``.
+        dtype_bytes: bytes per parameter of the model dtype (2 for bf16/fp16).
+
+    Returns:
+        The :class:`Plan`.
+
+    Raises:
+        ValueError: non-positive sizes, unknown method or norm, bad model config.
+    """
+    for name, val in (("workers", workers), ("num_samples", num_samples), ("seq_len", seq_len),
+                      ("dtype_bytes", dtype_bytes)):
+        if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {val!r}")
+    kinds = grad_kinds_for(method, norm)
+    s = ModelShape.from_config(model_config)
+    w = workers
+    total = s.total_params()
+    linear_params = s.layers * s.block_linear_params()
+    block = s.block_params()
+    block_lin = s.block_linear_params()
+    ring = (w - 1) / w
+
+    stats = {k: math.ceil(linear_params * FP32 / w) for k in kinds}
+    calib = math.ceil(num_samples / w) * seq_len * s.hidden * FP32 * 2
+    largest = block * FP32 + len(kinds) * block_lin * FP32 + (s.xtx_bytes() if method == "sparsegpt" else 0)
+    grad_pass = 0
+    comm_seq = 0
+    if kinds:
+        per_token = 8 * s.hidden + 4 * s.intermediate  # saved activations of one block, rough
+        acts = s.layers * seq_len * per_token * dtype_bytes + 2 * seq_len * s.vocab * FP32
+        grad_pass = 2 * block * dtype_bytes + acts
+        comm_seq = round(ring * (2 * total * dtype_bytes + total * dtype_bytes + len(kinds) * linear_params * FP32))
+    act_stats = sum(FP32 * i + (FP32 * i * i if method == "sparsegpt" else 0) for _, i in s.block_linears().values())
+    act_allreduce = 2 * ring * act_stats * s.layers if method != "magnitude" else 0
+    comm_block = round(ring * total * dtype_bytes + act_allreduce)
+    return Plan(
+        workers=w,
+        method=method,
+        grad_kinds=kinds,
+        total_params=total,
+        param_bytes=math.ceil(total * dtype_bytes / w),
+        grad_stat_bytes=stats,
+        calib_bytes=calib,
+        largest_block_bytes=largest,
+        grad_pass_bytes=grad_pass,
+        comm_per_seq_bytes=comm_seq,
+        comm_block_pass_bytes=comm_block,
+    )
+
+
+def min_workers(
+    model_config: Any,
+    gpu_bytes: int,
+    *,
+    safety_factor: float = 1.2,
+    method: str = "gblm",
+    norm: str = "l1",
+    num_samples: int = 128,
+    seq_len: int = 2048,
+    dtype_bytes: int = 2,
+    max_workers: int = 4096,
+) -> int:
+    """Smallest ``W`` whose predicted peak, times ``safety_factor``, fits in ``gpu_bytes``.
+
+    Args:
+        model_config: as for :func:`plan`.
+        gpu_bytes: memory of one GPU in bytes.
+        safety_factor: multiplier (>= 1) on the predicted peak to leave headroom.
+        method: as for :func:`plan`.
+        norm: as for :func:`plan`.
+        num_samples: as for :func:`plan`.
+        seq_len: as for :func:`plan`.
+        dtype_bytes: as for :func:`plan`.
+        max_workers: search limit.
+
+    Returns:
+        The minimum number of workers.
+
+    Raises:
+        ValueError: ``safety_factor < 1``, or no ``W <= max_workers`` fits (the
+            per-block terms do not shrink with ``W``).
+    """
+    if safety_factor < 1:
+        raise ValueError(f"safety_factor must be >= 1, got {safety_factor!r}")
+
+    def fits(w: int) -> bool:
+        p = plan(model_config, workers=w, method=method, norm=norm, num_samples=num_samples,
+                 seq_len=seq_len, dtype_bytes=dtype_bytes)
+        return p.peak_bytes * safety_factor <= gpu_bytes
+
+    if not fits(max_workers):
+        raise ValueError(
+            f"no worker count up to {max_workers} fits {gpu_bytes / GIB:.2f} GiB per GPU "
+            f"(safety factor {safety_factor})"
+        )
+    lo, hi = 1, max_workers  # peak is non-increasing in W: binary search
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def format_plan(p: Plan) -> str:
+    """A readable two-column table of the plan, sizes in GiB with 2 decimals.
+
+    Args:
+        p: the plan.
+
+    Returns:
+        Multi-line text.
+    """
+    kinds = ", ".join(p.grad_kinds) or "none"
+    rows: list[tuple[str, str]] = [
+        ("method", p.method),
+        ("workers", str(p.workers)),
+        ("parameters", f"{p.total_params / 1e9:.2f} B"),
+        ("gradient statistics", kinds),
+        ("param shard", _gib(p.param_bytes)),
+    ]
+    rows += [(f"grad_{k} shard", _gib(v)) for k, v in p.grad_stat_bytes.items()]
+    rows += [
+        ("calibration states", _gib(p.calib_bytes)),
+        ("largest gathered block", _gib(p.largest_block_bytes)),
+        ("gradient pass transient", _gib(p.grad_pass_bytes)),
+        ("peak per worker", _gib(p.peak_bytes)),
+        ("comm per sequence", _gib(p.comm_per_seq_bytes)),
+        ("comm block pass", _gib(p.comm_block_pass_bytes)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{'item':<{width}}  value", f"{'-' * width}  {'-' * 12}"]
+    lines += [f"{k:<{width}}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.2f} GiB"

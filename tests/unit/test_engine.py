@@ -1,0 +1,161 @@
+"""The single-process engine against straightforward reimplementations on a tiny LLaMA."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+from orchestrator.blocks import block_linears, decoder_blocks
+from orchestrator.config import TinyModelConfig, load_config
+from orchestrator.data import generate_windows, sample_windows
+from orchestrator.engine import block_sequential, gradient_pass, pruned_weight_names, run_local
+from orchestrator.modeling import build_tiny_llama, byte_tokenizer
+from orchestrator.pruning.masks import row_mask
+from orchestrator.pruning.scores import gblm_score, wanda_score
+from tests.conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny_llama(TinyModelConfig(**TINY))
+
+
+@pytest.fixture(scope="module")
+def ids():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (5, 24), generator=g)
+
+
+def _pcfg(**kw):
+    return load_config(None, [f"pruning.{k}={v}" for k, v in kw.items()]).pruning
+
+
+def test_gradient_pass_equals_per_sequence_autograd(tiny, ids):
+    model = copy.deepcopy(tiny)
+    sums = gradient_pass(model, ids, ("abs", "sq", "sum"), scale=100.0, progress=False)
+    names = pruned_weight_names(model)
+    params = dict(model.named_parameters())
+    ref = {n: {"abs": torch.zeros_like(params[n]), "sq": torch.zeros_like(params[n]), "sum": torch.zeros_like(params[n])}
+           for n in names}
+    for i in range(ids.shape[0]):
+        x = ids[i : i + 1]
+        loss = model(x, labels=x).loss
+        grads = torch.autograd.grad(loss, [params[n] for n in names])
+        for n, g in zip(names, grads, strict=True):
+            g = g * 100.0
+            ref[n]["abs"] += g.abs()
+            ref[n]["sq"] += g * g
+            ref[n]["sum"] += g
+    for n in names:
+        for k in ("abs", "sq", "sum"):
+            torch.testing.assert_close(sums[n][k], ref[n][k], rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def _naive_block_stats(model, ids, block_idx):
+    """act_sq of every linear in block ``block_idx`` from full-model forwards, one sequence at a time."""
+    linears = block_linears(decoder_blocks(model)[block_idx])
+    acc = {n: torch.zeros(lin.in_features) for n, lin in linears.items()}
+
+    def fold(name):
+        def hook(_mod, args, _out):
+            acc[name].add_(args[0].reshape(-1, args[0].shape[-1]).pow(2).sum(0))
+
+        return hook
+
+    hooks = [lin.register_forward_hook(fold(n)) for n, lin in linears.items()]
+    with torch.no_grad():
+        for i in range(ids.shape[0]):
+            model(ids[i : i + 1])
+    for h in hooks:
+        h.remove()
+    return acc
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_wanda_block_pass_matches_naive_reference(tiny, ids, sequential):
+    model = copy.deepcopy(tiny)
+    cfg = _pcfg(method="wanda", sparsity=0.5, sequential=sequential)
+    out = block_sequential(model, ids, cfg, progress=False)
+
+    ref = copy.deepcopy(tiny)
+    dense = copy.deepcopy(tiny)
+    n = ids.shape[0]
+    agree = total = 0
+    for b, block in enumerate(decoder_blocks(ref)):
+        # sequential: statistics of block b see the already-pruned blocks < b; otherwise the dense model
+        acc = _naive_block_stats(ref if sequential else dense, ids, b)
+        for name, lin in block_linears(block).items():
+            score = wanda_score(lin.weight, torch.sqrt(acc[name] / n))
+            mask = row_mask(score, 0.5)
+            lin.weight.data[mask] = 0
+            got = out.masks[f"model.layers.{b}.{name}.weight"]
+            agree += int((got == mask).sum())
+            total += mask.numel()
+    assert agree / total >= 0.999
+
+
+def test_gblm_alpha_zero_gives_wanda_masks(tiny, ids):
+    wanda = run_local(copy.deepcopy(tiny), ids, _pcfg(method="wanda"), progress=False)
+    gblm0 = run_local(copy.deepcopy(tiny), ids, _pcfg(method="gblm", **{"gblm.alpha": 0}), progress=False)
+    assert wanda.masks.keys() == gblm0.masks.keys()
+    for k in wanda.masks:
+        assert torch.equal(wanda.masks[k], gblm0.masks[k]), k
+
+
+def test_gblm_first_block_uses_gradient_scores(tiny, ids):
+    """Block 0 sees the dense inputs, so its GBLM mask is computable directly."""
+    model = copy.deepcopy(tiny)
+    cfg = _pcfg(method="gblm", **{"gblm.alpha": 100, "gblm.norm": "l2"})
+    grads = gradient_pass(copy.deepcopy(tiny), ids, ("sq",), scale=cfg.gblm.grad_scale, progress=False)
+    out = run_local(model, ids, cfg, progress=False)
+    acc = _naive_block_stats(copy.deepcopy(tiny), ids, 0)
+    for name, lin in block_linears(decoder_blocks(tiny)[0]).items():
+        full = f"model.layers.0.{name}.weight"
+        score = gblm_score(lin.weight, torch.sqrt(acc[name] / ids.shape[0]), grads[full]["sq"], 100.0, "l2",
+                           grad_scale=cfg.gblm.grad_scale)
+        agree = (row_mask(score, 0.5) == out.masks[full]).float().mean()
+        assert agree >= 0.999, (name, agree)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "gblm"])
+def test_every_method_reaches_nm_exactly(tiny, ids, method, pattern):
+    model = copy.deepcopy(tiny)
+    out = run_local(model, ids, _pcfg(method=method, pattern=pattern), progress=False)
+    n, m = map(int, pattern.split(":"))
+    params = dict(model.named_parameters())
+    for name, mask in out.masks.items():
+        groups = mask.reshape(mask.shape[0], -1, m)
+        assert bool((groups.sum(-1) == n).all()), name
+        assert bool((params[name][mask] == 0).all()), name
+
+
+def test_magnitude_unstructured_is_one_threshold_per_matrix(tiny, ids):
+    model = copy.deepcopy(tiny)
+    out = run_local(model, ids, _pcfg(method="magnitude", sparsity=0.3), progress=False)
+    params = dict(tiny.named_parameters())
+    for name, mask in out.masks.items():
+        w = params[name].detach().abs()
+        assert mask.sum() == int(w.numel() * 0.3)
+        assert w[mask].max() <= w[~mask].min()
+
+
+def test_sample_windows_follow_the_protocol():
+    tokens = torch.arange(10_000)
+    got = sample_windows(tokens, 100, 7, seed=3, field="calibration.source")
+    idx = random.Random(3).sample(range(100), 7)
+    assert torch.equal(got, torch.stack([tokens[i * 100 : (i + 1) * 100] for i in idx]))
+
+
+def test_self_generated_calibration_is_deterministic(tiny):
+    tok = byte_tokenizer()
+    a = generate_windows(tiny, tok, 2, 12, seed=5)
+    b = generate_windows(tiny, tok, 2, 12, seed=5)
+    c = generate_windows(tiny, tok, 2, 12, seed=6)
+    assert a.shape == (2, 12) and torch.equal(a, b) and not torch.equal(a, c)
+    # each sequence depends only on its own seed: the 2nd of seed 5 is the 1st of seed 6
+    assert torch.equal(a[1], c[0])

@@ -1,0 +1,245 @@
+"""The ``PruneWorker`` actor: owns a ZeRO-3 model shard and a calibration data shard.
+
+It runs what the coordinator asks, in lock-step with the other workers (every call
+that touches the model is collective), and decides no policy: scoring and masks come
+from :mod:`orchestrator.pruning` through :func:`orchestrator.engine.prune_linears`.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+import os
+import resource
+import socket
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def read_shard(path: str) -> tuple[torch.Tensor, list[int]]:
+    """Read one worker's Arrow shard: ``(n, L)`` int64 ids and their global positions."""
+    import pyarrow as pa
+
+    with pa.memory_map(path) as src:
+        table = pa.ipc.open_file(src).read_all()
+    positions = table.column("position").to_pylist()
+    rows = table.column("input_ids").to_pylist()
+    ids = torch.tensor(rows, dtype=torch.int64) if rows else torch.zeros((0, 0), dtype=torch.int64)
+    return ids, positions
+
+
+class PruneWorker:
+    """One rank of the distributed pruning job (wrapped with ``ray.remote`` by the group)."""
+
+    def __init__(self, num_threads: int = 1) -> None:
+        torch.set_num_threads(max(1, num_threads))
+        self.rank = -1
+        self.world = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.model = None
+        self.engine = None
+        self.dschf = None
+        self.shell = None
+        self.grads = None
+        self.ids = torch.zeros((0, 0), dtype=torch.int64)
+        self.hidden = None
+        self.kwargs: dict = {}
+        self.prefix = ""
+        gc.collect()
+
+    # ------------------------------------------------------------ setup
+
+    def address(self) -> tuple[str, int]:
+        """This node's IP and a free port on it (rank 0's rendezvous)."""
+        import ray
+
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def node_ip(self) -> str:
+        """The IP of the node this actor runs on."""
+        import ray
+
+        return ray.util.get_node_ip_address()
+
+    def join(self, rank: int, world: int, local_rank: int, master: str, port: int, backend: str) -> int:
+        """Join ``torch.distributed`` through ``deepspeed.init_distributed``; returns the rank."""
+        os.environ.update({"MASTER_ADDR": master, "MASTER_PORT": str(port), "RANK": str(rank),
+                           "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank),
+                           "LOCAL_SIZE": os.environ.get("LOCAL_SIZE", "1")})
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   rank=rank, world_size=world)
+        self.rank, self.world = rank, world
+        return rank
+
+    def leave(self) -> None:
+        """Free the model and destroy the process group."""
+        import torch.distributed as dist
+
+        self.finish()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ------------------------------------------------------------ one run
+
+    def load(self, model_path: str, model_cfg: Any, shard_path: str, seq_len: int) -> dict[str, int]:
+        """Load the model partitioned under ZeRO-3 and this rank's calibration shard (collective)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from actors.zero3 import ds_config, load_partitioned
+        from orchestrator.blocks import block_prefix
+        from orchestrator.modeling import TORCH_DTYPES
+
+        self.finish()
+        self.ids, self.positions = read_shard(shard_path)
+        self.seq_len = seq_len
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
+        shell_cfg = copy.deepcopy(config)
+        shell_cfg.num_hidden_layers = 1
+        # built before HfDeepSpeedConfig exists, so it is a plain model: embeddings + 1 block
+        self.shell = AutoModelForCausalLM.from_config(shell_cfg, dtype=TORCH_DTYPES[model_cfg.dtype]).eval()
+        self.shell.lm_head = torch.nn.Identity()
+        self.ds_cfg = ds_config(self.world)
+        self.model, self.dschf = load_partitioned(model_path, model_cfg, self.ds_cfg)
+        self.config = self.model.config
+        self.prefix = block_prefix(self.model)
+        return {"samples": int(self.ids.shape[0])}
+
+    def _local_rows(self, steps: int) -> list[tuple[torch.Tensor, float]]:
+        """``steps`` sequences ``(1, L)`` with weight 1 (own data) or 0 (padding dummies)."""
+        rows = []
+        for j in range(steps):
+            if j < self.ids.shape[0]:
+                rows.append((self.ids[j : j + 1], 1.0))
+            else:
+                dummy = self.ids[:1] if self.ids.shape[0] else torch.zeros((1, self.seq_len), dtype=torch.int64)
+                rows.append((dummy, 0.0))
+        return rows
+
+    def start_gradients(self, kinds: tuple[str, ...], scale: float) -> None:
+        """Create the ZeRO-3 engine and the sharded gradient statistics (collective)."""
+        from actors.zero3 import ShardedGradStats, make_engine
+        from orchestrator.engine import pruned_weight_names
+
+        names = pruned_weight_names(self.model)
+        self.engine = make_engine(self.model, self.ds_cfg, set(names))
+        params = dict(self.model.named_parameters())
+        self.grads = ShardedGradStats({n: params[n] for n in names}, kinds, scale)
+
+    def gradient_steps(self, start: int, count: int) -> int:
+        """Forward/backward local sequences ``start .. start+count`` (padded with dummies)."""
+        rows = self._local_rows(start + count)[start:]
+        for ids, weight in rows:
+            self.grads.weight = weight
+            loss = self.engine(ids, labels=ids, use_cache=False).loss
+            self.engine.backward(loss)
+        self.grads.weight = 1.0
+        return len(rows)
+
+    def end_gradients(self) -> int:
+        """Remove the hooks; returns the bytes of this rank's statistic partitions."""
+        self.grads.remove()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        return self.grads.nbytes()
+
+    def capture(self) -> int:
+        """Block-0 inputs of this rank's sequences (local: a plain embedding shell, no ZeRO forwards)."""
+        from actors.zero3 import gather_embedding_into
+        from orchestrator.blocks import capture_block_inputs
+
+        gather_embedding_into(self.model, self.shell)
+        ids = self.ids if self.ids.shape[0] else torch.zeros((1, self.seq_len), dtype=torch.int64)
+        hidden, self.kwargs = capture_block_inputs(self.shell, ids)  # (n, L, H)
+        self.hidden = hidden[: self.ids.shape[0]]
+        self.shell = None
+        gc.collect()
+        return int(self.hidden.shape[0])
+
+    def prune_block(self, index: int, pcfg: Any, forward_dtype: str) -> dict | None:
+        """Prune block ``index`` (collective); rank 0 returns masks, weights and report rows."""
+        import torch.distributed as dist
+
+        from actors.zero3 import plain_block, write_back
+        from orchestrator.blocks import block_linears, collect_inputs, decoder_blocks, forward_all
+        from orchestrator.engine import layer_row, prune_linears
+        from orchestrator.modeling import TORCH_DTYPES
+        from orchestrator.pruning.methods import gradient_kinds, needs_xtx
+
+        amp = None if forward_dtype == "float32" else TORCH_DTYPES[forward_dtype]
+        zblock = decoder_blocks(self.model)[index]
+        block = plain_block(zblock, self.config, index)
+        linears = block_linears(block)
+        full = {n: f"{self.prefix}.{index}.{n}.weight" for n in linears}
+        kind = gradient_kinds(pcfg.method, pcfg.gblm.norm)
+        grads = {n: self.grads.gather(full[n], kind[0]) for n in linears} if kind and self.grads else {}
+        stats, dense_out = None, None
+        with_stats = pcfg.method != "magnitude"
+        if with_stats:
+            with collect_inputs(linears, needs_xtx(pcfg.method)) as stats:
+                dense_out = forward_all(block, self.hidden, self.kwargs, autocast_dtype=amp)
+            for st in stats.values():  # identical sums on every rank
+                dist.all_reduce(st.act_sq)
+                if st.xtx is not None:
+                    dist.all_reduce(st.xtx)
+                counts = torch.tensor([st.samples, st.tokens], dtype=torch.int64)
+                dist.all_reduce(counts)
+                st.samples, st.tokens = int(counts[0]), int(counts[1])
+        results = prune_linears(linears, stats, lambda n: grads.get(n), pcfg)
+        for lin in linears.values():  # rank 0's weights everywhere, bit for bit
+            dist.broadcast(lin.weight.data, src=0)
+        write_back(zblock, {n: lin.weight.data for n, lin in linears.items()}, self.rank)
+        if with_stats:
+            self.hidden = (forward_all(block, self.hidden, self.kwargs, autocast_dtype=amp)
+                           if pcfg.sequential else dense_out)
+        del block, grads
+        if self.rank != 0:
+            return None
+        return {
+            "masks": {full[n]: r.mask for n, r in results.items()},
+            "weights": {full[n]: lin.weight.data.clone() for n, lin in linears.items()},
+            "rows": [layer_row(full[n], r) for n, r in results.items()],
+        }
+
+    def num_blocks(self) -> int:
+        """Number of decoder blocks of the loaded model."""
+        from orchestrator.blocks import decoder_blocks
+
+        return len(decoder_blocks(self.model))
+
+    def memory(self) -> dict[str, int]:
+        """Peak RSS, parameter-partition bytes and gradient-statistic bytes of this rank."""
+        from actors.zero3 import partition_bytes
+
+        return {
+            "rank": self.rank,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "model_state_bytes": partition_bytes(self.model) if self.model is not None else 0,
+            "grad_stat_bytes": self.grads.nbytes() if self.grads is not None else 0,
+        }
+
+    def grad_partitions(self) -> dict[str, dict[str, torch.Tensor]]:
+        """This rank's raw statistic partitions (for tests)."""
+        return {} if self.grads is None else self.grads.chunks
+
+    def finish(self) -> None:
+        """Drop the model, engine and shards of the current run."""
+        if self.engine is not None:
+            try:
+                self.engine.destroy()
+            except Exception:  # noqa: BLE001 - best effort cleanup
+                log.debug("engine.destroy failed", exc_info=True)
+        self._reset()

@@ -1,0 +1,191 @@
+"""DeepSpeed ZeRO-3 plumbing used inside a worker actor.
+
+* load a causal LM with parameters partitioned at load time (``HfDeepSpeedConfig``),
+* build a DeepSpeed engine whose backward never steps (``SGD(lr=0)``),
+* fold per-sequence gradient statistics into partitions laid out like ZeRO-3's
+  ``ds_tensor`` (flatten, pad to a multiple of the world size, chunk ``rank``),
+* gather one block into a plain (non-ZeRO) module and write pruned weights back.
+
+Everything here is collective: every rank must call the same functions in the same order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from orchestrator.config import ModelConfig
+from orchestrator.modeling import TORCH_DTYPES
+
+log = logging.getLogger(__name__)
+
+
+def ds_config(world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config of a ZeRO-3 gradient-statistics engine (never steps)."""
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": world_size,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def load_partitioned(model_path: str, model_cfg: ModelConfig, config: dict[str, Any]) -> tuple[nn.Module, Any]:
+    """Load a causal LM whose parameters are partitioned across ranks while loading.
+
+    Args:
+        model_path: a materialised model directory.
+        model_cfg: model options (dtype, revision, trust_remote_code).
+        config: DeepSpeed config with ZeRO stage 3.
+
+    Returns:
+        ``(model, hf_ds_config)``; keep ``hf_ds_config`` alive as long as the model is used.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    dschf = HfDeepSpeedConfig(config)  # must stay alive: from_pretrained checks a weakref
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=TORCH_DTYPES[model_cfg.dtype], revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
+    return model.eval(), dschf
+
+
+def partition_bytes(model: nn.Module) -> int:
+    """Bytes of the parameter partitions (``ds_tensor``) this rank holds."""
+    total = 0
+    for p in model.parameters():
+        t = getattr(p, "ds_tensor", None)
+        t = p.data if t is None else t
+        total += t.numel() * t.element_size()
+    return total
+
+
+def full_shape(p: nn.Parameter) -> torch.Size:
+    """The full shape of a (possibly partitioned) parameter."""
+    return getattr(p, "ds_shape", None) or p.shape
+
+
+def make_engine(model: nn.Module, config: dict[str, Any], trainable: set[str]):
+    """Wrap ``model`` in a ZeRO-3 engine; only ``trainable`` parameters get gradients.
+
+    The optimizer is an ``SGD(lr=0)`` that is never stepped: ``engine.backward`` refuses
+    to run without one.
+    """
+    import deepspeed
+
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in trainable)
+    params = [p for n, p in model.named_parameters() if n in trainable]
+    opt = torch.optim.SGD(params, lr=0.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    return engine
+
+
+class ShardedGradStats:
+    """Per-sequence gradient sums of a set of weights, each rank holding a ``1/world`` partition.
+
+    A tensor hook on every weight takes the rank's full local per-sequence gradient
+    (before ZeRO averages it), computes the statistics, and reduce-scatters them
+    (SUM) so that rank ``r`` adds chunk ``r`` of the flattened, padded statistic to its buffer.
+    """
+
+    def __init__(self, params: dict[str, nn.Parameter], kinds: tuple[str, ...], scale: float) -> None:
+        self.kinds = kinds
+        self.scale = scale
+        self.weight = 1.0  # 0 for dummy sequences: collectives still run, contribution zeroed
+        self.world = dist.get_world_size()
+        self.rank = dist.get_rank()
+        self.shapes = {n: full_shape(p) for n, p in params.items()}
+        self.chunks: dict[str, dict[str, torch.Tensor]] = {}
+        for n, shape in self.shapes.items():
+            c = math.ceil(math.prod(shape) / self.world)
+            self.chunks[n] = {k: torch.zeros(c, dtype=torch.float32) for k in kinds}  # (ceil(numel/W),)
+        self.handles = [p.register_hook(self._hook(n)) for n, p in params.items()]
+
+    def _hook(self, name: str):
+        def hook(grad: torch.Tensor) -> None:
+            g = grad.detach().float().reshape(-1) * (self.scale * self.weight)  # (numel,)
+            for kind in self.kinds:
+                stat = g.abs() if kind == "abs" else g * g if kind == "sq" else g
+                buf = self.chunks[name][kind]
+                pad = buf.numel() * self.world - stat.numel()
+                full = torch.nn.functional.pad(stat, (0, pad))  # (W * chunk,)
+                out = torch.empty_like(buf)
+                dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.SUM)
+                buf.add_(out)
+            return None
+
+        return hook
+
+    def remove(self) -> None:
+        """Remove the gradient hooks (the partitions stay)."""
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def nbytes(self) -> int:
+        """Bytes of the partitions this rank holds."""
+        return sum(t.numel() * t.element_size() for d in self.chunks.values() for t in d.values())
+
+    def gather(self, name: str, kind: str) -> torch.Tensor:
+        """All-gather one statistic into its full fp32 tensor (collective)."""
+        chunk = self.chunks[name][kind]
+        full = torch.empty(chunk.numel() * self.world, dtype=torch.float32)
+        dist.all_gather_into_tensor(full, chunk)
+        numel = math.prod(self.shapes[name])
+        return full[:numel].reshape(self.shapes[name])
+
+
+def plain_block(block: nn.Module, config: Any, index: int) -> nn.Module:
+    """A plain, non-partitioned copy of a ZeRO-3 decoder block (collective gather).
+
+    The block class is instantiated on the meta device and the gathered parameters
+    assigned into it, so no random initialisation is paid for.
+    """
+    import deepspeed
+
+    params = list(block.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        state = {n: p.data.detach().clone() for n, p in block.named_parameters()}
+    try:
+        with torch.device("meta"):
+            copy = type(block)(config, index)
+        missing = [n for n, _ in copy.named_buffers()]
+        if missing:
+            raise TypeError("block has buffers")
+        copy.load_state_dict(state, assign=True)
+    except TypeError:
+        copy = type(block)(config, index)
+        copy.load_state_dict(state, strict=False)
+    return copy.eval()
+
+
+def write_back(block: nn.Module, weights: dict[str, torch.Tensor], rank: int) -> None:
+    """Write pruned weights (local name -> ``(out, in)``) into the ZeRO-3 partitions (collective)."""
+    import deepspeed
+
+    mods = dict(block.named_modules())
+    params = [mods[n].weight for n in weights]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0), torch.no_grad():
+        if rank == 0:
+            for p, w in zip(params, weights.values(), strict=True):
+                p.data.copy_(w.to(p.dtype))
+
+
+def gather_embedding_into(zero_model: nn.Module, plain_model: nn.Module) -> None:
+    """Copy the (gathered) input embedding of the ZeRO-3 model into a plain model (collective)."""
+    import deepspeed
+
+    src = zero_model.get_input_embeddings().weight
+    with deepspeed.zero.GatheredParameters([src]), torch.no_grad():
+        plain_model.get_input_embeddings().weight.data.copy_(src.data)

@@ -1,0 +1,41 @@
+# rayprune: set-up, main job, tests. `make run` and `make test` each create the
+# virtual environment on first use (torch's CPU build first, then the project).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.rayprune-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-unit lint bench-quality bench-distributed clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+## The main job: prune SmolLM2-135M with GBLM on a local Ray with two workers, evaluate, write runs/default.
+run: setup
+	$(VENV)/bin/rayprune prune configs/default.yaml output.overwrite=true
+
+## The test suite (unit + local Ray integration; GPU tests skip without a GPU).
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench-quality: setup
+	$(PY) tests/benchmarks/quality.py --out bench-out/quality.json
+
+bench-distributed: setup
+	$(PY) tests/benchmarks/distributed.py --out bench-out/distributed.json
+
+clean:
+	rm -rf bench-out .pytest_cache

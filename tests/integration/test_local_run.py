@@ -1,0 +1,92 @@
+"""End to end through the CLI with ``backend: local`` on the tiny model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from orchestrator import artifacts
+from orchestrator.cli import main
+from orchestrator.data import first_windows, load_texts, tokenize_corpus
+from orchestrator.evaluate import perplexity
+from tests.conftest import tiny_overrides
+
+
+def _prune(out, calib, eval_src, *extra):
+    argv = ["-q", "prune", *tiny_overrides(out, calib, **{"eval.enabled": True, "eval.source": str(eval_src),
+                                                          "eval.num_windows": 3, "eval.seq_len": 32}), *extra]
+    return main(argv)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, corpus_parquet, eval_parquet):
+    out = tmp_path_factory.mktemp("runs") / "gblm"
+    assert _prune(out, corpus_parquet, eval_parquet, "pruning.method=gblm") == 0
+    return out
+
+
+def test_run_dir_is_complete_and_hashed(run_dir):
+    for rel in ("model/config.json", "model/model.safetensors", "model/tokenizer.json", "masks.safetensors",
+                "config.yaml", "report.json", "report.md", "manifest.json"):
+        assert (run_dir / rel).is_file(), rel
+    manifest = json.loads((run_dir / "manifest.json").read_text())["files"]
+    for rel, meta in manifest.items():
+        assert hashlib.sha256((run_dir / rel).read_bytes()).hexdigest() == meta["sha256"], rel
+    assert not list(run_dir.parent.glob(".gblm.tmp-*"))
+
+
+def test_checkpoint_reloads_with_masks_applied_and_reported_ppl(run_dir, eval_parquet):
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
+    tok = AutoTokenizer.from_pretrained(run_dir / "model")
+    masks = load_file(str(run_dir / "masks.safetensors"))
+    params = dict(model.named_parameters())
+    assert len(masks) == 2 * 7
+    for name, mask in masks.items():
+        assert mask.dtype == torch.bool
+        assert bool((params[name][mask] == 0).all()), name
+        assert abs(mask.float().mean().item() - 0.5) < 1e-9, name
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["schema_version"] == artifacts.REPORT_SCHEMA_VERSION
+    assert abs(report["sparsity"]["reached"] - 0.5) < 1e-3
+    windows = first_windows(tokenize_corpus(load_texts(str(eval_parquet)), tok), 32, 3, "eval")
+    ppl = perplexity(model, windows)
+    assert math.isclose(ppl, report["metrics"]["pruned_ppl"], rel_tol=1e-5)
+    assert report["metrics"]["pruned_ppl"] != report["metrics"]["dense_ppl"]
+    assert "perplexity (context 32" in (run_dir / "report.md").read_text()
+
+
+def test_failure_mid_run_leaves_nothing(tmp_path, corpus_parquet, eval_parquet, monkeypatch, capsys):
+    def boom(self, masks):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(artifacts.RunWriter, "write_masks", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        _prune(tmp_path / "run", corpus_parquet, eval_parquet)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_a_run_only_when_asked(tmp_path, corpus_parquet, eval_parquet):
+    out = tmp_path / "run"
+    assert _prune(out, corpus_parquet, eval_parquet, "pruning.method=magnitude") == 0
+    first = json.loads((out / "report.json").read_text())
+    assert _prune(out, corpus_parquet, eval_parquet, "pruning.method=wanda") == 2
+    assert json.loads((out / "report.json").read_text()) == first
+    assert _prune(out, corpus_parquet, eval_parquet, "pruning.method=wanda", "output.overwrite=true") == 0
+    assert json.loads((out / "report.json").read_text())["config"]["pruning"]["method"] == "wanda"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_eval_command_matches_report(run_dir, eval_parquet, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    code = main(["-q", "eval", str(run_dir), f"eval.source={eval_parquet}", "eval.num_windows=3", "eval.seq_len=32",
+                 "--json", str(out)])
+    assert code == 0
+    got = json.loads(out.read_text())["ppl"]
+    want = json.loads((run_dir / "report.json").read_text())["metrics"]["pruned_ppl"]
+    assert math.isclose(got, want, rel_tol=1e-5)

@@ -24,6 +24,10 @@ from orchestrator.modeling import TORCH_DTYPES
 
 log = logging.getLogger(__name__)
 
+# torch >= 2.13 renamed the tensor-in/tensor-out collectives
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def ds_config(world_size: int) -> dict[str, Any]:
     """The DeepSpeed config of a ZeRO-3 gradient-statistics engine (never steps)."""
@@ -121,7 +125,7 @@ class ShardedGradStats:
                 pad = buf.numel() * self.world - stat.numel()
                 full = torch.nn.functional.pad(stat, (0, pad))  # (W * chunk,)
                 out = torch.empty_like(buf)
-                dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.SUM)
+                _reduce_scatter(out, full, op=dist.ReduceOp.SUM)
                 buf.add_(out)
             return None
 
@@ -141,7 +145,7 @@ class ShardedGradStats:
         """All-gather one statistic into its full fp32 tensor (collective)."""
         chunk = self.chunks[name][kind]
         full = torch.empty(chunk.numel() * self.world, dtype=torch.float32)
-        dist.all_gather_into_tensor(full, chunk)
+        _all_gather(full, chunk)
         numel = math.prod(self.shapes[name])
         return full[:numel].reshape(self.shapes[name])
 

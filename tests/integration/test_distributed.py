@@ -1,0 +1,136 @@
+"""The Ray + DeepSpeed ZeRO-3 engine reproduces the single-process engine (tiny LLaMA, local Ray)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("deepspeed")
+
+from actors.engine import run_ray  # noqa: E402
+from actors.group import WorkerGroup  # noqa: E402
+from orchestrator.config import RunConfig  # noqa: E402
+from orchestrator.engine import gradient_pass, run_local  # noqa: E402
+from orchestrator.errors import UsageError  # noqa: E402
+from orchestrator.evaluate import perplexity  # noqa: E402
+from orchestrator.modeling import load_model, load_tokenizer, materialize  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pruning removes weights that matter least; "
+    "gradients and activations tell which ones. A placement group keeps workers together. "
+    "Sharded statistics stay with their parameters, and every rank runs the same collectives. "
+)
+N_CALIB, SEQ = 7, 32  # odd on purpose: 4 + 3 sequences on two workers
+
+
+def make_cfg(method: str = "gblm", pattern: str = "unstructured", norm: str = "l1") -> RunConfig:
+    cfg = RunConfig()
+    cfg.model.source = "tiny"
+    cfg.pruning.method = method
+    cfg.pruning.pattern = pattern
+    cfg.pruning.gblm.norm = norm
+    cfg.backend.kind = "ray"
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def setup(cluster):
+    cfg = make_cfg()
+    path = materialize(cfg.model)
+    tok = load_tokenizer(path, cfg.model)
+    ids = torch.tensor(tok(TEXT * 8)["input_ids"], dtype=torch.int64)
+    windows = ids[: (ids.numel() // SEQ) * SEQ].reshape(-1, SEQ)  # (K, SEQ)
+    assert windows.shape[0] >= N_CALIB + 3
+    return path, windows[:N_CALIB], windows[N_CALIB : N_CALIB + 3]
+
+
+@pytest.fixture(scope="module")
+def groups(cluster):
+    made = {w: WorkerGroup(w, num_threads=1) for w in (1, 2)}
+    yield made
+    for g in made.values():
+        g.shutdown()
+
+
+def _local(cfg: RunConfig, path: str, calib: torch.Tensor):
+    model = load_model(path, cfg.model)
+    outcome = run_local(model, calib, cfg.pruning, progress=False)
+    return model, outcome
+
+
+def _with_weights(path: str, cfg: RunConfig, weights: dict[str, torch.Tensor]):
+    model = load_model(path, cfg.model)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, w in weights.items():
+            params[name].copy_(w)
+    return model
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "gblm"])
+def test_ray_matches_local(setup, groups, method, pattern):
+    path, calib, held_out = setup
+    cfg = make_cfg(method, pattern)
+    local_model, local = _local(cfg, path, calib)
+    local_ppl = perplexity(local_model, held_out)
+    for workers, group in groups.items():
+        res = run_ray(cfg, path, calib, progress=False, group=group)
+        assert set(res.outcome.masks) == set(local.masks)
+        assert set(res.weights) == set(local.masks)
+        same = sum(int((res.outcome.masks[k] == local.masks[k]).sum()) for k in local.masks)
+        total = sum(m.numel() for m in local.masks.values())
+        assert same / total >= 0.999, f"{workers} workers: masks agree on {same / total:.5f}"
+        ppl = perplexity(_with_weights(path, cfg, res.weights), held_out)
+        assert abs(ppl - local_ppl) / local_ppl < 0.005, (workers, ppl, local_ppl)
+        assert len(res.outcome.layers) == len(local.layers)
+        assert "block_pass" in res.outcome.phases and "startup" in res.outcome.phases
+        assert ("gradient_pass" in res.outcome.phases) == (method == "gblm")
+        assert len(res.memory) == workers
+        for m in res.memory:
+            assert m["peak_rss_bytes"] > 0 and m["model_state_bytes"] > 0
+
+
+@pytest.mark.parametrize("norm,kind", [("l1", "abs"), ("l2", "sq")])
+def test_grad_stats_sharded_and_equal_to_single_process(setup, groups, norm, kind):
+    path, calib, _ = setup
+    cfg = make_cfg("gblm", norm=norm)
+    model = load_model(path, cfg.model)
+    ref = gradient_pass(model, calib, (kind,), cfg.pruning.gblm.grad_scale, progress=False)
+    res = run_ray(cfg, path, calib, progress=False, group=groups[2], keep_grad_partitions=True)
+    world = 2
+    parts = [m.pop("grad_partitions") for m in res.memory]
+    for name, sums in ref.items():
+        full_ref = sums[kind]
+        numel = full_ref.numel()
+        chunk = math.ceil(numel / world)
+        for r in range(world):
+            assert parts[r][name][kind].numel() == chunk  # each rank holds 1/N of the statistic
+        full = torch.cat([parts[r][name][kind] for r in range(world)])[:numel].reshape(full_ref.shape)
+        torch.testing.assert_close(full, full_ref, rtol=1e-4, atol=1e-6 * float(full_ref.abs().max()))
+    expected = sum(math.ceil(s[kind].numel() / world) * 4 for s in ref.values())
+    for m in res.memory:
+        assert m["grad_stat_bytes"] == expected
+    total_params = sum(p.numel() * p.element_size() for p in model.parameters())
+    for m in res.memory:
+        assert m["model_state_bytes"] <= math.ceil(total_params / world) + 4096
+
+
+def test_too_many_workers_is_a_clear_error(cluster):
+    with pytest.raises(UsageError, match=r"backend\.workers: 64"):
+        WorkerGroup(64)

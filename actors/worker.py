@@ -205,7 +205,7 @@ class PruneWorker:
         if with_stats:
             self.hidden = (forward_all(block, self.hidden, self.kwargs, autocast_dtype=amp)
                            if pcfg.sequential else dense_out)
-        del block, grads
+        del block
         if self.rank != 0:
             return None
         return {

@@ -18,34 +18,19 @@ FP32 = 4
 METHODS = ("magnitude", "wanda", "sparsegpt", "gblm")
 
 LLAMA2_13B: dict[str, Any] = {
-    "hidden_size": 5120,
-    "intermediate_size": 13824,
-    "num_hidden_layers": 40,
-    "num_attention_heads": 40,
-    "num_key_value_heads": 40,
-    "vocab_size": 32000,
-    "tie_word_embeddings": False,
-}
+    "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40,
+    "num_key_value_heads": 40, "vocab_size": 32000, "tie_word_embeddings": False,
+}  # published Llama-2-13B config
 LLAMA2_70B: dict[str, Any] = {
-    "hidden_size": 8192,
-    "intermediate_size": 28672,
-    "num_hidden_layers": 80,
-    "num_attention_heads": 64,
-    "num_key_value_heads": 8,
-    "vocab_size": 32000,
-    "tie_word_embeddings": False,
-}
+    "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+    "num_key_value_heads": 8, "vocab_size": 32000, "tie_word_embeddings": False,
+}  # published Llama-2-70B config
 
 
 def grad_kinds_for(method: str, norm: str = "l1") -> tuple[str, ...]:
-    """Gradient statistics ``method`` keeps (mirrors ``pruning.methods.gradient_kinds``).
+    """Gradient statistics ``method`` keeps: GBLM ``abs`` (l1) or ``sq`` (l2), else none.
 
-    Args:
-        method: ``magnitude``, ``wanda``, ``sparsegpt`` or ``gblm``.
-        norm: GBLM's gradient norm, ``l1`` (keeps ``abs``) or ``l2`` (keeps ``sq``).
-
-    Returns:
-        The kinds kept, empty for gradient-free methods.
+    Mirrors ``pruning.methods.gradient_kinds`` without importing torch.
 
     Raises:
         ValueError: unknown method or norm.
@@ -92,11 +77,8 @@ class ModelShape:
             val = cfg.get(name, default) if isinstance(cfg, Mapping) else getattr(cfg, name, default)
             return default if val is None else val
 
-        missing = [
-            n
-            for n in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-            if get(n) is None
-        ]
+        required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        missing = [n for n in required if get(n) is None]
         if missing:
             raise ValueError(f"model config lacks {', '.join(missing)}")
         heads = int(get("num_attention_heads"))
@@ -132,12 +114,9 @@ class ModelShape:
 
     def block_params(self) -> int:
         """All parameters of one decoder block (linears, biases, two RMSNorms)."""
-        lin = self.block_linears()
-        bias = 0
-        if self.attention_bias:
-            bias += sum(lin[n][0] for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        if self.mlp_bias:
-            bias += sum(lin[n][0] for n in ("gate_proj", "up_proj", "down_proj"))
+        outs = {n: o for n, (o, _) in self.block_linears().items()}
+        bias = self.attention_bias * sum(outs[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        bias += self.mlp_bias * sum(outs[n] for n in ("gate_proj", "up_proj", "down_proj"))
         return self.block_linear_params() + bias + 2 * self.hidden
 
     def total_params(self) -> int:
@@ -191,10 +170,8 @@ class Plan:
     peak_bytes: int = field(init=False)
 
     def __post_init__(self) -> None:
-        stats = sum(self.grad_stat_bytes.values())
-        self.peak_bytes = (
-            self.param_bytes + stats + max(self.grad_pass_bytes, self.calib_bytes + self.largest_block_bytes)
-        )
+        transient = max(self.grad_pass_bytes, self.calib_bytes + self.largest_block_bytes)
+        self.peak_bytes = self.param_bytes + sum(self.grad_stat_bytes.values()) + transient
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-ready) of every field."""
@@ -204,13 +181,7 @@ class Plan:
 
 
 def plan(
-    model_config: Any,
-    *,
-    workers: int,
-    method: str,
-    norm: str = "l1",
-    num_samples: int,
-    seq_len: int,
+    model_config: Any, *, workers: int, method: str, norm: str = "l1", num_samples: int, seq_len: int,
     dtype_bytes: int = 2,
 ) -> Plan:
     """Predict per-worker memory and communication for one run.
@@ -230,70 +201,45 @@ def plan(
     Raises:
         ValueError: non-positive sizes, unknown method or norm, bad model config.
     """
-    for name, val in (("workers", workers), ("num_samples", num_samples), ("seq_len", seq_len),
-                      ("dtype_bytes", dtype_bytes)):
+    sizes = {"workers": workers, "num_samples": num_samples, "seq_len": seq_len, "dtype_bytes": dtype_bytes}
+    for name, val in sizes.items():
         if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
             raise ValueError(f"{name} must be a positive integer, got {val!r}")
     kinds = grad_kinds_for(method, norm)
     s = ModelShape.from_config(model_config)
-    w = workers
-    total = s.total_params()
-    linear_params = s.layers * s.block_linear_params()
-    block = s.block_params()
-    block_lin = s.block_linear_params()
-    ring = (w - 1) / w
-
+    w, total, block, block_lin = workers, s.total_params(), s.block_params(), s.block_linear_params()
+    linear_params = s.layers * block_lin
+    ring = (w - 1) / w  # ring all-gather / reduce-scatter: each worker moves (W-1)/W of the tensor
     stats = {k: math.ceil(linear_params * FP32 / w) for k in kinds}
     calib = math.ceil(num_samples / w) * seq_len * s.hidden * FP32 * 2
     largest = block * FP32 + len(kinds) * block_lin * FP32 + (s.xtx_bytes() if method == "sparsegpt" else 0)
-    grad_pass = 0
-    comm_seq = 0
+    grad_pass = comm_seq = 0
     if kinds:
-        per_token = 8 * s.hidden + 4 * s.intermediate  # saved activations of one block, rough
-        acts = s.layers * seq_len * per_token * dtype_bytes + 2 * seq_len * s.vocab * FP32
+        per_token = 8 * s.hidden + 4 * s.intermediate  # saved activations of one block, rough (no checkpointing)
+        acts = s.layers * seq_len * per_token * dtype_bytes + 2 * seq_len * s.vocab * FP32  # + fp32 logits, grad
         grad_pass = 2 * block * dtype_bytes + acts
-        comm_seq = round(ring * (2 * total * dtype_bytes + total * dtype_bytes + len(kinds) * linear_params * FP32))
+        comm_seq = round(ring * (3 * total * dtype_bytes + len(kinds) * linear_params * FP32))
     act_stats = sum(FP32 * i + (FP32 * i * i if method == "sparsegpt" else 0) for _, i in s.block_linears().values())
     act_allreduce = 2 * ring * act_stats * s.layers if method != "magnitude" else 0
-    comm_block = round(ring * total * dtype_bytes + act_allreduce)
     return Plan(
-        workers=w,
-        method=method,
-        grad_kinds=kinds,
-        total_params=total,
-        param_bytes=math.ceil(total * dtype_bytes / w),
-        grad_stat_bytes=stats,
-        calib_bytes=calib,
-        largest_block_bytes=largest,
-        grad_pass_bytes=grad_pass,
-        comm_per_seq_bytes=comm_seq,
-        comm_block_pass_bytes=comm_block,
+        workers=w, method=method, grad_kinds=kinds, total_params=total,
+        param_bytes=math.ceil(total * dtype_bytes / w), grad_stat_bytes=stats, calib_bytes=calib,
+        largest_block_bytes=largest, grad_pass_bytes=grad_pass, comm_per_seq_bytes=comm_seq,
+        comm_block_pass_bytes=round(ring * total * dtype_bytes + act_allreduce),
     )
 
 
 def min_workers(
-    model_config: Any,
-    gpu_bytes: int,
-    *,
-    safety_factor: float = 1.2,
-    method: str = "gblm",
-    norm: str = "l1",
-    num_samples: int = 128,
-    seq_len: int = 2048,
-    dtype_bytes: int = 2,
-    max_workers: int = 4096,
+    model_config: Any, gpu_bytes: int, *, safety_factor: float = 1.2, method: str = "gblm", norm: str = "l1",
+    num_samples: int = 128, seq_len: int = 2048, dtype_bytes: int = 2, max_workers: int = 4096,
 ) -> int:
     """Smallest ``W`` whose predicted peak, times ``safety_factor``, fits in ``gpu_bytes``.
 
     Args:
-        model_config: as for :func:`plan`.
+        model_config: as for :func:`plan` (so are ``method``, ``norm``, ``num_samples``,
+            ``seq_len`` and ``dtype_bytes``).
         gpu_bytes: memory of one GPU in bytes.
         safety_factor: multiplier (>= 1) on the predicted peak to leave headroom.
-        method: as for :func:`plan`.
-        norm: as for :func:`plan`.
-        num_samples: as for :func:`plan`.
-        seq_len: as for :func:`plan`.
-        dtype_bytes: as for :func:`plan`.
         max_workers: search limit.
 
     Returns:
@@ -327,30 +273,18 @@ def min_workers(
 
 
 def format_plan(p: Plan) -> str:
-    """A readable two-column table of the plan, sizes in GiB with 2 decimals.
-
-    Args:
-        p: the plan.
-
-    Returns:
-        Multi-line text.
-    """
+    """A readable two-column table of plan ``p``, sizes in GiB with 2 decimals."""
     kinds = ", ".join(p.grad_kinds) or "none"
-    rows: list[tuple[str, str]] = [
-        ("method", p.method),
-        ("workers", str(p.workers)),
-        ("parameters", f"{p.total_params / 1e9:.2f} B"),
-        ("gradient statistics", kinds),
-        ("param shard", _gib(p.param_bytes)),
-    ]
+    rows = [("method", p.method), ("workers", str(p.workers)), ("parameters", f"{p.total_params / 1e9:.2f} B"),
+            ("gradient statistics", kinds), ("param shard", _gib(p.param_bytes))]
     rows += [(f"grad_{k} shard", _gib(v)) for k, v in p.grad_stat_bytes.items()]
     rows += [
-        ("calibration states", _gib(p.calib_bytes)),
-        ("largest gathered block", _gib(p.largest_block_bytes)),
-        ("gradient pass transient", _gib(p.grad_pass_bytes)),
-        ("peak per worker", _gib(p.peak_bytes)),
-        ("comm per sequence", _gib(p.comm_per_seq_bytes)),
-        ("comm block pass", _gib(p.comm_block_pass_bytes)),
+        (label, _gib(getattr(p, attr)))
+        for label, attr in (
+            ("calibration states", "calib_bytes"), ("largest gathered block", "largest_block_bytes"),
+            ("gradient pass transient", "grad_pass_bytes"), ("peak per worker", "peak_bytes"),
+            ("comm per sequence", "comm_per_seq_bytes"), ("comm block pass", "comm_block_pass_bytes"),
+        )
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"{'item':<{width}}  value", f"{'-' * width}  {'-' * 12}"]

@@ -57,6 +57,11 @@ def sparsegpt_prune(
     w = weight.detach().float().clone()  # (out, in)
     h = hessian.detach().float().clone()  # (in, in)
     cols = w.shape[1]
+    if nm is not None:
+        if cols % nm[1]:
+            raise ValueError(f"N:M {nm[0]}:{nm[1]} needs the input size ({cols}) to be a multiple of {nm[1]}")
+        # an N:M group must not straddle a block; for N:M the block size does not change the result
+        blocksize = max(nm[1], blocksize - blocksize % nm[1])
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0

@@ -1,0 +1,225 @@
+"""Memory and communication planner (orchestrator/planner.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from orchestrator.planner import (
+    GIB,
+    LLAMA2_13B,
+    LLAMA2_70B,
+    ModelShape,
+    Plan,
+    format_plan,
+    grad_kinds_for,
+    min_workers,
+    plan,
+)
+from orchestrator.pruning.methods import gradient_kinds, needs_xtx
+
+TINY = {
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "vocab_size": 100,
+    "tie_word_embeddings": False,
+}
+
+
+def _hf_count(**kw) -> tuple[int, LlamaConfig]:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**kw)
+    model = LlamaForCausalLM(cfg)
+    return sum(p.numel() for p in model.parameters()), cfg
+
+
+@pytest.mark.parametrize(
+    "kv,tied,extra",
+    [
+        (4, False, {}),
+        (2, False, {}),  # GQA
+        (4, True, {}),
+        (1, True, {}),  # MQA, tied
+        (2, False, {"head_dim": 16}),  # head_dim != hidden / heads
+        (2, False, {"attention_bias": True, "mlp_bias": True}),
+    ],
+)
+def test_param_count_equals_hf_llama(kv: int, tied: bool, extra: dict) -> None:
+    kw = dict(TINY, num_key_value_heads=kv, tie_word_embeddings=tied, num_hidden_layers=2, **extra)
+    expected, cfg = _hf_count(**kw)
+    assert ModelShape.from_config(cfg).total_params() == expected  # from the config object
+    assert ModelShape.from_config(kw).total_params() == expected  # from a plain dict
+    assert plan(cfg, workers=1, method="wanda", num_samples=1, seq_len=2).total_params == expected
+
+
+def test_gradient_stats_cover_exactly_the_decoder_linears() -> None:
+    kw = dict(TINY, num_key_value_heads=2, num_hidden_layers=2)
+    _, cfg = _hf_count(**kw)
+    model = LlamaForCausalLM(cfg)
+    linear = sum(
+        m.weight.numel() for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)
+    )
+    p = plan(cfg, workers=1, method="gblm", norm="l1", num_samples=4, seq_len=8)
+    assert p.grad_stat_bytes == {"abs": linear * 4}
+    block_params = sum(q.numel() for q in model.model.layers[0].parameters())
+    assert ModelShape.from_config(cfg).block_params() == block_params
+
+
+def test_published_llama2_totals() -> None:
+    n13 = ModelShape.from_config(LLAMA2_13B).total_params()
+    n70 = ModelShape.from_config(LLAMA2_70B).total_params()
+    assert n13 == 13_015_864_320
+    assert n70 == 68_976_648_192
+    assert n13 == pytest.approx(13.0e9, rel=0.01)
+    assert n70 == pytest.approx(69.0e9, rel=0.01)
+
+
+def test_grad_kinds_mirror_pruning_methods() -> None:
+    for method in ("magnitude", "wanda", "sparsegpt", "gblm"):
+        for norm in ("l1", "l2"):
+            assert grad_kinds_for(method, norm) == gradient_kinds(method, norm)
+    assert grad_kinds_for("gblm", "l1") == ("abs",)
+    assert grad_kinds_for("gblm", "l2") == ("sq",)
+
+
+def test_sizes_match_formulas_llama2_13b() -> None:
+    n, seq, w = 128, 2048, 8
+    p = plan(LLAMA2_13B, workers=w, method="gblm", norm="l2", num_samples=n, seq_len=seq, dtype_bytes=2)
+    s = ModelShape.from_config(LLAMA2_13B)
+    lin = 40 * (4 * 5120 * 5120 + 3 * 5120 * 13824)
+    assert p.param_bytes == math.ceil(s.total_params() * 2 / w)
+    assert p.grad_stat_bytes == {"sq": math.ceil(lin * 4 / w)}
+    assert p.calib_bytes == math.ceil(n / w) * seq * 5120 * 4 * 2
+    block = 4 * 5120 * 5120 + 3 * 5120 * 13824 + 2 * 5120
+    assert p.largest_block_bytes == block * 4 + (lin // 40) * 4
+    assert p.peak_bytes == p.param_bytes + p.grad_stat_bytes["sq"] + max(
+        p.grad_pass_bytes, p.calib_bytes + p.largest_block_bytes
+    )
+    ring = (w - 1) / w
+    assert p.comm_per_seq_bytes == pytest.approx(ring * (3 * s.total_params() * 2 + lin * 4), rel=1e-9)
+
+
+def test_sparsegpt_adds_xtx_and_no_gradients() -> None:
+    common = dict(workers=4, num_samples=64, seq_len=512)
+    sg = plan(LLAMA2_70B, method="sparsegpt", **common)
+    wa = plan(LLAMA2_70B, method="wanda", **common)
+    assert needs_xtx("sparsegpt") and not needs_xtx("wanda")
+    h, i = 8192, 28672
+    xtx = (6 * h * h + i * i) * 4  # q, k, v, gate, up read hidden; o reads heads*head_dim = hidden; down reads i
+    assert sg.largest_block_bytes - wa.largest_block_bytes == xtx
+    for p in (sg, wa):
+        assert p.grad_kinds == () and p.grad_stat_bytes == {}
+        assert p.grad_pass_bytes == 0 and p.comm_per_seq_bytes == 0
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "gblm"])
+def test_sharded_bytes_scale_as_one_over_w(method: str) -> None:
+    base = plan(LLAMA2_13B, workers=1, method=method, num_samples=64, seq_len=1024)
+    for w in (2, 4, 8, 16):
+        p = plan(LLAMA2_13B, workers=w, method=method, num_samples=64, seq_len=1024)
+        assert p.param_bytes == pytest.approx(base.param_bytes / w, abs=1)
+        for k, v in p.grad_stat_bytes.items():
+            assert v == pytest.approx(base.grad_stat_bytes[k] / w, abs=1)
+        assert p.calib_bytes == base.calib_bytes // w  # 64 divides evenly
+        assert p.largest_block_bytes == base.largest_block_bytes  # a gathered block is not sharded
+        assert p.grad_pass_bytes == base.grad_pass_bytes
+        assert p.peak_bytes < base.peak_bytes
+
+
+def test_calibration_rounds_up_per_worker() -> None:
+    p = plan(TINY, workers=3, method="wanda", num_samples=10, seq_len=16)
+    assert p.calib_bytes == 4 * 16 * 32 * 4 * 2
+
+
+def test_single_worker_needs_no_communication_and_more_workers_more() -> None:
+    one = plan(LLAMA2_13B, workers=1, method="gblm", num_samples=8, seq_len=128)
+    assert one.comm_per_seq_bytes == 0 and one.comm_block_pass_bytes == 0
+    vols = [plan(LLAMA2_13B, workers=w, method="gblm", num_samples=8, seq_len=128).comm_per_seq_bytes
+            for w in (2, 4, 8)]
+    assert vols == sorted(vols) and vols[0] > 0
+    # bounded by the no-ring-factor volume
+    s = ModelShape.from_config(LLAMA2_13B)
+    assert vols[-1] < 3 * s.total_params() * 2 + 40 * s.block_linear_params() * 4
+
+
+def test_l1_and_l2_cost_the_same_one_buffer() -> None:
+    a = plan(LLAMA2_13B, workers=4, method="gblm", norm="l1", num_samples=8, seq_len=128)
+    b = plan(LLAMA2_13B, workers=4, method="gblm", norm="l2", num_samples=8, seq_len=128)
+    assert list(a.grad_stat_bytes) == ["abs"] and list(b.grad_stat_bytes) == ["sq"]
+    assert a.peak_bytes == b.peak_bytes
+
+
+def test_min_workers_monotone_in_gpu_size() -> None:
+    kw = dict(method="gblm", num_samples=128, seq_len=2048)
+    sizes = [80, 96, 141, 192, 288]
+    ws = [min_workers(LLAMA2_70B, g * GIB, **kw) for g in sizes]
+    assert ws == sorted(ws, reverse=True), ws
+    assert ws[0] > ws[-1]
+    for g, w in zip(sizes, ws, strict=True):
+        fits = plan(LLAMA2_70B, workers=w, **kw).peak_bytes * 1.2 <= g * GIB
+        assert fits
+        if w > 1:
+            assert plan(LLAMA2_70B, workers=w - 1, **kw).peak_bytes * 1.2 > g * GIB
+
+
+def test_min_workers_safety_factor_and_dtype() -> None:
+    kw = dict(method="gblm", num_samples=128, seq_len=2048)
+    relaxed = min_workers(LLAMA2_13B, 80 * GIB, safety_factor=1.0, **kw)
+    strict = min_workers(LLAMA2_13B, 80 * GIB, safety_factor=2.0, **kw)
+    assert strict > relaxed
+    fp32 = min_workers(LLAMA2_13B, 80 * GIB, dtype_bytes=4, **kw)
+    assert fp32 > min_workers(LLAMA2_13B, 80 * GIB, dtype_bytes=2, **kw)
+
+
+def test_min_workers_impossible_and_bad_args() -> None:
+    with pytest.raises(ValueError, match="no worker count"):
+        min_workers(LLAMA2_70B, 1 * GIB, max_workers=64)  # one gathered block alone exceeds 1 GiB
+    with pytest.raises(ValueError, match="no worker count"):
+        # one 2048-token backward through 70B (no activation checkpointing) exceeds 40 GiB
+        min_workers(LLAMA2_70B, 40 * GIB, method="gblm", num_samples=128, seq_len=2048)
+    assert min_workers(LLAMA2_70B, 40 * GIB, method="wanda", num_samples=128, seq_len=2048) >= 2
+    with pytest.raises(ValueError, match="safety_factor"):
+        min_workers(LLAMA2_13B, 80 * GIB, safety_factor=0.5)
+    assert min_workers(TINY, 80 * GIB) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(workers=0), "workers"),
+        (dict(num_samples=-1), "num_samples"),
+        (dict(method="obs"), "method"),
+        (dict(norm="l3"), "norm"),
+    ],
+)
+def test_plan_rejects_bad_arguments(kwargs: dict, match: str) -> None:
+    args = dict(workers=2, method="gblm", num_samples=8, seq_len=16) | kwargs
+    with pytest.raises(ValueError, match=match):
+        plan(TINY, **args)
+
+
+def test_bad_model_config() -> None:
+    with pytest.raises(ValueError, match="hidden_size"):
+        ModelShape.from_config({k: v for k, v in TINY.items() if k != "hidden_size"})
+    with pytest.raises(ValueError, match="> 0"):
+        ModelShape.from_config(dict(TINY, num_hidden_layers=0))
+
+
+def test_to_dict_and_format() -> None:
+    p = plan(LLAMA2_13B, workers=8, method="gblm", num_samples=128, seq_len=2048)
+    d = p.to_dict()
+    assert isinstance(p, Plan)
+    assert d["workers"] == 8 and d["grad_kinds"] == ["abs"] and d["peak_bytes"] == p.peak_bytes
+    assert d["grad_stat_bytes"] == {"abs": p.grad_stat_bytes["abs"]}
+    text = format_plan(p)
+    assert f"{p.param_bytes / GIB:.2f} GiB" in text
+    assert f"{p.peak_bytes / GIB:.2f} GiB" in text
+    assert "grad_abs" in text and "gblm" in text and "13.02 B" in text
+    lines = text.splitlines()
+    assert len(lines) >= 12 and all("  " in ln for ln in lines)

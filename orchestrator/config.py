@@ -381,8 +381,7 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
     data = json.loads(json.dumps(data or {}))  # deep copy, JSON-safe
     apply_overrides(data, overrides or [], problems)
     cfg = _build(RunConfig, data, "", problems)
-    if not problems:
-        problems.extend(validate(cfg))
+    problems.extend(validate(cfg))  # fields with bad types kept their defaults: still safe to check
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -105,11 +105,6 @@ def test_config_error_is_usage_error_with_exit_code_2() -> None:
     assert "backend.workers" in str(exc.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config_from_dict runs validate() only when there is no type problem: a semantic "
-    "problem next to a type problem is not reported (bug in config.py)",
-)
 def test_type_and_semantic_problems_reported_together() -> None:
     probs = _problems(overrides=["backend.workers=abc", "pruning.sparsity=1.5"])
     assert any("backend.workers" in p for p in probs)

@@ -119,6 +119,40 @@ class PruningConfig:
 
 
 @dataclass
+class StructuredRecoveryConfig:
+    """LoRA "group fine-tuning" after structured pruning (METHODS.md section 5)."""
+
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    lr: float = 1e-4
+    blocks_per_group: int = 10
+    steps_per_group: int = 16
+    seq_len: int = 256
+    seed: int = 0
+
+
+@dataclass
+class StructuredConfig:
+    """Structured pruning (SAAP on LLM-Pruner groups, METHODS.md section 5)."""
+
+    enabled: bool = False
+    target: float = 0.2
+    allocation: str = "adaptive"
+    indicator: str = "importance"
+    spread: float = 0.5
+    estimators: list[str] = field(default_factory=lambda: ["element1", "vector"])
+    aggregation: str = "sum"
+    protect_first: int | None = None
+    protect_last: int | None = None
+    round_to: int = 8
+    minibatches: int = 4
+    grad_scale: float = 1.0
+    recovery: StructuredRecoveryConfig = field(default_factory=StructuredRecoveryConfig)
+
+
+@dataclass
 class EvalConfig:
     """Perplexity evaluation after pruning."""
 
@@ -157,6 +191,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
+    structured: StructuredConfig = field(default_factory=StructuredConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -347,6 +382,7 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"pruning.sparsegpt.blocksize: must be > 0, got {pr.sparsegpt.blocksize!r}")
     if pr.sparsegpt.percdamp <= 0:
         p.append(f"pruning.sparsegpt.percdamp: must be > 0, got {pr.sparsegpt.percdamp!r}")
+    p.extend(_structured_problems(cfg.structured))
     if e.num_windows <= 0:
         p.append(f"eval.num_windows: must be > 0, got {e.num_windows!r}")
     if e.seq_len < 2:
@@ -361,6 +397,41 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"backend.num_threads: must be >= 0, got {b.num_threads!r}")
     if not cfg.output.dir:
         p.append("output.dir: must not be empty")
+    return p
+
+
+def _structured_problems(s: StructuredConfig) -> list[str]:
+    """Semantic checks of the ``structured`` section."""
+    p: list[str] = []
+    if not 0 < s.target < 1:
+        p.append(f"structured.target: must be in (0, 1), got {s.target!r}")
+    if s.allocation not in ("uniform", "adaptive"):
+        p.append(f"structured.allocation: {s.allocation!r} is not one of uniform, adaptive")
+    if s.indicator not in ("stability", "importance", "hybrid"):
+        p.append(f"structured.indicator: {s.indicator!r} is not one of stability, importance, hybrid")
+    if not 0 <= s.spread < 1:
+        p.append(f"structured.spread: must be in [0, 1), got {s.spread!r}")
+    known = ("element1", "element2", "vector")
+    if not isinstance(s.estimators, list) or not s.estimators or any(e not in known for e in s.estimators):
+        p.append(f"structured.estimators: expected a non-empty list of {', '.join(known)}, got {s.estimators!r}")
+    if s.aggregation not in ("sum", "mean", "max", "prod"):
+        p.append(f"structured.aggregation: {s.aggregation!r} is not one of sum, mean, max, prod")
+    for name in ("protect_first", "protect_last"):
+        if getattr(s, name) is not None and getattr(s, name) < 0:
+            p.append(f"structured.{name}: must be >= 0 or null, got {getattr(s, name)!r}")
+    for name in ("round_to", "minibatches"):
+        if getattr(s, name) <= 0:
+            p.append(f"structured.{name}: must be > 0, got {getattr(s, name)!r}")
+    if s.grad_scale <= 0:
+        p.append(f"structured.grad_scale: must be > 0, got {s.grad_scale!r}")
+    r = s.recovery
+    for name in ("rank", "blocks_per_group", "steps_per_group", "seq_len"):
+        if getattr(r, name) <= 0:
+            p.append(f"structured.recovery.{name}: must be > 0, got {getattr(r, name)!r}")
+    if r.alpha <= 0 or r.lr <= 0:
+        p.append(f"structured.recovery: alpha and lr must be > 0, got {r.alpha!r}, {r.lr!r}")
+    if not 0 <= r.dropout < 1:
+        p.append(f"structured.recovery.dropout: must be in [0, 1), got {r.dropout!r}")
     return p
 
 

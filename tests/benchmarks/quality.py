@@ -38,7 +38,8 @@ def main() -> None:
     ap.add_argument("--patterns", default="unstructured,2:4")
     ap.add_argument("--data", default=str(DATA), help="folder with the two benchmark parquet files")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("overrides", nargs="*", help="extra KEY=VALUE config overrides (e.g. backend.forward_dtype=bfloat16)")
+    ap.add_argument("overrides", nargs="*",
+                    help="extra KEY=VALUE config overrides (e.g. backend.forward_dtype=bfloat16)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -82,7 +83,9 @@ def main() -> None:
     header = f"{'method':<10} {'pattern':<13} {'sparsity':>8} {'ppl@512':>9} {'prune s':>8}"
     lines = [header, "-" * len(header), f"{'dense':<10} {'-':<13} {0:>8.4f} {dense_ppl:>9.3f} {'-':>8}"]
     for r in rows:
-        lines.append(f"{r['method']:<10} {r['pattern']:<13} {r['sparsity']:>8.4f} {r['ppl']:>9.3f} {r['prune_s']:>8.1f}")
+        lines.append(
+            f"{r['method']:<10} {r['pattern']:<13} {r['sparsity']:>8.4f} {r['ppl']:>9.3f} {r['prune_s']:>8.1f}"
+        )
     print("\n".join(lines))  # noqa: T201 - the table is the script's output
 
 

@@ -38,8 +38,7 @@ def test_gradient_pass_equals_per_sequence_autograd(tiny, ids):
     sums = gradient_pass(model, ids, ("abs", "sq", "sum"), scale=100.0, progress=False)
     names = pruned_weight_names(model)
     params = dict(model.named_parameters())
-    ref = {n: {"abs": torch.zeros_like(params[n]), "sq": torch.zeros_like(params[n]), "sum": torch.zeros_like(params[n])}
-           for n in names}
+    ref = {n: {k: torch.zeros_like(params[n]) for k in ("abs", "sq", "sum")} for n in names}
     for i in range(ids.shape[0]):
         x = ids[i : i + 1]
         loss = model(x, labels=x).loss

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
     pl.add_argument("--gpu-mem", type=float, default=80.0, help="GPU memory per worker in GiB (default 80)")
     pl.add_argument("--model-config", help="a model config.json to plan for instead of the run's model")
+    r = sub.add_parser("report", help="re-render report.md and the plots of a run from its report.json")
+    r.add_argument("run_dir", help="a run directory written by 'rayprune prune'")
     return parser
 
 
@@ -81,6 +83,10 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     for noisy in ("transformers", "datasets", "urllib3", "filelock", "httpx", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
     warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -154,12 +160,21 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(ns: argparse.Namespace) -> int:
+    """``rayprune report``."""
+    from orchestrator.report import rerender
+
+    for name in rerender(ns.run_dir):
+        sys.stdout.write(f"{Path(ns.run_dir) / name}\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rayprune`` console script."""
     parser = build_parser()
     ns = parser.parse_args(argv)
     _setup_logging(ns.verbose, ns.quiet)
-    handlers = {"prune": cmd_prune, "eval": cmd_eval, "plan": cmd_plan}
+    handlers = {"prune": cmd_prune, "eval": cmd_eval, "plan": cmd_plan, "report": cmd_report}
     try:
         return handlers[ns.command](ns)
     except RayPruneError as exc:

@@ -18,7 +18,7 @@ from orchestrator.engine import PruneOutcome, pruned_weight_names, run_local
 from orchestrator.evaluate import perplexity
 from orchestrator.modeling import load_model, load_tokenizer, materialize
 from orchestrator.pruning.masks import sparsity_of
-from orchestrator.report import render_markdown
+from orchestrator.report import render_markdown, render_plots
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,7 @@ def run_prune(cfg: RunConfig, progress: bool = True) -> Path:
         }
         writer.write_json("report.json", report)
         writer.path("report.md").write_text(render_markdown(report))
+        render_plots(report, writer.tmp)
         final = writer.publish()
     log.info("reached sparsity %.4f; %s", frac,
              ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith("ppl")) or "no evaluation")

@@ -43,7 +43,8 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| pruned | {met['pruned_ppl']:.3f} |")
     else:
         lines.append("No evaluation was run (set `eval.source`).")
-    lines += ["", "## Sparsity per block", "", "| block | weights | mean sparsity |", "|---|---|---|"]
+    lines += ["", "## Sparsity per block", "", "![sparsity per layer](sparsity_per_layer.png)", "",
+              "| block | weights | mean sparsity |", "|---|---|---|"]
     per_block: dict[int, list[float]] = defaultdict(list)
     for row in report["layers"]:
         m = re.search(r"\.(\d+)\.", row["name"])
@@ -59,3 +60,80 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {i} | {m.get('peak_rss_bytes', 0) / 2**20:.1f} | "
                          f"{m.get('model_state_bytes', 0) / 2**20:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def render_plots(report: dict, out_dir) -> list[str]:
+    """Write the report's PNG plots into ``out_dir``; returns the file names written.
+
+    Plots: reached sparsity per pruned weight, in model order (``sparsity_per_layer.png``),
+    and the mean kept importance score per weight (``importance_per_layer.png``) when the
+    method has scores.
+    """
+    import math
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    rows = report["layers"]
+    written: list[str] = []
+    if not rows:
+        return written
+    names = [r["name"] for r in rows]
+    kinds = sorted({n.rsplit(".", 2)[-2] for n in names})
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    for kind in kinds:
+        xs = [i for i, n in enumerate(names) if n.rsplit(".", 2)[-2] == kind]
+        ax.scatter(xs, [rows[i]["sparsity"] for i in xs], s=10, label=kind)
+    ax.axhline(report["sparsity"]["target"], color="k", lw=0.8, ls="--", label="target")
+    ax.set_xlabel("pruned weight (model order)")
+    ax.set_ylabel("reached sparsity")
+    ax.set_title(f"{report['config']['pruning']['method']} {report['config']['pruning']['pattern']}: "
+                 f"sparsity per layer (overall {report['sparsity']['reached']:.4f})")
+    ax.legend(ncol=min(len(kinds) + 1, 8), fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out_dir / "sparsity_per_layer.png", dpi=110)
+    plt.close(fig)
+    written.append("sparsity_per_layer.png")
+    scores = [r.get("score_mean") for r in rows]
+    if any(s is not None and not math.isnan(s) for s in scores):
+        fig, ax = plt.subplots(figsize=(10, 3.6))
+        for kind in kinds:
+            xs = [i for i, n in enumerate(names) if n.rsplit(".", 2)[-2] == kind]
+            ax.plot(xs, [scores[i] for i in xs], marker=".", lw=0.8, label=kind)
+        ax.set_yscale("log")
+        ax.set_xlabel("pruned weight (model order)")
+        ax.set_ylabel("mean importance of kept weights")
+        ax.set_title("importance per layer")
+        ax.legend(ncol=min(len(kinds), 7), fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "importance_per_layer.png", dpi=110)
+        plt.close(fig)
+        written.append("importance_per_layer.png")
+    return written
+
+
+def rerender(run_dir) -> list[str]:
+    """Re-render ``report.md`` and the plots of a run from its ``report.json``.
+
+    Raises:
+        UsageError: the directory has no readable ``report.json``.
+    """
+    import json
+    import os
+    from pathlib import Path
+
+    from orchestrator.errors import UsageError
+
+    run = Path(run_dir)
+    try:
+        report = json.loads((run / "report.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"RUN_DIR: {str(run)!r} has no readable report.json ({exc})") from None
+    tmp = run / ".report.md.tmp"
+    tmp.write_text(render_markdown(report))
+    os.replace(tmp, run / "report.md")
+    return ["report.md", *render_plots(report, run)]

@@ -8,6 +8,7 @@ from :mod:`orchestrator.pruning` through :func:`orchestrator.engine.prune_linear
 from __future__ import annotations
 
 import copy
+import ctypes
 import gc
 import logging
 import os
@@ -24,6 +25,15 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
         return int(s.getsockname()[1])
+
+
+def current_rss() -> int:
+    """Resident set size of this process in bytes (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
 
 
 def read_shard(path: str) -> tuple[torch.Tensor, list[int]]:
@@ -45,6 +55,7 @@ class PruneWorker:
         torch.set_num_threads(max(1, num_threads))
         self.rank = -1
         self.world = 0
+        self.rss: dict[str, int] = {}
         self._reset()
 
     def _reset(self) -> None:
@@ -116,6 +127,7 @@ class PruneWorker:
         self.model, self.dschf = load_partitioned(model_path, model_cfg, self.ds_cfg)
         self.config = self.model.config
         self.prefix = block_prefix(self.model)
+        self.rss = {"loaded": current_rss()}
         return {"samples": int(self.ids.shape[0])}
 
     def _local_rows(self, steps: int) -> list[tuple[torch.Tensor, float]]:
@@ -138,6 +150,7 @@ class PruneWorker:
         self.engine = make_engine(self.model, self.ds_cfg, set(names))
         params = dict(self.model.named_parameters())
         self.grads = ShardedGradStats({n: params[n] for n in names}, kinds, scale)
+        self.rss["engine"] = current_rss()
 
     def gradient_steps(self, start: int, count: int) -> int:
         """Forward/backward local sequences ``start .. start+count`` (padded with dummies)."""
@@ -152,9 +165,26 @@ class PruneWorker:
     def end_gradients(self) -> int:
         """Remove the hooks; returns the bytes of this rank's statistic partitions."""
         self.grads.remove()
+        self.rss["gradient_pass"] = current_rss()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self._drop_engine()  # its optimizer partitions and buckets are not needed any more
+        self.rss["engine_freed"] = current_rss()
         return self.grads.nbytes()
+
+    def _drop_engine(self) -> None:
+        """Destroy the DeepSpeed engine (the partitioned model stays) and hand freed memory back."""
+        if self.engine is not None:
+            try:
+                self.engine.destroy()
+            except Exception:  # noqa: BLE001 - best effort cleanup
+                log.debug("engine.destroy failed", exc_info=True)
+            self.engine = None
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
     def capture(self) -> int:
         """Block-0 inputs of this rank's sequences (local: a plain embedding shell, no ZeRO forwards)."""
@@ -167,6 +197,7 @@ class PruneWorker:
         self.hidden = hidden[: self.ids.shape[0]]
         self.shell = None
         gc.collect()
+        self.rss["captured"] = current_rss()
         return int(self.hidden.shape[0])
 
     def prune_block(self, index: int, pcfg: Any, forward_dtype: str) -> dict | None:
@@ -229,6 +260,7 @@ class PruneWorker:
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "model_state_bytes": partition_bytes(self.model) if self.model is not None else 0,
             "grad_stat_bytes": self.grads.nbytes() if self.grads is not None else 0,
+            "rss_bytes_by_phase": {**self.rss, "end": current_rss()},
         }
 
     def grad_partitions(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -237,9 +269,5 @@ class PruneWorker:
 
     def finish(self) -> None:
         """Drop the model, engine and shards of the current run."""
-        if self.engine is not None:
-            try:
-                self.engine.destroy()
-            except Exception:  # noqa: BLE001 - best effort cleanup
-                log.debug("engine.destroy failed", exc_info=True)
+        self._drop_engine()
         self._reset()

@@ -36,7 +36,16 @@ def ds_config(world_size: int) -> dict[str, Any]:
         "gradient_accumulation_steps": 1,
         "train_batch_size": world_size,
         "zero_allow_untested_optimizer": True,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_param_persistence_threshold": 0,
+            # the defaults (5e8-element buckets, 1e9 sub-groups) allocate GiBs of fp32 scratch per rank
+            "reduce_bucket_size": 20_000_000,
+            "stage3_prefetch_bucket_size": 5_000_000,
+            "stage3_max_live_parameters": 10_000_000,
+            "stage3_max_reuse_distance": 10_000_000,
+            "sub_group_size": 100_000_000,
+        },
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }

@@ -1,0 +1,105 @@
+"""Group importance estimators and their uncertainty-weighted fusion (pure tensor math).
+
+Inputs are gradient sums over per-sequence gradients: ``grad_sum = sum_n g_n`` and
+``grad_sq = sum_n g_n ** 2`` (the Fisher diagonal), shaped like the weight.
+
+Estimators (METHODS.md section 5), each reduced to one score per group and per tensor,
+then aggregated over the group's tensors:
+
+- ``element1``: first-order Taylor, element-wise: ``sum |W * grad_sum|``;
+- ``element2``: second-order, element-wise: ``sum |W * grad_sum - 0.5 * W^2 * grad_sq|``;
+- ``vector``: first-order Taylor of the whole group vector: ``|sum (W * grad_sum)|``.
+
+Fusion by homoscedastic uncertainty, one sigma per estimator per module kind with the
+closed-form maximum likelihood ``sigma_m^2 = mean over groups of I_m``:
+``I = sum_m I_m / (2 sigma_m^2) + log sigma_m``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+ESTIMATORS = ("element1", "element2", "vector")
+AGGREGATIONS = ("sum", "mean", "max", "prod")
+
+
+def tensor_group_scores(weight: torch.Tensor, grad_sum: torch.Tensor, grad_sq: torch.Tensor | None,
+                        estimator: str, dim: int, width: int) -> torch.Tensor:
+    """One estimator's score of every group of one tensor.
+
+    Args:
+        weight: the parameter (any shape; groups along ``dim``).
+        grad_sum: ``sum_n g_n``, shaped like ``weight``.
+        grad_sq: ``sum_n g_n ** 2`` (needed by ``element2`` only).
+        estimator: one of :data:`ESTIMATORS`.
+        dim: group axis.
+        width: entries per group along ``dim``.
+
+    Returns:
+        ``(G,)`` fp32, ``G = weight.shape[dim] / width``.
+    """
+    w = weight.float()
+    wg = w * grad_sum.float()
+    if estimator == "element1":
+        elem = wg.abs()
+    elif estimator == "element2":
+        if grad_sq is None:
+            raise ValueError("element2 needs grad_sq")
+        elem = (wg - 0.5 * w.pow(2) * grad_sq.float()).abs()
+    elif estimator == "vector":
+        elem = wg
+    else:
+        raise ValueError(f"unknown estimator {estimator!r}")
+    elem = elem.movedim(dim, 0)  # (G * width, ...)
+    per_group = elem.reshape(elem.shape[0] // width, -1).sum(dim=1)  # (G,)
+    return per_group.abs() if estimator == "vector" else per_group
+
+
+def aggregate(scores: list[torch.Tensor], how: str = "sum") -> torch.Tensor:
+    """Combine per-tensor group scores ``[(G,), ...]`` into one ``(G,)`` score."""
+    stacked = torch.stack(scores)  # (T, G)
+    if how == "sum":
+        return stacked.sum(0)
+    if how == "mean":
+        return stacked.mean(0)
+    if how == "max":
+        return stacked.max(0).values
+    if how == "prod":
+        return stacked.prod(0)
+    raise ValueError(f"unknown aggregation {how!r}")
+
+
+def fit_sigmas(scores: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """Closed-form homoscedastic sigmas: ``sigma_m = sqrt(mean over all groups of I_m)``.
+
+    Args:
+        scores: estimator -> the ``(G_i,)`` scores of every module of one kind.
+
+    Returns:
+        estimator -> sigma (a tiny floor keeps an all-zero estimator finite).
+    """
+    out = {}
+    for est, per_module in scores.items():
+        mean = float(torch.cat([s.double().reshape(-1) for s in per_module]).mean())
+        out[est] = math.sqrt(max(mean, 1e-30))
+    return out
+
+
+def fuse(scores: dict[str, torch.Tensor], sigmas: dict[str, float]) -> torch.Tensor:
+    """``I = sum_m I_m / (2 sigma_m^2) + log sigma_m`` for one module's ``(G,)`` scores."""
+    total = None
+    for est, s in scores.items():
+        term = s.double() / (2.0 * sigmas[est] ** 2) + math.log(sigmas[est])
+        total = term if total is None else total + term
+    assert total is not None, "no estimator"
+    return total
+
+
+def stability(means: list[float]) -> float:
+    """Coefficient of variation ``std_k / mean_k`` of a module's mean importance over K mini-batches."""
+    t = torch.tensor(means, dtype=torch.float64)
+    if t.numel() < 2:
+        return 0.0
+    return float(t.std(unbiased=True) / t.mean().abs().clamp_min(1e-30))

@@ -130,6 +130,7 @@ class StructuredRecoveryConfig:
     blocks_per_group: int = 10
     steps_per_group: int = 16
     seq_len: int = 256
+    forward_dtype: str = "bfloat16"
     seed: int = 0
 
 
@@ -430,6 +431,8 @@ def _structured_problems(s: StructuredConfig) -> list[str]:
             p.append(f"structured.recovery.{name}: must be > 0, got {getattr(r, name)!r}")
     if r.alpha <= 0 or r.lr <= 0:
         p.append(f"structured.recovery: alpha and lr must be > 0, got {r.alpha!r}, {r.lr!r}")
+    if r.forward_dtype not in DTYPES:
+        p.append(f"structured.recovery.forward_dtype: {r.forward_dtype!r} is not one of {', '.join(DTYPES)}")
     if not 0 <= r.dropout < 1:
         p.append(f"structured.recovery.dropout: must be in [0, 1), got {r.dropout!r}")
     return p

@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--recovery-steps", type=int, default=16, help="LoRA steps per group of blocks")
     ap.add_argument("--calib-n", type=int, default=32)
     ap.add_argument("--eval-n", type=int, default=40)
+    ap.add_argument("--eval-dtype", default="float32", help="bfloat16: autocast evaluation (quick comparisons)")
     ap.add_argument("--repeats", type=int, default=3, help="speed repeats (0: no speed)")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "rayprune" / "structured-bench"))
     ap.add_argument("--set", nargs="*", default=[], help="extra config overrides (structured.indicator=...)")
@@ -119,8 +120,12 @@ def main() -> None:
     calib = calibration_windows(cfg, path, tok, dense)  # (32, 512)
     evals = first_windows(tokenize_corpus(load_texts(str(DATA / "eval-debian-handbook.parquet")), tok),
                           512, args.eval_n, "eval")  # (40, 512)
+    def ppl(m) -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.eval_dtype == "bfloat16"):
+            return perplexity(m, evals)
+
     imp = get_importance(dense, calib, cfg.structured, Path(args.cache) if args.cache else None)
-    result = {"dense": {"ppl": perplexity(dense, evals), "params": decoder_params(dense),
+    result = {"dense": {"ppl": ppl(dense), "params": decoder_params(dense),
                         "flops_per_token": flops_per_token(dense)},
               "rows": [], "sigmas": imp.sigmas, "importance_seconds": imp.seconds,
               "config": cfg.to_dict()["structured"]}
@@ -140,7 +145,7 @@ def main() -> None:
             name = f"{target}-{alloc}"
             row = {"target": target, "allocation": alloc, "recovered": False, "params": decoder_params(model),
                    "removed_fraction": rep["removed_fraction"], "flops_per_token": flops_per_token(model),
-                   "ppl": perplexity(model, evals), "layer_sizes": rep["layer_sizes"]}
+                   "ppl": ppl(model), "layer_sizes": rep["layer_sizes"]}
             log.info("%s: ppl %.3f, removed %.4f", name, row["ppl"], row["removed_fraction"])
             result["rows"].append(row)
             models[name] = model
@@ -148,7 +153,7 @@ def main() -> None:
                 from orchestrator.structured.recovery import recover
 
                 rmodel, rrep = recover(copy.deepcopy(model), calib, cfg.structured.recovery, progress=True)
-                rrow = {**row, "recovered": True, "ppl": perplexity(rmodel, evals),
+                rrow = {**row, "recovered": True, "ppl": ppl(rmodel),
                         "recovery_seconds": rrep["seconds"], "recovery_steps": rrep["steps"]}
                 log.info("%s recovered: ppl %.3f", name, rrow["ppl"])
                 result["rows"].append(rrow)

@@ -84,6 +84,12 @@ class PruneWorker:
 
         return ray.util.get_node_ip_address()
 
+    def node_id(self) -> str:
+        """The Ray node id this actor runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def join(self, rank: int, world: int, local_rank: int, master: str, port: int, backend: str) -> int:
         """Join ``torch.distributed`` through ``deepspeed.init_distributed``; returns the rank."""
         os.environ.update({"MASTER_ADDR": master, "MASTER_PORT": str(port), "RANK": str(rank),
@@ -205,7 +211,7 @@ class PruneWorker:
         import torch.distributed as dist
 
         from actors.zero3 import plain_block, write_back
-        from orchestrator.blocks import block_linears, collect_inputs, decoder_blocks, forward_all
+        from orchestrator.blocks import block_linears, collect_inputs, decoder_blocks
         from orchestrator.engine import layer_row, prune_linears
         from orchestrator.modeling import TORCH_DTYPES
         from orchestrator.pruning.methods import gradient_kinds, needs_xtx
@@ -221,7 +227,7 @@ class PruneWorker:
         with_stats = pcfg.method != "magnitude"
         if with_stats:
             with collect_inputs(linears, needs_xtx(pcfg.method)) as stats:
-                dense_out = forward_all(block, self.hidden, self.kwargs, autocast_dtype=amp)
+                dense_out = self._forward(block, amp)
             for st in stats.values():  # identical sums on every rank
                 dist.all_reduce(st.act_sq)
                 if st.xtx is not None:
@@ -234,8 +240,7 @@ class PruneWorker:
             dist.broadcast(lin.weight.data, src=0)
         write_back(zblock, {n: lin.weight.data for n, lin in linears.items()}, self.rank)
         if with_stats:
-            self.hidden = (forward_all(block, self.hidden, self.kwargs, autocast_dtype=amp)
-                           if pcfg.sequential else dense_out)
+            self.hidden = self._forward(block, amp) if pcfg.sequential else dense_out
         del block
         if self.rank != 0:
             return None
@@ -244,6 +249,14 @@ class PruneWorker:
             "weights": {full[n]: lin.weight.data.clone() for n, lin in linears.items()},
             "rows": [layer_row(full[n], r) for n, r in results.items()],
         }
+
+    def _forward(self, block: torch.nn.Module, amp: torch.dtype | None) -> torch.Tensor:
+        """This rank's hidden states through a plain block; ``(n, L, H)`` (n may be 0)."""
+        from orchestrator.blocks import forward_all
+
+        if self.hidden.shape[0] == 0:  # fewer sequences than workers: nothing local to run
+            return self.hidden
+        return forward_all(block, self.hidden, self.kwargs, autocast_dtype=amp)
 
     def num_blocks(self) -> int:
         """Number of decoder blocks of the loaded model."""

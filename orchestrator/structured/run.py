@@ -8,6 +8,7 @@ can score the dense model once and prune it several ways.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ class Importance:
         fused: module key -> ``(G,)`` fused importance over all calibration sequences.
         sigmas: kind -> estimator -> fitted sigma.
         cv: module key -> stability indicator over the mini-batches.
+        means: module key -> mean normalised importance per mini-batch (what ``cv`` is computed from).
         seconds: wall-clock time of the gradient passes and scoring.
     """
 
@@ -40,7 +42,12 @@ class Importance:
     fused: dict[str, torch.Tensor] = field(default_factory=dict)
     sigmas: dict[str, dict[str, float]] = field(default_factory=dict)
     cv: dict[str, float] = field(default_factory=dict)
+    means: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
+
+    def mean_importance(self, key: str, kind: str) -> float:
+        """Mean fused importance per group of a module without the constant ``sum log sigma`` term."""
+        return float(self.fused[key].mean()) - sum(math.log(v) for v in self.sigmas[kind].values())
 
 
 def protected_blocks(s: StructuredConfig, depth: int) -> tuple[int, int]:
@@ -99,9 +106,9 @@ def compute_importance(model: nn.Module, calib_ids: torch.Tensor, s: StructuredC
     means: dict[str, list[float]] = {m.key: [] for m in mods}
     for k, chunk in enumerate(torch.tensor_split(calib_ids, min(s.minibatches, calib_ids.shape[0]))):
         grads = gradient_pass(model, chunk, kinds, s.grad_scale, progress)
-        fused_k, _ = fuse_all(mods, module_scores(params, mods, grads, s.estimators, s.aggregation))
-        for key, f in fused_k.items():
-            means[key].append(float(f.mean()))
+        fused_k, sig_k = fuse_all(mods, module_scores(params, mods, grads, s.estimators, s.aggregation))
+        for m in mods:  # drop the constant log-sigma term: the indicator must be shift-free
+            means[m.key].append(float(fused_k[m.key].mean()) - sum(math.log(v) for v in sig_k[m.kind].values()))
         if totals is None:
             totals = grads
         else:
@@ -112,7 +119,7 @@ def compute_importance(model: nn.Module, calib_ids: torch.Tensor, s: StructuredC
     assert totals is not None
     fused, sigmas = fuse_all(mods, module_scores(params, mods, totals, s.estimators, s.aggregation))
     cv = {key: stability(v) for key, v in means.items()}
-    return Importance(mods, fused, sigmas, cv, time.perf_counter() - t0)
+    return Importance(mods, fused, sigmas, cv, means, time.perf_counter() - t0)
 
 
 def apply_pruning(model: nn.Module, imp: Importance, s: StructuredConfig) -> dict:
@@ -127,7 +134,7 @@ def apply_pruning(model: nn.Module, imp: Importance, s: StructuredConfig) -> dic
         Report: allocation rows per module, parameter counts, kept sizes, sigmas.
     """
     before = decoder_params(model)
-    stats = [ModuleStats(m, float(imp.fused[m.key].mean()), imp.cv[m.key]) for m in imp.mods]
+    stats = [ModuleStats(m, imp.mean_importance(m.key, m.kind), imp.cv[m.key]) for m in imp.mods]
     if s.allocation == "uniform":
         weights = [0.0 if m.protected else 1.0 for m in imp.mods]
     else:
@@ -135,11 +142,11 @@ def apply_pruning(model: nn.Module, imp: Importance, s: StructuredConfig) -> dic
     target = round(s.target * before)
     counts = allocate(stats, target, weights, s.round_to)
     rows = []
-    for m, c, w in zip(imp.mods, counts, weights, strict=True):
+    for m, c, w, st in zip(imp.mods, counts, weights, stats, strict=True):
         order = torch.argsort(imp.fused[m.key], descending=True)  # most important first
         keep_groups(model, m, order[: m.num_groups - c])
         rows.append({"module": m.key, "groups": m.num_groups, "removed": c, "ratio": c / m.num_groups,
-                     "weight": w, "cv": imp.cv[m.key], "mean_importance": float(imp.fused[m.key].mean()),
+                     "weight": w, "cv": imp.cv[m.key], "mean_importance": st.mean_importance,
                      "protected": m.protected})
     sizes = sync_config(model)
     after = decoder_params(model)

@@ -45,7 +45,7 @@ def flops_per_token(model) -> int:
 @torch.no_grad()
 def prefill_seconds(model, ids: torch.Tensor) -> float:
     t = time.perf_counter()
-    model(ids, use_cache=False)
+    model(ids, use_cache=False, logits_to_keep=1)  # a prompt's prefill needs only the last logits (as generate)
     return time.perf_counter() - t
 
 
@@ -82,11 +82,15 @@ def get_importance(dense, calib, s, cache: Path | None) -> Importance:
         if f.is_file():
             d = torch.load(f)
             log.info("importance from cache %s", f)
-            return Importance(module_groups(dense, first, last), d["fused"], d["sigmas"], d["cv"], d["seconds"])
+            if "means" not in d:
+                log.warning("cache predates the shift-free stability indicator: cv values are stale")
+            return Importance(module_groups(dense, first, last), d["fused"], d["sigmas"], d["cv"], d.get("means", {}),
+                              d["seconds"])
     imp = compute_importance(dense, calib, s, progress=True)
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
-        torch.save({"fused": imp.fused, "sigmas": imp.sigmas, "cv": imp.cv, "seconds": imp.seconds},
+        torch.save({"fused": imp.fused, "sigmas": imp.sigmas, "cv": imp.cv, "means": imp.means,
+                    "seconds": imp.seconds},
                    cache / f"importance-{key}.pt")
     return imp
 

@@ -109,7 +109,7 @@ def test_pruning_drops_the_least_important_groups():
     model = tiny(layers=2, inter=64)
     mods = module_groups(model)
     fused = {m.key: torch.arange(m.num_groups, dtype=torch.float64) for m in mods}  # group g has importance g
-    imp = Importance(mods, fused, {}, {m.key: 0.0 for m in mods})
+    imp = Importance(mods, fused, {"attn": {"element1": 1.0}, "mlp": {"element1": 1.0}}, {m.key: 0.0 for m in mods})
     gate = model.model.layers[0].mlp.gate_proj.weight.clone()
     cfg = load_config(None, ["structured.allocation=uniform", "structured.target=0.25", "structured.round_to=8"])
     rep = apply_pruning(model, imp, cfg.structured)

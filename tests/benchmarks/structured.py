@@ -74,12 +74,12 @@ def measure_speed(models: dict[str, torch.nn.Module], prompt512: torch.Tensor, r
     return {k: {"prefill_tps": statistics.median(pre[k]), "decode_tps": statistics.median(dec[k])} for k in models}
 
 
-def get_importance(dense, calib, s, cache: Path | None) -> Importance:
+def get_importance(dense, calib, s, cache: Path | None, refresh: bool = False) -> Importance:
     key = f"{'+'.join(s.estimators)}-{s.aggregation}-k{s.minibatches}-n{calib.shape[0]}x{calib.shape[1]}"
     first, last = protected_blocks(s, dense.config.num_hidden_layers)
     if cache is not None:
         f = cache / f"importance-{key}.pt"
-        if f.is_file():
+        if f.is_file() and not refresh:
             d = torch.load(f)
             log.info("importance from cache %s", f)
             if "means" not in d:
@@ -106,6 +106,9 @@ def main() -> None:
     ap.add_argument("--calib-n", type=int, default=32)
     ap.add_argument("--eval-n", type=int, default=40)
     ap.add_argument("--eval-dtype", default="float32", help="bfloat16: autocast evaluation (quick comparisons)")
+    ap.add_argument("--ppl-from", default=None,
+                    help="earlier result JSON: reuse its perplexities for identical rows (same importance cache)")
+    ap.add_argument("--refresh-importance", action="store_true", help="recompute (and re-cache) importance")
     ap.add_argument("--repeats", type=int, default=3, help="speed repeats (0: no speed)")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "rayprune" / "structured-bench"))
     ap.add_argument("--set", nargs="*", default=[], help="extra config overrides (structured.indicator=...)")
@@ -124,12 +127,22 @@ def main() -> None:
     calib = calibration_windows(cfg, path, tok, dense)  # (32, 512)
     evals = first_windows(tokenize_corpus(load_texts(str(DATA / "eval-debian-handbook.parquet")), tok),
                           512, args.eval_n, "eval")  # (40, 512)
-    def ppl(m) -> float:
+    known: dict[tuple, float] = {}
+    if args.ppl_from:
+        old = json.loads(Path(args.ppl_from).read_text())
+        known[("dense",)] = old["dense"]["ppl"]
+        known.update({(r["target"], r["allocation"], r["recovered"]): r["ppl"] for r in old["rows"]})
+
+    def ppl(m, key: tuple) -> float:
+        if key in known:
+            log.info("perplexity of %s reused from %s", key, args.ppl_from)
+            return known[key]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.eval_dtype == "bfloat16"):
             return perplexity(m, evals)
 
-    imp = get_importance(dense, calib, cfg.structured, Path(args.cache) if args.cache else None)
-    result = {"dense": {"ppl": ppl(dense), "params": decoder_params(dense),
+    imp = get_importance(dense, calib, cfg.structured, Path(args.cache) if args.cache else None,
+                         args.refresh_importance)
+    result = {"dense": {"ppl": ppl(dense, ("dense",)), "params": decoder_params(dense),
                         "flops_per_token": flops_per_token(dense)},
               "rows": [], "sigmas": imp.sigmas, "importance_seconds": imp.seconds,
               "config": cfg.to_dict()["structured"]}
@@ -149,7 +162,7 @@ def main() -> None:
             name = f"{target}-{alloc}"
             row = {"target": target, "allocation": alloc, "recovered": False, "params": decoder_params(model),
                    "removed_fraction": rep["removed_fraction"], "flops_per_token": flops_per_token(model),
-                   "ppl": ppl(model), "layer_sizes": rep["layer_sizes"]}
+                   "ppl": ppl(model, (target, alloc, False)), "layer_sizes": rep["layer_sizes"]}
             log.info("%s: ppl %.3f, removed %.4f", name, row["ppl"], row["removed_fraction"])
             result["rows"].append(row)
             models[name] = model
@@ -157,7 +170,7 @@ def main() -> None:
                 from orchestrator.structured.recovery import recover
 
                 rmodel, rrep = recover(copy.deepcopy(model), calib, cfg.structured.recovery, progress=True)
-                rrow = {**row, "recovered": True, "ppl": ppl(rmodel),
+                rrow = {**row, "recovered": True, "ppl": ppl(rmodel, (target, alloc, True)),
                         "recovery_seconds": rrep["seconds"], "recovery_steps": rrep["steps"]}
                 log.info("%s recovered: ppl %.3f", name, rrow["ppl"])
                 result["rows"].append(rrow)

@@ -140,3 +140,11 @@ def test_run_structured_end_to_end_with_recovery():
     assert not any("lora" in n for n, _ in pruned.named_parameters())  # adapters merged back
     with torch.no_grad():
         assert torch.isfinite(pruned(ids).logits).all()
+
+
+def test_importance_indicator_prunes_low_importance_modules_more():
+    mods = module_groups(tiny(layers=4, inter=64))
+    stats = [ModuleStats(m, float(10 - m.layer), 0.0) for m in mods]  # importance falls with depth
+    w = indicator_weights(stats, "importance", 0.5)
+    mlp_w = [x for x, m in zip(w, mods, strict=True) if m.kind == "mlp"]
+    assert mlp_w == sorted(mlp_w) and mlp_w[0] == pytest.approx(0.5) and mlp_w[-1] == pytest.approx(1.5)

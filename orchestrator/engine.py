@@ -16,8 +16,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from orchestrator.blocks import block_linears, block_prefix, capture_block_inputs, collect_inputs, decoder_blocks, \
-    forward_all
+from orchestrator.blocks import (
+    block_linears,
+    block_prefix,
+    capture_block_inputs,
+    collect_inputs,
+    decoder_blocks,
+    forward_all,
+)
 from orchestrator.config import PruningConfig
 from orchestrator.modeling import TORCH_DTYPES
 from orchestrator.pruning.methods import LayerPruneResult, gradient_kinds, needs_xtx, prune_weight

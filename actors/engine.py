@@ -84,8 +84,7 @@ def run_ray(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress: 
     t0 = time.perf_counter()
     own = group is None
     if own:
-        strategy = getattr(cfg.backend, "placement_strategy", "PACK")  # a future BackendConfig field
-        group = WorkerGroup(cfg.backend.workers, cfg.backend.address, strategy=strategy,
+        group = WorkerGroup(cfg.backend.workers, cfg.backend.address, strategy=cfg.backend.placement_strategy,
                             num_threads=cfg.backend.num_threads)
     try:
         with tempfile.TemporaryDirectory(prefix="rayprune-shards-") as tmp:

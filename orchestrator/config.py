@@ -174,6 +174,7 @@ class BackendConfig:
     address: str | None = None
     forward_dtype: str = "float32"
     num_threads: int = 0
+    placement_strategy: str = "PACK"
 
 
 @dataclass
@@ -394,6 +395,9 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"backend.workers: must be > 0, got {b.workers!r}")
     if b.forward_dtype not in DTYPES:
         p.append(f"backend.forward_dtype: {b.forward_dtype!r} is not one of {', '.join(DTYPES)}")
+    if b.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+        p.append(f"backend.placement_strategy: {b.placement_strategy!r} is not one of PACK, SPREAD, "
+                 "STRICT_PACK, STRICT_SPREAD")
     if b.num_threads < 0:
         p.append(f"backend.num_threads: must be >= 0, got {b.num_threads!r}")
     if not cfg.output.dir:

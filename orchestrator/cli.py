@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
     pl.add_argument("--gpu-mem", type=float, default=80.0, help="GPU memory per worker in GiB (default 80)")
     pl.add_argument("--model-config", help="a model config.json to plan for instead of the run's model")
+    pl.add_argument("--shape", choices=["llama2-13b", "llama2-70b"],
+                    help="plan for a published model shape instead of the run's model")
     r = sub.add_parser("report", help="re-render report.md and the plots of a run from its report.json")
     r.add_argument("run_dir", help="a run directory written by 'rayprune prune'")
     return parser
@@ -139,11 +141,13 @@ def cmd_plan(ns: argparse.Namespace) -> int:
 
     from orchestrator.config import load_config
     from orchestrator.modeling import materialize
-    from orchestrator.planner import format_plan, min_workers, plan
+    from orchestrator.planner import LLAMA2_13B, LLAMA2_70B, format_plan, min_workers, plan
 
     path, overrides = _split_args(ns.args)
     cfg = load_config(path, overrides)
-    if ns.model_config:
+    if ns.shape:
+        model_config = {"llama2-13b": LLAMA2_13B, "llama2-70b": LLAMA2_70B}[ns.shape]
+    elif ns.model_config:
         mc_path = Path(ns.model_config)
         if not mc_path.is_file():
             raise UsageError(f"--model-config: file {str(mc_path)!r} does not exist")
@@ -152,10 +156,13 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         model_config = AutoConfig.from_pretrained(materialize(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
     pr = cfg.pruning
     kw = dict(method=pr.method, norm=pr.gblm.norm, num_samples=cfg.calibration.num_samples,
-              seq_len=cfg.calibration.seq_len)
+              seq_len=cfg.calibration.seq_len, dtype_bytes=4 if cfg.model.dtype == "float32" else 2)
+    try:
+        need = min_workers(model_config, int(ns.gpu_mem * 2**30), **kw)
+    except ValueError as exc:
+        need = f"none ({exc})"
     result = plan(model_config, workers=cfg.backend.workers, **kw)
     sys.stdout.write(format_plan(result) + "\n")
-    need = min_workers(model_config, int(ns.gpu_mem * 2**30), **kw)
     sys.stdout.write(f"workers needed with {ns.gpu_mem:g} GiB per GPU: {need}\n")
     return 0
 

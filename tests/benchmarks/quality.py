@@ -21,7 +21,8 @@ import torch
 from orchestrator.config import load_config
 from orchestrator.coordinator import eval_windows, reached_sparsity
 from orchestrator.data import calibration_windows
-from orchestrator.engine import pruned_weight_names, run_local
+from orchestrator.engine import block_sequential, gradient_pass, pruned_weight_names
+from orchestrator.pruning.methods import gradient_kinds
 from orchestrator.evaluate import perplexity
 from orchestrator.modeling import load_model, load_tokenizer, materialize
 
@@ -60,12 +61,20 @@ def main() -> None:
     log.info("dense ppl %.3f (context %d)", dense_ppl, cfg.eval.seq_len)
     rows = []
     for method in args.methods.split(","):
+        grads, grad_s = None, 0.0  # one gradient pass per method, shared by its patterns
         for pattern in args.patterns.split(","):
             run = load_config(None, base + args.overrides + [f"pruning.method={method}", f"pruning.pattern={pattern}"])
+            kinds = gradient_kinds(method, run.pruning.gblm.norm)
+            if kinds and grads is None:
+                t0 = time.perf_counter()
+                grads = gradient_pass(copy.deepcopy(dense), calib, kinds, run.pruning.gblm.grad_scale, progress=False)
+                grad_s = time.perf_counter() - t0
             model = copy.deepcopy(dense)
             t0 = time.perf_counter()
-            outcome = run_local(model, calib, run.pruning, run.backend.forward_dtype, progress=False)
-            prune_s = time.perf_counter() - t0
+            outcome = block_sequential(model, calib, run.pruning, grads, run.backend.forward_dtype, progress=False)
+            block_s = time.perf_counter() - t0
+            outcome.phases = {**({"gradient_pass": grad_s} if kinds else {}), "block_pass": block_s}
+            prune_s = grad_s + block_s if kinds else block_s
             frac, _, _ = reached_sparsity(model, pruned_weight_names(model))
             ppl = perplexity(model, windows, progress=False)
             row = {"method": method, "pattern": pattern, "sparsity": round(frac, 6), "ppl": ppl,

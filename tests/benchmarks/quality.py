@@ -22,9 +22,9 @@ from orchestrator.config import load_config
 from orchestrator.coordinator import eval_windows, reached_sparsity
 from orchestrator.data import calibration_windows
 from orchestrator.engine import block_sequential, gradient_pass, pruned_weight_names
-from orchestrator.pruning.methods import gradient_kinds
 from orchestrator.evaluate import perplexity
 from orchestrator.modeling import load_model, load_tokenizer, materialize
+from orchestrator.pruning.methods import gradient_kinds
 
 log = logging.getLogger("bench.quality")
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"

@@ -9,16 +9,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
 from orchestrator.errors import ConfigError
+from orchestrator.yamlconf import apply_overrides, build_dataclass, yaml_load
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "gblm")
 PATTERNS = ("unstructured", "2:4", "4:8")
@@ -212,133 +210,6 @@ class RunConfig:
 
 # ---------------------------------------------------------------- building
 
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader without YAML 1.1's base-60 numbers (``2:4`` stays a string) and with
-    ``1e3`` read as a float."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    key: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
-    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:int",
-    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0o?[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
-    list("-+0123456789"),
-)
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"^(?:[-+]?(?:[0-9][0-9_]*)?\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*\.(?:[eE][-+]?[0-9]+)?"
-        r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-    ),
-    list("-+0123456789."),
-)
-
-
-def yaml_load(text: str):
-    """Parse YAML text with rayprune's loader (safe; ``2:4`` is a string)."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader derives from SafeLoader
-
-
-def _parse_scalar(text: str) -> Any:
-    """Parse an override value with YAML rules (``1e-3`` -> float, ``null`` -> None)."""
-    try:
-        return yaml_load(text) if text != "" else ""
-    except yaml.YAMLError:
-        return text
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str], problems: list[str]) -> None:
-    """Apply ``a.b.c=value`` overrides to a nested dict in place."""
-    for item in overrides:
-        if "=" not in item:
-            problems.append(f"override {item!r}: expected KEY=VALUE (e.g. pruning.sparsity=0.5)")
-            continue
-        key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        if not all(parts):
-            problems.append(f"override {item!r}: empty key segment")
-            continue
-        node = data
-        for part in parts[:-1]:
-            nxt = node.get(part)
-            if not isinstance(nxt, dict):
-                nxt = {}
-                node[part] = nxt
-            node = nxt
-        node[parts[-1]] = _parse_scalar(value)
-
-
-def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
-    """Check/coerce a YAML value against a dataclass field type."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return True, None
-        for arg in args:
-            if arg is type(None):
-                continue
-            ok, coerced = _type_ok(value, arg)
-            if ok:
-                return True, coerced
-        return False, value
-    if origin is Literal:
-        return value in typing.get_args(tp), value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        return False, value
-    if tp is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, str(value)
-        return isinstance(value, str), value
-    return True, value
-
-
-def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
-    """Recursively build dataclass ``cls`` from ``data``, collecting problems."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        problems.append(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            where = f"{prefix}.{key}" if prefix else str(key)
-            problems.append(f"{where}: unknown key (allowed: {', '.join(sorted(names))})")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        where = f"{prefix}.{f.name}" if prefix else f.name
-        tp = hints[f.name]
-        value = data[f.name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, value, where, problems)
-            continue
-        ok, coerced = _type_ok(value, tp)
-        if not ok:
-            problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
-            continue
-        kwargs[f.name] = coerced
-    return cls(**kwargs)
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
 def validate(cfg: RunConfig) -> list[str]:
     """Semantic checks beyond types. Returns one line per problem."""
     p: list[str] = []
@@ -458,7 +329,7 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
     problems: list[str] = []
     data = json.loads(json.dumps(data or {}))  # deep copy, JSON-safe
     apply_overrides(data, overrides or [], problems)
-    cfg = _build(RunConfig, data, "", problems)
+    cfg = build_dataclass(RunConfig, data, "", problems)
     problems.extend(validate(cfg))  # fields with bad types kept their defaults: still safe to check
     if problems:
         raise ConfigError(problems)

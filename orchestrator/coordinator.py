@@ -104,8 +104,18 @@ def run_prune(cfg: RunConfig, progress: bool = True) -> Path:
         if windows is not None and cfg.eval.dense_baseline:
             with timer.phase("eval_dense"):
                 metrics["dense_ppl"] = perplexity(model, windows, progress, "dense perplexity")
+        structured = None
         with timer.phase("prune"):
-            outcome, memory = prune_with_backend(cfg, model, model_path, calib, progress)
+            if cfg.structured.enabled:
+                from orchestrator.structured.run import run_structured
+
+                dense_params = sum(p.numel() for p in model.parameters())
+                model, structured = run_structured(cfg, model, calib, progress)
+                structured["parameters_before"] = dense_params
+                structured["parameters_after"] = sum(p.numel() for p in model.parameters())
+                outcome, memory = PruneOutcome(), []
+            else:
+                outcome, memory = prune_with_backend(cfg, model, model_path, calib, progress)
         names = pruned_weight_names(model)
         frac, zeros, total = reached_sparsity(model, names)
         if windows is not None:
@@ -113,8 +123,14 @@ def run_prune(cfg: RunConfig, progress: bool = True) -> Path:
                 metrics["pruned_ppl"] = perplexity(model, windows, progress, "pruned perplexity")
         with timer.phase("save"):
             if cfg.output.save_model:
-                writer.write_model(model, tokenizer)
-            writer.write_masks(outcome.masks)
+                if structured is not None:
+                    from orchestrator.structured.shrink import save_structured
+
+                    save_structured(model, writer.path("model"), tokenizer)
+                else:
+                    writer.write_model(model, tokenizer)
+            if structured is None:
+                writer.write_masks(outcome.masks)
             writer.write_config(cfg)
         report = {
             "schema_version": REPORT_SCHEMA_VERSION,
@@ -129,6 +145,7 @@ def run_prune(cfg: RunConfig, progress: bool = True) -> Path:
             "metrics": metrics,
             "phases": {**timer.seconds, **{f"prune.{k}": round(v, 3) for k, v in outcome.phases.items()}},
             "memory_per_worker": memory,
+            "structured": structured,
             "layers": outcome.layers,
             "host": {"python": platform.python_version(), "torch": torch.__version__},
         }

@@ -204,6 +204,11 @@ def load_model(path: str, cfg: ModelConfig, dtype: str | None = None):
     """
     from transformers import AutoModelForCausalLM
 
+    cfg_file = Path(path) / "config.json"
+    if cfg_file.is_file() and "rayprune_layer_sizes" in json.loads(cfg_file.read_text()):
+        from orchestrator.structured.shrink import load_structured  # per-layer sizes after SAAP
+
+        return load_structured(path, TORCH_DTYPES[dtype or cfg.dtype]).eval()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,

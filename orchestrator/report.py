@@ -12,12 +12,24 @@ def _fmt(v) -> str:
     return "-" if v is None else str(v)
 
 
+def _pruned_line(report: dict) -> str:
+    st = report.get("structured")
+    if st:
+        before, after = st["parameters_before"], st["parameters_after"]
+        return (f"- structured (SAAP, {report['config']['structured']['allocation']}): "
+                f"{before - after:,} of {before:,} parameters removed ({(before - after) / before:.2%})")
+    sp = report["sparsity"]
+    return (f"- sparsity: target {sp['target']:.4f}, reached {sp['reached']:.4f} "
+            f"({sp['zeros']:,} of {sp['pruned_weights_total']:,} pruned-layer weights are zero)")
+
+
 def render_markdown(report: dict) -> str:
     """Markdown summary: config, metrics against dense, per-block sparsity, phase timings."""
     cfg = report["config"]
-    pr, met, sp = cfg["pruning"], report["metrics"], report["sparsity"]
+    pr, met = cfg["pruning"], report["metrics"]
+    title = "structured (SAAP)" if report.get("structured") else f"{pr['method']} {pr['pattern']}"
     lines = [
-        f"# rayprune run: {pr['method']} {pr['pattern']} on {cfg['model']['source']}",
+        f"# rayprune run: {title} on {cfg['model']['source']}",
         "",
         f"- model: `{report['model']['path']}` ({report['model']['architecture']}, "
         f"{report['model']['parameters']:,} parameters)",
@@ -25,8 +37,7 @@ def render_markdown(report: dict) -> str:
         f"from `{cfg['calibration']['source']}` (seed {cfg['calibration']['seed']})",
         f"- backend: {cfg['backend']['kind']}"
         + (f" with {cfg['backend']['workers']} workers" if cfg["backend"]["kind"] == "ray" else ""),
-        f"- sparsity: target {sp['target']:.4f}, reached {sp['reached']:.4f} "
-        f"({sp['zeros']:,} of {sp['pruned_weights_total']:,} pruned-layer weights are zero)",
+        _pruned_line(report),
         "",
         "## Metrics",
         "",

@@ -90,3 +90,24 @@ def test_eval_command_matches_report(run_dir, eval_parquet, tmp_path, capsys):
     got = json.loads(out.read_text())["ppl"]
     want = json.loads((run_dir / "report.json").read_text())["metrics"]["pruned_ppl"]
     assert math.isclose(got, want, rel_tol=1e-5)
+
+
+def test_structured_run_shrinks_saves_and_reloads(tmp_path, corpus_parquet, eval_parquet):
+    out = tmp_path / "saap"
+    assert _prune(out, corpus_parquet, eval_parquet, "structured.enabled=true", "structured.target=0.3",
+                  "structured.protect_first=0", "structured.protect_last=0", "structured.round_to=1",
+                  "structured.minibatches=2") == 0
+    report = json.loads((out / "report.json").read_text())
+    st = report["structured"]
+    removed = 1 - st["parameters_after"] / st["parameters_before"]
+    assert removed > 0.05
+    assert not (out / "masks.safetensors").exists()
+    from orchestrator.config import ModelConfig
+    from orchestrator.modeling import load_model
+
+    model = load_model(str(out / "model"), ModelConfig())
+    assert sum(p.numel() for p in model.parameters()) == st["parameters_after"]
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    windows = first_windows(tokenize_corpus(load_texts(str(eval_parquet)), tok), 32, 3, "eval")
+    assert math.isclose(perplexity(model, windows), report["metrics"]["pruned_ppl"], rel_tol=1e-5)
+    assert "parameters removed" in (out / "report.md").read_text()

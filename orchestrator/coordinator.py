@@ -15,9 +15,9 @@ from orchestrator.artifacts import REPORT_SCHEMA_VERSION, RunWriter
 from orchestrator.config import RunConfig
 from orchestrator.data import calibration_windows, check_vocab, first_windows, load_texts, tokenize_corpus
 from orchestrator.engine import PruneOutcome, pruned_weight_names, run_local
+from orchestrator.errors import UsageError
 from orchestrator.evaluate import perplexity
 from orchestrator.modeling import load_model, load_tokenizer, materialize
-from orchestrator.pruning.masks import sparsity_of
 from orchestrator.report import render_markdown, render_plots
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,6 @@ def eval_windows(cfg: RunConfig, tokenizer, model) -> torch.Tensor | None:
         return None
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and e.seq_len > max_pos:
-        from orchestrator.errors import UsageError
-
         raise UsageError(f"eval.seq_len: {e.seq_len} exceeds the model's maximum of {max_pos}")
     tokens = tokenize_corpus(load_texts(e.source, e.text_column, "eval.source"), tokenizer)
     check_vocab(tokens, model, "eval.source")
@@ -157,8 +155,3 @@ def run_prune(cfg: RunConfig, progress: bool = True) -> Path:
              ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith("ppl")) or "no evaluation")
     return final
 
-
-def sparsity_table(model, names: list[str]) -> dict[str, float]:
-    """Per-weight reached sparsity (used by ``rayprune eval``)."""
-    params = dict(model.named_parameters())
-    return {n: sparsity_of(params[n]) for n in names}

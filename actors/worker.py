@@ -235,7 +235,8 @@ class PruneWorker:
                 counts = torch.tensor([st.samples, st.tokens], dtype=torch.int64)
                 dist.all_reduce(counts)
                 st.samples, st.tokens = int(counts[0]), int(counts[1])
-        results = prune_linears(linears, stats, lambda n: grads.get(n), pcfg)
+        # only rank 0 scores and prunes (identical inputs everywhere); the others receive its weights
+        results = prune_linears(linears, stats, lambda n: grads.get(n), pcfg) if self.rank == 0 else {}
         for lin in linears.values():  # rank 0's weights everywhere, bit for bit
             dist.broadcast(lin.weight.data, src=0)
         write_back(zblock, {n: lin.weight.data for n, lin in linears.items()}, self.rank)

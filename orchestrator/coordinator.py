@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,22 +24,44 @@ from orchestrator.report import render_markdown, render_plots
 log = logging.getLogger(__name__)
 
 
-class PhaseTimer:
-    """Wall-clock seconds per named phase, logged as each ends."""
+EventHook = Callable[[str, dict], None]
 
-    def __init__(self) -> None:
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase, logged as each ends.
+
+    Args:
+        on_event: optional callback ``(event, fields)`` called with ``("phase_start", {"phase"})``
+            and ``("phase_end", {"phase", "seconds", "ok"})``; exceptions it raises are logged, not raised.
+    """
+
+    def __init__(self, on_event: EventHook | None = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.on_event = on_event
+
+    def emit(self, event: str, **fields) -> None:
+        """Send one event to the callback (never fails the run)."""
+        if self.on_event is None:
+            return
+        try:
+            self.on_event(event, fields)
+        except Exception:  # noqa: BLE001 - a broken observer must not kill a long run
+            log.warning("event hook failed on %s", event, exc_info=True)
 
     @contextmanager
     def phase(self, name: str):
         """Time the enclosed block as ``name``."""
         log.info("phase %s: start", name)
+        self.emit("phase_start", phase=name)
         t0 = time.perf_counter()
+        ok = False
         try:
             yield
+            ok = True
         finally:
             self.seconds[name] = round(time.perf_counter() - t0, 3)
             log.info("phase %s: %.1f s", name, self.seconds[name])
+            self.emit("phase_end", phase=name, seconds=self.seconds[name], ok=ok)
 
 
 def eval_windows(cfg: RunConfig, tokenizer, model) -> torch.Tensor | None:
@@ -83,13 +106,19 @@ def prune_with_backend(cfg: RunConfig, model, model_path: str, calib: torch.Tens
     return result.outcome, result.memory
 
 
-def run_prune(cfg: RunConfig, progress: bool = True) -> Path:
+def run_prune(cfg: RunConfig, progress: bool = True, on_event: EventHook | None = None) -> Path:
     """Prune, evaluate and write a run directory; returns its final path.
+
+    Args:
+        cfg: the validated run config.
+        progress: show progress bars.
+        on_event: optional observer of phase starts/ends and of the finished run
+            (``("done", {"run_dir"})``), e.g. for a job service's status endpoint.
 
     Raises:
         UsageError: bad input (nothing is written).
     """
-    timer = PhaseTimer()
+    timer = PhaseTimer(on_event)
     with RunWriter(cfg.output) as writer:
         with timer.phase("load"):
             model_path = materialize(cfg.model)
@@ -151,6 +180,7 @@ def run_prune(cfg: RunConfig, progress: bool = True) -> Path:
         writer.path("report.md").write_text(render_markdown(report))
         render_plots(report, writer.tmp)
         final = writer.publish()
+    timer.emit("done", run_dir=str(final))
     log.info("reached sparsity %.4f; %s", frac,
              ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith("ppl")) or "no evaluation")
     return final

@@ -55,10 +55,15 @@ class WorkerGroup:
         gpus = int(res.get("GPU", 0))
         self.use_gpu = gpus > 0
         bundle = {"GPU": 1, "CPU": 1} if self.use_gpu else {"CPU": 1}
-        have = gpus if self.use_gpu else int(res.get("CPU", 0))
-        if workers < 1 or workers > have:
+        cpus = int(res.get("CPU", 0))
+        have = gpus if self.use_gpu else cpus
+        if workers < 1:
+            raise UsageError(f"backend.workers: must be >= 1, got {workers}")
+        if workers > have:  # checked before the placement group, which would otherwise wait for resources
             kind = "GPUs" if self.use_gpu else "CPUs"
             raise UsageError(f"backend.workers: {workers} workers asked but the Ray cluster has {have} {kind}")
+        if workers > cpus:
+            raise UsageError(f"backend.workers: {workers} workers need {workers} CPUs but the Ray cluster has {cpus}")
         self.pg = placement_group([dict(bundle) for _ in range(workers)], strategy=strategy)
         try:
             ray.get(self.pg.ready(), timeout=120)

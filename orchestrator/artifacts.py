@@ -55,8 +55,15 @@ class RunWriter:
     def __init__(self, out: OutputConfig):
         self.final = check_output(out)
         self.overwrite = out.overwrite
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
+        self.created = _missing_dirs(self.final.parent)
+        try:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
+        except OSError as exc:
+            self._remove_created()
+            raise UsageError(
+                f"output.dir: cannot write into {str(self.final.parent)!r} ({exc.strerror or exc})"
+            ) from None
 
     def __enter__(self) -> RunWriter:
         return self
@@ -64,6 +71,15 @@ class RunWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            self._remove_created()
+
+    def _remove_created(self) -> None:
+        """Remove the (still empty) parent directories this writer created, innermost first."""
+        for d in reversed(self.created):
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
     def path(self, rel: str) -> Path:
         """Path of a file inside the run (in the temp directory until :meth:`publish`)."""
@@ -114,6 +130,15 @@ class RunWriter:
             shutil.rmtree(old, ignore_errors=True)
         log.info("run written to %s", self.final)
         return self.final
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """Ancestors of ``path`` (itself included) that do not exist yet, outermost first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing[::-1]
 
 
 def _sha256(path: Path) -> str:

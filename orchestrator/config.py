@@ -38,13 +38,24 @@ class TinyModelConfig:
 
 @dataclass
 class ModelConfig:
-    """Which model to prune and how to load it."""
+    """Which model to prune and how to load it.
+
+    Attributes:
+        source: builtin name, ``tiny``, a local HF directory, a ``.gguf`` file or a hub id.
+        dtype: parameter dtype while loading.
+        revision: hub revision (hub ids only).
+        trust_remote_code: run Python code shipped with the model; off unless set explicitly.
+        gguf_file: GGUF file name inside a hub repository.
+        allow_pickle: load pickle weights (``pytorch_model.bin``); off by default because
+            unpickling untrusted files can run code: only ``.safetensors`` weights are read.
+    """
 
     source: str = "smollm2-135m"
     dtype: str = "float32"
     revision: str | None = None
     trust_remote_code: bool = False
     gguf_file: str | None = None
+    allow_pickle: bool = False
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 

@@ -6,6 +6,7 @@ or the model writes its own calibration text (``source: generate``).
 
 from __future__ import annotations
 
+import codecs
 import logging
 import random
 from pathlib import Path
@@ -17,6 +18,35 @@ from orchestrator.errors import UsageError
 log = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
+SNIFF_BYTES = 1 << 20
+
+
+def check_text_file(path: Path, field: str) -> None:
+    """Refuse a ``.txt``/``.jsonl`` file whose first MiB is not UTF-8 text (binary data, NUL bytes).
+
+    Raises:
+        UsageError: naming the field, the file and the first bad byte offset.
+    """
+    with open(path, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+    bad = head.find(b"\x00")
+    if bad < 0:
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < SNIFF_BYTES)
+        except UnicodeDecodeError as exc:
+            bad = exc.start
+    if bad >= 0:
+        raise UsageError(f"{field}: {str(path)!r} is not UTF-8 text (binary data at byte {bad})")
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The root cause of a chained exception (readers wrap the informative one)."""
+    seen = {id(exc)}
+    while (nxt := exc.__cause__ or exc.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        exc = nxt
+    return exc
 
 
 def load_texts(source: str, text_column: str = "text", field: str = "calibration.source",
@@ -46,6 +76,9 @@ def load_texts(source: str, text_column: str = "text", field: str = "calibration
             kinds = {LOCAL_SUFFIXES[p.suffix] for p in files}
             if len(kinds) > 1:
                 raise UsageError(f"{field}: directory {source!r} mixes file types {sorted(kinds)}")
+            for p in files:
+                if p.suffix in TEXT_SUFFIXES:
+                    check_text_file(p, field)
             ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
         elif path.suffix in LOCAL_SUFFIXES or path.exists():
             if not path.is_file():
@@ -53,6 +86,8 @@ def load_texts(source: str, text_column: str = "text", field: str = "calibration
             kind = LOCAL_SUFFIXES.get(path.suffix)
             if kind is None:
                 raise UsageError(f"{field}: {source!r} has unsupported suffix (use .parquet, .jsonl or .txt)")
+            if path.suffix in TEXT_SUFFIXES:
+                check_text_file(path, field)
             ds = datasets.load_dataset(kind, data_files=str(path), split="train")
         elif source.startswith((".", "/", "~")):
             raise UsageError(f"{field}: file {source!r} does not exist")
@@ -61,12 +96,18 @@ def load_texts(source: str, text_column: str = "text", field: str = "calibration
     except UsageError:
         raise
     except Exception as exc:  # noqa: BLE001 - any reader failure is bad input
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        root = _innermost(exc)
+        lines = [ln for ln in str(root).splitlines() if ln.strip()]
+        first = f"{type(root).__name__}: {lines[0]}" if lines else type(root).__name__
         raise UsageError(f"{field}: cannot read {source!r}: {first[:300]}") from None
     column = "text" if path.suffix == ".txt" else text_column
     if column not in ds.column_names:
         raise UsageError(f"{field}: {source!r} has no column {column!r} (columns: {ds.column_names})")
     texts = [t for t in ds[column] if isinstance(t, str)]
+    if not texts and len(ds):
+        feature = ds.features[column]
+        raise UsageError(f"{field}: column {column!r} of {source!r} holds {getattr(feature, 'dtype', feature)}, "
+                         "not text")
     if path.suffix == ".txt":
         texts = ["\n".join(texts)]
     if not any(t.strip() for t in texts):
@@ -149,6 +190,8 @@ def calibration_windows(cfg, model_path: str, tokenizer, model=None) -> torch.Te
         model: an already loaded model to generate with (optional).
     """
     c = cfg.calibration
+    if model is not None:
+        check_tokenizer(tokenizer, model)
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if max_pos is not None and c.seq_len > max_pos:
         raise UsageError(f"calibration.seq_len: {c.seq_len} exceeds the model's maximum of {max_pos}")
@@ -157,6 +200,7 @@ def calibration_windows(cfg, model_path: str, tokenizer, model=None) -> torch.Te
             from orchestrator.modeling import load_model
 
             model = load_model(model_path, cfg.model)
+            check_tokenizer(tokenizer, model)
         log.info("generating %d calibration sequences of %d tokens with the model itself", c.num_samples, c.seq_len)
         return generate_windows(model, tokenizer, c.num_samples, c.seq_len, c.seed,
                                 c.generate.prompt, c.generate.temperature, c.generate.top_p)
@@ -166,10 +210,38 @@ def calibration_windows(cfg, model_path: str, tokenizer, model=None) -> torch.Te
     return sample_windows(tokens, c.seq_len, c.num_samples, c.seed, "calibration.source")
 
 
+def model_vocab(model) -> int | None:
+    """Token ids the model can embed: the smaller of ``config.vocab_size`` and the embedding's rows."""
+    sizes = [getattr(getattr(model, "config", None), "vocab_size", None)]
+    get_emb = getattr(model, "get_input_embeddings", None)
+    if callable(get_emb):
+        try:
+            sizes.append(getattr(get_emb(), "num_embeddings", None))
+        except (NotImplementedError, AttributeError):
+            pass
+    sizes = [int(s) for s in sizes if isinstance(s, int) and s > 0]
+    return min(sizes) if sizes else None
+
+
+def check_tokenizer(tokenizer, model) -> None:
+    """Refuse a tokenizer that can produce ids the model's embedding cannot look up.
+
+    Raises:
+        UsageError: ``len(tokenizer)`` exceeds the model's vocabulary (checked before any forward).
+    """
+    vocab = model_vocab(model)
+    size = len(tokenizer)
+    if vocab is not None and size > vocab:
+        raise UsageError(
+            f"model.source: tokenizer of {getattr(tokenizer, 'name_or_path', '?')!r} has {size} tokens "
+            f"but the model's vocabulary has {vocab} entries "
+            "(tokenizer/model vocabulary mismatch)"
+        )
+
+
 def check_vocab(tokens: torch.Tensor, model, field: str) -> None:
     """Refuse token ids the model's embedding cannot look up (tokenizer/model mismatch)."""
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab is not None and tokens.numel() and int(tokens.max()) >= vocab:
-        raise UsageError(
-            f"{field}: tokenizer produced id {int(tokens.max())} but the model's vocabulary has {vocab} entries"
-        )
+    vocab = model_vocab(model)
+    if vocab is not None and tokens.numel() and (int(tokens.max()) >= vocab or int(tokens.min()) < 0):
+        bad = int(tokens.max()) if int(tokens.max()) >= vocab else int(tokens.min())
+        raise UsageError(f"{field}: tokenizer produced id {bad} but the model's vocabulary has {vocab} entries")

@@ -32,6 +32,9 @@ BUILTIN = {
     }
 }
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Weight files that are unpickled when loaded (can run code): refused unless ``model.allow_pickle``.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+GGUF_MAGIC = b"GGUF"
 
 
 def cache_dir() -> Path:
@@ -122,7 +125,9 @@ def gguf_to_hf(gguf_path: Path, out: Path) -> None:
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except Exception as exc:  # noqa: BLE001 - any parse failure is a bad input file
-        raise UsageError(f"model.source: {str(gguf_path)!r} is not a loadable GGUF model ({exc})") from None
+        raise UsageError(
+            f"model.source: {str(gguf_path)!r} is not a loadable GGUF model ({_first_line(exc)})"
+        ) from None
     cfg_dict = src.config.to_dict()
     cfg_dict.pop("quantization_config", None)
     config = AutoConfig.for_model(**{k: v for k, v in cfg_dict.items() if k != "model_type"},
@@ -178,6 +183,11 @@ def materialize(cfg: ModelConfig) -> str:
     if src.endswith(".gguf") or (path.is_file() and path.suffix == ".gguf"):
         if not path.is_file():
             raise UsageError(f"model.source: GGUF file {src!r} does not exist")
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != GGUF_MAGIC:
+            raise UsageError(f"model.source: {src!r} is not a loadable GGUF model (starts with {magic!r}, "
+                             f"not the magic {GGUF_MAGIC!r})")
         digest = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime}".encode())
         final = cache_dir() / "models" / f"gguf-{digest.hexdigest()[:16]}"
         return str(_atomic_dir(final, lambda tmp: gguf_to_hf(path, tmp)))
@@ -204,6 +214,7 @@ def load_model(path: str, cfg: ModelConfig, dtype: str | None = None):
     """
     from transformers import AutoModelForCausalLM
 
+    check_weight_format(path, cfg)
     cfg_file = Path(path) / "config.json"
     if cfg_file.is_file() and "rayprune_layer_sizes" in json.loads(cfg_file.read_text()):
         from orchestrator.structured.shrink import load_structured  # per-layer sizes after SAAP
@@ -215,13 +226,36 @@ def load_model(path: str, cfg: ModelConfig, dtype: str | None = None):
             dtype=TORCH_DTYPES[dtype or cfg.dtype],
             revision=cfg.revision,
             trust_remote_code=cfg.trust_remote_code,
-            use_safetensors=None,
+            use_safetensors=None if cfg.allow_pickle else True,
         )
     except OSError as exc:
-        raise UsageError(f"model.source: cannot load {path!r}: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"model.source: cannot load {path!r}: {_first_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - corrupt weights and the like
-        raise UsageError(f"model.source: cannot load {path!r}: {type(exc).__name__}: {exc}") from None
+        raise UsageError(f"model.source: cannot load {path!r}: {type(exc).__name__}: {_first_line(exc)}") from None
     return model.eval()
+
+
+def check_weight_format(path: str, cfg: ModelConfig) -> None:
+    """Refuse a local model directory whose weights exist only as pickle files.
+
+    Raises:
+        UsageError: no ``.safetensors`` file but pickle weights, and ``model.allow_pickle`` is off.
+    """
+    d = Path(path)
+    if cfg.allow_pickle or not d.is_dir() or any(d.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise UsageError(
+            f"model.source: {path!r} has only pickle weights ({', '.join(pickled[:3])}); convert them to "
+            "safetensors, or set model.allow_pickle=true if you trust the files"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (errors stay one line)."""
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 def load_tokenizer(path: str, cfg: ModelConfig):
@@ -231,4 +265,4 @@ def load_tokenizer(path: str, cfg: ModelConfig):
     try:
         return AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except Exception as exc:  # noqa: BLE001
-        raise UsageError(f"model.source: cannot load a tokenizer from {path!r}: {exc}") from None
+        raise UsageError(f"model.source: cannot load a tokenizer from {path!r}: {_first_line(exc)}") from None

@@ -103,7 +103,7 @@ def arch_spec(model: nn.Module) -> dict:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in ARCH_SPECS:
         raise UsageError(
-            f"structured pruning: model_type {model_type!r} has no group spec "
+            f"structured.enabled: model_type {model_type!r} has no group spec "
             f"(supported: {', '.join(sorted(ARCH_SPECS))}); add an entry to "
             "orchestrator.structured.groups.ARCH_SPECS naming its attention/MLP projections"
         )
@@ -119,7 +119,9 @@ def head_dim(config) -> int:
 def _linear(block: nn.Module, module: str, name: str, where: str) -> nn.Linear:
     sub = getattr(getattr(block, module, None), name, None)
     if not isinstance(sub, nn.Linear):
-        raise UsageError(f"structured pruning: {where}.{module}.{name} is missing or not a Linear")
+        found = "nothing" if sub is None else type(sub).__name__
+        raise UsageError(f"structured.enabled: projection {where}.{module}.{name} is missing or not a Linear "
+                         f"(found {found})")
     return sub
 
 

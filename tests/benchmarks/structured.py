@@ -80,7 +80,7 @@ def get_importance(dense, calib, s, cache: Path | None, refresh: bool = False) -
     if cache is not None:
         f = cache / f"importance-{key}.pt"
         if f.is_file() and not refresh:
-            d = torch.load(f)
+            d = torch.load(f, weights_only=True)
             log.info("importance from cache %s", f)
             if "means" not in d:
                 log.warning("cache predates the shift-free stability indicator: cv values are stale")

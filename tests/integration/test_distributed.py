@@ -157,7 +157,7 @@ from orchestrator.engine import run_local
 from orchestrator.modeling import load_model
 
 path, calib_file = sys.argv[1], sys.argv[2]
-calib = torch.load(calib_file)
+calib = torch.load(calib_file, weights_only=True)
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"node_a": 1}})
 cluster.add_node(num_cpus=1, resources={"node_b": 1})
 ray.init(address=cluster.address, log_to_driver=False)

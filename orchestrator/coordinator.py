@@ -106,7 +106,8 @@ def prune_with_backend(cfg: RunConfig, model, model_path: str, calib: torch.Tens
     return result.outcome, result.memory
 
 
-def run_prune(cfg: RunConfig, progress: bool = True, on_event: EventHook | None = None) -> Path:
+def run_prune(cfg: RunConfig, progress: bool = True, on_event: EventHook | None = None,
+              run_key: str | None = None) -> Path:
     """Prune, evaluate and write a run directory; returns its final path.
 
     Args:
@@ -114,6 +115,8 @@ def run_prune(cfg: RunConfig, progress: bool = True, on_event: EventHook | None 
         progress: show progress bars.
         on_event: optional observer of phase starts/ends and of the finished run
             (``("done", {"run_dir"})``), e.g. for a job service's status endpoint.
+        run_key: content key of a scheduled run (``orchestrator.schedule``), written as the
+            ``run_key`` file and into report.json.
 
     Raises:
         UsageError: bad input (nothing is written).
@@ -159,10 +162,13 @@ def run_prune(cfg: RunConfig, progress: bool = True, on_event: EventHook | None 
             if structured is None:
                 writer.write_masks(outcome.masks)
             writer.write_config(cfg)
+            if run_key:
+                writer.path("run_key").write_text(run_key + "\n")
         report = {
             "schema_version": REPORT_SCHEMA_VERSION,
             "rayprune_version": __version__,
             "config_fingerprint": cfg.fingerprint(),
+            "run_key": run_key,
             "config": cfg.to_dict(),
             "model": {"path": model_path, "architecture": type(model).__name__,
                       "parameters": sum(p.numel() for p in model.parameters())},

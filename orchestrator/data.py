@@ -86,6 +86,8 @@ def load_texts(source: str, text_column: str = "text", field: str = "calibration
             kind = LOCAL_SUFFIXES.get(path.suffix)
             if kind is None:
                 raise UsageError(f"{field}: {source!r} has unsupported suffix (use .parquet, .jsonl or .txt)")
+            if path.stat().st_size == 0:
+                raise UsageError(f"{field}: {source!r} contains no text (empty file)")
             if path.suffix in TEXT_SUFFIXES:
                 check_text_file(path, field)
             ds = datasets.load_dataset(kind, data_files=str(path), split="train")

@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]",
                    help="YAML config (optional: defaults otherwise) followed by overrides")
+    p.add_argument("--if-changed", action="store_true",
+                   help="scheduled run: compute the run key (config, model revision, calibration data) first and "
+                        "return a finished run with the same key instead of recomputing; '{key}' in output.dir "
+                        "becomes the short key (e.g. output.dir=runs/nightly-{key})")
+    p.add_argument("--force", action="store_true",
+                   help="with --if-changed: recompute even if a finished run has the same key")
 
     e = sub.add_parser("eval", help="perplexity of a checkpoint or run directory",
                        description="Evaluate perplexity (eval.* settings) of a model directory, a run "
@@ -96,15 +102,29 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
 def cmd_prune(ns: argparse.Namespace) -> int:
     """``rayprune prune``."""
     from orchestrator.config import load_config
-    from orchestrator.coordinator import run_prune
 
     path, overrides = _split_args(ns.args)
     cfg = load_config(path, overrides)
-    final = run_prune(cfg, progress=not ns.quiet)
+    key = final = None
+    if ns.if_changed or "{key}" in cfg.output.dir:
+        from orchestrator.schedule import prepare_run
+
+        key, final = prepare_run(cfg, reuse=ns.if_changed, force=ns.force)  # no model work before this
+    reused = final is not None
+    if final is None:
+        from orchestrator.coordinator import run_prune
+
+        final = run_prune(cfg, progress=not ns.quiet, run_key=key)
+        if key is not None:
+            from orchestrator.schedule import record_run
+
+            record_run(final, key)
     report = json.loads((final / "report.json").read_text())
     met = report["metrics"]
     summary = {"run_dir": str(final), "reached_sparsity": round(report["sparsity"]["reached"], 6)}
     summary.update({k: round(v, 4) for k, v in met.items() if k.endswith("_ppl")})
+    if key is not None:
+        summary.update(run_key=key, reused=reused)
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0
 

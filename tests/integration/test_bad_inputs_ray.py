@@ -1,0 +1,60 @@
+"""Bad input that needs a Ray cluster: more workers than the cluster can place (issue 7).
+
+The check must come before a placement group is requested (one that can never be placed
+would wait), must exit 2 with one line naming ``backend.workers``, and leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("deepspeed")
+
+from actors.group import WorkerGroup  # noqa: E402
+from orchestrator.cli import main  # noqa: E402
+from orchestrator.errors import UsageError  # noqa: E402
+from tests.conftest import tiny_overrides  # noqa: E402
+from tests.unit.test_cli_errors import _listing  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cpus():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield int(ray.cluster_resources().get("CPU", 0))
+    if started:
+        ray.shutdown()
+
+
+def _placement_groups() -> int:
+    return sum(1 for pg in ray.util.placement_group_table().values() if pg.get("state") != "REMOVED")
+
+
+def test_more_workers_than_cpus_fails_fast_through_the_cli(cpus, tmp_path, corpus_parquet, capsys):
+    asked = cpus + 1
+    before, pgs = _listing(tmp_path), _placement_groups()
+    t0 = time.perf_counter()
+    code = main(["-q", "prune", *tiny_overrides(tmp_path / "out", corpus_parquet, **{
+        "backend.kind": "ray", "backend.workers": asked, "pruning.method": "wanda"})])
+    elapsed = time.perf_counter() - t0
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("rayprune: error:")]
+    assert code == 2, err
+    assert lines == [f"rayprune: error: backend.workers: {asked} workers asked but the Ray cluster has {cpus} CPUs"]
+    assert elapsed < 60  # no placement-group wait
+    assert _placement_groups() == pgs  # never requested one
+    assert _listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("workers", [0, -1])
+def test_worker_group_needs_at_least_one_worker(cpus, workers):
+    pgs = _placement_groups()
+    with pytest.raises(UsageError, match=rf"^backend\.workers: must be >= 1, got {workers}$"):
+        WorkerGroup(workers)
+    assert _placement_groups() == pgs

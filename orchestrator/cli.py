@@ -157,10 +157,8 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 def cmd_plan(ns: argparse.Namespace) -> int:
     """``rayprune plan``."""
-    from transformers import AutoConfig
-
     from orchestrator.config import load_config
-    from orchestrator.modeling import materialize
+    from orchestrator.modeling import load_model_config, materialize
     from orchestrator.planner import LLAMA2_13B, LLAMA2_70B, format_plan, min_workers, plan
 
     path, overrides = _split_args(ns.args)
@@ -171,9 +169,14 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         mc_path = Path(ns.model_config)
         if not mc_path.is_file():
             raise UsageError(f"--model-config: file {str(mc_path)!r} does not exist")
-        model_config = json.loads(mc_path.read_text())
+        try:
+            model_config = json.loads(mc_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--model-config: {str(mc_path)!r} is not valid JSON ({exc})") from None
+        if not isinstance(model_config, dict):
+            raise UsageError(f"--model-config: {str(mc_path)!r} must hold a JSON object")
     else:
-        model_config = AutoConfig.from_pretrained(materialize(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
+        model_config = load_model_config(materialize(cfg.model), cfg.model)
     pr = cfg.pruning
     kw = dict(method=pr.method, norm=pr.gblm.norm, num_samples=cfg.calibration.num_samples,
               seq_len=cfg.calibration.seq_len, dtype_bytes=4 if cfg.model.dtype == "float32" else 2)

@@ -258,6 +258,20 @@ def _first_line(exc: BaseException) -> str:
     return lines[0][:300] if lines else type(exc).__name__
 
 
+def load_model_config(path: str, cfg: ModelConfig):
+    """The ``transformers`` config of a materialised model (no weights are read).
+
+    Raises:
+        UsageError: missing, malformed or unrecognised ``config.json``.
+    """
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - malformed JSON, unknown model_type, ...
+        raise UsageError(f"model.source: cannot read the model config of {path!r}: {_first_line(exc)}") from None
+
+
 def load_tokenizer(path: str, cfg: ModelConfig):
     """Load the tokenizer that belongs to a materialised model."""
     from transformers import AutoTokenizer

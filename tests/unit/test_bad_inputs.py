@@ -94,6 +94,10 @@ CASES: dict[str, Case] = {
     # model files
     "model_dir_without_config": (
         lambda t, m: [f"model.source={m['no_config']}"], ("model.source: directory", "has no config.json")),
+    "model_config_not_json": (
+        lambda t, m: [f"model.source={_mkmodel(t / 'm', b'{garbage')}"],
+        ("model.source: cannot load a tokenizer from", "is not a valid JSON file"),
+    ),
     "truncated_safetensors": (
         lambda t, m: [f"model.source={m['truncated']}"],
         ("model.source: cannot load", "truncated", "SafetensorError"),
@@ -176,6 +180,12 @@ CASES: dict[str, Case] = {
 }
 
 
+def _mkmodel(path: Path, config: bytes) -> Path:
+    path.mkdir()
+    (path / "config.json").write_bytes(config)
+    return path
+
+
 def _mkdir(path: Path) -> Path:
     path.mkdir()
     (path / "notes.md").write_text("not data")
@@ -197,6 +207,32 @@ def test_bad_input_exits_2_with_one_line_naming_it(case, tmp_path, corpus_parque
         assert text in lines[0], lines[0]
     assert "Traceback" not in err
     assert _listing(tmp_path) == before  # nothing half-written, no temp or parent dirs left
+
+
+PLAN_CASES = {
+    "model_config_not_json": (["--model-config", "{bad"], "--model-config: '{path}' is not valid JSON"),
+    "model_config_not_object": (["--model-config", "[1, 2]"], "--model-config: '{path}' must hold a JSON object"),
+    "model_dir_config_not_json": (["model.source={dir}"], "model.source: cannot read the model config of '{dir}'"),
+    "model_dir_without_model_type": (["model.source={dir}", '{"hidden_size": 4}'],
+                                     "should have a `model_type` key"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PLAN_CASES))
+def test_plan_bad_model_config(case, tmp_path, capsys):
+    argv, expected = PLAN_CASES[case]
+    path, mdir = tmp_path / "cfg.json", tmp_path / "model"
+    mdir.mkdir()
+    if argv[0] == "--model-config":
+        path.write_text(argv[1])
+        argv = ["--model-config", str(path)]
+    else:
+        (mdir / "config.json").write_text(argv[1] if len(argv) > 1 else "{garbage")
+        argv = [argv[0].format(dir=mdir)]
+    code, err = _run(capsys, ["plan", *argv])
+    assert code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("rayprune: error:")]
+    assert len(lines) == 1 and expected.format(path=path, dir=mdir).lower() in lines[0].lower(), err
 
 
 def test_unwritable_output_dir_non_root(tmp_path, corpus_parquet, capsys):

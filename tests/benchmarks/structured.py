@@ -28,18 +28,12 @@ from orchestrator.config import load_config
 from orchestrator.data import calibration_windows, first_windows, load_texts, tokenize_corpus
 from orchestrator.evaluate import perplexity
 from orchestrator.modeling import load_model, load_tokenizer, materialize
+from orchestrator.speed import matmul_flops_per_token as flops_per_token
 from orchestrator.structured.groups import decoder_params, module_groups
 from orchestrator.structured.run import Importance, apply_pruning, compute_importance, protected_blocks
 
 log = logging.getLogger("structured-bench")
 DATA = Path("/work/shared/data")
-
-
-def flops_per_token(model) -> int:
-    """Matmul FLOPs per token from the shapes: 2 x (decoder linears + LM head); the embedding is a lookup."""
-    lin = sum(m.weight.numel() for n, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and (".layers." in n or n.endswith("lm_head")))
-    return 2 * lin
 
 
 @torch.no_grad()

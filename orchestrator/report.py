@@ -148,3 +148,25 @@ def rerender(run_dir) -> list[str]:
     tmp.write_text(render_markdown(report))
     os.replace(tmp, run / "report.md")
     return ["report.md", *render_plots(report, run)]
+
+
+def validate_report(report: dict) -> None:
+    """Check a report against ``orchestrator/report_schema.json`` (JSON Schema draft 2020-12).
+
+    Raises:
+        UsageError: the report violates the schema; the message lists every violation
+            (up to 10) as ``path: problem``.
+    """
+    import json
+    from pathlib import Path
+
+    from jsonschema import Draft202012Validator
+
+    from orchestrator.errors import UsageError
+
+    schema = json.loads((Path(__file__).with_name("report_schema.json")).read_text())
+    errors = sorted(Draft202012Validator(schema).iter_errors(report), key=lambda e: [str(p) for p in e.absolute_path])
+    if errors:
+        lines = [f"{'.'.join(str(p) for p in e.absolute_path) or '(top level)'}: {e.message}" for e in errors[:10]]
+        more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
+        raise UsageError(f"report.json does not match its schema: {'; '.join(lines)}{more}")

@@ -96,7 +96,8 @@ def run_ray(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress: 
         kinds = gradient_kinds(pcfg.method, pcfg.gblm.norm)
         if kinds:
             t0 = time.perf_counter()
-            _gradient_pass(group, input_ids.shape[0], kinds, pcfg.gblm.grad_scale, progress)
+            _gradient_pass(group, input_ids.shape[0], kinds, pcfg.gblm.grad_scale, progress,
+                           cfg.backend.grad_batch_size)
             phases["gradient_pass"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         outcome, weights = _block_pass(group, cfg, progress)
@@ -130,16 +131,18 @@ def ray_get(group: WorkerGroup, refs: list):
     return ray.get(refs)
 
 
-def _gradient_pass(group: WorkerGroup, n: int, kinds: tuple[str, ...], scale: float, progress: bool) -> None:
-    """Per-sequence forward/backward on every worker; each rank runs ``ceil(N/W)`` steps."""
+def _gradient_pass(group: WorkerGroup, n: int, kinds: tuple[str, ...], scale: float, progress: bool,
+                   batch: int = 1) -> None:
+    """Per-sequence gradient statistics on every worker; each rank runs ``ceil(N/W)`` sequences,
+    ``batch`` per forward/backward (per-sample gradients, so the sums do not depend on ``batch``)."""
     steps = math.ceil(n / group.workers)
     group.call("start_gradients", kinds, scale)
     bar = tqdm(total=n, desc="gradient pass (ray)", disable=not progress, unit="seq")
     done = 0
-    chunk = max(1, steps // 8)
+    chunk = max(batch, (max(1, steps // 8) // batch) * batch)  # whole micro-batches per call
     for start in range(0, steps, chunk):
         count = min(chunk, steps - start)
-        ray_get(group, group.call_async("gradient_steps", start, count))
+        ray_get(group, group.call_async("gradient_steps", start, count, batch))
         new = min(n, sum(min(max(0, hi - lo - start), count) for lo, hi in shard_bounds(n, group.workers)))
         done += new
         bar.update(new)

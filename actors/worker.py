@@ -11,6 +11,7 @@ import copy
 import ctypes
 import gc
 import logging
+import math
 import os
 import resource
 import socket
@@ -64,6 +65,7 @@ class PruneWorker:
         self.dschf = None
         self.shell = None
         self.grads = None
+        self.emb_handle = None
         self.ids = torch.zeros((0, 0), dtype=torch.int64)
         self.hidden = None
         self.kwargs: dict = {}
@@ -148,29 +150,46 @@ class PruneWorker:
         return rows
 
     def start_gradients(self, kinds: tuple[str, ...], scale: float) -> None:
-        """Create the ZeRO-3 engine and the sharded gradient statistics (collective)."""
-        from actors.zero3 import ShardedGradStats, make_engine
+        """Create the ZeRO-3 engine and the sharded gradient statistics (collective).
+
+        Only one tiny parameter (the smallest one outside the pruned set, a norm weight) is
+        trainable, because ``engine.backward`` needs an optimizer; the statistics come from
+        module hooks, so ZeRO never buckets or averages the big weights' gradients. The
+        embedding output is made to require grad so the backward reaches every block.
+        """
+        from actors.zero3 import ShardedGradStats, full_shape, make_engine
         from orchestrator.engine import pruned_weight_names
 
         names = pruned_weight_names(self.model)
-        self.engine = make_engine(self.model, self.ds_cfg, set(names))
-        params = dict(self.model.named_parameters())
-        self.grads = ShardedGradStats({n: params[n] for n in names}, kinds, scale)
+        rest = [(math.prod(full_shape(p)), n) for n, p in self.model.named_parameters() if n not in set(names)]
+        self.engine = make_engine(self.model, self.ds_cfg, {min(rest)[1]})
+        mods = dict(self.model.named_modules())
+        self.grads = ShardedGradStats({n: mods[n.removesuffix(".weight")] for n in names}, kinds, scale)
+        emb = self.model.get_input_embeddings()
+        self.emb_handle = emb.register_forward_hook(lambda _m, _i, out: out.requires_grad_())
         self.rss["engine"] = current_rss()
 
-    def gradient_steps(self, start: int, count: int) -> int:
-        """Forward/backward local sequences ``start .. start+count`` (padded with dummies)."""
+    def gradient_steps(self, start: int, count: int, batch: int = 1) -> int:
+        """Forward/backward local sequences ``start .. start+count`` (padded with dummies), ``batch`` at a time.
+
+        Each sequence's loss is its own mean token loss (the batch loss times ``B``: all windows
+        have the same length), so the per-sample gradients equal batch-1 gradients.
+        """
         rows = self._local_rows(start + count)[start:]
-        for ids, weight in rows:
-            self.grads.weight = weight
-            loss = self.engine(ids, labels=ids, use_cache=False).loss
+        for lo in range(0, len(rows), max(1, batch)):
+            part = rows[lo : lo + max(1, batch)]
+            ids = torch.cat([r[0] for r in part])  # (B, L)
+            self.grads.set_batch(torch.tensor([r[1] for r in part]))
+            loss = self.engine(ids, labels=ids, use_cache=False).loss * ids.shape[0]
             self.engine.backward(loss)
-        self.grads.weight = 1.0
         return len(rows)
 
     def end_gradients(self) -> int:
         """Remove the hooks; returns the bytes of this rank's statistic partitions."""
         self.grads.remove()
+        if self.emb_handle is not None:
+            self.emb_handle.remove()
+            self.emb_handle = None
         self.rss["gradient_pass"] = current_rss()
         for p in self.model.parameters():
             p.requires_grad_(False)

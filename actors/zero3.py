@@ -69,6 +69,7 @@ def load_partitioned(model_path: str, model_cfg: ModelConfig, config: dict[str, 
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=TORCH_DTYPES[model_cfg.dtype], revision=model_cfg.revision,
         trust_remote_code=model_cfg.trust_remote_code,
+        use_safetensors=None if getattr(model_cfg, "allow_pickle", False) else True,
     )
     return model.eval(), dschf
 
@@ -92,10 +93,13 @@ def make_engine(model: nn.Module, config: dict[str, Any], trainable: set[str]):
     """Wrap ``model`` in a ZeRO-3 engine; only ``trainable`` parameters get gradients.
 
     The optimizer is an ``SGD(lr=0)`` that is never stepped: ``engine.backward`` refuses
-    to run without one.
+    to run without one (and a direct ``loss.backward()`` is refused under ZeRO-3), so at
+    least one small parameter must be trainable.
     """
     import deepspeed
 
+    if not trainable:
+        raise ValueError("make_engine needs at least one trainable parameter")
     for n, p in model.named_parameters():
         p.requires_grad_(n in trainable)
     params = [p for n, p in model.named_parameters() if n in trainable]
@@ -105,40 +109,56 @@ def make_engine(model: nn.Module, config: dict[str, Any], trainable: set[str]):
 
 
 class ShardedGradStats:
-    """Per-sequence gradient sums of a set of weights, each rank holding a ``1/world`` partition.
+    """Per-sequence gradient sums of a set of linear weights, each rank holding a ``1/world`` partition.
 
-    A tensor hook on every weight takes the rank's full local per-sequence gradient
-    (before ZeRO averages it), computes the statistics, and reduce-scatters them
-    (SUM) so that rank ``r`` adds chunk ``r`` of the flattened, padded statistic to its buffer.
+    No weight needs ``requires_grad``: a forward hook on each linear keeps its input and hooks
+    the output's gradient; there the per-sample weight gradients of the local micro-batch are
+    formed (:func:`~orchestrator.pruning.stats.per_sample_weight_grad_stats`), folded into
+    statistics and reduce-scattered (SUM), so rank ``r`` adds chunk ``r`` of the flattened,
+    padded statistic to its buffer. ZeRO's own gradient buckets, partitions and averaging are
+    never involved, and one gather of the parameters serves a whole micro-batch.
     """
 
-    def __init__(self, params: dict[str, nn.Parameter], kinds: tuple[str, ...], scale: float) -> None:
+    def __init__(self, modules: dict[str, nn.Linear], kinds: tuple[str, ...], scale: float) -> None:
         self.kinds = kinds
         self.scale = scale
-        self.weight = 1.0  # 0 for dummy sequences: collectives still run, contribution zeroed
+        self.weights = torch.ones(1)  # (B,) per-sample weights of the current micro-batch
         self.world = dist.get_world_size()
         self.rank = dist.get_rank()
-        self.shapes = {n: full_shape(p) for n, p in params.items()}
+        self.shapes = {n: full_shape(m.weight) for n, m in modules.items()}
         self.chunks: dict[str, dict[str, torch.Tensor]] = {}
         for n, shape in self.shapes.items():
             c = math.ceil(math.prod(shape) / self.world)
             self.chunks[n] = {k: torch.zeros(c, dtype=torch.float32) for k in kinds}  # (ceil(numel/W),)
-        self.handles = [p.register_hook(self._hook(n)) for n, p in params.items()]
+        self.handles = [m.register_forward_hook(self._forward_hook(n)) for n, m in modules.items()]
 
-    def _hook(self, name: str):
-        def hook(grad: torch.Tensor) -> None:
-            g = grad.detach().float().reshape(-1) * (self.scale * self.weight)  # (numel,)
-            for kind in self.kinds:
-                stat = g.abs() if kind == "abs" else g * g if kind == "sq" else g
-                buf = self.chunks[name][kind]
-                pad = buf.numel() * self.world - stat.numel()
-                full = torch.nn.functional.pad(stat, (0, pad))  # (W * chunk,)
-                out = torch.empty_like(buf)
-                _reduce_scatter(out, full, op=dist.ReduceOp.SUM)
-                buf.add_(out)
-            return None
+    def set_batch(self, weights: torch.Tensor) -> None:
+        """Per-sample weights ``(B,)`` of the next micro-batch (1 = real sequence, 0 = padding)."""
+        self.weights = weights.float() * self.scale
+
+    def _forward_hook(self, name: str):
+        def hook(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if torch.is_grad_enabled() and output.requires_grad:
+                x = inputs[0].detach()  # (B, T, in)
+                output.register_hook(lambda grad: self._fold(name, x, grad))
 
         return hook
+
+    def _fold(self, name: str, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+        from orchestrator.pruning.stats import per_sample_weight_grad_stats
+
+        stats = per_sample_weight_grad_stats(x, grad_out, self.kinds, self.weights)  # kind -> (out, in)
+        for kind, stat in stats.items():
+            buf = self.chunks[name][kind]
+            flat = stat.reshape(-1)
+            pad = buf.numel() * self.world - flat.numel()
+            full = torch.nn.functional.pad(flat, (0, pad)) if pad else flat  # (W * chunk,)
+            if self.world == 1:
+                buf.add_(full)
+                continue
+            out = torch.empty_like(buf)
+            _reduce_scatter(out, full, op=dist.ReduceOp.SUM)
+            buf.add_(out)
 
     def remove(self) -> None:
         """Remove the gradient hooks (the partitions stay)."""

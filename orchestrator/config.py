@@ -182,6 +182,7 @@ class BackendConfig:
     workers: int = 2
     address: str | None = None
     forward_dtype: str = "float32"
+    grad_batch_size: int = 4
     num_threads: int = 0
     placement_strategy: str = "PACK"
 
@@ -280,6 +281,8 @@ def validate(cfg: RunConfig) -> list[str]:
     if b.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
         p.append(f"backend.placement_strategy: {b.placement_strategy!r} is not one of PACK, SPREAD, "
                  "STRICT_PACK, STRICT_SPREAD")
+    if isinstance(b.grad_batch_size, bool) or not isinstance(b.grad_batch_size, int) or b.grad_batch_size < 1:
+        p.append(f"backend.grad_batch_size: must be an integer >= 1, got {b.grad_batch_size!r}")
     if b.num_threads < 0:
         p.append(f"backend.num_threads: must be >= 0, got {b.num_threads!r}")
     if not cfg.output.dir:

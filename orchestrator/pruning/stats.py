@@ -131,3 +131,36 @@ def add_gradient(sums: dict[str, torch.Tensor], grad: torch.Tensor, scale: float
         sums["sq"].addcmul_(g, g)
     if "sum" in sums:
         sums["sum"].add_(g)
+
+
+def per_sample_weight_grad_stats(x: torch.Tensor, grad_out: torch.Tensor, kinds: tuple[str, ...],
+                                 weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Statistics of the per-sample weight gradients of a bias-free linear, from its input and output grad.
+
+    For ``y = x @ W.T`` the gradient of sample ``b`` is ``G_b = grad_out_b.T @ x_b``; this folds
+    ``w_b * G_b`` over the batch without ever forming the batch-summed gradient, so a batch of ``B``
+    sequences yields the same sums as ``B`` batch-1 passes (sequences do not interact in a causal LM).
+
+    Args:
+        x: ``(B, T, in)`` the linear's input.
+        grad_out: ``(B, T, out)`` the loss gradient w.r.t. the linear's output, each sample's loss
+            being that sequence's own mean token loss.
+        kinds: subset of ``("abs", "sq", "sum")``.
+        weights: ``(B,)`` per-sample factors (the GBLM scale; 0 for padding samples).
+
+    Returns:
+        kind -> fp32 ``(out, in)`` sum over the batch.
+    """
+    bad = [k for k in kinds if k not in GRAD_KINDS]
+    if bad:
+        raise ValueError(f"unknown gradient statistic(s) {bad}; allowed {GRAD_KINDS}")
+    g = torch.bmm(grad_out.float().transpose(1, 2), x.float())  # (B, out, in)
+    g.mul_(weights.to(g.dtype).view(-1, 1, 1))
+    out = {}
+    if "sum" in kinds:
+        out["sum"] = g.sum(0)
+    if "sq" in kinds:
+        out["sq"] = torch.einsum("boi,boi->oi", g, g)
+    if "abs" in kinds:
+        out["abs"] = g.abs_().sum(0)
+    return out

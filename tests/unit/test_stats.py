@@ -138,3 +138,30 @@ def test_add_gradient_unscaled_and_bf16() -> None:
     add_gradient(sums, g, 1.0)
     torch.testing.assert_close(sums["abs"], 2 * g.float().abs())
     torch.testing.assert_close(sums["sq"], 2 * g.float() ** 2)
+
+
+def test_per_sample_weight_grad_stats_equal_batch1_autograd():
+    """Per-sample stats from (input, output grad) equal batch-1 autograd weight gradients folded one by one."""
+    from orchestrator.pruning.stats import add_gradient, per_sample_weight_grad_stats
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 5, bias=False)
+    x = torch.randn(3, 4, 6)  # (B, T, in)
+    target = torch.randn(3, 4, 5)
+    weights = torch.tensor([100.0, 0.0, 100.0])  # the middle sample is padding
+    ref = {k: torch.zeros(5, 6) for k in ("abs", "sq", "sum")}
+    for b in range(3):
+        lin.zero_grad()
+        ((lin(x[b : b + 1]) - target[b : b + 1]) ** 2).mean().backward()
+        if weights[b]:
+            add_gradient(ref, lin.weight.grad, float(weights[b]))
+    xr = x.clone().requires_grad_(False)
+    y = xr @ lin.weight.detach().T  # (B, T, out)
+    y.requires_grad_(True)
+    per_seq = ((y - target) ** 2).mean(dim=(1, 2)).sum()  # each sample's own mean loss
+    (gy,) = torch.autograd.grad(per_seq, y)
+    got = per_sample_weight_grad_stats(xr, gy, ("abs", "sq", "sum"), weights)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6)
+    # the batch-summed gradient is not what "abs" holds: signs cancel across samples
+    assert not torch.allclose(got["abs"], got["sum"].abs())

@@ -4,10 +4,11 @@ A *run key* is the SHA-256 of a canonical JSON document holding
 
 * the resolved config without the fields that only say where or how visibly a run
   executes (:data:`EXECUTION_ONLY`: ``output.dir``, ``output.overwrite``,
-  ``backend.address``, ``backend.num_threads``, ``backend.placement_strategy``),
+  ``backend.address``, ``backend.num_threads``, ``backend.placement_strategy``,
+  ``eval.workers``),
 * the identity of the model revision (:func:`model_identity`),
 * the fingerprint of the calibration data and, when evaluation runs, of the evaluation
-  data (:func:`data_fingerprint`),
+  data and of local zero-shot task files (:func:`data_fingerprint`),
 * the rayprune version and :data:`KEY_SCHEMA`.
 
 Choices, made so that a key never stays the same when the inputs changed in a way that
@@ -63,7 +64,8 @@ KEY_FILE = "run_key"
 DATA_HASH_LIMIT = 256 * 2**20
 MODEL_HASH_LIMIT = 8 * 2**20
 EXECUTION_ONLY = ("output.dir", "output.overwrite", "backend.address", "backend.num_threads",
-                  "backend.placement_strategy")
+                  "backend.placement_strategy", "eval.workers")
+TASKS_DIR = Path(__file__).with_name("tasks")  # builtin zero-shot tasks: ``<name>.jsonl``
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".txt")  # orchestrator.data.LOCAL_SUFFIXES (kept torch-free)
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 
@@ -191,8 +193,15 @@ def key_document(cfg: RunConfig, resolve_hub: HubResolver = hub_commit) -> dict[
     evaluation = None
     if cfg.eval.enabled and cfg.eval.source:
         evaluation = data_fingerprint(cfg.eval.source, resolve_hub=resolve_hub)
+    tasks = {}
+    named = (getattr(cfg.eval, "tasks", None) or []) if cfg.eval.enabled else []
+    for task in named:
+        path = Path(task).expanduser()
+        path = path if path.is_file() else TASKS_DIR / f"{task}.jsonl"
+        tasks[task] = file_fingerprint(path, DATA_HASH_LIMIT) if path.is_file() else None  # None: a named task
     return {"schema": KEY_SCHEMA, "rayprune": __version__, "config": key_config(cfg),
-            "model": model_identity(cfg.model, resolve_hub), "calibration": calibration, "eval": evaluation}
+            "model": model_identity(cfg.model, resolve_hub), "calibration": calibration, "eval": evaluation,
+            "eval_tasks": tasks}
 
 
 def run_key(cfg: RunConfig, resolve_hub: HubResolver = hub_commit) -> str:

@@ -237,3 +237,21 @@ def test_schedule_imports_neither_ray_nor_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_local_zero_shot_task_files_count_and_eval_workers_do_not(calib, tmp_path):
+    from dataclasses import fields
+
+    from orchestrator.config import EvalConfig
+
+    names = {f.name for f in fields(EvalConfig)}
+    if not {"tasks", "workers"} <= names:
+        pytest.skip("eval.tasks / eval.workers are not in this checkout's config")
+    task = tmp_path / "cloze.jsonl"
+    task.write_text(json.dumps({"context": "a", "choices": ["b", "c"], "answer": 0}) + "\n")
+    with_task = {"eval.enabled": True, "eval.tasks": f"[{task}]"}
+    base = key(cfg_for(calib, **with_task))
+    assert key(cfg_for(calib, **with_task, **{"eval.workers": 2})) == base
+    task.write_text(json.dumps({"context": "a", "choices": ["b", "d"], "answer": 0}) + "\n")
+    assert key(cfg_for(calib, **with_task)) != base
+    assert schedule.key_document(cfg_for(calib, **{"eval.tasks": f"[{task}]"}), no_hub)["eval_tasks"] == {}

@@ -1,0 +1,211 @@
+"""The Ray Serve compression service on localhost: jobs, auth, validation, confinement, cancel, generate."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from ray import serve
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from orchestrator.errors import ConfigError, UsageError
+from orchestrator.serve import app as job_app
+from orchestrator.serve import generate as gen_app
+from orchestrator.serve.auth import TOKEN_ENV, TOKEN_FILE_ENV
+from orchestrator.serve.client import ServeClient
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "test-token-0123456789abcdef"
+TINY_JOB = {
+    "model": {"source": "tiny", "tiny": TINY},
+    "calibration": {"source": "generate", "num_samples": 4, "seq_len": 32},
+    "pruning": {"method": "gblm", "sparsity": 0.5},
+    "eval": {"enabled": False},
+    "backend": {"kind": "local"},
+}
+# Self-generated calibration on a wider tiny model: minutes of work, cancelled long before the end.
+LONG_JOB_YAML = """
+model: {source: tiny, tiny: {layers: 4, hidden: 256, heads: 4, kv_heads: 2, intermediate: 512}}
+calibration: {source: generate, num_samples: 64, seq_len: 128}
+pruning: {method: sparsegpt}
+eval: {enabled: false}
+backend: {kind: local}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    """A local Ray with the job service at ``/``; yields ``(client, root, url, token_file)``."""
+    base = tmp_path_factory.mktemp("serve")
+    root = base / "root"
+    token_file = base / "token"
+    token_file.write_text(TOKEN + "\n")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # cancel_grace_s=0: a cancel kills the worker at once, so the service's own cleanup is what is tested
+    serve.run(job_app.build_app({"root": str(root), "token_file": str(token_file), "cancel_grace_s": "0"}),
+              name="jobs", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        yield ServeClient(url, TOKEN), root, url, token_file
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def finished_job(service):
+    """A tiny job submitted as YAML text and polled to completion."""
+    client, root, _, _ = service
+    code, body = client.submit(json.dumps(TINY_JOB), "application/x-yaml")  # JSON is YAML too
+    assert code == 202, body
+    assert body["state"] in ("pending", "running")
+    job = client.wait(body["job_id"], timeout=240)
+    return job
+
+
+def test_job_runs_to_completion_and_serves_its_report(service, finished_job):
+    client, root, _, _ = service
+    job = finished_job
+    assert job["state"] == "succeeded", job
+    assert job["error"] is None and job["phase"] is None
+    assert job["progress"]["done"] == 4 and set(job["progress"]["phases"]) == {"load", "data", "prune", "save"}
+    assert job["started_at"] >= job["submitted_at"] and job["finished_at"] >= job["started_at"]
+    run_dir = Path(job["run_dir"])
+    assert run_dir == root / job["job_id"]  # no output.dir given: <root>/<job_id>
+    assert (run_dir / "model" / "config.json").is_file()
+    code, report = client.request("GET", f"/v1/jobs/{job['job_id']}/report")
+    assert code == 200
+    assert report == json.loads((run_dir / "report.json").read_text())
+    assert abs(report["sparsity"]["reached"] - 0.5) < 1e-3
+    assert report["config"]["output"]["dir"] == str(run_dir)
+    code, listing = client.request("GET", "/v1/jobs")
+    assert code == 200 and job["job_id"] in [j["job_id"] for j in listing["jobs"]]
+
+
+def test_every_endpoint_needs_the_token(service, finished_job):
+    _, root, url, _ = service
+    job_id = finished_job["job_id"]
+    before = sorted(p.name for p in root.iterdir())
+    calls = [("POST", "/v1/jobs", json.dumps(TINY_JOB)), ("GET", "/v1/jobs", None), ("GET", f"/v1/jobs/{job_id}", None),
+             ("GET", f"/v1/jobs/{job_id}/report", None), ("DELETE", f"/v1/jobs/{job_id}", None)]
+    for token, message in ((None, "missing"), ("wrong-token-0123456789abcdef", "invalid")):
+        anon = ServeClient(url, token)
+        for method, path, body in calls:
+            code, answer = anon.request(method, path, body, "application/json" if body else None)
+            assert code == 401, (method, path, token)
+            assert message in answer["error"] and TOKEN not in json.dumps(answer)
+    assert sorted(p.name for p in root.iterdir()) == before  # the rejected POSTs started nothing
+    code, job = ServeClient(url, TOKEN).status(job_id)
+    assert code == 200 and job["state"] == "succeeded"  # the rejected DELETEs cancelled nothing
+
+
+def test_bad_config_is_400_naming_the_field(service):
+    client, root, _, _ = service
+    before = sorted(p.name for p in root.iterdir())
+    code, body = client.submit("model: {source: tiny}\npruning: {sparsity: 1.5}\n")
+    assert code == 400
+    assert body["error"].startswith("pruning.sparsity:") and "1.5" in body["error"]
+    code, body = client.submit({**TINY_JOB, "pruning": {"method": "gblmm"}})
+    assert code == 400 and "pruning.method: 'gblmm'" in body["error"]
+    code, body = client.submit("pruning: [1, 2", "application/x-yaml")
+    assert code == 400 and body["error"].startswith("config: invalid YAML")
+    code, body = client.submit("{}", "image/png")
+    assert code == 415
+    assert sorted(p.name for p in root.iterdir()) == before
+
+
+@pytest.mark.parametrize("out_dir", ["../escaped", "a/../../escaped", "/tmp/escaped", "~/escaped"])
+def test_output_outside_the_root_is_400(service, out_dir):
+    client, root, _, _ = service
+    before = sorted(p.name for p in root.iterdir())
+    code, body = client.submit({**TINY_JOB, "output": {"dir": out_dir}})
+    assert code == 400
+    assert body["error"].startswith("output.dir:") and repr(out_dir) in body["error"]
+    assert not (root.parent / "escaped").exists()
+    assert sorted(p.name for p in root.iterdir()) == before
+
+
+def test_cancel_stops_the_job_and_leaves_no_output(service):
+    client, root, _, _ = service
+    code, body = client.submit(LONG_JOB_YAML + "output: {dir: nested/long}\n")
+    assert code == 202, body
+    job_id = body["job_id"]
+    deadline = time.monotonic() + 120
+    while True:  # wait until the run writer has its temp dir and the job is in its calibration phase
+        code, job = client.status(job_id)
+        if job["phase"] == "data" or job["state"] not in ("pending", "running") or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert job["state"] == "running" and job["phase"] == "data", job
+    assert list((root / "nested").glob(".long.tmp-*")), "the run should be writing into its temp dir"
+    code, job = client.request("DELETE", f"/v1/jobs/{job_id}")
+    assert code == 200, job
+    assert job["state"] == "cancelled"
+    assert not (root / "nested").exists()  # neither the run, nor its temp dir, nor the parent it created
+    code, job = client.status(job_id)
+    assert job["state"] == "cancelled" and job["run_dir"] is None
+    assert client.request("DELETE", f"/v1/jobs/{job_id}")[0] == 200  # idempotent
+    code, body = client.request("GET", f"/v1/jobs/{job_id}/report")
+    assert code == 409 and "cancelled" in body["error"]
+    assert client.request("DELETE", "/v1/jobs/no-such-job")[0] == 404
+
+
+def test_generate_endpoint_continues_a_prompt_with_the_pruned_checkpoint(service, finished_job):
+    _, _, url, token_file = service
+    run_dir = finished_job["run_dir"]
+    serve.run(gen_app.build_app({"model_dir": run_dir, "token_file": str(token_file), "num_cpus": "0"}),
+              name="generate", route_prefix="/gen")
+    client = ServeClient(url, TOKEN)
+    code, body = client.request("POST", "/gen/v1/generate", {"prompt": "the quick brown", "max_new_tokens": 8})
+    assert code == 200, body
+    tok = AutoTokenizer.from_pretrained(Path(run_dir) / "model")
+    model = AutoModelForCausalLM.from_pretrained(Path(run_dir) / "model").eval()
+    ids = tok("the quick brown", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    new = out[0, ids["input_ids"].shape[1]:]
+    assert body == {"text": tok.decode(new, skip_special_tokens=True), "tokens": int(new.numel())}
+    assert 1 <= body["tokens"] <= 8
+    assert ServeClient(url, None).request("POST", "/gen/v1/generate", {"prompt": "x"})[0] == 401
+    code, body = client.request("POST", "/gen/v1/generate", {"prompt": "x", "max_new_tokens": 0})
+    assert code == 400 and body["error"].startswith("max_new_tokens:")
+
+
+def test_apps_refuse_to_start_without_a_token(monkeypatch, tmp_path):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    monkeypatch.delenv(TOKEN_FILE_ENV, raising=False)
+    with pytest.raises(UsageError, match=r"RAYPRUNE_SERVE_TOKEN"):
+        job_app.build_app({"root": str(tmp_path)})
+    with pytest.raises(UsageError, match=r"RAYPRUNE_SERVE_TOKEN"):
+        gen_app.build_app({"model_dir": str(tmp_path)})
+    monkeypatch.setenv(TOKEN_ENV, "short")
+    with pytest.raises(UsageError, match=r"at least 16"):
+        job_app.build_app({"root": str(tmp_path)})
+    monkeypatch.setenv(TOKEN_FILE_ENV, str(tmp_path / "missing"))
+    with pytest.raises(UsageError, match=r"token_file: cannot read"):
+        job_app.build_app({"root": str(tmp_path)})
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    monkeypatch.delenv(TOKEN_FILE_ENV)
+    monkeypatch.delenv("RAYPRUNE_SERVE_ROOT", raising=False)
+    with pytest.raises(ConfigError, match=r"root: no service root"):
+        job_app.build_app({})
+    with pytest.raises(ConfigError, match=r"job_num_cpus: expected float, got 'many'"):
+        job_app.build_app({"root": str(tmp_path), "job_num_cpus": "many"})
+    assert job_app.build_app({"root": str(tmp_path), "job_num_cpus": "0.5"}) is not None

@@ -107,6 +107,7 @@ class PruningConfig:
     sparsity: float | None = None
     pattern: str = "unstructured"
     sequential: bool = True
+    sweep: list[float] = field(default_factory=list)
     gblm: GblmConfig = field(default_factory=GblmConfig)
     sparsegpt: SparseGptConfig = field(default_factory=SparseGptConfig)
 
@@ -172,6 +173,13 @@ class EvalConfig:
     num_windows: int = 40
     seq_len: int = 512
     dense_baseline: bool = True
+    workers: int = 0
+    tasks: list[str] = field(default_factory=list)
+    task_limit: int | None = None
+    speed: bool = False
+    speed_prompt_len: int = 512
+    speed_new_tokens: int = 128
+    speed_batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
 
 
 @dataclass
@@ -257,6 +265,20 @@ def validate(cfg: RunConfig) -> list[str]:
             p.append(f"pruning.sparsity: {pr.sparsity!r} contradicts pattern {pr.pattern} (implies {n / mm})")
     if pr.sparsity is not None and not 0 < pr.sparsity < 1:
         p.append(f"pruning.sparsity: must be in (0, 1), got {pr.sparsity!r}")
+    if pr.sweep:
+        if pr.nm is not None:
+            p.append(f"pruning.sweep: needs pattern unstructured, got {pr.pattern!r}")
+        for v in pr.sweep:
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < 1:
+                p.append(f"pruning.sweep: every sparsity must be in (0, 1), got {v!r}")
+        if len(set(pr.sweep)) != len(pr.sweep):
+            p.append(f"pruning.sweep: sparsities must be distinct, got {pr.sweep!r}")
+        if pr.sparsity is not None and pr.sparsity not in pr.sweep:
+            p.append(f"pruning.sparsity: {pr.sparsity!r} must be one of pruning.sweep {pr.sweep!r} (the saved model)")
+        if cfg.backend.kind != "local":
+            p.append(f"pruning.sweep: sweeps run on backend.kind=local, got {cfg.backend.kind!r}")
+        if cfg.structured.enabled:
+            p.append("pruning.sweep: not available with structured.enabled=true")
     if pr.gblm.norm not in ("l1", "l2"):
         p.append(f"pruning.gblm.norm: {pr.gblm.norm!r} is not one of l1, l2")
     if pr.gblm.alpha < 0:
@@ -272,6 +294,15 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"eval.num_windows: must be > 0, got {e.num_windows!r}")
     if e.seq_len < 2:
         p.append(f"eval.seq_len: must be >= 2, got {e.seq_len!r}")
+    if e.workers < 0:
+        p.append(f"eval.workers: must be >= 0 (0: in the coordinator process), got {e.workers!r}")
+    if e.task_limit is not None and e.task_limit <= 0:
+        p.append(f"eval.task_limit: must be > 0, got {e.task_limit!r}")
+    if e.speed_prompt_len < 1 or e.speed_new_tokens < 2:
+        p.append(f"eval.speed_new_tokens: needs prompt >= 1 and >= 2 new tokens, got {e.speed_prompt_len!r}, "
+                 f"{e.speed_new_tokens!r}")
+    if not e.speed_batch_sizes or any(not isinstance(x, int) or x < 1 for x in e.speed_batch_sizes):
+        p.append(f"eval.speed_batch_sizes: must be positive integers, got {e.speed_batch_sizes!r}")
     if b.kind not in ("local", "ray"):
         p.append(f"backend.kind: {b.kind!r} is not one of local, ray")
     if b.workers <= 0:

@@ -17,9 +17,8 @@ from orchestrator.config import RunConfig
 from orchestrator.data import calibration_windows, check_vocab, first_windows, load_texts, tokenize_corpus
 from orchestrator.engine import PruneOutcome, pruned_weight_names, run_local
 from orchestrator.errors import UsageError
-from orchestrator.evaluate import perplexity
 from orchestrator.modeling import load_model, load_tokenizer, materialize
-from orchestrator.report import render_markdown, render_plots
+from orchestrator.report import render_markdown, render_plots, validate_report
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +120,8 @@ def run_prune(cfg: RunConfig, progress: bool = True, on_event: EventHook | None 
     Raises:
         UsageError: bad input (nothing is written).
     """
+    from orchestrator.evaluation import Evaluator
+
     timer = PhaseTimer(on_event)
     with RunWriter(cfg.output) as writer:
         with timer.phase("load"):
@@ -130,64 +131,145 @@ def run_prune(cfg: RunConfig, progress: bool = True, on_event: EventHook | None 
         with timer.phase("data"):
             calib = calibration_windows(cfg, model_path, tokenizer, model)
             windows = eval_windows(cfg, tokenizer, model)
-        metrics: dict = {"eval_seq_len": cfg.eval.seq_len, "eval_windows": None if windows is None else len(windows)}
-        if windows is not None and cfg.eval.dense_baseline:
-            with timer.phase("eval_dense"):
-                metrics["dense_ppl"] = perplexity(model, windows, progress, "dense perplexity")
-        structured = None
-        with timer.phase("prune"):
-            if cfg.structured.enabled:
-                from orchestrator.structured.run import run_structured
-
-                dense_params = sum(p.numel() for p in model.parameters())
-                model, structured = run_structured(cfg, model, calib, progress)
-                structured["parameters_before"] = dense_params
-                structured["parameters_after"] = sum(p.numel() for p in model.parameters())
-                outcome, memory = PruneOutcome(), []
-            else:
-                outcome, memory = prune_with_backend(cfg, model, model_path, calib, progress)
-        names = pruned_weight_names(model)
-        frac, zeros, total = reached_sparsity(model, names)
-        if windows is not None:
-            with timer.phase("eval_pruned"):
-                metrics["pruned_ppl"] = perplexity(model, windows, progress, "pruned perplexity")
-        with timer.phase("save"):
-            if cfg.output.save_model:
-                if structured is not None:
-                    from orchestrator.structured.shrink import save_structured
-
-                    save_structured(model, writer.path("model"), tokenizer)
-                else:
-                    writer.write_model(model, tokenizer)
-            if structured is None:
-                writer.write_masks(outcome.masks)
-            writer.write_config(cfg)
-            if run_key:
-                writer.path("run_key").write_text(run_key + "\n")
-        report = {
-            "schema_version": REPORT_SCHEMA_VERSION,
-            "rayprune_version": __version__,
-            "config_fingerprint": cfg.fingerprint(),
-            "run_key": run_key,
-            "config": cfg.to_dict(),
-            "model": {"path": model_path, "architecture": type(model).__name__,
-                      "parameters": sum(p.numel() for p in model.parameters())},
-            "calibration": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1])},
-            "sparsity": {"target": cfg.pruning.target_sparsity, "reached": frac, "zeros": zeros,
-                         "pruned_weights_total": total},
-            "metrics": metrics,
-            "phases": {**timer.seconds, **{f"prune.{k}": round(v, 3) for k, v in outcome.phases.items()}},
-            "memory_per_worker": memory,
-            "structured": structured,
-            "layers": outcome.layers,
-            "host": {"python": platform.python_version(), "torch": torch.__version__},
-        }
+        evaluator = Evaluator(cfg, model_path, tokenizer, windows, progress)
+        try:
+            report = _prune_and_evaluate(cfg, timer, writer, evaluator, model, model_path, tokenizer, calib, progress)
+        finally:
+            evaluator.close()
+        report.update({"run_key": run_key, "phases": {**timer.seconds, **report["phases"]}})
+        if run_key:
+            writer.path("run_key").write_text(run_key + "\n")
+        validate_report(report)
         writer.write_json("report.json", report)
         writer.path("report.md").write_text(render_markdown(report))
         render_plots(report, writer.tmp)
         final = writer.publish()
     timer.emit("done", run_dir=str(final))
-    log.info("reached sparsity %.4f; %s", frac,
+    metrics = report["metrics"]
+    log.info("reached sparsity %.4f; %s", report["sparsity"]["reached"],
              ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith("ppl")) or "no evaluation")
     return final
 
+
+def _prune_and_evaluate(cfg: RunConfig, timer: PhaseTimer, writer: RunWriter, evaluator, model, model_path: str,
+                        tokenizer, calib: torch.Tensor, progress: bool) -> dict:
+    """The phases between loading and publishing; returns the report (without run_key)."""
+    windows = evaluator.windows
+    metrics: dict = {"eval_seq_len": cfg.eval.seq_len, "eval_windows": None if windows is None else len(windows)}
+    zeroshot: dict = {}
+    extra: dict = {}
+    grouped = evaluator.group is not None
+    if evaluator.active and cfg.eval.dense_baseline:
+        with timer.phase("eval_dense"):
+            res = evaluator.evaluate(model, evaluator.ref("dense") if grouped else None, "dense")
+            _record(metrics, zeroshot, "dense", res)
+    structured = None
+    with timer.phase("prune"):
+        if cfg.structured.enabled:
+            from orchestrator.structured.run import run_structured
+
+            dense_params = sum(p.numel() for p in model.parameters())
+            model, structured = run_structured(cfg, model, calib, progress)
+            structured["parameters_before"] = dense_params
+            structured["parameters_after"] = sum(p.numel() for p in model.parameters())
+            outcome, memory, sweep = PruneOutcome(), [], None
+        elif cfg.pruning.sweep:
+            from orchestrator.sweep import main_sparsity, run_sweep
+
+            sweep = run_sweep(model, calib, cfg.pruning, cfg.backend.forward_dtype, progress)
+            main = next(c for c in sweep.candidates if c.sparsity == main_sparsity(cfg.pruning))
+            model, outcome, memory = main.model, main.outcome, []
+            outcome.phases = sweep.phases
+        else:
+            outcome, memory, sweep = *prune_with_backend(cfg, model, model_path, calib, progress), None
+    names = pruned_weight_names(model)
+    frac, zeros, total = reached_sparsity(model, names)
+    with timer.phase("save"):
+        if cfg.output.save_model:
+            if structured is not None:
+                from orchestrator.structured.shrink import save_structured
+
+                save_structured(model, writer.path("model"), tokenizer)
+            else:
+                writer.write_model(model, tokenizer)
+        if structured is None:
+            writer.write_masks(outcome.masks)
+        writer.write_config(cfg)
+    if sweep is not None and evaluator.active:
+        with timer.phase("eval_sweep"):
+            extra["sweep"], extra["sweep_passes"] = _evaluate_sweep(sweep, evaluator, writer, names)
+            main_row = next(r for r in extra["sweep"] if r["sparsity"] == main_sparsity(cfg.pruning))
+            _record(metrics, zeroshot, "pruned", {"ppl": main_row["ppl"], "zeroshot": main_row["zeroshot"]})
+    elif evaluator.active:
+        with timer.phase("eval_pruned"):
+            ref = None
+            if grouped and structured is None:
+                params = dict(model.named_parameters())
+                ref = evaluator.ref("pruned", {n: params[n].detach() for n in names})
+            elif grouped and cfg.output.save_model:
+                ref = evaluator.ref("pruned", path=str(writer.path("model")))
+            _record(metrics, zeroshot, "pruned", evaluator.evaluate(model, ref, "pruned"))
+    if cfg.eval.speed:
+        with timer.phase("speed"):
+            extra["speed"] = _speed(cfg, model_path, model, tokenizer)
+    if zeroshot:
+        extra["zeroshot"] = zeroshot
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "rayprune_version": __version__,
+        "config_fingerprint": cfg.fingerprint(),
+        "config": cfg.to_dict(),
+        "model": {"path": model_path, "architecture": type(model).__name__,
+                  "parameters": sum(p.numel() for p in model.parameters())},
+        "calibration": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1])},
+        "sparsity": {"target": cfg.pruning.target_sparsity if not cfg.pruning.sweep else
+                     main_sparsity(cfg.pruning), "reached": frac, "zeros": zeros, "pruned_weights_total": total},
+        "metrics": metrics,
+        "phases": {f"prune.{k}": round(v, 3) for k, v in outcome.phases.items()},
+        "memory_per_worker": memory,
+        "structured": structured,
+        "layers": outcome.layers,
+        "eval": {"workers": cfg.eval.workers, "tasks": sorted(zeroshot.get("pruned", zeroshot.get("dense", {})))},
+        **extra,
+        "host": {"python": platform.python_version(), "torch": torch.__version__},
+    }
+
+
+def _record(metrics: dict, zeroshot: dict, label: str, res: dict) -> None:
+    if res.get("ppl") is not None:
+        metrics[f"{label}_ppl"] = res["ppl"]
+    if res.get("zeroshot"):
+        zeroshot[label] = res["zeroshot"]
+
+
+def _evaluate_sweep(sweep, evaluator, writer: RunWriter, names: list[str]) -> tuple[list[dict], dict]:
+    """Evaluate every sweep candidate; their masks go to ``sweep/``."""
+    from safetensors.torch import save_file
+
+    refs = []
+    for c in sweep.candidates:
+        params = dict(c.model.named_parameters())
+        refs.append(evaluator.ref(f"sweep-{c.sparsity}", {n: params[n].detach() for n in names})
+                    if evaluator.group is not None else None)
+        save_file({k: v.contiguous().to(torch.bool) for k, v in c.outcome.masks.items()},
+                  str(writer.path(f"sweep/masks-{c.sparsity:.4f}.safetensors")))
+    results = evaluator.candidates([c.model for c in sweep.candidates], refs)
+    rows = []
+    for c, r in zip(sweep.candidates, results, strict=True):
+        frac, _, _ = reached_sparsity(c.model, names)
+        rows.append({"name": f"{c.sparsity:g}", "sparsity": c.sparsity, "reached": frac, "ppl": r["ppl"],
+                     "zeroshot": r["zeroshot"]})
+    return rows, {"gradient": sweep.gradient_passes, "activation": sweep.activation_passes}
+
+
+def _speed(cfg: RunConfig, model_path: str, model, tokenizer) -> dict:
+    """Prefill/decode tokens/s of the dense and the pruned model, side by side in this process."""
+    from orchestrator.speed import compare_speed
+
+    e = cfg.eval
+    dense = load_model(model_path, cfg.model)
+    try:
+        return compare_speed({"dense": dense, "pruned": model}, tokenizer, prompt_len=e.speed_prompt_len,
+                             new_tokens=e.speed_new_tokens, batch_sizes=tuple(e.speed_batch_sizes))
+    finally:
+        del dense

@@ -53,7 +53,8 @@ def render_markdown(report: dict) -> str:
         if "pruned_ppl" in met:
             lines.append(f"| pruned | {met['pruned_ppl']:.3f} |")
     else:
-        lines.append("No evaluation was run (set `eval.source`).")
+        lines.append("No perplexity evaluation was run (set `eval.source`).")
+    lines += _zeroshot_lines(report) + _sweep_lines(report) + _speed_lines(report)
     lines += ["", "## Sparsity per block", "", "![sparsity per layer](sparsity_per_layer.png)", "",
               "| block | weights | mean sparsity |", "|---|---|---|"]
     per_block: dict[int, list[float]] = defaultdict(list)
@@ -73,12 +74,84 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _zeroshot_lines(report: dict) -> list[str]:
+    zs = report.get("zeroshot") or {}
+    if not zs:
+        return []
+    models = list(zs)
+    tasks = sorted({t for m in models for t in zs[m]})
+    lines = ["", "## Zero-shot multiple choice", "",
+             "| task | " + " | ".join(f"{m} acc | {m} acc_norm" for m in models) + " | n |",
+             "|---|" + "---|---|" * len(models) + "---|"]
+    for t in tasks:
+        cells, n = [], "-"
+        for m in models:
+            r = zs[m].get(t, {})
+            if r.get("status", "ok") != "ok":
+                cells += [r.get("status", "-"), "-"]
+                continue
+            cells += [_fmt(r.get("acc")), _fmt(r.get("acc_norm"))]
+            n = r.get("n", n)
+        lines.append(f"| {t} | " + " | ".join(cells) + f" | {n} |")
+    return lines
+
+
+def _sweep_lines(report: dict) -> list[str]:
+    rows = report.get("sweep") or []
+    if not rows:
+        return []
+    passes = report.get("sweep_passes", {})
+    lines = ["", "## Sweep", "",
+             f"{len(rows)} candidates from {passes.get('gradient', 0)} gradient-statistics pass(es) and "
+             f"{passes.get('activation', 0)} activation pass(es). ![perplexity vs sparsity](sweep_ppl.png)", "",
+             f"| sparsity | reached | perplexity (context {report['metrics'].get('eval_seq_len')}) |", "|---|---|---|"]
+    lines += [f"| {r['sparsity']:.4g} | {_fmt(r.get('reached'))} | {_fmt(r.get('ppl'))} |" for r in rows]
+    return lines
+
+
+def _speed_lines(report: dict) -> list[str]:
+    sp = report.get("speed")
+    if not sp:
+        return []
+    lines = ["", "## Generation speed", "",
+             f"Prompt {sp['prompt_len']} tokens, {sp['new_tokens']} new tokens (greedy), medians; "
+             "models measured interleaved in one process.", "",
+             "| model | batch | prefill tokens/s | decode tokens/s | matmul GFLOP/token |", "|---|---|---|---|---|"]
+    for name, m in sp["models"].items():
+        gf = m.get("flops_per_token")
+        for b in m["batches"]:
+            lines.append(f"| {name} | {b['batch_size']} | {b['prefill_tps']:.1f} | {b['decode_tps']:.1f} | "
+                         f"{'-' if gf is None else f'{gf / 1e9:.3f}'} |")
+    return lines
+
+
+def _sweep_plot(report: dict, out_dir, plt) -> list[str]:
+    rows = [r for r in report.get("sweep") or [] if r.get("ppl")]
+    if not rows:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["sparsity"] for r in rows], [r["ppl"] for r in rows], marker="o", label=report["config"]["pruning"][
+        "method"])
+    dense = report["metrics"].get("dense_ppl")
+    if dense:
+        ax.axhline(dense, color="k", lw=0.8, ls="--", label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel(f"perplexity (context {report['metrics'].get('eval_seq_len')})")
+    ax.set_title("perplexity vs sparsity")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "sweep_ppl.png", dpi=110)
+    plt.close(fig)
+    return ["sweep_ppl.png"]
+
+
 def render_plots(report: dict, out_dir) -> list[str]:
     """Write the report's PNG plots into ``out_dir``; returns the file names written.
 
     Plots: reached sparsity per pruned weight, in model order (``sparsity_per_layer.png``),
-    and the mean kept importance score per weight (``importance_per_layer.png``) when the
-    method has scores.
+    the mean kept importance score per weight (``importance_per_layer.png``) when the
+    method has scores, and perplexity vs sparsity for sweeps (``sweep_ppl.png``).
     """
     import math
     from pathlib import Path
@@ -90,7 +163,7 @@ def render_plots(report: dict, out_dir) -> list[str]:
 
     out_dir = Path(out_dir)
     rows = report["layers"]
-    written: list[str] = []
+    written: list[str] = _sweep_plot(report, out_dir, plt)
     if not rows:
         return written
     names = [r["name"] for r in rows]

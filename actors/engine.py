@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from actors.checkpoint import CheckpointStore
 from actors.group import WorkerGroup
 from orchestrator.config import RunConfig
 from orchestrator.engine import PruneOutcome
@@ -64,54 +65,145 @@ def write_shards(input_ids: torch.Tensor, workers: int, out_dir: Path) -> list[s
     return paths
 
 
+@dataclass
+class Faults:
+    """Fault injection for tests: each fault fires once, on the first attempt that reaches it.
+
+    Attributes:
+        kill_after_grad_chunks: ``ray.kill`` the last worker after this many gradient-pass calls.
+        kill_at_block: ``ray.kill`` the last worker just before pruning this block.
+        hang_at_block: make the last worker stop participating (sleep) when this block starts.
+        hang_seconds: how long the hung worker sleeps.
+    """
+
+    kill_after_grad_chunks: int | None = None
+    kill_at_block: int | None = None
+    hang_at_block: int | None = None
+    hang_seconds: float = 120.0
+    fired: set = field(default_factory=set)
+
+    def take(self, what: str, at: int) -> bool:
+        """Whether fault ``what`` fires at step ``at`` (once)."""
+        if getattr(self, what) == at and what not in self.fired:
+            self.fired.add(what)
+            return True
+        return False
+
+
 def run_ray(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress: bool = True,
-            group: WorkerGroup | None = None, keep_grad_partitions: bool = False) -> RayResult:
+            group: WorkerGroup | None = None, keep_grad_partitions: bool = False,
+            checkpoint_dir: Path | None = None, faults: Faults | None = None) -> RayResult:
     """Prune with ``cfg.backend.workers`` Ray actors under DeepSpeed ZeRO-3.
+
+    With a ``checkpoint_dir``, gradient-statistic partitions (every ``backend.checkpoint_every``
+    sequences per rank) and every finished block are persisted; a failed attempt (a dead
+    worker, a collective that timed out) tears the group down, starts a new one and resumes
+    from the checkpoint, at most ``backend.max_retries`` times. A resumed run produces the
+    same masks as an uninterrupted one.
 
     Args:
         cfg: the run config (``pruning``, ``model``, ``backend``).
         model_path: materialised model directory (readable by every worker).
         input_ids: ``(N, L)`` int64 calibration windows in global order.
         progress: show progress bars on the driver.
-        group: an existing worker group to reuse (not shut down); default: start one.
+        group: an existing worker group to reuse for the first attempt (not shut down).
         keep_grad_partitions: also return each rank's statistic partitions in
             ``memory[r]["grad_partitions"]`` (tests).
+        checkpoint_dir: where to keep phase checkpoints (None: no checkpoints, no retries).
+        faults: fault injection (tests).
 
     Returns:
         The :class:`RayResult`.
+
+    Raises:
+        RayPruneError: the run failed and the retries ran out (checkpoints are kept).
     """
-    pcfg = cfg.pruning
-    t0 = time.perf_counter()
-    own = group is None
-    if own:
-        group = WorkerGroup(cfg.backend.workers, cfg.backend.address, strategy=cfg.backend.placement_strategy,
-                            num_threads=cfg.backend.num_threads)
-    try:
-        with tempfile.TemporaryDirectory(prefix="rayprune-shards-") as tmp:
-            paths = write_shards(input_ids, group.workers, Path(tmp))
-            seq_len = int(input_ids.shape[1])
-            ray_get(group, [a.load.remote(model_path, cfg.model, p, seq_len) for a, p in zip(group.actors, paths,
-                                                                                           strict=True)])
-        phases = {"startup": time.perf_counter() - t0}
-        kinds = gradient_kinds(pcfg.method, pcfg.gblm.norm)
-        if kinds:
-            t0 = time.perf_counter()
-            _gradient_pass(group, input_ids.shape[0], kinds, pcfg.gblm.grad_scale, progress,
-                           cfg.backend.grad_batch_size)
-            phases["gradient_pass"] = time.perf_counter() - t0
+    import yaml
+
+    from orchestrator.errors import RayPruneError, UsageError
+
+    store = None
+    if checkpoint_dir is not None:
+        try:
+            store = CheckpointStore(checkpoint_dir, cfg.work_fingerprint(),
+                                    yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        except ValueError as exc:
+            raise UsageError(f"--resume: {exc}") from None
+    retries = cfg.backend.max_retries if store is not None else 0
+    attempt = 0
+    while True:
+        own = group is None
         t0 = time.perf_counter()
-        outcome, weights = _block_pass(group, cfg, progress)
-        phases["block_pass"] = time.perf_counter() - t0
-        outcome.phases = phases
-        memory = group.call("memory")
-        if keep_grad_partitions:
-            for m, parts in zip(memory, group.call("grad_partitions"), strict=True):
-                m["grad_partitions"] = parts
-        group.call("finish")
-        return RayResult(outcome=outcome, weights=weights, memory=memory)
-    finally:
-        if own:
-            group.shutdown()
+        try:
+            if own:
+                group = WorkerGroup(cfg.backend.workers, cfg.backend.address, strategy=cfg.backend.placement_strategy,
+                                    num_threads=cfg.backend.num_threads,
+                                    collective_timeout=cfg.backend.collective_timeout_s)
+            result = _attempt(cfg, model_path, input_ids, progress, group, keep_grad_partitions, store, faults, t0)
+            if own:
+                group.shutdown()
+            return result
+        except (UsageError, KeyboardInterrupt):
+            if own and group is not None:
+                group.shutdown()
+            raise
+        except Exception as exc:  # noqa: BLE001 - any worker failure: tear down, maybe resume
+            if group is not None:
+                _kill(group)
+            attempt += 1
+            where = f"; checkpoints kept in {store.root}" if store is not None else ""
+            if attempt > retries:
+                raise RayPruneError(f"distributed run failed after {attempt} attempt(s): {type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0] if str(exc) else ''}{where}"
+                                    + (" (continue with: rayprune prune --resume OUTPUT_DIR)" if store else "")
+                                    ) from exc
+            log.warning("attempt %d failed (%s: %s); restarting the worker group and resuming from %s", attempt,
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", store.root)
+            group = None
+
+
+def _kill(group: WorkerGroup) -> None:
+    """Tear a failed group down at once (a hung collective never answers a graceful leave)."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    for a in group.actors:
+        ray.kill(a)
+    group.actors = []
+    if getattr(group, "pg", None) is not None:
+        remove_placement_group(group.pg)
+        group.pg = None
+
+
+def _attempt(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress: bool, group: WorkerGroup,
+             keep_grad_partitions: bool, store: CheckpointStore | None, faults: Faults | None, t0: float) -> RayResult:
+    """One attempt on a live group, continuing from ``store``'s progress."""
+    pcfg = cfg.pruning
+    if store is not None and not store.world_matches(group.workers):
+        raise ValueError(f"checkpoint {store.root} was written by {store.progress['world']} workers, "
+                         f"not {group.workers}")
+    with tempfile.TemporaryDirectory(prefix="rayprune-shards-") as tmp:
+        paths = write_shards(input_ids, group.workers, Path(tmp))
+        seq_len = int(input_ids.shape[1])
+        ray_get(group, [a.load.remote(model_path, cfg.model, p, seq_len) for a, p in zip(group.actors, paths,
+                                                                                       strict=True)])
+    phases = {"startup": time.perf_counter() - t0}
+    kinds = gradient_kinds(pcfg.method, pcfg.gblm.norm)
+    if kinds:
+        t1 = time.perf_counter()
+        _gradient_pass(group, input_ids.shape[0], kinds, pcfg.gblm.grad_scale, progress,
+                       cfg.backend.grad_batch_size, store, cfg.backend.checkpoint_every, faults)
+        phases["gradient_pass"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    outcome, weights = _block_pass(group, cfg, progress, store, faults)
+    phases["block_pass"] = time.perf_counter() - t1
+    outcome.phases = phases
+    memory = group.call("memory")
+    if keep_grad_partitions:
+        for m, parts in zip(memory, group.call("grad_partitions"), strict=True):
+            m["grad_partitions"] = parts
+    group.call("finish")
+    return RayResult(outcome=outcome, weights=weights, memory=memory)
 
 
 def ray_get(group: WorkerGroup, refs: list):
@@ -132,35 +224,91 @@ def ray_get(group: WorkerGroup, refs: list):
 
 
 def _gradient_pass(group: WorkerGroup, n: int, kinds: tuple[str, ...], scale: float, progress: bool,
-                   batch: int = 1) -> None:
+                   batch: int = 1, store: CheckpointStore | None = None, every: int = 8,
+                   faults: Faults | None = None) -> None:
     """Per-sequence gradient statistics on every worker; each rank runs ``ceil(N/W)`` sequences,
-    ``batch`` per forward/backward (per-sample gradients, so the sums do not depend on ``batch``)."""
+    ``batch`` per forward/backward (per-sample gradients, so the sums do not depend on ``batch``).
+
+    With a ``store``, the partitions are saved every ``every`` sequences per rank and at the end,
+    and a resumed pass starts after the last saved step.
+    """
+    import ray
+
     steps = math.ceil(n / group.workers)
-    group.call("start_gradients", kinds, scale)
+    resume = None
+    first = 0
+    if store is not None and store.grad_steps:
+        files = store.grad_files(group.workers)
+        resume = [files[r] for r in range(group.workers)]
+        first = store.grad_steps
+        log.info("gradient pass: resuming after %d of %d sequences per rank", first, steps)
+    ray_get(group, [a.start_gradients.remote(kinds, scale, None if resume is None else resume[r])
+                    for r, a in enumerate(group.actors)])
     bar = tqdm(total=n, desc="gradient pass (ray)", disable=not progress, unit="seq")
-    done = 0
     chunk = max(batch, (max(1, steps // 8) // batch) * batch)  # whole micro-batches per call
-    for start in range(0, steps, chunk):
+    if store is not None:
+        chunk = min(chunk, max(batch, (every // batch) * batch))
+    bar.update(_seqs_done(n, group.workers, first))
+    since = 0
+    for call, start in enumerate(range(first, steps, chunk)):
+        if store is not None and store.grad_done:
+            break
+        if faults is not None and faults.take("kill_after_grad_chunks", call):
+            ray.kill(group.actors[-1])
         count = min(chunk, steps - start)
         ray_get(group, group.call_async("gradient_steps", start, count, batch))
-        new = min(n, sum(min(max(0, hi - lo - start), count) for lo, hi in shard_bounds(n, group.workers)))
-        done += new
-        bar.update(new)
+        bar.update(_seqs_done(n, group.workers, start + count) - _seqs_done(n, group.workers, start))
+        since += count
+        if store is not None and (since >= every or start + count >= steps):
+            _save_grads(group, store, start + count, done=start + count >= steps)
+            since = 0
     bar.close()
     sizes = group.call("end_gradients")
     log.info("gradient statistics: %s bytes per worker", sizes)
 
 
-def _block_pass(group: WorkerGroup, cfg: RunConfig, progress: bool) -> tuple[PruneOutcome, dict]:
-    """Prune all blocks in order; rank 0's answers give masks, weights and rows."""
+def _seqs_done(n: int, workers: int, steps: int) -> int:
+    """Real sequences covered after each rank ran ``steps`` local steps."""
+    return sum(min(hi - lo, steps) for lo, hi in shard_bounds(n, workers))
+
+
+def _save_grads(group: WorkerGroup, store: CheckpointStore, steps: int, done: bool) -> None:
+    from actors.checkpoint import grad_file
+
+    hashes = ray_get(group, [a.save_gradients.remote(str(grad_file(store.root, r, group.workers)))
+                             for r, a in enumerate(group.actors)])
+    store.commit_grad(group.workers, steps, hashes, done)
+
+
+def _block_pass(group: WorkerGroup, cfg: RunConfig, progress: bool, store: CheckpointStore | None = None,
+                faults: Faults | None = None) -> tuple[PruneOutcome, dict]:
+    """Prune all blocks in order; rank 0's answers give masks, weights and rows.
+
+    Blocks already in ``store`` are replayed (weights written back, hidden states advanced)
+    instead of pruned again.
+    """
+    import ray
+
     pcfg = cfg.pruning
     out = PruneOutcome()
     weights: dict[str, torch.Tensor] = {}
     if pcfg.method != "magnitude":
         ray_get(group, group.call_async("capture"))
     blocks = group.call("num_blocks")[0]
+    done = store.blocks_done if store is not None else 0
     for i in tqdm(range(blocks), desc=f"{pcfg.method} blocks (ray x{group.workers})", disable=not progress):
-        res = ray_get(group, group.call_async("prune_block", i, pcfg, cfg.backend.forward_dtype))[0]
+        if i < done:
+            masks, w, rows = store.load_block(i)
+            ray_get(group, group.call_async("replay_block", i, w, pcfg, cfg.backend.forward_dtype))
+            res = {"masks": masks, "weights": w, "rows": rows}
+        else:
+            if faults is not None and faults.take("kill_at_block", i):
+                ray.kill(group.actors[-1])
+            if faults is not None and faults.take("hang_at_block", i):
+                group.actors[-1].hang.remote(faults.hang_seconds)
+            res = ray_get(group, group.call_async("prune_block", i, pcfg, cfg.backend.forward_dtype))[0]
+            if store is not None:
+                store.save_block(i, res["masks"], res["weights"], res["rows"])
         out.masks.update(res["masks"])
         weights.update(res["weights"])
         out.layers.extend(res["rows"])

@@ -42,15 +42,17 @@ class WorkerGroup:
         strategy: placement strategy (``PACK`` default, ``STRICT_SPREAD`` for one per node).
         num_threads: torch threads per actor (0: CPUs of the node // workers, at least 1).
         shutdown_timeout: seconds to wait for a graceful shutdown before ``ray.kill``.
+        collective_timeout: seconds after which a collective whose peer stopped participating fails.
     """
 
     def __init__(self, workers: int, address: str | None = None, strategy: str = "PACK",
-                 num_threads: int = 0, shutdown_timeout: float = 30.0) -> None:
+                 num_threads: int = 0, shutdown_timeout: float = 30.0, collective_timeout: float = 1800.0) -> None:
         if strategy not in STRATEGIES:
             raise UsageError(f"placement strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
         ensure_ray(address)
         self.workers = workers
         self.shutdown_timeout = shutdown_timeout
+        self.collective_timeout = collective_timeout
         res = ray.cluster_resources()
         gpus = int(res.get("GPU", 0))
         self.use_gpu = gpus > 0
@@ -95,7 +97,7 @@ class WorkerGroup:
         master, port = ray.get(self.actors[0].address.remote())
         local = [ips[:r].count(ips[r]) for r in range(self.workers)]
         backend = "nccl" if self.use_gpu else "gloo"
-        ray.get([a.join.remote(r, self.workers, local[r], master, port, backend)
+        ray.get([a.join.remote(r, self.workers, local[r], master, port, backend, self.collective_timeout)
                  for r, a in enumerate(self.actors)])
         log.info("worker group: %d ranks joined %s at %s:%d", self.workers, backend, master, port)
 

@@ -15,6 +15,8 @@ import math
 import os
 import resource
 import socket
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -92,15 +94,22 @@ class PruneWorker:
 
         return ray.get_runtime_context().get_node_id()
 
-    def join(self, rank: int, world: int, local_rank: int, master: str, port: int, backend: str) -> int:
-        """Join ``torch.distributed`` through ``deepspeed.init_distributed``; returns the rank."""
+    def join(self, rank: int, world: int, local_rank: int, master: str, port: int, backend: str,
+             timeout_s: float = 1800.0) -> int:
+        """Join ``torch.distributed`` through ``deepspeed.init_distributed``; returns the rank.
+
+        ``timeout_s`` bounds every collective: a peer that stops participating turns into an
+        error on the others after that long instead of a hang.
+        """
+        from datetime import timedelta
+
         os.environ.update({"MASTER_ADDR": master, "MASTER_PORT": str(port), "RANK": str(rank),
                            "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank),
                            "LOCAL_SIZE": os.environ.get("LOCAL_SIZE", "1")})
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                   rank=rank, world_size=world)
+                                   rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
         self.rank, self.world = rank, world
         return rank
 
@@ -149,13 +158,14 @@ class PruneWorker:
                 rows.append((dummy, 0.0))
         return rows
 
-    def start_gradients(self, kinds: tuple[str, ...], scale: float) -> None:
+    def start_gradients(self, kinds: tuple[str, ...], scale: float, resume: tuple[str, str] | None = None) -> None:
         """Create the ZeRO-3 engine and the sharded gradient statistics (collective).
 
         Only one tiny parameter (the smallest one outside the pruned set, a norm weight) is
         trainable, because ``engine.backward`` needs an optimizer; the statistics come from
         module hooks, so ZeRO never buckets or averages the big weights' gradients. The
         embedding output is made to require grad so the backward reaches every block.
+        ``resume`` = ``(path, sha256)`` of this rank's saved partitions to continue from.
         """
         from actors.zero3 import ShardedGradStats, full_shape, make_engine
         from orchestrator.engine import pruned_weight_names
@@ -165,6 +175,13 @@ class PruneWorker:
         self.engine = make_engine(self.model, self.ds_cfg, {min(rest)[1]})
         mods = dict(self.model.named_modules())
         self.grads = ShardedGradStats({n: mods[n.removesuffix(".weight")] for n in names}, kinds, scale)
+        if resume is not None:
+            from actors.checkpoint import load_tensors
+
+            saved = load_tensors(Path(resume[0]), resume[1])
+            for n, by_kind in self.grads.chunks.items():
+                for k, buf in by_kind.items():
+                    buf.copy_(saved[f"{n}::{k}"])
         emb = self.model.get_input_embeddings()
         self.emb_handle = emb.register_forward_hook(lambda _m, _i, out: out.requires_grad_())
         self.rss["engine"] = current_rss()
@@ -183,6 +200,17 @@ class PruneWorker:
             loss = self.engine(ids, labels=ids, use_cache=False).loss * ids.shape[0]
             self.engine.backward(loss)
         return len(rows)
+
+    def save_gradients(self, path: str) -> str:
+        """Atomically save this rank's statistic partitions; returns the file's SHA-256."""
+        from actors.checkpoint import save_tensors
+
+        flat = {f"{n}::{k}": t for n, d in self.grads.chunks.items() for k, t in d.items()}
+        return save_tensors(Path(path), flat)
+
+    def hang(self, seconds: float) -> None:
+        """Fault injection (tests): stop participating for ``seconds``."""
+        time.sleep(seconds)
 
     def end_gradients(self) -> int:
         """Remove the hooks; returns the bytes of this rank's statistic partitions."""
@@ -269,6 +297,33 @@ class PruneWorker:
             "weights": {full[n]: lin.weight.data.clone() for n, lin in linears.items()},
             "rows": [layer_row(full[n], r) for n, r in results.items()],
         }
+
+    def replay_block(self, index: int, weights: dict[str, torch.Tensor], pcfg: Any, forward_dtype: str) -> None:
+        """Restore a checkpointed block (collective): write its pruned weights and advance the hidden states.
+
+        Produces exactly what :meth:`prune_block` left behind: the same weights in the ZeRO-3
+        partitions and the same next-block inputs (the pruned block's outputs when sequential,
+        the dense block's otherwise).
+        """
+        from actors.zero3 import plain_block, write_back
+        from orchestrator.blocks import block_linears, decoder_blocks
+        from orchestrator.modeling import TORCH_DTYPES
+
+        amp = None if forward_dtype == "float32" else TORCH_DTYPES[forward_dtype]
+        zblock = decoder_blocks(self.model)[index]
+        block = plain_block(zblock, self.config, index)
+        linears = block_linears(block)
+        local = {n: weights[f"{self.prefix}.{index}.{n}.weight"] for n in linears}
+        with_stats = pcfg.method != "magnitude"
+        if with_stats and not pcfg.sequential:
+            self.hidden = self._forward(block, amp)
+        with torch.no_grad():
+            for n, lin in linears.items():
+                lin.weight.data.copy_(local[n].to(lin.weight.dtype))
+        write_back(zblock, {n: lin.weight.data for n, lin in linears.items()}, self.rank)
+        if with_stats and pcfg.sequential:
+            self.hidden = self._forward(block, amp)
+        del block
 
     def _forward(self, block: torch.nn.Module, amp: torch.dtype | None) -> torch.Tensor:
         """This rank's hidden states through a plain block; ``(n, L, H)`` (n may be 0)."""

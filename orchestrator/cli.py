@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "becomes the short key (e.g. output.dir=runs/nightly-{key})")
     p.add_argument("--force", action="store_true",
                    help="with --if-changed: recompute even if a finished run has the same key")
+    p.add_argument("--resume", metavar="OUTPUT_DIR",
+                   help="continue an interrupted distributed run from its checkpoints (kept next to OUTPUT_DIR "
+                        "as .NAME.ckpt); the config defaults to the one saved with the checkpoints")
 
     e = sub.add_parser("eval", help="perplexity of a checkpoint or run directory",
                        description="Evaluate perplexity (eval.* settings) of a model directory, a run "
@@ -104,6 +107,14 @@ def cmd_prune(ns: argparse.Namespace) -> int:
     from orchestrator.config import load_config
 
     path, overrides = _split_args(ns.args)
+    if ns.resume:
+        from orchestrator.coordinator import checkpoint_path
+
+        ckpt = checkpoint_path(ns.resume)
+        if not (ckpt / "progress.json").is_file():
+            raise UsageError(f"--resume: no checkpoint of an interrupted run at {str(ckpt)!r}")
+        path = path or str(ckpt / "config.yaml")
+        overrides = [*overrides, f"output.dir={Path(ns.resume).expanduser().resolve()}"]
     cfg = load_config(path, overrides)
     key = final = None
     if ns.if_changed or "{key}" in cfg.output.dir:
@@ -114,7 +125,7 @@ def cmd_prune(ns: argparse.Namespace) -> int:
     if final is None:
         from orchestrator.coordinator import run_prune
 
-        final = run_prune(cfg, progress=not ns.quiet, run_key=key)
+        final = run_prune(cfg, progress=not ns.quiet, run_key=key, resume=bool(ns.resume))
         if key is not None:
             from orchestrator.schedule import record_run
 

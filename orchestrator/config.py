@@ -192,6 +192,9 @@ class BackendConfig:
     forward_dtype: str = "float32"
     grad_batch_size: int = 4
     num_threads: int = 0
+    max_retries: int = 2
+    checkpoint_every: int = 8
+    collective_timeout_s: float = 1800.0
     placement_strategy: str = "PACK"
 
 
@@ -226,6 +229,17 @@ class RunConfig:
         data.pop("output", None)
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
+
+    def work_fingerprint(self) -> str:
+        """SHA-256 of what decides the masks (model, data, method, numerics), not of how the run is executed.
+
+        Checkpoints carry it: a run may resume with other retries, timeouts or evaluation
+        settings, never with another model, calibration set, pruning config or numerics.
+        """
+        data = self.to_dict()
+        keep = {k: data[k] for k in ("model", "calibration", "pruning", "structured")}
+        keep["backend"] = {k: data["backend"][k] for k in ("grad_batch_size", "forward_dtype")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- building
@@ -314,6 +328,12 @@ def validate(cfg: RunConfig) -> list[str]:
                  "STRICT_PACK, STRICT_SPREAD")
     if isinstance(b.grad_batch_size, bool) or not isinstance(b.grad_batch_size, int) or b.grad_batch_size < 1:
         p.append(f"backend.grad_batch_size: must be an integer >= 1, got {b.grad_batch_size!r}")
+    if b.max_retries < 0:
+        p.append(f"backend.max_retries: must be >= 0, got {b.max_retries!r}")
+    if b.checkpoint_every < 1:
+        p.append(f"backend.checkpoint_every: must be >= 1 (sequences per rank), got {b.checkpoint_every!r}")
+    if b.collective_timeout_s <= 0:
+        p.append(f"backend.collective_timeout_s: must be > 0, got {b.collective_timeout_s!r}")
     if b.num_threads < 0:
         p.append(f"backend.num_threads: must be >= 0, got {b.num_threads!r}")
     if not cfg.output.dir:

@@ -87,8 +87,8 @@ def reached_sparsity(model, names: list[str]) -> tuple[float, int, int]:
     return zeros / max(total, 1), zeros, total
 
 
-def prune_with_backend(cfg: RunConfig, model, model_path: str, calib: torch.Tensor, progress: bool
-                       ) -> tuple[PruneOutcome, list[dict]]:
+def prune_with_backend(cfg: RunConfig, model, model_path: str, calib: torch.Tensor, progress: bool,
+                       checkpoint_dir: Path | None = None) -> tuple[PruneOutcome, list[dict]]:
     """Run the configured backend; afterwards ``model`` holds the pruned weights."""
     if cfg.backend.kind == "local":
         if cfg.backend.num_threads:
@@ -97,7 +97,7 @@ def prune_with_backend(cfg: RunConfig, model, model_path: str, calib: torch.Tens
         return outcome, []
     from actors.engine import run_ray  # Ray and DeepSpeed only load for this backend
 
-    result = run_ray(cfg, model_path, calib, progress=progress)
+    result = run_ray(cfg, model_path, calib, progress=progress, checkpoint_dir=checkpoint_dir)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, w in result.weights.items():
@@ -105,8 +105,39 @@ def prune_with_backend(cfg: RunConfig, model, model_path: str, calib: torch.Tens
     return result.outcome, result.memory
 
 
+def checkpoint_path(output_dir: str | Path) -> Path:
+    """Where a distributed run keeps its phase checkpoints: ``.NAME.ckpt`` next to the output directory."""
+    final = Path(output_dir).expanduser().resolve()
+    return final.parent / f".{final.name}.ckpt"
+
+
+def _prepare_checkpoints(cfg: RunConfig, resume: bool) -> Path | None:
+    """Check the checkpoint directory against ``resume`` before any work; returns it for ray runs."""
+    import json
+
+    ckpt = checkpoint_path(cfg.output.dir)
+    uses = cfg.backend.kind == "ray" and not cfg.structured.enabled and not cfg.pruning.sweep
+    exists = (ckpt / "progress.json").is_file()
+    if resume:
+        if not uses:
+            raise UsageError("--resume: only distributed runs (backend.kind=ray, not structured or sweeps) keep "
+                             "checkpoints")
+        if not exists:
+            raise UsageError(f"--resume: no checkpoint of an interrupted run at {str(ckpt)!r}")
+        saved = json.loads((ckpt / "progress.json").read_text()).get("fingerprint")
+        if saved != cfg.work_fingerprint():
+            raise UsageError(f"--resume: checkpoint {str(ckpt)!r} was written by another config (model, data, "
+                             f"pruning or numerics differ: {str(saved)[:12]} != {cfg.work_fingerprint()[:12]})")
+    elif exists:
+        raise UsageError(f"output.dir: an interrupted run left checkpoints in {str(ckpt)!r}; continue it with "
+                         f"'rayprune prune --resume {cfg.output.dir}' or delete that directory")
+    if not uses:
+        return None
+    return ckpt  # created by the first checkpoint write (actors.checkpoint.CheckpointStore)
+
+
 def run_prune(cfg: RunConfig, progress: bool = True, on_event: EventHook | None = None,
-              run_key: str | None = None) -> Path:
+              run_key: str | None = None, resume: bool = False) -> Path:
     """Prune, evaluate and write a run directory; returns its final path.
 
     Args:
@@ -116,13 +147,32 @@ def run_prune(cfg: RunConfig, progress: bool = True, on_event: EventHook | None 
             (``("done", {"run_dir"})``), e.g. for a job service's status endpoint.
         run_key: content key of a scheduled run (``orchestrator.schedule``), written as the
             ``run_key`` file and into report.json.
+        resume: continue an interrupted distributed run from its checkpoints.
 
     Raises:
         UsageError: bad input (nothing is written).
+        RayPruneError: the distributed run failed after its retries (its checkpoints are kept).
     """
-    from orchestrator.evaluation import Evaluator
+    import shutil
 
     timer = PhaseTimer(on_event)
+    ckpt = _prepare_checkpoints(cfg, resume)
+    try:
+        final = _run(cfg, timer, progress, run_key, ckpt)
+    except BaseException:
+        if ckpt is not None and ckpt.is_dir() and not (ckpt / "progress.json").is_file():
+            shutil.rmtree(ckpt, ignore_errors=True)  # nothing worth resuming was saved
+        raise
+    if ckpt is not None:
+        shutil.rmtree(ckpt, ignore_errors=True)  # the run is complete: its checkpoints are not needed
+    timer.emit("done", run_dir=str(final))
+    return final
+
+
+def _run(cfg: RunConfig, timer: PhaseTimer, progress: bool, run_key: str | None, ckpt: Path | None) -> Path:
+    """Load, prune, evaluate, publish; returns the published run directory."""
+    from orchestrator.evaluation import Evaluator
+
     with RunWriter(cfg.output) as writer:
         with timer.phase("load"):
             model_path = materialize(cfg.model)
@@ -133,7 +183,8 @@ def run_prune(cfg: RunConfig, progress: bool = True, on_event: EventHook | None 
             windows = eval_windows(cfg, tokenizer, model)
         evaluator = Evaluator(cfg, model_path, tokenizer, windows, progress)
         try:
-            report = _prune_and_evaluate(cfg, timer, writer, evaluator, model, model_path, tokenizer, calib, progress)
+            report = _prune_and_evaluate(cfg, timer, writer, evaluator, model, model_path, tokenizer, calib, progress,
+                                         ckpt)
         finally:
             evaluator.close()
         report.update({"run_key": run_key, "phases": {**timer.seconds, **report["phases"]}})
@@ -144,7 +195,6 @@ def run_prune(cfg: RunConfig, progress: bool = True, on_event: EventHook | None 
         writer.path("report.md").write_text(render_markdown(report))
         render_plots(report, writer.tmp)
         final = writer.publish()
-    timer.emit("done", run_dir=str(final))
     metrics = report["metrics"]
     log.info("reached sparsity %.4f; %s", report["sparsity"]["reached"],
              ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith("ppl")) or "no evaluation")
@@ -152,7 +202,7 @@ def run_prune(cfg: RunConfig, progress: bool = True, on_event: EventHook | None 
 
 
 def _prune_and_evaluate(cfg: RunConfig, timer: PhaseTimer, writer: RunWriter, evaluator, model, model_path: str,
-                        tokenizer, calib: torch.Tensor, progress: bool) -> dict:
+                        tokenizer, calib: torch.Tensor, progress: bool, ckpt: Path | None = None) -> dict:
     """The phases between loading and publishing; returns the report (without run_key)."""
     windows = evaluator.windows
     metrics: dict = {"eval_seq_len": cfg.eval.seq_len, "eval_windows": None if windows is None else len(windows)}
@@ -181,7 +231,7 @@ def _prune_and_evaluate(cfg: RunConfig, timer: PhaseTimer, writer: RunWriter, ev
             model, outcome, memory = main.model, main.outcome, []
             outcome.phases = sweep.phases
         else:
-            outcome, memory, sweep = *prune_with_backend(cfg, model, model_path, calib, progress), None
+            outcome, memory, sweep = *prune_with_backend(cfg, model, model_path, calib, progress, ckpt), None
     names = pruned_weight_names(model)
     frac, zeros, total = reached_sparsity(model, names)
     with timer.phase("save"):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,19 +47,39 @@ def shard_bounds(n: int, workers: int) -> list[tuple[int, int]]:
     return [(min(n, r * per), min(n, (r + 1) * per)) for r in range(workers)]
 
 
-def write_shards(input_ids: torch.Tensor, workers: int, out_dir: Path) -> list[str]:
-    """Write one Arrow IPC file per worker (columns ``position``, ``input_ids``); returns the paths."""
+def shard_tables(input_ids: torch.Tensor, workers: int) -> list:
+    """One Arrow table per worker (columns ``position``, ``input_ids``), in global order."""
     import pyarrow as pa
 
-    paths = []
-    for r, (lo, hi) in enumerate(shard_bounds(int(input_ids.shape[0]), workers)):
-        table = pa.table({
+    tables = []
+    for lo, hi in shard_bounds(int(input_ids.shape[0]), workers):
+        tables.append(pa.table({
             "position": pa.array(list(range(lo, hi)), type=pa.int64()),
             "input_ids": pa.array(input_ids[lo:hi].tolist(), type=pa.list_(pa.int64())),
-        })
-        path = out_dir / f"calib-{r:05d}.arrow"
-        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        }))
+    return tables
+
+
+def shard_bytes(input_ids: torch.Tensor, workers: int) -> list[bytes]:
+    """Each worker's shard as the bytes of an Arrow IPC file (shipped through Ray's object store,
+    so workers on other nodes need no shared filesystem)."""
+    import pyarrow as pa
+
+    out = []
+    for table in shard_tables(input_ids, workers):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
+        out.append(sink.getvalue().to_pybytes())
+    return out
+
+
+def write_shards(input_ids: torch.Tensor, workers: int, out_dir: Path) -> list[str]:
+    """Write one Arrow IPC file per worker into ``out_dir``; returns the paths."""
+    paths = []
+    for r, data in enumerate(shard_bytes(input_ids, workers)):
+        path = out_dir / f"calib-{r:05d}.arrow"
+        path.write_bytes(data)
         paths.append(str(path))
     return paths
 
@@ -182,11 +201,12 @@ def _attempt(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress:
     if store is not None and not store.world_matches(group.workers):
         raise ValueError(f"checkpoint {store.root} was written by {store.progress['world']} workers, "
                          f"not {group.workers}")
-    with tempfile.TemporaryDirectory(prefix="rayprune-shards-") as tmp:
-        paths = write_shards(input_ids, group.workers, Path(tmp))
-        seq_len = int(input_ids.shape[1])
-        ray_get(group, [a.load.remote(model_path, cfg.model, p, seq_len) for a, p in zip(group.actors, paths,
-                                                                                       strict=True)])
+    import ray
+
+    shards = [ray.put(b) for b in shard_bytes(input_ids, group.workers)]
+    seq_len = int(input_ids.shape[1])
+    ray_get(group, [a.load.remote(model_path, cfg.model, s, seq_len) for a, s in zip(group.actors, shards,
+                                                                                   strict=True)])
     phases = {"startup": time.perf_counter() - t0}
     kinds = gradient_kinds(pcfg.method, pcfg.gblm.norm)
     if kinds:

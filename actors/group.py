@@ -28,9 +28,50 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, log_to_driver=True)
+        _probe(address)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise UsageError(f"backend.address: cannot connect to Ray at {address!r} ({exc})") from None
     else:
         ray.init(num_cpus=num_cpus, log_to_driver=True)
+
+
+def check_capacity(workers: int, field: str = "backend.workers") -> bool:
+    """Check that the connected cluster can place ``workers`` ranks; returns whether they get GPUs.
+
+    Raises:
+        UsageError: fewer GPUs (or CPUs on a CPU-only cluster) than workers; checked before any
+            placement group exists, since one that cannot be satisfied waits forever.
+    """
+    if workers < 1:
+        raise UsageError(f"{field}: must be >= 1, got {workers}")
+    res = ray.cluster_resources()
+    gpus = int(res.get("GPU", 0))
+    cpus = int(res.get("CPU", 0))
+    have = gpus if gpus else cpus
+    if workers > have:
+        kind = "GPUs" if gpus else "CPUs"
+        raise UsageError(f"{field}: {workers} workers asked but the Ray cluster has {have} {kind}")
+    if workers > cpus:
+        raise UsageError(f"{field}: {workers} workers need {workers} CPUs but the Ray cluster has {cpus}")
+    return gpus > 0
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on an unreachable ``host:port`` (``ray.init`` would otherwise retry for minutes)."""
+    import socket
+
+    if address in ("auto", "local") or address.startswith(("ray://", "http://", "https://")):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"backend.address: expected 'auto' or HOST:PORT, got {address!r}")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise UsageError(f"backend.address: no Ray head answers at {address!r} ({exc.strerror or exc})") from None
 
 
 class WorkerGroup:
@@ -53,19 +94,8 @@ class WorkerGroup:
         self.workers = workers
         self.shutdown_timeout = shutdown_timeout
         self.collective_timeout = collective_timeout
-        res = ray.cluster_resources()
-        gpus = int(res.get("GPU", 0))
-        self.use_gpu = gpus > 0
+        self.use_gpu = check_capacity(workers)
         bundle = {"GPU": 1, "CPU": 1} if self.use_gpu else {"CPU": 1}
-        cpus = int(res.get("CPU", 0))
-        have = gpus if self.use_gpu else cpus
-        if workers < 1:
-            raise UsageError(f"backend.workers: must be >= 1, got {workers}")
-        if workers > have:  # checked before the placement group, which would otherwise wait for resources
-            kind = "GPUs" if self.use_gpu else "CPUs"
-            raise UsageError(f"backend.workers: {workers} workers asked but the Ray cluster has {have} {kind}")
-        if workers > cpus:
-            raise UsageError(f"backend.workers: {workers} workers need {workers} CPUs but the Ray cluster has {cpus}")
         self.pg = placement_group([dict(bundle) for _ in range(workers)], strategy=strategy)
         try:
             ray.get(self.pg.ready(), timeout=120)

@@ -157,6 +157,11 @@ def run_prune(cfg: RunConfig, progress: bool = True, on_event: EventHook | None 
 
     timer = PhaseTimer(on_event)
     ckpt = _prepare_checkpoints(cfg, resume)
+    if cfg.backend.kind == "ray" and not cfg.structured.enabled and not cfg.pruning.sweep:
+        from actors.group import check_capacity, ensure_ray
+
+        ensure_ray(cfg.backend.address)  # before any model work: a bad address or too few workers fails now
+        check_capacity(cfg.backend.workers)
     try:
         final = _run(cfg, timer, progress, run_key, ckpt)
     except BaseException:

@@ -58,3 +58,20 @@ def test_worker_group_needs_at_least_one_worker(cpus, workers):
     with pytest.raises(UsageError, match=rf"^backend\.workers: must be >= 1, got {workers}$"):
         WorkerGroup(workers)
     assert _placement_groups() == pgs
+
+
+def test_unreachable_cluster_address_fails_fast(tmp_path, corpus_parquet):
+    """A Ray address nobody answers is one line naming backend.address within seconds, not a retry loop."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    args = tiny_overrides(out, corpus_parquet, **{"backend.kind": "ray", "backend.address": "127.0.0.1:1"})
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "-q", "prune", *args], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("rayprune: error:")]
+    assert len(errors) == 1 and "backend.address" in errors[0] and "127.0.0.1:1" in errors[0]
+    assert time.perf_counter() - t0 < 60
+    assert list(tmp_path.iterdir()) == []

@@ -95,9 +95,11 @@ class EvalGroup:
         model_cfg: model options used to load every checkpoint (dtype, trust_remote_code, ...).
         address: Ray address (None: the running or a local Ray).
         num_threads: torch threads per actor (0: CPUs // workers).
+        progress: show progress bars on the driver.
     """
 
-    def __init__(self, workers: int, model_cfg: Any, address: str | None = None, num_threads: int = 0) -> None:
+    def __init__(self, workers: int, model_cfg: Any, address: str | None = None, num_threads: int = 0,
+                 progress: bool = False) -> None:
         import ray
 
         from actors.group import ensure_ray
@@ -117,32 +119,45 @@ class EvalGroup:
                                    scheduling_strategy="SPREAD").remote(threads) for _ in range(workers)]
         self.model_cfg = model_cfg
         self.workers = workers
+        self.progress = progress
 
     def _load(self, actors: list, ref: ModelRef) -> None:
         import ray
 
         ray.get([a.load.remote(ref, self.model_cfg, ref.weights) for a in actors])
 
+    def _run(self, method: str, items, desc: str) -> list:
+        """Split ``items`` into ~4 contiguous pieces per actor, run them, return the pieces' results in order."""
+        import ray
+        from tqdm.auto import tqdm
+
+        ranges = split(len(items), self.workers * 4)
+        refs = [getattr(self.actors[i % self.workers], method).remote(items[lo:hi])
+                for i, (lo, hi) in enumerate(ranges)]
+        index = {r: i for i, r in enumerate(refs)}
+        results: list = [None] * len(refs)
+        pending = list(refs)
+        with tqdm(total=len(items), desc=desc, disable=not self.progress, unit="item") as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                i = index[done[0]]
+                results[i] = ray.get(done[0])
+                bar.update(ranges[i][1] - ranges[i][0])
+        return results
+
     def perplexity(self, ref: ModelRef, windows: torch.Tensor) -> float:
         """Perplexity of ``(K, L)`` windows, split contiguously across the actors."""
-        import ray
-
         self._load(self.actors, ref)
-        ranges = split(len(windows), self.workers)  # fewer ranges than actors when K < workers
-        parts = [a.nll.remote(windows[lo:hi]) for a, (lo, hi) in zip(self.actors, ranges, strict=False)]
-        sums = ray.get(parts)
+        sums = self._run("nll", windows, f"perplexity {ref.key} (x{self.workers} actors)")
         total = sum(s for s, _ in sums)
         tokens = sum(t for _, t in sums)
         return math.exp(total / max(tokens, 1))
 
     def multiple_choice(self, ref: ModelRef, examples: list[dict]) -> list[dict]:
         """Per-example results in the original order, examples split across the actors."""
-        import ray
-
         self._load(self.actors, ref)
-        ranges = split(len(examples), self.workers)
-        parts = [a.mc.remote(examples[lo:hi]) for a, (lo, hi) in zip(self.actors, ranges, strict=False)]
-        return [r for part in ray.get(parts) for r in part]
+        parts = self._run("mc", examples, f"zero-shot {ref.key} (x{self.workers} actors)")
+        return [r for part in parts for r in part]
 
     def candidates(self, refs: list[ModelRef], windows: torch.Tensor | None,
                    tasks: dict[str, list[dict]] | None = None) -> list[dict]:

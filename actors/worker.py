@@ -188,7 +188,7 @@ class PruneWorker:
             saved = load_tensors(Path(resume[0]), resume[1])
             for n, by_kind in self.grads.chunks.items():
                 for k, buf in by_kind.items():
-                    buf.copy_(saved[f"{n}::{k}"])
+                    buf.copy_(saved[f"{n}::{k}"].to(buf.device))
         emb = self.model.get_input_embeddings()
         self.emb_handle = emb.register_forward_hook(lambda _m, _i, out: out.requires_grad_())
         self.rss["engine"] = current_rss()
@@ -212,7 +212,7 @@ class PruneWorker:
         """Atomically save this rank's statistic partitions; returns the file's SHA-256."""
         from actors.checkpoint import save_tensors
 
-        flat = {f"{n}::{k}": t for n, d in self.grads.chunks.items() for k, t in d.items()}
+        flat = {f"{n}::{k}": t.cpu() for n, d in self.grads.chunks.items() for k, t in d.items()}
         return save_tensors(Path(path), flat)
 
     def hang(self, seconds: float) -> None:

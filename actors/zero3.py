@@ -150,6 +150,8 @@ class ShardedGradStats:
         stats = per_sample_weight_grad_stats(x, grad_out, self.kinds, self.weights)  # kind -> (out, in)
         for kind, stat in stats.items():
             buf = self.chunks[name][kind]
+            if buf.device != stat.device:  # GPU ranks: partitions live next to the gradients (NCCL needs that)
+                buf = self.chunks[name][kind] = buf.to(stat.device)
             flat = stat.reshape(-1)
             pad = buf.numel() * self.world - flat.numel()
             full = torch.nn.functional.pad(flat, (0, pad)) if pad else flat  # (W * chunk,)
@@ -173,7 +175,7 @@ class ShardedGradStats:
     def gather(self, name: str, kind: str) -> torch.Tensor:
         """All-gather one statistic into its full fp32 tensor (collective)."""
         chunk = self.chunks[name][kind]
-        full = torch.empty(chunk.numel() * self.world, dtype=torch.float32)
+        full = torch.empty(chunk.numel() * self.world, dtype=torch.float32, device=chunk.device)
         _all_gather(full, chunk)
         numel = math.prod(self.shapes[name])
         return full[:numel].reshape(self.shapes[name])

@@ -66,7 +66,7 @@ class Evaluator:
         if cfg.eval.workers and (windows is not None or self.tasks):
             from actors.evaluator import EvalGroup
 
-            self.group = EvalGroup(cfg.eval.workers, cfg.model, cfg.backend.address)
+            self.group = EvalGroup(cfg.eval.workers, cfg.model, cfg.backend.address, progress=progress)
 
     @property
     def active(self) -> bool:

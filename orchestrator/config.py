@@ -130,17 +130,30 @@ class PruningConfig:
 
 @dataclass
 class StructuredRecoveryConfig:
-    """LoRA "group fine-tuning" after structured pruning (METHODS.md section 5)."""
+    """LoRA "group fine-tuning" after structured pruning (METHODS.md section 5).
+
+    ``schedule``: ``joint`` trains the adapters of every group of ``blocks_per_group`` blocks at
+    once, ``sequential`` group by group (``steps`` split over the groups); each step takes
+    ``batch_size`` windows of ``seq_len`` tokens out of ``num_samples`` drawn from ``source``
+    (None: ``calibration.source``; ``calibration``: the calibration windows themselves); ``workers``
+    > 1 runs it data-parallel on Ray actors.
+    """
 
     enabled: bool = False
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
-    lr: float = 1e-4
+    lr: float = 1e-3
+    warmup: float = 0.05
     blocks_per_group: int = 10
-    steps_per_group: int = 16
-    seq_len: int = 256
+    schedule: str = "joint"
+    steps: int = 150
+    batch_size: int = 4
+    seq_len: int = 512
+    source: str | None = None
+    num_samples: int = 1024
     forward_dtype: str = "bfloat16"
+    workers: int = 1
     seed: int = 0
 
 
@@ -366,9 +379,13 @@ def _structured_problems(s: StructuredConfig) -> list[str]:
     if s.grad_scale <= 0:
         p.append(f"structured.grad_scale: must be > 0, got {s.grad_scale!r}")
     r = s.recovery
-    for name in ("rank", "blocks_per_group", "steps_per_group", "seq_len"):
+    for name in ("rank", "blocks_per_group", "steps", "batch_size", "seq_len", "num_samples", "workers"):
         if getattr(r, name) <= 0:
             p.append(f"structured.recovery.{name}: must be > 0, got {getattr(r, name)!r}")
+    if r.schedule not in ("joint", "sequential"):
+        p.append(f"structured.recovery.schedule: {r.schedule!r} is not one of joint, sequential")
+    if not 0 <= r.warmup < 1:
+        p.append(f"structured.recovery.warmup: must be in [0, 1), got {r.warmup!r}")
     if r.alpha <= 0 or r.lr <= 0:
         p.append(f"structured.recovery: alpha and lr must be > 0, got {r.alpha!r}, {r.lr!r}")
     if r.forward_dtype not in DTYPES:

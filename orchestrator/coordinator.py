@@ -213,11 +213,12 @@ def _prune_and_evaluate(cfg: RunConfig, timer: PhaseTimer, writer: RunWriter, ev
     metrics: dict = {"eval_seq_len": cfg.eval.seq_len, "eval_windows": None if windows is None else len(windows)}
     zeroshot: dict = {}
     extra: dict = {}
-    grouped = evaluator.group is not None
+    grouped = evaluator.distributed
     if evaluator.active and cfg.eval.dense_baseline:
         with timer.phase("eval_dense"):
             res = evaluator.evaluate(model, evaluator.ref("dense") if grouped else None, "dense")
             _record(metrics, zeroshot, "dense", res)
+            evaluator.close()  # the pruning workers need these devices
     structured = None
     with timer.phase("prune"):
         if cfg.structured.enabled:
@@ -305,7 +306,7 @@ def _evaluate_sweep(sweep, evaluator, writer: RunWriter, names: list[str]) -> tu
     for c in sweep.candidates:
         params = dict(c.model.named_parameters())
         refs.append(evaluator.ref(f"sweep-{c.sparsity}", {n: params[n].detach() for n in names})
-                    if evaluator.group is not None else None)
+                    if evaluator.distributed else None)
         save_file({k: v.contiguous().to(torch.bool) for k, v in c.outcome.masks.items()},
                   str(writer.path(f"sweep/masks-{c.sparsity:.4f}.safetensors")))
     results = evaluator.candidates([c.model for c in sweep.candidates], refs)

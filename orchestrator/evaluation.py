@@ -62,11 +62,22 @@ class Evaluator:
         self.progress = progress
         self.tasks = load_tasks(cfg)
         self.lm_eval_tasks = [t[len(LM_EVAL_PREFIX):] for t in cfg.eval.tasks if t.startswith(LM_EVAL_PREFIX)]
-        self.group = None
-        if cfg.eval.workers and (windows is not None or self.tasks):
+        self.distributed = bool(cfg.eval.workers) and (windows is not None or bool(self.tasks))
+        self._group = None
+
+    @property
+    def group(self):
+        """The evaluation actors, started on first use (None when evaluating in-process).
+
+        :meth:`close` after each evaluation phase hands their CPUs/GPUs back, so the pruning
+        workers can use the same devices in between.
+        """
+        if self.distributed and self._group is None:
             from actors.evaluator import EvalGroup
 
-            self.group = EvalGroup(cfg.eval.workers, cfg.model, cfg.backend.address, progress=progress)
+            self._group = EvalGroup(self.cfg.eval.workers, self.cfg.model, self.cfg.backend.address,
+                                    progress=self.progress)
+        return self._group
 
     @property
     def active(self) -> bool:
@@ -78,7 +89,10 @@ class Evaluator:
         import ray
 
         from actors.evaluator import ModelRef
+        from actors.group import ensure_ray
 
+        if weights:
+            ensure_ray(self.cfg.backend.address)
         return ModelRef(path=path or self.model_path, weights=ray.put(weights) if weights else None, key=key)
 
     def evaluate(self, model: nn.Module, ref: Any = None, label: str = "model") -> dict:
@@ -90,7 +104,7 @@ class Evaluator:
         from orchestrator.zeroshot import aggregate, score_examples
 
         out: dict = {"ppl": None, "zeroshot": {}}
-        if self.group is not None and ref is not None:
+        if self.distributed and ref is not None:
             if self.windows is not None:
                 out["ppl"] = self.group.perplexity(ref, self.windows)
             for name, ex in self.tasks.items():
@@ -112,7 +126,7 @@ class Evaluator:
 
     def candidates(self, models: list[nn.Module], refs: list[Any]) -> list[dict]:
         """Evaluate sweep candidates (in parallel on the actors when there are any)."""
-        if self.group is None or self.lm_eval_tasks:
+        if not self.distributed or self.lm_eval_tasks:
             return [self.evaluate(m, r, f"candidate {i}") for i, (m, r) in enumerate(zip(models, refs, strict=True))]
         res = self.group.candidates(refs, self.windows, self.tasks)
         for r in res:
@@ -120,10 +134,10 @@ class Evaluator:
         return [_clean(r) for r in res]
 
     def close(self) -> None:
-        """Stop the actors."""
-        if self.group is not None:
-            self.group.shutdown()
-            self.group = None
+        """Stop the actors (a later evaluation starts new ones)."""
+        if self._group is not None:
+            self._group.shutdown()
+            self._group = None
 
 
 def _clean(res: dict) -> dict:

@@ -145,3 +145,23 @@ def test_sweep_three_candidates_from_one_statistics_pass(cluster, tmp_path, corp
     windows = first_windows(tokenize_corpus(load_texts(str(eval_parquet), "text", "eval"), tok), 32, 4, "eval")
     assert math.isclose(perplexity(model, windows), main_row["ppl"], rel_tol=1e-4)
     assert (out / "sweep_ppl.png").stat().st_size > 5000
+
+
+def test_ray_run_with_eval_actors_shares_the_cluster(cluster, tmp_path, corpus_parquet, eval_parquet, task_file):
+    """Evaluation actors and pruning workers take turns on a 2-CPU cluster; numbers match in-process ones."""
+    out = tmp_path / "ray"
+    argv = ["-q", "prune", *tiny_overrides(out, corpus_parquet, **{
+        "eval.enabled": True, "eval.source": str(eval_parquet), "eval.num_windows": 4, "eval.seq_len": 32,
+        "eval.workers": 2, "eval.tasks": f"[{task_file}]", "backend.kind": "ray", "backend.workers": 2})]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    cfg = ModelConfig(source=str(out / "model"))
+    model = load_model(materialize(cfg), cfg)
+    tok = load_tokenizer(str(out / "model"), cfg)
+    windows = first_windows(tokenize_corpus(load_texts(str(eval_parquet), "text", "eval"), tok), 32, 4, "eval")
+    assert math.isclose(perplexity(model, windows), report["metrics"]["pruned_ppl"], rel_tol=1e-4)
+    from orchestrator.zeroshot import load_task
+
+    local = aggregate(score_examples(model, tok, load_task(task_file)))
+    assert report["zeroshot"]["pruned"]["mini"]["acc"] == local["acc"]
+    assert set(report["zeroshot"]) == {"dense", "pruned"}

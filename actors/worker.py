@@ -276,7 +276,8 @@ class PruneWorker:
         linears = block_linears(block)
         full = {n: f"{self.prefix}.{index}.{n}.weight" for n in linears}
         kind = gradient_kinds(pcfg.method, pcfg.gblm.norm)
-        grads = {n: self.grads.gather(full[n], kind[0]) for n in linears} if kind and self.grads else {}
+        # only rank 0 scores: the statistic partitions are gathered there, not everywhere
+        grads = {n: self.grads.gather_to(full[n], kind[0], 0) for n in linears} if kind and self.grads else {}
         stats, dense_out = None, None
         with_stats = pcfg.method != "magnitude"
         if with_stats:

@@ -172,6 +172,16 @@ class ShardedGradStats:
         """Bytes of the partitions this rank holds."""
         return sum(t.numel() * t.element_size() for d in self.chunks.values() for t in d.values())
 
+    def gather_to(self, name: str, kind: str, dst: int = 0) -> torch.Tensor | None:
+        """Gather one statistic into its full fp32 tensor on rank ``dst`` only (collective); None elsewhere."""
+        chunk = self.chunks[name][kind]
+        parts = [torch.empty_like(chunk) for _ in range(self.world)] if self.rank == dst else None
+        dist.gather(chunk, parts, dst=dst)
+        if self.rank != dst:
+            return None
+        numel = math.prod(self.shapes[name])
+        return torch.cat(parts)[:numel].reshape(self.shapes[name])
+
     def gather(self, name: str, kind: str) -> torch.Tensor:
         """All-gather one statistic into its full fp32 tensor (collective)."""
         chunk = self.chunks[name][kind]

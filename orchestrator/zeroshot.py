@@ -128,16 +128,25 @@ def _max_length(model) -> int:
     return 2048
 
 
-def _batches(reqs: list[_Request], max_batch_tokens: int, max_batch_size: int) -> list[list[_Request]]:
-    """Longest first (little padding); each batch holds at most ``max_batch_tokens`` padded tokens."""
+def _batches(reqs: list[_Request], max_batch_tokens: int, max_batch_size: int, max_logits: int, vocab: int
+             ) -> list[list[_Request]]:
+    """Longest first (little padding); a batch holds at most ``max_batch_tokens`` padded tokens and
+    ``max_logits`` kept logits (rows x positions from the earliest continuation on x vocabulary)."""
     order = sorted(reqs, key=lambda r: -(len(r.ctx) + len(r.cont)))
     out: list[list[_Request]] = []
     cur: list[_Request] = []
+    width = first_start = 0
     for r in order:
-        width = len(cur[0].ctx) + len(cur[0].cont) if cur else len(r.ctx) + len(r.cont)
-        if cur and ((len(cur) + 1) * width > max_batch_tokens or len(cur) >= max_batch_size):
-            out.append(cur)
-            cur = []
+        start = len(r.ctx) - 1
+        if cur:
+            rows, lo = len(cur) + 1, min(first_start, start)
+            if (rows * width > max_batch_tokens or len(cur) >= max_batch_size
+                    or rows * (width - lo) * vocab > max_logits):
+                out.append(cur)
+                cur = []
+        if not cur:
+            width, first_start = len(r.ctx) + len(r.cont) - 1, start
+        first_start = min(first_start, start)
         cur.append(r)
     if cur:
         out.append(cur)
@@ -202,8 +211,9 @@ def _score_shared_context(model, ctx: list[int], conts: list[list[int]], pad_id:
     return totals
 
 
-def score_examples(model, tokenizer, examples: list[dict], progress: bool = False, reuse_context: bool = True,
-                   max_batch_tokens: int = 4096, max_batch_size: int = 64) -> list[dict]:
+def score_examples(model, tokenizer, examples: list[dict], progress: bool = False, reuse_context: bool = False,
+                   max_batch_tokens: int = 4096, max_batch_size: int = 64, max_logits: int = 2**26
+                   ) -> list[dict]:
     """Score multiple-choice examples by log-likelihood.
 
     Args:
@@ -211,13 +221,16 @@ def score_examples(model, tokenizer, examples: list[dict], progress: bool = Fals
         tokenizer: its tokenizer (a ``PreTrainedTokenizer``).
         examples: ``{"context", "choices", "label"}`` dicts (see :func:`load_task`).
         progress: show a progress bar.
-        reuse_context: run each example's context once and its choices on its KV cache (the
-            cheap way when choices are short); otherwise every ``context + choice`` is a row of a
-            padded batch (as lm-eval does). Both give the same numbers up to float rounding
+        reuse_context: run each example's context once and its choices on its KV cache (fewest
+            FLOPs when contexts are long and choices short, but many small forwards); by default every
+            ``context + choice`` is a row of a padded batch, longest first (as lm-eval does: large
+            matmuls, the faster choice on GPUs and as fast on SmolLM2 on CPU for the local cloze
+            task). Both give the same numbers up to float rounding
             (log-softmax in float32; lm-eval's runs in the model's dtype, so bf16 models may differ
             from lm-eval in the last digits).
         max_batch_tokens: padded tokens per forward in the batched mode (bounds memory).
         max_batch_size: sequences per forward in the batched mode.
+        max_logits: logits kept per forward in the batched mode (2**26 floats: 256 MiB).
 
     Returns:
         One dict per example, in order: ``{"acc": 0|1, "acc_norm": 0|1, "loglik": [float per choice]}``.
@@ -248,8 +261,9 @@ def score_examples(model, tokenizer, examples: list[dict], progress: bool = Fals
                 lls[e][r.choice] = ll
     else:
         rest = reqs
-    for batch in tqdm(_batches(rest, max_batch_tokens, max_batch_size), desc="zero-shot", disable=not progress or
-                      not rest, unit="batch"):
+    vocab = int(getattr(model.config, "vocab_size", 0) or len(tokenizer))
+    batches = _batches(rest, max_batch_tokens, max_batch_size, max_logits, vocab)
+    for batch in tqdm(batches, desc="zero-shot", disable=not progress or not rest, unit="batch"):
         for r, ll in zip(batch, _score_batch(model, batch, max_len, pad_id, keep_ok), strict=True):
             lls[r.example][r.choice] = ll
     results = []

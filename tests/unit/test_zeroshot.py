@@ -49,13 +49,21 @@ def reference_loglik(model, tok, context: str, choice: str, max_length: int = 25
     return float(logp[-len(cont):].gather(1, tgt[-len(cont):, None]).sum())
 
 
-@pytest.mark.parametrize("reuse_context", [True, False])
-def test_matches_reference(tiny, tok, reuse_context):
+@pytest.fixture(scope="module")
+def reference(tiny, tok) -> list[list[float]]:
+    return [[reference_loglik(tiny, tok, ex["context"], c) for c in ex["choices"]] for ex in examples()]
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"reuse_context": True},
+    {"max_batch_tokens": 600},  # several padded batches
+    {"max_logits": 1},  # one request per forward
+], ids=["kv-cache", "batched", "unbatched"])
+def test_matches_reference(tiny, tok, reference, kwargs):
     exs = examples()
-    got = score_examples(tiny, tok, exs, reuse_context=reuse_context, max_batch_tokens=600)
+    got = score_examples(tiny, tok, exs, **kwargs)
     assert len(got) == len(exs)
-    for ex, res in zip(exs, got, strict=True):
-        ref = [reference_loglik(tiny, tok, ex["context"], c) for c in ex["choices"]]
+    for ex, res, ref in zip(exs, got, reference, strict=True):
         # the KV-cache path runs the same shapes as the reference; padded batches round differently (~1e-7 rel)
         torch.testing.assert_close(torch.tensor(res["loglik"], dtype=torch.float64),
                                    torch.tensor(ref, dtype=torch.float64), rtol=1e-6, atol=1e-5)

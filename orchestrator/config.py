@@ -193,6 +193,7 @@ class EvalConfig:
     speed_prompt_len: int = 512
     speed_new_tokens: int = 128
     speed_batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    speed_repeats: int = 3
 
 
 @dataclass
@@ -328,6 +329,8 @@ def validate(cfg: RunConfig) -> list[str]:
     if e.speed_prompt_len < 1 or e.speed_new_tokens < 2:
         p.append(f"eval.speed_new_tokens: needs prompt >= 1 and >= 2 new tokens, got {e.speed_prompt_len!r}, "
                  f"{e.speed_new_tokens!r}")
+    if e.speed_repeats < 1:
+        p.append(f"eval.speed_repeats: must be >= 1, got {e.speed_repeats!r}")
     if not e.speed_batch_sizes or any(not isinstance(x, int) or x < 1 for x in e.speed_batch_sizes):
         p.append(f"eval.speed_batch_sizes: must be positive integers, got {e.speed_batch_sizes!r}")
     if b.kind not in ("local", "ray"):

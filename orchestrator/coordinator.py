@@ -265,6 +265,7 @@ def _prune_and_evaluate(cfg: RunConfig, timer: PhaseTimer, writer: RunWriter, ev
             elif grouped and cfg.output.save_model:
                 ref = evaluator.ref("pruned", path=str(writer.path("model")))
             _record(metrics, zeroshot, "pruned", evaluator.evaluate(model, ref, "pruned"))
+    evaluator.close()  # free the actors' memory before the speed measurement
     if cfg.eval.speed:
         with timer.phase("speed"):
             extra["speed"] = _speed(cfg, model_path, model, tokenizer)
@@ -326,6 +327,7 @@ def _speed(cfg: RunConfig, model_path: str, model, tokenizer) -> dict:
     dense = load_model(model_path, cfg.model)
     try:
         return compare_speed({"dense": dense, "pruned": model}, tokenizer, prompt_len=e.speed_prompt_len,
-                             new_tokens=e.speed_new_tokens, batch_sizes=tuple(e.speed_batch_sizes))
+                             new_tokens=e.speed_new_tokens, batch_sizes=tuple(e.speed_batch_sizes),
+                             repeats=e.speed_repeats)
     finally:
         del dense

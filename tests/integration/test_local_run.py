@@ -111,3 +111,25 @@ def test_structured_run_shrinks_saves_and_reloads(tmp_path, corpus_parquet, eval
     windows = first_windows(tokenize_corpus(load_texts(str(eval_parquet)), tok), 32, 3, "eval")
     assert math.isclose(perplexity(model, windows), report["metrics"]["pruned_ppl"], rel_tol=1e-5)
     assert "parameters removed" in (out / "report.md").read_text()
+
+
+def test_report_plots_are_real_images_and_json_validates(run_dir):
+    """The PNGs are decodable, non-trivial images; report.json validates against the schema; re-rendering is stable."""
+    import matplotlib.image as mpimg
+
+    from orchestrator.report import rerender, validate_report
+
+    pngs = sorted(p.name for p in run_dir.glob("*.png"))
+    assert {"sparsity_per_layer.png", "importance_per_layer.png"} <= set(pngs)
+    for name in pngs:
+        raw = (run_dir / name).read_bytes()
+        assert raw[:8] == b"\x89PNG\r\n\x1a\n", name
+        img = mpimg.imread(run_dir / name)  # (H, W, C)
+        assert img.shape[0] >= 300 and img.shape[1] >= 600, (name, img.shape)
+        assert float(img[..., :3].std()) > 0.02, name  # not a blank canvas
+    report = json.loads((run_dir / "report.json").read_text())
+    validate_report(report)
+    before = (run_dir / "report.md").read_text()
+    rerender(run_dir)
+    assert (run_dir / "report.md").read_text() == before
+    assert "| pruned |" in before and "context 32" in before

@@ -142,12 +142,12 @@ class StructuredRecoveryConfig:
     enabled: bool = False
     rank: int = 8
     alpha: float = 16.0
-    dropout: float = 0.05
+    dropout: float = 0.0
     lr: float = 1e-3
     warmup: float = 0.05
     blocks_per_group: int = 10
     schedule: str = "joint"
-    steps: int = 150
+    steps: int = 60
     batch_size: int = 4
     seq_len: int = 512
     source: str | None = None

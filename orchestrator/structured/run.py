@@ -179,7 +179,8 @@ def run_structured(cfg: RunConfig, model: nn.Module, calib_ids: torch.Tensor, pr
     report = apply_pruning(model, imp, s)
     report["prune_seconds"] = time.perf_counter() - t0
     if s.recovery.enabled:
-        from orchestrator.structured.recovery import recover
+        from orchestrator.structured.recovery import recover, recovery_windows
 
-        model, report["recovery"] = recover(model, calib_ids, s.recovery, progress)
+        address = cfg.backend.address if cfg.backend.kind == "ray" else None
+        model, report["recovery"] = recover(model, recovery_windows(cfg, calib_ids), s.recovery, progress, address)
     return model, report

@@ -129,14 +129,16 @@ def test_run_structured_end_to_end_with_recovery():
     ids = torch.randint(0, 257, (4, 24), generator=G)
     cfg = load_config(None, ["structured.target=0.3", "structured.round_to=4", "structured.minibatches=2",
                              "structured.estimators=[element1,element2,vector]", "structured.indicator=stability",
-                             "structured.recovery.enabled=true", "structured.recovery.steps_per_group=2",
+                             "structured.recovery.enabled=true", "structured.recovery.steps=4",
+                             "structured.recovery.source=calibration", "structured.recovery.batch_size=2",
                              "structured.recovery.blocks_per_group=2", "structured.recovery.seq_len=12",
                              "structured.recovery.lr=0.01"])
     pruned, rep = run_structured(cfg, model, ids)
     after = decoder_params(pruned)
     assert abs((before - after) / before - 0.3) < 0.03
     assert set(rep["sigmas"]) == {"attn", "mlp"} and set(rep["sigmas"]["mlp"]) == {"element1", "element2", "vector"}
-    assert len(rep["recovery"]["groups"]) == 2
+    assert rep["recovery"]["phases"][0]["blocks"] == [[0, 1], [2, 3]]  # joint: both groups in one phase
+    assert rep["recovery"]["steps"] == 4
     assert not any("lora" in n for n, _ in pruned.named_parameters())  # adapters merged back
     with torch.no_grad():
         assert torch.isfinite(pruned(ids).logits).all()

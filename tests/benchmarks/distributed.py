@@ -43,6 +43,8 @@ def make_cfg(args: argparse.Namespace) -> RunConfig:
     cfg.eval.seq_len = args.seq_len
     cfg.pruning.method = args.method
     cfg.pruning.pattern = args.pattern
+    if args.grad_batch:
+        cfg.backend.grad_batch_size = args.grad_batch
     return cfg
 
 
@@ -133,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=40, help="0: no perplexity")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch threads in total")
+    ap.add_argument("--grad-batch", type=int, default=0, help="backend.grad_batch_size (0: the config default)")
     ap.add_argument("--no-local", action="store_true", help="skip the local engine run")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain forward/backward loop")
     args = ap.parse_args(argv)
@@ -168,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         for r in ray_runs:
             r["grad_pass_overhead_ratio"] = round(r["phases"]["gradient_pass"] / plain_s, 3)
     result = {"runs": runs, "grad_pass_overhead_ratio": ratio, "plain_grad_loop_s": plain_s,
+              "grad_batch_size": cfg.backend.grad_batch_size, "threads": args.threads,
               "samples": args.samples, "seq_len": args.seq_len, "eval_windows": args.eval_windows}
     Path(args.out).write_text(json.dumps(result, indent=2))
     print_table(runs, plain_s)

@@ -2,9 +2,21 @@
 
 Scores the dense SmolLM2-135M once (per-sequence gradients over 32 x 512 calibration
 tokens, K mini-batches), then prunes copies of it at each target with each allocation,
-optionally recovers them with LoRA group fine-tuning, and reports perplexity on the
-first 40 x 512 Debian-handbook windows plus CPU speed measured side by side with the
-dense model (interleaved repeats, 2 torch threads).
+optionally recovers them with LoRA group fine-tuning (windows of the calibration source,
+never the evaluation corpus), and reports perplexity on the first 40 x 512 Debian-handbook
+windows plus CPU speed measured side by side with the dense model in one run
+(:func:`orchestrator.speed.compare_speed`: interleaved repeats, medians; prefill of a
+512-token prompt and decode of 128 new tokens at batch 1) next to the ideal speedup, dense
+matmul FLOPs per token / pruned FLOPs per token. Speed is measured with 2 torch threads (the
+protocol's; ``prefill_tps`` / ``decode_tps``) and again with 1 (``*_1t``): at batch 1 a decode
+step is ~210 small matrix-vector products, and with passive OpenMP waiting every one of them
+pays a thread wake-up (~70 us) that does not shrink with the matrices, so 2-thread decode is
+no faster than 1-thread decode here and hides part of the speedup.
+
+OpenMP threads wait passively here (``OMP_WAIT_POLICY=PASSIVE`` unless set): on a shared
+2-core machine, spinning threads of a 2-thread process descheduled by other processes made
+batch-1 decode up to 30x slower and the timings meaningless; passive waiting costs a single
+user nothing measurable and applies to the dense and pruned models alike.
 
 Usage::
 
@@ -14,58 +26,30 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import copy
-import json
-import logging
-import statistics
-import time
-from pathlib import Path
+import os
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP pool
 
-from orchestrator.config import load_config
-from orchestrator.data import calibration_windows, first_windows, load_texts, tokenize_corpus
-from orchestrator.evaluate import perplexity
-from orchestrator.modeling import load_model, load_tokenizer, materialize
-from orchestrator.speed import matmul_flops_per_token as flops_per_token
-from orchestrator.structured.groups import decoder_params, module_groups
-from orchestrator.structured.run import Importance, apply_pruning, compute_importance, protected_blocks
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from orchestrator.config import load_config  # noqa: E402
+from orchestrator.data import calibration_windows, first_windows, load_texts, tokenize_corpus  # noqa: E402
+from orchestrator.evaluate import perplexity  # noqa: E402
+from orchestrator.modeling import load_model, load_tokenizer, materialize  # noqa: E402
+from orchestrator.speed import compare_speed  # noqa: E402
+from orchestrator.speed import matmul_flops_per_token as flops_per_token  # noqa: E402
+from orchestrator.structured.groups import decoder_params, module_groups  # noqa: E402
+from orchestrator.structured.recovery import recover, recovery_windows  # noqa: E402
+from orchestrator.structured.run import Importance, apply_pruning, compute_importance, protected_blocks  # noqa: E402
 
 log = logging.getLogger("structured-bench")
 DATA = Path("/work/shared/data")
-
-
-@torch.no_grad()
-def prefill_seconds(model, ids: torch.Tensor) -> float:
-    t = time.perf_counter()
-    model(ids, use_cache=False, logits_to_keep=1)  # a prompt's prefill needs only the last logits (as generate)
-    return time.perf_counter() - t
-
-
-@torch.no_grad()
-def decode_seconds(model, prompt: torch.Tensor, new: int) -> float:
-    t = time.perf_counter()
-    out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                         pad_token_id=0, eos_token_id=None)
-    assert out.shape[1] == prompt.shape[1] + new
-    return time.perf_counter() - t
-
-
-def measure_speed(models: dict[str, torch.nn.Module], prompt512: torch.Tensor, repeats: int,
-                  new: int = 128) -> dict[str, dict[str, float]]:
-    """Interleaved repeats over all models (robust to drifting load); medians in tokens/s."""
-    pre: dict[str, list[float]] = {k: [] for k in models}
-    dec: dict[str, list[float]] = {k: [] for k in models}
-    for m in models.values():  # warm-up
-        prefill_seconds(m, prompt512[:, :64])
-        decode_seconds(m, prompt512[:, :16], 4)
-    for r in range(repeats):
-        for k, m in models.items():
-            pre[k].append(prompt512.shape[1] / prefill_seconds(m, prompt512))
-            dec[k].append(new / decode_seconds(m, prompt512[:, :16], new))
-        log.info("speed repeat %d done", r)
-    return {k: {"prefill_tps": statistics.median(pre[k]), "decode_tps": statistics.median(dec[k])} for k in models}
 
 
 def get_importance(dense, calib, s, cache: Path | None, refresh: bool = False) -> Importance:
@@ -96,24 +80,27 @@ def main() -> None:
     ap.add_argument("--allocations", default="uniform,adaptive",
                     help="comma list; adaptive:INDICATOR (stability, importance, hybrid) picks the indicator")
     ap.add_argument("--recovery", default="0.2", help="targets whose rows are also recovered: none, all or a list")
-    ap.add_argument("--recovery-steps", type=int, default=16, help="LoRA steps per group of blocks")
+    ap.add_argument("--recovery-steps", type=int, default=None, help="LoRA optimiser steps (default: the config's)")
     ap.add_argument("--calib-n", type=int, default=32)
     ap.add_argument("--eval-n", type=int, default=40)
     ap.add_argument("--eval-dtype", default="float32", help="bfloat16: autocast evaluation (quick comparisons)")
     ap.add_argument("--ppl-from", default=None,
                     help="earlier result JSON: reuse its perplexities for identical rows (same importance cache)")
     ap.add_argument("--refresh-importance", action="store_true", help="recompute (and re-cache) importance")
-    ap.add_argument("--repeats", type=int, default=3, help="speed repeats (0: no speed)")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved speed repeats (0: no speed)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (importance, recovery, evaluation)")
+    ap.add_argument("--speed-threads", default="2,1",
+                    help="torch thread counts of the speed runs; the first fills prefill_tps / decode_tps")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "rayprune" / "structured-bench"))
     ap.add_argument("--set", nargs="*", default=[], help="extra config overrides (structured.indicator=...)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    steps = [f"structured.recovery.steps={args.recovery_steps}"] if args.recovery_steps else []
     cfg = load_config(None, [
         "model.source=smollm2-135m", f"calibration.source={DATA / 'calib-python-docs.parquet'}",
-        f"calibration.num_samples={args.calib_n}", "calibration.seq_len=512",
-        f"structured.recovery.steps_per_group={args.recovery_steps}", *args.set,
+        f"calibration.num_samples={args.calib_n}", "calibration.seq_len=512", *steps, *args.set,
     ])
     path = materialize(cfg.model)
     dense = load_model(path, cfg.model)
@@ -137,6 +124,7 @@ def main() -> None:
     imp = get_importance(dense, calib, cfg.structured, Path(args.cache) if args.cache else None,
                          args.refresh_importance)
     result = {"dense": {"ppl": ppl(dense, ("dense",)), "params": decoder_params(dense),
+                        "total_params": sum(p.numel() for p in dense.parameters()),
                         "flops_per_token": flops_per_token(dense)},
               "rows": [], "sigmas": imp.sigmas, "importance_seconds": imp.seconds,
               "config": cfg.to_dict()["structured"]}
@@ -145,6 +133,7 @@ def main() -> None:
     rec_targets = {"none": [], "all": None}.get(args.recovery, None)
     if args.recovery not in ("none", "all"):
         rec_targets = [float(x) for x in args.recovery.split(",")]
+    windows = None
     for target in [float(x) for x in args.targets.split(",")]:
         for alloc in args.allocations.split(","):
             s = copy.deepcopy(cfg.structured)
@@ -155,41 +144,82 @@ def main() -> None:
             rep = apply_pruning(model, imp, s)
             name = f"{target}-{alloc}"
             row = {"target": target, "allocation": alloc, "recovered": False, "params": decoder_params(model),
+                   "total_params": sum(p.numel() for p in model.parameters()),
                    "removed_fraction": rep["removed_fraction"], "flops_per_token": flops_per_token(model),
+                   "ideal_speedup": result["dense"]["flops_per_token"] / flops_per_token(model),
                    "ppl": ppl(model, (target, alloc, False)), "layer_sizes": rep["layer_sizes"]}
             log.info("%s: ppl %.3f, removed %.4f", name, row["ppl"], row["removed_fraction"])
             result["rows"].append(row)
             models[name] = model
             if rec_targets is None or target in rec_targets:
-                from orchestrator.structured.recovery import recover
-
-                rmodel, rrep = recover(copy.deepcopy(model), calib, cfg.structured.recovery, progress=True)
-                rrow = {**row, "recovered": True, "ppl": ppl(rmodel, (target, alloc, True)),
-                        "recovery_seconds": rrep["seconds"], "recovery_steps": rrep["steps"]}
-                log.info("%s recovered: ppl %.3f", name, rrow["ppl"])
+                if windows is None:
+                    windows = recovery_windows(cfg, calib)  # (M, S) from the calibration source
+                rmodel, rrep = recover(copy.deepcopy(model), windows, cfg.structured.recovery, progress=True)
+                rppl = ppl(rmodel, (target, alloc, True))
+                rrow = {**row, "recovered": True, "ppl": rppl,
+                        "closed_gap": (row["ppl"] - rppl) / (row["ppl"] - result["dense"]["ppl"]),
+                        "recovery": {k: v for k, v in rrep.items() if k != "phases"},
+                        "recovery_losses": [p["losses"] for p in rrep["phases"]]}
+                log.info("%s recovered: ppl %.3f (%.0f%% of the gap closed, %.0f s)", name, rrow["ppl"],
+                         100 * rrow["closed_gap"], rrep["seconds"])
                 result["rows"].append(rrow)
+                del rmodel
             Path(args.out).write_text(json.dumps(result, indent=1))
-    if args.repeats > 0:
-        speed = measure_speed(models, evals[:1], args.repeats)
-        result["dense"].update(speed["dense"])
-        for row in result["rows"]:  # recovered rows have the same shapes as their unrecovered twin
-            row.update(speed[f"{row['target']}-{row['allocation']}"])
+    speed_threads = [int(x) for x in args.speed_threads.split(",") if x]
+    if args.repeats > 0 and speed_threads:
+        speed(result, models, tok, args.repeats, speed_threads)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print_table(result)
+    log_table(result, speed_threads if args.repeats > 0 else [])
 
 
-def print_table(result: dict) -> None:
-    d = result["dense"]
-    print(f"{'row':<26}{'params':>12}{'GFLOP/tok':>10}{'ppl':>9}{'prefill t/s':>13}{'decode t/s':>12}{'x pre':>7}"
-          f"{'x dec':>7}")
-    def line(name, r):
-        nan = float("nan")
-        pre, dec = r.get("prefill_tps", nan), r.get("decode_tps", nan)
-        print(f"{name:<26}{r['params']:>12}{r['flops_per_token'] / 1e9:>10.3f}{r['ppl']:>9.2f}{pre:>13.1f}"
-              f"{dec:>12.1f}{pre / d.get('prefill_tps', nan):>7.2f}{dec / d.get('decode_tps', nan):>7.2f}")
-    line("dense", d)
-    for r in result["rows"]:
-        line(f"{r['target']:.0%} {r['allocation']}{' +LoRA' if r['recovered'] else ''}", r)
+def speed(result: dict, models: dict[str, torch.nn.Module], tok, repeats: int, threads: list[int]) -> None:
+    """Prefill / decode tokens/s of every pruned model and the dense one, interleaved in one run per thread count.
+
+    The first thread count fills ``prefill_tps`` / ``decode_tps``; the others ``prefill_tps_{n}t`` /
+    ``decode_tps_{n}t``. Recovered rows take the numbers of their unrecovered twin (same shapes, same
+    kernels); speedups are against the dense model of the same run.
+    """
+    result["speed"] = {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "runs": {}}
+    for i, n in enumerate(threads):
+        torch.set_num_threads(n)
+        load_before = os.getloadavg()
+        sp = compare_speed(models, tok, prompt_len=512, new_tokens=128, batch_sizes=(1,), repeats=repeats)
+        result["speed"]["runs"][f"{n}t"] = {
+            **{k: v for k, v in sp.items() if k != "models"}, "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(), "per_model": {k: m["batches"][0] for k, m in sp["models"].items()}}
+        sfx = "" if i == 0 else f"_{n}t"
+        d = sp["models"]["dense"]["batches"][0]
+        result["dense"].update({f"prefill_tps{sfx}": d["prefill_tps"], f"decode_tps{sfx}": d["decode_tps"]})
+        for row in result["rows"]:
+            b = sp["models"][f"{row['target']}-{row['allocation']}"]["batches"][0]
+            pre, dec = b["prefill_tps"] / d["prefill_tps"], b["decode_tps"] / d["decode_tps"]
+            row.update({f"prefill_tps{sfx}": b["prefill_tps"], f"decode_tps{sfx}": b["decode_tps"],
+                        f"prefill_speedup{sfx}": pre, f"decode_speedup{sfx}": dec,
+                        f"prefill_vs_ideal{sfx}": pre / row["ideal_speedup"],
+                        f"decode_vs_ideal{sfx}": dec / row["ideal_speedup"]})
+    torch.set_num_threads(threads[0])
+
+
+def log_table(result: dict, threads: list[int]) -> None:
+    """The result as fixed-width tables in the log (one per speed thread count)."""
+    d, nan = result["dense"], float("nan")
+    for i, n in enumerate(threads or [0]):
+        sfx = "" if i == 0 else f"_{n}t"
+        lines = [f"{n} torch threads" if threads else "no speed measured",
+                 f"{'row':<24}{'params':>11}{'MFLOP/tok':>10}{'ppl':>8}{'prefill':>9}{'decode':>8}{'ideal':>7}"
+                 f"{'x pre':>7}{'x dec':>7}{'pre/id':>7}{'dec/id':>7}"]
+
+        def line(name: str, r: dict, sfx: str = sfx) -> str:
+            pre, dec = r.get(f"prefill_tps{sfx}", nan), r.get(f"decode_tps{sfx}", nan)
+            ideal = d["flops_per_token"] / r["flops_per_token"]
+            xp, xd = pre / d.get(f"prefill_tps{sfx}", nan), dec / d.get(f"decode_tps{sfx}", nan)
+            return (f"{name:<24}{r['params']:>11}{r['flops_per_token'] / 1e6:>10.1f}{r['ppl']:>8.2f}{pre:>9.1f}"
+                    f"{dec:>8.1f}{ideal:>7.3f}{xp:>7.3f}{xd:>7.3f}{xp / ideal:>7.2f}{xd / ideal:>7.2f}")
+
+        lines.append(line("dense", d))
+        for r in result["rows"]:
+            lines.append(line(f"{r['target']:.0%} {r['allocation']}{' +LoRA' if r['recovered'] else ''}", r))
+        log.info("results\n%s", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -202,7 +202,7 @@ def train(model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryConfig, 
                 for pos in range(rank, batch.numel(), world):
                     torch.manual_seed(_dropout_seed(r.seed, step, pos))
                     ids = windows[batch[pos]][None]  # (1, S)
-                    with torch.autocast("cpu", dtype=amp, enabled=amp is not None):  # weights stay fp32
+                    with torch.autocast("cpu", dtype=amp, enabled=amp is not None):  # adapters, optimiser stay fp32
                         loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
                     (loss / batch.numel()).backward()  # equal-length windows: batch mean = mean of means
                     loss_sum += loss.detach().float()

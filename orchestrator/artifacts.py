@@ -6,7 +6,6 @@ never replaced unless ``output.overwrite`` is set.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ import yaml
 
 from orchestrator.config import OutputConfig, RunConfig
 from orchestrator.errors import UsageError
+from orchestrator.fileio import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class RunWriter:
         files = {}
         for p in sorted(self.tmp.rglob("*")):
             if p.is_file():
-                files[str(p.relative_to(self.tmp))] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                files[str(p.relative_to(self.tmp))] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
         (self.tmp / "manifest.json").write_text(json.dumps({"files": files}, indent=2) + "\n")
         umask = os.umask(0)
         os.umask(umask)
@@ -139,14 +139,6 @@ def _missing_dirs(path: Path) -> list[Path]:
         missing.append(path)
         path = path.parent
     return missing[::-1]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _json_default(obj):

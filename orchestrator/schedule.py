@@ -43,7 +43,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -53,6 +52,7 @@ from typing import Any
 from orchestrator import __version__
 from orchestrator.config import ModelConfig, RunConfig
 from orchestrator.errors import UsageError
+from orchestrator.fileio import atomic_write_bytes, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +100,7 @@ def file_fingerprint(path: Path, limit: int) -> dict[str, Any]:
     """Content hash of a file up to ``limit`` bytes, else its resolved path, size and mtime."""
     st = path.stat()
     if st.st_size <= limit:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return {"bytes": st.st_size, "sha256": h.hexdigest()}
+        return {"bytes": st.st_size, "sha256": sha256_file(path)}
     return {"bytes": st.st_size, "path": str(path.resolve()), "mtime_ns": st.st_mtime_ns}
 
 
@@ -258,21 +254,8 @@ def record_run(run_dir: str | Path, key: str) -> Path:
     """Write (atomically: temp file + rename) the index entry pointing at a finished run."""
     run_dir = Path(run_dir).resolve()
     entry = index_path(run_dir.parent, key)
-    entry.parent.mkdir(parents=True, exist_ok=True)
     doc = {"key": key, "run_dir": run_dir.name, "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    fd, tmp = tempfile.mkstemp(prefix=f".{key[:SHORT_KEY_LEN]}.", dir=entry.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(doc) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, entry)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(entry, (json.dumps(doc) + "\n").encode())
     return entry
 
 

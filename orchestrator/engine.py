@@ -133,6 +133,17 @@ def layer_row(full_name: str, res: LayerPruneResult) -> dict:
     }
 
 
+def block_grads(grads: dict[str, dict[str, torch.Tensor]] | None, kinds: tuple[str, ...], prefix: str,
+                index: int) -> Callable[[str], torch.Tensor | None]:
+    """Local linear name -> its gradient statistic in block ``index`` (None without gradients)."""
+    def grad_of(name: str) -> torch.Tensor | None:
+        if not kinds or grads is None:
+            return None
+        return grads[f"{prefix}.{index}.{name}.weight"][kinds[0]]
+
+    return grad_of
+
+
 def block_sequential(model: nn.Module, input_ids: torch.Tensor, cfg: PruningConfig,
                      grads: dict[str, dict[str, torch.Tensor]] | None = None,
                      forward_dtype: str = "float32", progress: bool = True) -> PruneOutcome:
@@ -159,12 +170,7 @@ def block_sequential(model: nn.Module, input_ids: torch.Tensor, cfg: PruningConf
             with collect_inputs(linears, needs_xtx(cfg.method)) as stats:
                 dense_out = forward_all(block, hidden, kwargs, autocast_dtype=amp)
 
-        def grad_of(name: str, _i: int = i) -> torch.Tensor | None:
-            if not kind or grads is None:
-                return None
-            return grads[f"{prefix}.{_i}.{name}.weight"][kind[0]]
-
-        results = prune_linears(linears, stats, grad_of, cfg)
+        results = prune_linears(linears, stats, block_grads(grads, kind, prefix, i), cfg)
         for name, res in results.items():
             full = f"{prefix}.{i}.{name}.weight"
             out.masks[full] = res.mask

@@ -31,7 +31,7 @@ from orchestrator.blocks import (
     forward_all,
 )
 from orchestrator.config import PruningConfig
-from orchestrator.engine import PruneOutcome, block_sequential, gradient_pass, layer_row, prune_linears
+from orchestrator.engine import PruneOutcome, block_grads, block_sequential, gradient_pass, layer_row, prune_linears
 from orchestrator.modeling import TORCH_DTYPES
 from orchestrator.pruning.methods import gradient_kinds, needs_xtx
 
@@ -124,12 +124,7 @@ def _one_pass(dense: nn.Module, models: list[nn.Module], input_ids: torch.Tensor
         if with_stats:
             with collect_inputs(block_linears(block), needs_xtx(method)) as stats:
                 hidden = forward_all(block, hidden, kwargs, autocast_dtype=amp)
-
-        def grad_of(name: str, _i: int = i) -> torch.Tensor | None:
-            if not kind or grads is None:
-                return None
-            return grads[f"{prefix}.{_i}.{name}.weight"][kind[0]]
-
+        grad_of = block_grads(grads, kind, prefix, i)
         for c, blocks, out in zip(cfgs, cand_blocks, outs, strict=True):
             for name, r in prune_linears(block_linears(blocks[i]), stats, grad_of, c).items():
                 full = f"{prefix}.{i}.{name}.weight"

@@ -60,3 +60,15 @@ def tiny_overrides(out_dir: Path, calib: Path, **extra: object) -> list[str]:
     }
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local 2-CPU Ray for one test module (an already running Ray is used and left running)."""
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()

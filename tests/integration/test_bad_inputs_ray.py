@@ -23,13 +23,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def cpus():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield int(ray.cluster_resources().get("CPU", 0))
-    if started:
-        ray.shutdown()
+def cpus(ray_cluster):
+    return int(ray_cluster.cluster_resources().get("CPU", 0))
 
 
 def _placement_groups() -> int:

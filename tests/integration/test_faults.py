@@ -37,19 +37,14 @@ def make_cfg() -> RunConfig:
 
 
 @pytest.fixture(scope="module")
-def setup():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+def setup(ray_cluster):
     cfg = make_cfg()
     path = materialize(cfg.model)
     tok = load_tokenizer(path, cfg.model)
     ids = torch.tensor(tok(TEXT * 4)["input_ids"], dtype=torch.int64)
     calib = ids[: 7 * 32].reshape(7, 32)  # (7, 32): 4 + 3 sequences on two workers
     reference = run_ray(cfg, path, calib, progress=False)
-    yield cfg, path, calib, reference
-    if started:
-        ray.shutdown()
+    return cfg, path, calib, reference
 
 
 def _same_masks(a, b) -> None:

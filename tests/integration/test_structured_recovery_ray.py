@@ -19,13 +19,8 @@ IDS = torch.randint(0, 257, (6, 32), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
+def cluster(ray_cluster):
+    return ray_cluster
 
 
 def _prune(workers: int, recovery: bool = True):

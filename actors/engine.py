@@ -74,16 +74,6 @@ def shard_bytes(input_ids: torch.Tensor, workers: int) -> list[bytes]:
     return out
 
 
-def write_shards(input_ids: torch.Tensor, workers: int, out_dir: Path) -> list[str]:
-    """Write one Arrow IPC file per worker into ``out_dir``; returns the paths."""
-    paths = []
-    for r, data in enumerate(shard_bytes(input_ids, workers)):
-        path = out_dir / f"calib-{r:05d}.arrow"
-        path.write_bytes(data)
-        paths.append(str(path))
-    return paths
-
-
 @dataclass
 class Faults:
     """Fault injection for tests: each fault fires once, on the first attempt that reaches it.

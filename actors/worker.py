@@ -39,19 +39,15 @@ def current_rss() -> int:
         return 0
 
 
-def read_shard(shard: str | bytes) -> tuple[torch.Tensor, list[int]]:
-    """Read one worker's Arrow shard (a file path, or the IPC file's bytes from the object store).
+def read_shard(shard: bytes) -> tuple[torch.Tensor, list[int]]:
+    """Read one worker's Arrow shard (the IPC file's bytes, from the object store).
 
     Returns:
         ``(n, L)`` int64 ids and their global positions.
     """
     import pyarrow as pa
 
-    if isinstance(shard, bytes | bytearray | memoryview):
-        table = pa.ipc.open_file(pa.BufferReader(shard)).read_all()
-    else:
-        with pa.memory_map(shard) as src:
-            table = pa.ipc.open_file(src).read_all()
+    table = pa.ipc.open_file(pa.BufferReader(shard)).read_all()
     positions = table.column("position").to_pylist()
     rows = table.column("input_ids").to_pylist()
     ids = torch.tensor(rows, dtype=torch.int64) if rows else torch.zeros((0, 0), dtype=torch.int64)
@@ -130,7 +126,7 @@ class PruneWorker:
 
     # ------------------------------------------------------------ one run
 
-    def load(self, model_path: str, model_cfg: Any, shard_path: str | bytes, seq_len: int) -> dict[str, int]:
+    def load(self, model_path: str, model_cfg: Any, shard: bytes, seq_len: int) -> dict[str, int]:
         """Load the model partitioned under ZeRO-3 and this rank's calibration shard (collective)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -139,7 +135,7 @@ class PruneWorker:
         from orchestrator.modeling import TORCH_DTYPES
 
         self.finish()
-        self.ids, self.positions = read_shard(shard_path)
+        self.ids, self.positions = read_shard(shard)
         self.seq_len = seq_len
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
         shell_cfg = copy.deepcopy(config)

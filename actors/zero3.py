@@ -25,7 +25,6 @@ from orchestrator.modeling import TORCH_DTYPES
 log = logging.getLogger(__name__)
 
 # torch >= 2.13 renamed the tensor-in/tensor-out collectives
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
@@ -181,14 +180,6 @@ class ShardedGradStats:
             return None
         numel = math.prod(self.shapes[name])
         return torch.cat(parts)[:numel].reshape(self.shapes[name])
-
-    def gather(self, name: str, kind: str) -> torch.Tensor:
-        """All-gather one statistic into its full fp32 tensor (collective)."""
-        chunk = self.chunks[name][kind]
-        full = torch.empty(chunk.numel() * self.world, dtype=torch.float32, device=chunk.device)
-        _all_gather(full, chunk)
-        numel = math.prod(self.shapes[name])
-        return full[:numel].reshape(self.shapes[name])
 
 
 def plain_block(block: nn.Module, config: Any, index: int) -> nn.Module:

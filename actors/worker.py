@@ -185,6 +185,7 @@ class PruneWorker:
             for n, by_kind in self.grads.chunks.items():
                 for k, buf in by_kind.items():
                     buf.copy_(saved[f"{n}::{k}"].to(buf.device))
+        self.pass_seconds = {"forward": 0.0, "backward": 0.0}
         emb = self.model.get_input_embeddings()
         self.emb_handle = emb.register_forward_hook(lambda _m, _i, out: out.requires_grad_())
         self.rss["engine"] = current_rss()
@@ -200,8 +201,12 @@ class PruneWorker:
             part = rows[lo : lo + max(1, batch)]
             ids = torch.cat([r[0] for r in part])  # (B, L)
             self.grads.set_batch(torch.tensor([r[1] for r in part]))
+            t0 = time.perf_counter()
             loss = self.engine(ids, labels=ids, use_cache=False).loss * ids.shape[0]
+            t1 = time.perf_counter()
             self.engine.backward(loss)
+            self.pass_seconds["forward"] += t1 - t0
+            self.pass_seconds["backward"] += time.perf_counter() - t1
         return len(rows)
 
     def save_gradients(self, path: str) -> str:
@@ -218,6 +223,9 @@ class PruneWorker:
     def end_gradients(self) -> int:
         """Remove the hooks; returns the bytes of this rank's statistic partitions."""
         self.grads.remove()
+        log.info("rank %d gradient pass: forward %.1f s, backward %.1f s (of which hooks: %.1f s per-sample "
+                 "statistics, %.1f s reduce-scatter)", self.rank, self.pass_seconds["forward"],
+                 self.pass_seconds["backward"], self.grads.seconds["statistics"], self.grads.seconds["reduce_scatter"])
         if self.emb_handle is not None:
             self.emb_handle.remove()
             self.emb_handle = None

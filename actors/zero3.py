@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any
 
 import torch
@@ -126,6 +127,7 @@ class ShardedGradStats:
         self.rank = dist.get_rank()
         self.shapes = {n: full_shape(m.weight) for n, m in modules.items()}
         self.chunks: dict[str, dict[str, torch.Tensor]] = {}
+        self.seconds = {"statistics": 0.0, "reduce_scatter": 0.0}  # time spent in the gradient hooks
         for n, shape in self.shapes.items():
             c = math.ceil(math.prod(shape) / self.world)
             self.chunks[n] = {k: torch.zeros(c, dtype=torch.float32) for k in kinds}  # (ceil(numel/W),)
@@ -146,7 +148,10 @@ class ShardedGradStats:
     def _fold(self, name: str, x: torch.Tensor, grad_out: torch.Tensor) -> None:
         from orchestrator.pruning.stats import per_sample_weight_grad_stats
 
+        t0 = time.perf_counter()
         stats = per_sample_weight_grad_stats(x, grad_out, self.kinds, self.weights)  # kind -> (out, in)
+        t1 = time.perf_counter()
+        self.seconds["statistics"] += t1 - t0
         for kind, stat in stats.items():
             buf = self.chunks[name][kind]
             if buf.device != stat.device:  # GPU ranks: partitions live next to the gradients (NCCL needs that)
@@ -160,6 +165,7 @@ class ShardedGradStats:
             out = torch.empty_like(buf)
             _reduce_scatter(out, full, op=dist.ReduceOp.SUM)
             buf.add_(out)
+        self.seconds["reduce_scatter"] += time.perf_counter() - t1
 
     def remove(self) -> None:
         """Remove the gradient hooks (the partitions stay)."""

@@ -8,45 +8,44 @@ windows plus CPU speed measured side by side with the dense model in one run
 (:func:`orchestrator.speed.compare_speed`: interleaved repeats, medians; prefill of a
 512-token prompt and decode of 128 new tokens at batch 1) next to the ideal speedup, dense
 matmul FLOPs per token / pruned FLOPs per token. Speed is measured with 2 torch threads (the
-protocol's; ``prefill_tps`` / ``decode_tps``) and again with 1 (``*_1t``): at batch 1 a decode
-step is ~210 small matrix-vector products, and with passive OpenMP waiting every one of them
-pays a thread wake-up (~70 us) that does not shrink with the matrices, so 2-thread decode is
-no faster than 1-thread decode here and hides part of the speedup.
+protocol's; ``prefill_tps`` / ``decode_tps``) and again with 1 (``*_1t``).
 
-OpenMP threads wait passively here (``OMP_WAIT_POLICY=PASSIVE`` unless set): on a shared
-2-core machine, spinning threads of a 2-thread process descheduled by other processes made
-batch-1 decode up to 30x slower and the timings meaningless; passive waiting costs a single
-user nothing measurable and applies to the dense and pruned models alike.
+Run it on a quiet machine with OpenMP's default wait policy (threads spin briefly, then sleep).
+At batch 1 a decode step is ~210 small matrix-vector products; with ``OMP_WAIT_POLICY=PASSIVE``
+every one of them pays a thread wake-up (~70 us) that does not shrink with the matrices: dense
+2-thread decode drops from ~26 to ~15 tokens/s and the fixed cost hides part of the speedup
+(measured: 0.72x of ideal at 50% instead of 0.87x). Set ``PASSIVE`` only when the machine is
+shared and spinning threads get descheduled; the policy in force and the load average are
+recorded in the JSON.
 
 Usage::
 
     python tests/benchmarks/structured.py --out structured.json
     python tests/benchmarks/structured.py --targets 0.2 --allocations uniform,adaptive --recovery none
+    # speed again, reusing perplexities and recovered rows of an identical earlier run:
+    python tests/benchmarks/structured.py --ppl-from old.json --out new.json
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
+import json
+import logging
 import os
+from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP pool
+import torch
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-
-from orchestrator.config import load_config  # noqa: E402
-from orchestrator.data import calibration_windows, first_windows, load_texts, tokenize_corpus  # noqa: E402
-from orchestrator.evaluate import perplexity  # noqa: E402
-from orchestrator.modeling import load_model, load_tokenizer, materialize  # noqa: E402
-from orchestrator.speed import compare_speed  # noqa: E402
-from orchestrator.speed import matmul_flops_per_token as flops_per_token  # noqa: E402
-from orchestrator.structured.groups import decoder_params, module_groups  # noqa: E402
-from orchestrator.structured.recovery import recover, recovery_windows  # noqa: E402
-from orchestrator.structured.run import Importance, apply_pruning, compute_importance, protected_blocks  # noqa: E402
+from orchestrator.config import load_config
+from orchestrator.data import calibration_windows, first_windows, load_texts, tokenize_corpus
+from orchestrator.evaluate import perplexity
+from orchestrator.modeling import load_model, load_tokenizer, materialize
+from orchestrator.speed import compare_speed
+from orchestrator.speed import matmul_flops_per_token as flops_per_token
+from orchestrator.structured.groups import decoder_params, module_groups
+from orchestrator.structured.recovery import recover, recovery_windows
+from orchestrator.structured.run import Importance, apply_pruning, compute_importance, protected_blocks
 
 log = logging.getLogger("structured-bench")
 DATA = Path("/work/shared/data")
@@ -85,7 +84,8 @@ def main() -> None:
     ap.add_argument("--eval-n", type=int, default=40)
     ap.add_argument("--eval-dtype", default="float32", help="bfloat16: autocast evaluation (quick comparisons)")
     ap.add_argument("--ppl-from", default=None,
-                    help="earlier result JSON: reuse its perplexities for identical rows (same importance cache)")
+                    help="earlier result JSON of the same settings: reuse its perplexities and recovered rows "
+                         "(same importance cache; recovery is deterministic) and measure speed anew")
     ap.add_argument("--refresh-importance", action="store_true", help="recompute (and re-cache) importance")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved speed repeats (0: no speed)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (importance, recovery, evaluation)")
@@ -109,10 +109,13 @@ def main() -> None:
     evals = first_windows(tokenize_corpus(load_texts(str(DATA / "eval-debian-handbook.parquet")), tok),
                           512, args.eval_n, "eval")  # (40, 512)
     known: dict[tuple, float] = {}
+    old_recovered: dict[tuple, dict] = {}
     if args.ppl_from:
         old = json.loads(Path(args.ppl_from).read_text())
         known[("dense",)] = old["dense"]["ppl"]
         known.update({(r["target"], r["allocation"], r["recovered"]): r["ppl"] for r in old["rows"]})
+        old_recovered = {(r["target"], r["allocation"]): r for r in old["rows"]
+                         if r["recovered"] and r["recovery"]["steps"] == cfg.structured.recovery.steps}
 
     def ppl(m, key: tuple) -> float:
         if key in known:
@@ -151,7 +154,13 @@ def main() -> None:
             log.info("%s: ppl %.3f, removed %.4f", name, row["ppl"], row["removed_fraction"])
             result["rows"].append(row)
             models[name] = model
-            if rec_targets is None or target in rec_targets:
+            if (rec_targets is None or target in rec_targets) and (target, alloc) in old_recovered:
+                o = old_recovered[(target, alloc)]
+                log.info("%s recovered: reused from %s (ppl %.3f)", name, args.ppl_from, o["ppl"])
+                result["rows"].append({**row, "recovered": True, **{k: o[k] for k in ("ppl", "closed_gap", "recovery",
+                                                                     "recovery_losses")},
+                                       "reused_from": args.ppl_from})
+            elif rec_targets is None or target in rec_targets:
                 if windows is None:
                     windows = recovery_windows(cfg, calib)  # (M, S) from the calibration source
                 rmodel, rrep = recover(copy.deepcopy(model), windows, cfg.structured.recovery, progress=True)
@@ -179,7 +188,7 @@ def speed(result: dict, models: dict[str, torch.nn.Module], tok, repeats: int, t
     ``decode_tps_{n}t``. Recovered rows take the numbers of their unrecovered twin (same shapes, same
     kernels); speedups are against the dense model of the same run.
     """
-    result["speed"] = {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "runs": {}}
+    result["speed"] = {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "runs": {}}
     for i, n in enumerate(threads):
         torch.set_num_threads(n)
         load_before = os.getloadavg()

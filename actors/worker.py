@@ -170,12 +170,17 @@ class PruneWorker:
         embedding output is made to require grad so the backward reaches every block.
         ``resume`` = ``(path, sha256)`` of this rank's saved partitions to continue from.
         """
-        from actors.zero3 import ShardedGradStats, full_shape, make_engine
+        from actors.zero3 import Decoder, ShardedGradStats, full_shape, make_engine
         from orchestrator.engine import pruned_weight_names
+        from orchestrator.pruning.lmloss import plain_head
 
         names = pruned_weight_names(self.model)
-        rest = [(math.prod(full_shape(p)), n) for n, p in self.model.named_parameters() if n not in set(names)]
-        self.engine = make_engine(self.model, self.ds_cfg, {min(rest)[1]})
+        # logits-free loss unless the head does more than a matmul (soft-capping, scaling)
+        self.chunked_loss = plain_head(self.model.config) and self.model.base_model is not self.model
+        wrapped = Decoder(self.model) if self.chunked_loss else self.model
+        pruned = {id(p) for n, p in self.model.named_parameters() if n in set(names)}
+        rest = [(math.prod(full_shape(p)), n) for n, p in wrapped.named_parameters() if id(p) not in pruned]
+        self.engine = make_engine(wrapped, self.ds_cfg, {min(rest)[1]})
         mods = dict(self.model.named_modules())
         self.grads = ShardedGradStats({n: mods[n.removesuffix(".weight")] for n in names}, kinds, scale)
         if resume is not None:
@@ -196,15 +201,21 @@ class PruneWorker:
         Each sequence's loss is its own mean token loss (the batch loss times ``B``: all windows
         have the same length), so the per-sample gradients equal batch-1 gradients.
         """
+        from actors.zero3 import head_loss
+
         rows = self._local_rows(start + count)[start:]
         for lo in range(0, len(rows), max(1, batch)):
             part = rows[lo : lo + max(1, batch)]
             ids = torch.cat([r[0] for r in part])  # (B, L)
             self.grads.set_batch(torch.tensor([r[1] for r in part]))
             t0 = time.perf_counter()
-            loss = self.engine(ids, labels=ids, use_cache=False).loss * ids.shape[0]
+            if self.chunked_loss:
+                loss = head_loss(self.model, self.engine(ids), ids)  # (B, T, H) -> sum of sequence means
+            else:
+                loss = self.engine(ids, labels=ids, use_cache=False).loss * ids.shape[0]
             t1 = time.perf_counter()
             self.engine.backward(loss)
+            self.grads.flush()
             self.pass_seconds["forward"] += t1 - t0
             self.pass_seconds["backward"] += time.perf_counter() - t1
         return len(rows)

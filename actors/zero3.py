@@ -108,6 +108,35 @@ def make_engine(model: nn.Module, config: dict[str, Any], trainable: set[str]):
     return engine
 
 
+class Decoder(nn.Module):
+    """A causal LM without its head: ``ids (B, T)`` -> final hidden states ``(B, T, H)``.
+
+    The gradient pass wraps this (not the whole LM) in the ZeRO-3 engine and computes the loss
+    from the hidden states in chunks (:func:`orchestrator.pruning.lmloss.lm_loss_with_grad`), so
+    no ``(B, T, V)`` logits are ever built. The modules are the LM's own (same hooks, same
+    partitions).
+    """
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.decoder = lm.base_model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.decoder(input_ids=ids, use_cache=False).last_hidden_state
+
+
+def head_loss(lm: nn.Module, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Sum of per-sequence mean next-token losses from the final hidden states (collective gather of the head)."""
+    import deepspeed
+
+    from orchestrator.pruning.lmloss import lm_loss_with_grad
+
+    head = lm.get_output_embeddings()
+    params = [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
+    with deepspeed.zero.GatheredParameters(params):
+        return lm_loss_with_grad(hidden, head.weight, ids, getattr(head, "bias", None))
+
+
 class ShardedGradStats:
     """Per-sequence gradient sums of a set of linear weights, each rank holding a ``1/world`` partition.
 
@@ -119,7 +148,8 @@ class ShardedGradStats:
     never involved, and one gather of the parameters serves a whole micro-batch.
     """
 
-    def __init__(self, modules: dict[str, nn.Linear], kinds: tuple[str, ...], scale: float) -> None:
+    def __init__(self, modules: dict[str, nn.Linear], kinds: tuple[str, ...], scale: float,
+                 max_pending: int = 8) -> None:
         self.kinds = kinds
         self.scale = scale
         self.weights = torch.ones(1)  # (B,) per-sample weights of the current micro-batch
@@ -128,6 +158,10 @@ class ShardedGradStats:
         self.shapes = {n: full_shape(m.weight) for n, m in modules.items()}
         self.chunks: dict[str, dict[str, torch.Tensor]] = {}
         self.seconds = {"statistics": 0.0, "reduce_scatter": 0.0}  # time spent in the gradient hooks
+        # reduce-scatters run asynchronously, overlapping the backward of earlier layers; at most
+        # ``max_pending`` padded full-size statistics wait for their collective at any time
+        self.pending: list[tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.max_pending = max_pending
         for n, shape in self.shapes.items():
             c = math.ceil(math.prod(shape) / self.world)
             self.chunks[n] = {k: torch.zeros(c, dtype=torch.float32) for k in kinds}  # (ceil(numel/W),)
@@ -163,9 +197,23 @@ class ShardedGradStats:
                 buf.add_(full)
                 continue
             out = torch.empty_like(buf)
-            _reduce_scatter(out, full, op=dist.ReduceOp.SUM)
-            buf.add_(out)
+            work = _reduce_scatter(out, full, op=dist.ReduceOp.SUM, async_op=True)
+            self.pending.append((work, out, buf, full))
+            while len(self.pending) > self.max_pending:
+                self._settle_oldest()
         self.seconds["reduce_scatter"] += time.perf_counter() - t1
+
+    def _settle_oldest(self) -> None:
+        work, out, buf, _full = self.pending.pop(0)
+        work.wait()
+        buf.add_(out)
+
+    def flush(self) -> None:
+        """Wait for the reduce-scatters still in flight and fold them into the partitions."""
+        t0 = time.perf_counter()
+        while self.pending:
+            self._settle_oldest()
+        self.seconds["reduce_scatter"] += time.perf_counter() - t0
 
     def remove(self) -> None:
         """Remove the gradient hooks (the partitions stay)."""

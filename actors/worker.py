@@ -171,12 +171,11 @@ class PruneWorker:
         ``resume`` = ``(path, sha256)`` of this rank's saved partitions to continue from.
         """
         from actors.zero3 import Decoder, ShardedGradStats, full_shape, make_engine
-        from orchestrator.engine import pruned_weight_names
-        from orchestrator.pruning.lmloss import plain_head
+        from orchestrator.engine import logits_free, pruned_weight_names
 
         names = pruned_weight_names(self.model)
-        # logits-free loss unless the head does more than a matmul (soft-capping, scaling)
-        self.chunked_loss = plain_head(self.model.config) and self.model.base_model is not self.model
+        # the loss without logits (as the local engine computes it) unless the head is more than a matmul
+        self.chunked_loss = logits_free(self.model)
         wrapped = Decoder(self.model) if self.chunked_loss else self.model
         pruned = {id(p) for n, p in self.model.named_parameters() if n in set(names)}
         rest = [(math.prod(full_shape(p)), n) for n, p in wrapped.named_parameters() if id(p) not in pruned]

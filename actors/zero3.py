@@ -145,7 +145,10 @@ class ShardedGradStats:
     formed (:func:`~orchestrator.pruning.stats.per_sample_weight_grad_stats`), folded into
     statistics and reduce-scattered (SUM), so rank ``r`` adds chunk ``r`` of the flattened,
     padded statistic to its buffer. ZeRO's own gradient buckets, partitions and averaging are
-    never involved, and one gather of the parameters serves a whole micro-batch.
+    never involved, and one gather of the parameters serves a whole micro-batch. The
+    reduce-scatters are asynchronous (at most ``max_pending`` in flight, each holding one padded
+    full-size statistic of one layer), so they overlap the backward of the layers below;
+    :meth:`flush` settles them after every backward.
     """
 
     def __init__(self, modules: dict[str, nn.Linear], kinds: tuple[str, ...], scale: float,

@@ -26,6 +26,7 @@ from orchestrator.blocks import (
 )
 from orchestrator.config import PruningConfig
 from orchestrator.modeling import TORCH_DTYPES
+from orchestrator.pruning.lmloss import lm_loss_with_grad, plain_head
 from orchestrator.pruning.methods import LayerPruneResult, gradient_kinds, needs_xtx, prune_weight
 from orchestrator.pruning.stats import ActivationStats, add_gradient
 
@@ -56,9 +57,28 @@ def pruned_weight_names(model: nn.Module) -> list[str]:
     return names
 
 
+def logits_free(model: nn.Module) -> bool:
+    """Whether the loss can skip the logits: a decoder under a plain-matmul output embedding."""
+    return (plain_head(model.config) and model.base_model is not model
+            and model.get_output_embeddings() is not None)
+
+
+def causal_lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Sum over sequences of each one's mean next-token loss (``(B, T)`` ids of equal length).
+
+    Computed without materialising the logits (:mod:`orchestrator.pruning.lmloss`) when the
+    head is a plain matmul; otherwise through the model's own loss.
+    """
+    if logits_free(model):
+        head = model.get_output_embeddings()
+        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, H)
+        return lm_loss_with_grad(hidden, head.weight, ids, getattr(head, "bias", None))
+    return model(ids, labels=ids, use_cache=False).loss * ids.shape[0]
+
+
 def gradient_pass(model: nn.Module, input_ids: torch.Tensor, kinds: tuple[str, ...], scale: float,
                   progress: bool = True) -> dict[str, dict[str, torch.Tensor]]:
-    """Per-sequence gradient sums for every pruned weight (batch size 1, HF causal-LM loss).
+    """Per-sequence gradient sums for every pruned weight (batch size 1, :func:`causal_lm_loss`).
 
     Args:
         model: dense causal LM; its parameters' ``requires_grad`` is restored afterwards.
@@ -88,8 +108,7 @@ def gradient_pass(model: nn.Module, input_ids: torch.Tensor, kinds: tuple[str, .
     try:
         for i in tqdm(range(input_ids.shape[0]), desc="gradient pass", disable=not progress, unit="seq"):
             ids = input_ids[i : i + 1]
-            loss = model(ids, labels=ids, use_cache=False).loss
-            loss.backward()
+            causal_lm_loss(model, ids).backward()
     finally:
         for h in handles:
             h.remove()

@@ -6,8 +6,10 @@ gradient: three buffers of ``B * T * V * 4`` bytes (1.2 GiB for 4 x 512 tokens a
 needs the gradient with respect to the final hidden states, so :func:`chunked_lm_loss` takes
 the hidden states and the output-embedding weight, walks the predicted positions in chunks
 whose logits fit one reused buffer, and computes the loss and ``d loss / d hidden`` in the same
-sweep (``(softmax - onehot) @ W``). :class:`PrecomputedLoss` hands that gradient to autograd, so
-``loss.backward()`` continues into the decoder exactly as after the HF loss.
+sweep (``(softmax - onehot) @ W``, the target entry as minus the sum of the other
+probabilities, which stays accurate where fp32 ``p - 1`` cancels). :class:`PrecomputedLoss`
+hands that gradient to autograd, so ``loss.backward()`` continues into the decoder exactly as
+after the HF loss.
 
 The loss is the sum over sequences of each sequence's mean next-token loss (the HF loss of a
 batch of equal-length sequences times ``B``), so every sequence's gradient equals its own
@@ -61,7 +63,11 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tenso
         picked = logits.gather(1, target[lo:hi, None]).squeeze(1)  # (r,)
         total += (lse - picked).sum(dtype=torch.float64)
         logits.sub_(lse[:, None]).exp_()  # softmax in place
-        logits[torch.arange(hi - lo, device=logits.device), target[lo:hi]] -= 1.0
+        # d/dlogit_target = p_target - 1 = -(sum of the other probabilities): summing the others
+        # avoids the cancellation of p_target - 1 when the model is confident (p_target ~ 1)
+        at = (torch.arange(hi - lo, device=logits.device), target[lo:hi])
+        logits[at] = 0.0
+        logits[at] = -logits.sum(dim=1)
         torch.mm(logits, w, out=grad_rows[lo:hi])
     inv = 1.0 / (seq - 1)  # each sequence's loss is its mean over T - 1 predictions
     grad = torch.zeros(bsz, seq, width, dtype=torch.float32, device=hidden.device)  # (B, T, H)

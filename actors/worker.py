@@ -167,7 +167,9 @@ class PruneWorker:
         Only one tiny parameter (the smallest one outside the pruned set, a norm weight) is
         trainable, because ``engine.backward`` needs an optimizer; the statistics come from
         module hooks, so ZeRO never buckets or averages the big weights' gradients. The
-        embedding output is made to require grad so the backward reaches every block.
+        embedding output is made to require grad so the backward reaches every block. The
+        engine wraps the decoder only (:class:`~actors.zero3.Decoder`) when the head is a plain
+        matmul: the loss then comes from the hidden states without logits, as in the local engine.
         ``resume`` = ``(path, sha256)`` of this rank's saved partitions to continue from.
         """
         from actors.zero3 import Decoder, ShardedGradStats, full_shape, make_engine

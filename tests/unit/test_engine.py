@@ -34,14 +34,20 @@ def _pcfg(**kw):
 
 
 def test_gradient_pass_equals_per_sequence_autograd(tiny, ids):
+    """Against HF's loss and autograd in float64, one sequence at a time.
+
+    The reference is float64 because the fp32 HF loss is itself only accurate to ~1e-6 of the
+    largest entry (signed sums cancel), which is also the bound the engine is held to.
+    """
     model = copy.deepcopy(tiny)
     sums = gradient_pass(model, ids, ("abs", "sq", "sum"), scale=100.0, progress=False)
     names = pruned_weight_names(model)
-    params = dict(model.named_parameters())
+    ref_model = copy.deepcopy(tiny).double()
+    params = dict(ref_model.named_parameters())
     ref = {n: {k: torch.zeros_like(params[n]) for k in ("abs", "sq", "sum")} for n in names}
     for i in range(ids.shape[0]):
         x = ids[i : i + 1]
-        loss = model(x, labels=x).loss
+        loss = ref_model(x, labels=x).loss
         grads = torch.autograd.grad(loss, [params[n] for n in names])
         for n, g in zip(names, grads, strict=True):
             g = g * 100.0
@@ -50,7 +56,9 @@ def test_gradient_pass_equals_per_sequence_autograd(tiny, ids):
             ref[n]["sum"] += g
     for n in names:
         for k in ("abs", "sq", "sum"):
-            torch.testing.assert_close(sums[n][k], ref[n][k], rtol=1e-4, atol=1e-6)
+            want = ref[n][k].float()
+            torch.testing.assert_close(sums[n][k], want, rtol=1e-4, atol=2e-6 * float(want.abs().max()),
+                                       msg=f"{n} {k}")
     assert all(p.grad is None for p in model.parameters())
 
 

@@ -13,6 +13,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+#: logits elements of one chunk of the gradient pass's loss (``orchestrator.pruning.lmloss.CHUNK_ELEMENTS``;
+#: repeated here so planning never imports torch)
+LOSS_CHUNK_ELEMENTS = 1 << 23
+
 GIB = 1024**3
 FP32 = 4
 METHODS = ("magnitude", "wanda", "sparsegpt", "gblm")
@@ -144,14 +148,15 @@ class Plan:
         calib_bytes: calibration hidden states held, ``ceil(N/W) * L * hidden * 4 * 2``.
         largest_block_bytes: one gathered block in fp32 plus its gathered gradient
             statistics plus (SparseGPT) its ``xtx`` matrices.
-        grad_pass_bytes: gradient-pass transient: one gathered block's parameters and
-            gradients in the model dtype plus one sequence's saved activations and
-            fp32 logits (rough); 0 for gradient-free methods.
+        grad_pass_bytes: gradient-pass transient: two gathered blocks' parameters in the
+            model dtype, one micro-batch's saved activations (rough) and fp32 final-hidden
+            gradient, and the loss's logits chunk (no full logits are built); 0 for
+            gradient-free methods.
         peak_bytes: ``param + grad stats + max(grad_pass, calib + largest_block)``.
         comm_per_seq_bytes: gradient pass, per calibration sequence and worker: two
-            parameter all-gathers (forward and backward), ZeRO's gradient
-            reduce-scatter, and one fp32 reduce-scatter per gradient statistic, each
-            with the ring factor ``(W-1)/W``; 0 for gradient-free methods.
+            parameter all-gathers (forward and backward) and one fp32 reduce-scatter per
+            gradient statistic per micro-batch of ``grad_batch`` sequences, each with the
+            ring factor ``(W-1)/W``; 0 for gradient-free methods.
         comm_block_pass_bytes: block-sequential pass, whole run: one all-gather of
             every block and the all-reduce of each block's activation statistics.
     """
@@ -182,7 +187,7 @@ class Plan:
 
 def plan(
     model_config: Any, *, workers: int, method: str, norm: str = "l1", num_samples: int, seq_len: int,
-    dtype_bytes: int = 2,
+    dtype_bytes: int = 2, grad_batch: int = 4,
 ) -> Plan:
     """Predict per-worker memory and communication for one run.
 
@@ -194,6 +199,9 @@ def plan(
         num_samples: calibration sequences ``N``.
         seq_len: tokens per sequence ``L``.
         dtype_bytes: bytes per parameter of the model dtype (2 for bf16/fp16).
+        grad_batch: sequences per forward/backward of the gradient pass
+            (``backend.grad_batch_size``): one parameter gather and one statistic
+            reduce-scatter serve all of them.
 
     Returns:
         The :class:`Plan`.
@@ -201,7 +209,8 @@ def plan(
     Raises:
         ValueError: non-positive sizes, unknown method or norm, bad model config.
     """
-    sizes = {"workers": workers, "num_samples": num_samples, "seq_len": seq_len, "dtype_bytes": dtype_bytes}
+    sizes = {"workers": workers, "num_samples": num_samples, "seq_len": seq_len, "dtype_bytes": dtype_bytes,
+             "grad_batch": grad_batch}
     for name, val in sizes.items():
         if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
             raise ValueError(f"{name} must be a positive integer, got {val!r}")
@@ -216,9 +225,11 @@ def plan(
     grad_pass = comm_seq = 0
     if kinds:
         per_token = 8 * s.hidden + 4 * s.intermediate  # saved activations of one block, rough (no checkpointing)
-        acts = s.layers * seq_len * per_token * dtype_bytes + 2 * seq_len * s.vocab * FP32  # + fp32 logits, grad
+        tokens = grad_batch * seq_len
+        # saved activations + the fp32 gradient w.r.t. the final hidden states + the loss's logits chunk
+        acts = s.layers * tokens * per_token * dtype_bytes + tokens * s.hidden * FP32 + LOSS_CHUNK_ELEMENTS * FP32
         grad_pass = 2 * block * dtype_bytes + acts
-        comm_seq = round(ring * (3 * total * dtype_bytes + len(kinds) * linear_params * FP32))
+        comm_seq = round(ring * (2 * total * dtype_bytes + len(kinds) * linear_params * FP32) / grad_batch)
     act_stats = sum(FP32 * i + (FP32 * i * i if method == "sparsegpt" else 0) for _, i in s.block_linears().values())
     act_allreduce = 2 * ring * act_stats * s.layers if method != "magnitude" else 0
     return Plan(
@@ -231,13 +242,13 @@ def plan(
 
 def min_workers(
     model_config: Any, gpu_bytes: int, *, safety_factor: float = 1.2, method: str = "gblm", norm: str = "l1",
-    num_samples: int = 128, seq_len: int = 2048, dtype_bytes: int = 2, max_workers: int = 4096,
+    num_samples: int = 128, seq_len: int = 2048, dtype_bytes: int = 2, grad_batch: int = 4, max_workers: int = 4096,
 ) -> int:
     """Smallest ``W`` whose predicted peak, times ``safety_factor``, fits in ``gpu_bytes``.
 
     Args:
         model_config: as for :func:`plan` (so are ``method``, ``norm``, ``num_samples``,
-            ``seq_len`` and ``dtype_bytes``).
+            ``seq_len``, ``dtype_bytes`` and ``grad_batch``).
         gpu_bytes: memory of one GPU in bytes.
         safety_factor: multiplier (>= 1) on the predicted peak to leave headroom.
         max_workers: search limit.
@@ -254,7 +265,7 @@ def min_workers(
 
     def fits(w: int) -> bool:
         p = plan(model_config, workers=w, method=method, norm=norm, num_samples=num_samples,
-                 seq_len=seq_len, dtype_bytes=dtype_bytes)
+                 seq_len=seq_len, dtype_bytes=dtype_bytes, grad_batch=grad_batch)
         return p.peak_bytes * safety_factor <= gpu_bytes
 
     if not fits(max_workers):

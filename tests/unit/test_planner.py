@@ -12,6 +12,7 @@ from orchestrator.planner import (
     GIB,
     LLAMA2_13B,
     LLAMA2_70B,
+    LOSS_CHUNK_ELEMENTS,
     ModelShape,
     Plan,
     format_plan,
@@ -102,7 +103,25 @@ def test_sizes_match_formulas_llama2_13b() -> None:
         p.grad_pass_bytes, p.calib_bytes + p.largest_block_bytes
     )
     ring = (w - 1) / w
-    assert p.comm_per_seq_bytes == pytest.approx(ring * (3 * s.total_params() * 2 + lin * 4), rel=1e-9)
+    # per micro-batch of 4 (the default grad_batch): gather twice, reduce-scatter grad_sq once
+    assert p.comm_per_seq_bytes == pytest.approx(ring * (2 * s.total_params() * 2 + lin * 4) / 4, abs=1)
+
+
+def test_grad_batch_divides_communication_and_scales_activations() -> None:
+    common = dict(workers=8, method="gblm", num_samples=64, seq_len=1024)
+    one, four = plan(LLAMA2_13B, grad_batch=1, **common), plan(LLAMA2_13B, grad_batch=4, **common)
+    assert one.comm_per_seq_bytes == pytest.approx(4 * four.comm_per_seq_bytes, abs=4)
+    s = ModelShape.from_config(LLAMA2_13B)
+    per_seq = s.layers * 1024 * (8 * s.hidden + 4 * s.intermediate) * 2 + 1024 * s.hidden * 4
+    assert four.grad_pass_bytes - one.grad_pass_bytes == 3 * per_seq
+    # no full logits: the loss chunk is a constant, far below seq_len * vocab * 4 per sequence at batch 4
+    assert one.grad_pass_bytes - (2 * s.block_params() * 2 + per_seq) == LOSS_CHUNK_ELEMENTS * 4
+
+
+def test_loss_chunk_constant_matches_the_loss() -> None:
+    from orchestrator.pruning.lmloss import CHUNK_ELEMENTS
+
+    assert LOSS_CHUNK_ELEMENTS == CHUNK_ELEMENTS
 
 
 def test_sparsegpt_adds_xtx_and_no_gradients() -> None:
@@ -145,7 +164,7 @@ def test_single_worker_needs_no_communication_and_more_workers_more() -> None:
     assert vols == sorted(vols) and vols[0] > 0
     # bounded by the no-ring-factor volume
     s = ModelShape.from_config(LLAMA2_13B)
-    assert vols[-1] < 3 * s.total_params() * 2 + 40 * s.block_linear_params() * 4
+    assert vols[-1] < (2 * s.total_params() * 2 + 40 * s.block_linear_params() * 4) / 4
 
 
 def test_l1_and_l2_cost_the_same_one_buffer() -> None:
@@ -156,7 +175,7 @@ def test_l1_and_l2_cost_the_same_one_buffer() -> None:
 
 
 def test_min_workers_monotone_in_gpu_size() -> None:
-    kw = dict(method="gblm", num_samples=128, seq_len=2048)
+    kw = dict(method="gblm", num_samples=128, seq_len=2048, grad_batch=1)
     sizes = [80, 96, 141, 192, 288]
     ws = [min_workers(LLAMA2_70B, g * GIB, **kw) for g in sizes]
     assert ws == sorted(ws, reverse=True), ws
@@ -169,12 +188,19 @@ def test_min_workers_monotone_in_gpu_size() -> None:
 
 
 def test_min_workers_safety_factor_and_dtype() -> None:
-    kw = dict(method="gblm", num_samples=128, seq_len=2048)
+    kw = dict(method="gblm", num_samples=128, seq_len=2048, grad_batch=1)
     relaxed = min_workers(LLAMA2_13B, 80 * GIB, safety_factor=1.0, **kw)
     strict = min_workers(LLAMA2_13B, 80 * GIB, safety_factor=2.0, **kw)
     assert strict > relaxed
     fp32 = min_workers(LLAMA2_13B, 80 * GIB, dtype_bytes=4, **kw)
     assert fp32 > min_workers(LLAMA2_13B, 80 * GIB, dtype_bytes=2, **kw)
+
+
+def test_micro_batch_of_four_2048_token_sequences_does_not_fit_70b_on_80_gib() -> None:
+    # the activations of 4 x 2048 tokens through 80 blocks do not shrink with W
+    with pytest.raises(ValueError, match="no worker count"):
+        min_workers(LLAMA2_70B, 80 * GIB, method="gblm", num_samples=128, seq_len=2048, grad_batch=4)
+    assert min_workers(LLAMA2_70B, 80 * GIB, method="gblm", num_samples=128, seq_len=2048, grad_batch=1) > 1
 
 
 def test_min_workers_impossible_and_bad_args() -> None:

@@ -11,7 +11,14 @@ import torch
 from orchestrator.blocks import block_linears, decoder_blocks
 from orchestrator.config import TinyModelConfig, load_config
 from orchestrator.data import generate_windows, sample_windows
-from orchestrator.engine import block_sequential, gradient_pass, pruned_weight_names, run_local
+from orchestrator.engine import (
+    block_sequential,
+    causal_lm_loss,
+    gradient_pass,
+    logits_free,
+    pruned_weight_names,
+    run_local,
+)
 from orchestrator.modeling import build_tiny_llama, byte_tokenizer
 from orchestrator.pruning.masks import row_mask
 from orchestrator.pruning.scores import gblm_score, wanda_score
@@ -60,6 +67,16 @@ def test_gradient_pass_equals_per_sequence_autograd(tiny, ids):
             torch.testing.assert_close(sums[n][k], want, rtol=1e-4, atol=2e-6 * float(want.abs().max()),
                                        msg=f"{n} {k}")
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_causal_lm_loss_skips_logits_only_for_a_plain_head(tiny, ids):
+    model = copy.deepcopy(tiny)
+    hf = model(ids, labels=ids, use_cache=False).loss * ids.shape[0]
+    assert logits_free(model)
+    assert causal_lm_loss(model, ids).item() == pytest.approx(hf.item(), rel=1e-5)
+    model.config.logit_scale = 0.5  # a head that scales its logits: the model's own loss must be used
+    assert not logits_free(model)
+    assert torch.equal(causal_lm_loss(model, ids), hf)
 
 
 def _naive_block_stats(model, ids, block_idx):

@@ -141,21 +141,24 @@ class WorkerGroup:
 
     def shutdown(self) -> None:
         """Leave the process group gracefully, kill the actors after a timeout, free the placement group."""
-        refs = [a.leave.remote() for a in getattr(self, "actors", [])]
-        if refs:
-            _, pending = ray.wait(refs, num_returns=len(refs), timeout=self.shutdown_timeout)
-            if pending:
-                log.warning("worker group: %d workers did not shut down in %.0fs", len(pending),
-                            self.shutdown_timeout)
-        for a in getattr(self, "actors", []):
-            ray.kill(a)
-        self.actors = []
-        if getattr(self, "pg", None) is not None:
-            remove_placement_group(self.pg)
-            self.pg = None
+        stop_actors(getattr(self, "actors", []), getattr(self, "pg", None), self.shutdown_timeout, "worker group")
+        self.actors, self.pg = [], None
 
     def __enter__(self) -> WorkerGroup:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def stop_actors(actors: list, pg: Any, timeout: float, what: str) -> None:
+    """Ask ``actors`` to ``leave()`` their process group, wait up to ``timeout`` s, kill them all, free ``pg``."""
+    refs = [a.leave.remote() for a in actors]
+    if refs:
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        if pending:
+            log.warning("%s: %d actors did not shut down in %.0fs", what, len(pending), timeout)
+    for a in actors:
+        ray.kill(a)
+    if pg is not None:
+        remove_placement_group(pg)

@@ -27,7 +27,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import nn
 
-from actors.group import ensure_ray
+from actors.group import ensure_ray, stop_actors
 from actors.worker import _free_port
 from orchestrator.config import StructuredRecoveryConfig
 from orchestrator.errors import UsageError
@@ -118,15 +118,8 @@ class RecoveryGroup:
 
     def shutdown(self) -> None:
         """Leave the process group, kill the actors, free the placement group."""
-        refs = [a.leave.remote() for a in self.actors]
-        if refs:
-            ray.wait(refs, num_returns=len(refs), timeout=30)
-        for a in self.actors:
-            ray.kill(a)
-        self.actors = []
-        if self.pg is not None:
-            remove_placement_group(self.pg)
-            self.pg = None
+        stop_actors(self.actors, self.pg, 30.0, "recovery group")
+        self.actors, self.pg = [], None
 
     def __enter__(self) -> RecoveryGroup:
         return self

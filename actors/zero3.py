@@ -163,7 +163,7 @@ class ShardedGradStats:
         self.seconds = {"statistics": 0.0, "reduce_scatter": 0.0}  # time spent in the gradient hooks
         # reduce-scatters run asynchronously, overlapping the backward of earlier layers; at most
         # ``max_pending`` padded full-size statistics wait for their collective at any time
-        self.pending: list[tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.pending: list[tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (work, out, buf, input)
         self.max_pending = max_pending
         for n, shape in self.shapes.items():
             c = math.ceil(math.prod(shape) / self.world)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from actors.group import ActorGroup, GroupMember, GroupSpec
 
 log = logging.getLogger(__name__)
 
@@ -35,42 +36,42 @@ class ModelRef:
     key: str = ""
 
 
-class EvalWorker:
-    """One evaluation actor (a GPU when the cluster has them, a CPU otherwise)."""
+class EvalWorker(GroupMember):
+    """One evaluation actor (its GPU when the cluster has them, a CPU otherwise); no process group."""
 
     def __init__(self, num_threads: int = 1) -> None:
-        torch.set_num_threads(max(1, num_threads))
+        super().__init__(num_threads)
         self.key: str | None = None
         self.model = None
         self.tokenizer = None
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def load(self, ref: ModelRef, model_cfg: Any, weights: dict[str, torch.Tensor] | None = None) -> int:
         """Load ``ref`` (no-op when already loaded); returns the parameter count."""
-        from orchestrator.modeling import load_model, load_tokenizer
+        from orchestrator.inputs.models import load_tokenizer
+        from orchestrator.structured.shrink import load_checkpoint
 
         if self.key == ref.key and self.model is not None:
             return sum(p.numel() for p in self.model.parameters())
         self.model = None
-        self.model = load_model(ref.path, model_cfg).to(self.device)
+        self.model = load_checkpoint(ref.path, model_cfg).to(self.device)
         if weights:
             params = dict(self.model.named_parameters())
             with torch.no_grad():
                 for name, w in weights.items():
-                    params[name].copy_(w.to(params[name].dtype))
+                    params[name].copy_(w.to(params[name].device, params[name].dtype))
         self.tokenizer = load_tokenizer(ref.path, model_cfg)
         self.key = ref.key
         return sum(p.numel() for p in self.model.parameters())
 
     def nll(self, windows: torch.Tensor) -> tuple[float, int]:
         """Summed next-token NLL of ``(k, L)`` windows and the number of predicted tokens."""
-        from orchestrator.evaluate import window_nll
+        from orchestrator.evaluation.perplexity import window_nll
 
-        return window_nll(self.model, windows.to(self.device))
+        return window_nll(self.model, windows.to(self.device))  # a float and an int: nothing to move back
 
     def mc(self, examples: list[dict]) -> list[dict]:
-        """Per-example multiple-choice results (see :func:`orchestrator.zeroshot.score_examples`)."""
-        from orchestrator.zeroshot import score_examples
+        """Per-example multiple-choice results (see :func:`orchestrator.evaluation.zeroshot.score_examples`)."""
+        from orchestrator.evaluation.zeroshot import score_examples
 
         return score_examples(self.model, self.tokenizer, examples)
 
@@ -88,38 +89,26 @@ def split(n: int, parts: int) -> list[tuple[int, int]]:
 
 
 class EvalGroup:
-    """``workers`` evaluation actors.
+    """``spec.workers`` evaluation actors (an :class:`~actors.group.ActorGroup` without a process group).
 
     Args:
-        workers: number of actors (one GPU each when the cluster has GPUs).
+        spec: the group (one GPU per actor on a GPU cluster), chosen by the coordinator.
         model_cfg: model options used to load every checkpoint (dtype, trust_remote_code, ...).
-        address: Ray address (None: the running or a local Ray).
-        num_threads: torch threads per actor (0: CPUs // workers).
         progress: show progress bars on the driver.
     """
 
-    def __init__(self, workers: int, model_cfg: Any, address: str | None = None, num_threads: int = 0,
-                 progress: bool = False) -> None:
+    def __init__(self, spec: GroupSpec, model_cfg: Any, progress: bool = False) -> None:
+        self.group = ActorGroup(EvalWorker, spec)
+        self.actors = self.group.actors
+        self.model_cfg = model_cfg
+        self.workers = spec.workers
+        self.progress = progress
+
+    def ref(self, key: str, path: str, weights: dict[str, torch.Tensor] | None = None) -> ModelRef:
+        """A model reference for the actors; ``weights`` go to the object store once."""
         import ray
 
-        from actors.group import ensure_ray
-        from orchestrator.errors import UsageError
-
-        ensure_ray(address)
-        res = ray.cluster_resources()
-        gpus = int(res.get("GPU", 0))
-        have = gpus if gpus else int(res.get("CPU", 0))
-        if workers < 1 or workers > have:
-            kind = "GPUs" if gpus else "CPUs"
-            raise UsageError(f"eval.workers: {workers} actors asked but the Ray cluster has {have} {kind}")
-        threads = num_threads or max(1, (os.cpu_count() or 1) // workers)
-        cls = ray.remote(EvalWorker)
-        env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-        self.actors = [cls.options(num_cpus=1, num_gpus=1 if gpus else 0, runtime_env={"env_vars": env},
-                                   scheduling_strategy="SPREAD").remote(threads) for _ in range(workers)]
-        self.model_cfg = model_cfg
-        self.workers = workers
-        self.progress = progress
+        return ModelRef(path=path, weights=ray.put(weights) if weights else None, key=key)
 
     def _load(self, actors: list, ref: ModelRef) -> None:
         import ray
@@ -168,7 +157,7 @@ class EvalGroup:
         """
         import ray
 
-        from orchestrator.zeroshot import aggregate
+        from orchestrator.evaluation.zeroshot import aggregate
 
         if len(refs) < self.workers:  # fewer candidates than actors: split each one's work instead
             out = []
@@ -197,9 +186,6 @@ class EvalGroup:
         return [pending[i] for i in range(len(refs))]
 
     def shutdown(self) -> None:
-        """Kill the actors."""
-        import ray
-
-        for a in self.actors:
-            ray.kill(a)
+        """Stop the actors and free their placement group."""
+        self.group.kill()
         self.actors = []

@@ -1,164 +1,311 @@
-"""A group of :class:`~actors.worker.PruneWorker` actors in one placement group, joined
-into one ``torch.distributed`` process group through ``deepspeed.init_distributed``.
+"""The one actor group: N actors in a placement group, ranked by node then accelerator, optionally
+joined into one ``torch.distributed`` process group.
+
+Pruning workers, evaluation actors and recovery actors are all :class:`GroupMember` subclasses
+driven through :class:`ActorGroup` (in the manner of Ray Train's worker group):
+
+* one bundle per actor (``{"GPU": 1, "CPU": 1}`` on a GPU cluster, ``{"CPU": 1}`` otherwise);
+* every actor reports its node and the accelerator ids Ray assigned, once;
+* ranks are ordered by node, then by accelerator id; the local rank is the position among the
+  group's actors on the same node;
+* on GPUs the group's accelerators of a node are made visible to each of its actors
+  (``CUDA_VISIBLE_DEVICES``, before CUDA is touched) so that the device index of an actor
+  (the position of its own accelerator in that list) equals its local rank, which is what
+  DeepSpeed and NCCL read from ``LOCAL_RANK``. It never comes from counting actors;
+* the caller (the coordinator) chooses the process-group backend: ``nccl`` on GPUs, ``gloo``
+  on CPUs, or none for independent actors;
+* ``execute`` / ``execute_async`` / ``execute_single`` call a method on all actors or on one;
+  a failing actor fails the whole step at once (the others are stuck in a collective).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import ray
+import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.worker import PruneWorker
+from actors.cluster import check_capacity, ensure_ray
+from orchestrator.engine.device import local_device, visible_device_index
 from orchestrator.errors import UsageError
 
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+BACKENDS = ("nccl", "gloo")
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to a cluster (``address``: ``auto`` or ``host:port``) or start a local Ray.
+@dataclass(frozen=True)
+class GroupSpec:
+    """How to start a group (chosen by the coordinator).
 
-    An already initialised Ray (e.g. by a test fixture or the caller) is used as is.
+    Attributes:
+        workers: number of actors.
+        use_gpu: one GPU per actor (else CPU actors).
+        backend: ``nccl``, ``gloo`` or None (independent actors, no process group).
+        field: the config key named in capacity and placement errors.
+        address: Ray address (None: the running Ray, or a local one).
+        strategy: placement strategy.
+        num_threads: torch threads per actor (0: the node's CPUs // workers, at least 1).
+        deepspeed: join through ``deepspeed.init_distributed`` (ZeRO-3 workers) instead of torch.
+        collective_timeout_s: a collective whose peer stopped participating fails after this long.
+        shutdown_timeout_s: graceful shutdown wait before the actors are killed.
     """
-    if ray.is_initialized():
-        return
-    if address:
-        _probe(address)
-        try:
-            ray.init(address=address, log_to_driver=True)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise UsageError(f"backend.address: cannot connect to Ray at {address!r} ({exc})") from None
-    else:
-        ray.init(num_cpus=num_cpus, log_to_driver=True)
+
+    workers: int
+    use_gpu: bool = False
+    backend: str | None = "gloo"
+    field: str = "backend.workers"
+    address: str | None = None
+    strategy: str = "PACK"
+    num_threads: int = 0
+    deepspeed: bool = False
+    collective_timeout_s: float = 1800.0
+    shutdown_timeout_s: float = 30.0
 
 
-def check_capacity(workers: int, field: str = "backend.workers") -> bool:
-    """Check that the connected cluster can place ``workers`` ranks; returns whether they get GPUs.
+@dataclass(frozen=True)
+class MemberInfo:
+    """Where one actor runs, as Ray assigned it."""
 
-    Raises:
-        UsageError: fewer GPUs (or CPUs on a CPU-only cluster) than workers; checked before any
-            placement group exists, since one that cannot be satisfied waits forever.
+    node_id: str
+    node_ip: str
+    accelerator_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """One actor's place in the group."""
+
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    visible_devices: str | None  # the CUDA_VISIBLE_DEVICES the actor gets (None: left as Ray set it)
+
+
+def order_ranks(infos: list[MemberInfo]) -> tuple[list[int], list[RankInfo]]:
+    """Ranks ordered by node (in order of first appearance), then accelerator id.
+
+    Returns:
+        ``(order, ranks)``: ``order[r]`` is the index into ``infos`` of rank ``r``; ``ranks[r]``
+        its place in the group (GPU actors: the node's accelerators, sorted, as visible devices).
     """
-    if workers < 1:
-        raise UsageError(f"{field}: must be >= 1, got {workers}")
-    res = ray.cluster_resources()
-    gpus = int(res.get("GPU", 0))
-    cpus = int(res.get("CPU", 0))
-    have = gpus if gpus else cpus
-    if workers > have:
-        kind = "GPUs" if gpus else "CPUs"
-        raise UsageError(f"{field}: {workers} workers asked but the Ray cluster has {have} {kind}")
-    if workers > cpus:
-        raise UsageError(f"{field}: {workers} workers need {workers} CPUs but the Ray cluster has {cpus}")
-    return gpus > 0
+    nodes: dict[str, int] = {}
+    for info in infos:
+        nodes.setdefault(info.node_id, len(nodes))
+
+    def key(i: int) -> tuple:
+        ids = infos[i].accelerator_ids
+        return nodes[infos[i].node_id], (int(ids[0]) if ids and ids[0].isdigit() else -1), i
+
+    order = sorted(range(len(infos)), key=key)
+    ranks = []
+    for r, i in enumerate(order):
+        peers = [j for j in order if infos[j].node_id == infos[i].node_id]
+        visible = None
+        if infos[i].accelerator_ids:
+            ids = [a for j in peers for a in infos[j].accelerator_ids]
+            visible = ",".join(ids)
+        ranks.append(RankInfo(r, len(infos), peers.index(i), len(peers), visible))
+    return order, ranks
 
 
-def _probe(address: str, timeout: float = 5.0) -> None:
-    """Fail fast on an unreachable ``host:port`` (``ray.init`` would otherwise retry for minutes)."""
-    import socket
-
-    if address in ("auto", "local") or address.startswith(("ray://", "http://", "https://")):
-        return
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise UsageError(f"backend.address: expected 'auto' or HOST:PORT, got {address!r}")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
-    except OSError as exc:
-        raise UsageError(f"backend.address: no Ray head answers at {address!r} ({exc.strerror or exc})") from None
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
 
 
-class WorkerGroup:
-    """``workers`` actors, one per placement-group bundle, forming one distributed group.
+class GroupMember:
+    """Base class of every actor an :class:`ActorGroup` runs: placement, rank, device, process group.
+
+    Subclasses own their resources (a model shard, a model copy, adapters) and decide nothing.
+    """
+
+    def __init__(self, num_threads: int = 1) -> None:
+        torch.set_num_threads(max(1, num_threads))
+        self.rank, self.world, self.local_rank = 0, 1, 0
+        self.device = torch.device("cpu")
+
+    def member_info(self) -> MemberInfo:
+        """The node and the accelerators Ray assigned to this actor (CUDA is not touched)."""
+        ctx = ray.get_runtime_context()
+        ids = tuple(str(a) for a in ctx.get_accelerator_ids().get("GPU", []))
+        return MemberInfo(ctx.get_node_id(), ray.util.get_node_ip_address(), ids)
+
+    def rendezvous(self) -> tuple[str, int]:
+        """This node's IP and a free port on it (rank 0's rendezvous)."""
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def setup(self, place: RankInfo, master: str, port: int, backend: str | None, deepspeed: bool = False,
+              timeout_s: float = 1800.0) -> dict:
+        """Take this actor's rank and device, and join the process group (collective when ``backend``).
+
+        Returns:
+            :meth:`device_info`.
+        """
+        self.rank, self.world, self.local_rank = place.rank, place.world, place.local_rank
+        ids = list(self.member_info().accelerator_ids)
+        if place.visible_devices is not None:  # before anything initialises CUDA in this process
+            os.environ["CUDA_VISIBLE_DEVICES"] = place.visible_devices
+        self.device_index = visible_device_index(ids, place.visible_devices) if ids else None
+        local = place.local_rank if self.device_index is None else self.device_index  # DeepSpeed's device ordinal
+        os.environ.update({"MASTER_ADDR": master, "MASTER_PORT": str(port), "RANK": str(place.rank),
+                           "WORLD_SIZE": str(place.world), "LOCAL_RANK": str(local),
+                           "LOCAL_WORLD_SIZE": str(place.local_world), "LOCAL_SIZE": str(place.local_world)})
+        self.device = local_device(ids)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if backend is not None:
+            self._join(backend, deepspeed, timeout_s)
+        return self.device_info()
+
+    def _join(self, backend: str, deepspeed: bool, timeout_s: float) -> None:
+        timeout = timedelta(seconds=timeout_s)
+        if deepspeed:
+            import deepspeed as ds
+
+            ds.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, rank=self.rank,
+                                world_size=self.world, timeout=timeout)
+        else:
+            import torch.distributed as dist
+
+            dist.init_process_group(backend, init_method=f"tcp://{os.environ['MASTER_ADDR']}:"
+                                    f"{os.environ['MASTER_PORT']}", rank=self.rank, world_size=self.world,
+                                    timeout=timeout)
+
+    def device_info(self) -> dict:
+        """Rank, local rank, device and the accelerators behind it (for logs and tests)."""
+        info = self.member_info()
+        return {"rank": self.rank, "world": self.world, "local_rank": self.local_rank, "node_id": info.node_id,
+                "accelerator_ids": list(info.accelerator_ids), "device": str(self.device),
+                "device_index": getattr(self, "device_index", None),
+                "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+    def leave(self) -> None:
+        """Destroy the process group (subclasses free their resources first)."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class ActorGroup:
+    """``spec.workers`` actors of ``actor_cls``, one per placement-group bundle, in rank order.
 
     Args:
-        workers: number of ranks.
-        address: Ray address to connect to (None: local Ray unless already initialised).
-        strategy: placement strategy (``PACK`` default, ``STRICT_SPREAD`` for one per node).
-        num_threads: torch threads per actor (0: CPUs of the node // workers, at least 1).
-        shutdown_timeout: seconds to wait for a graceful shutdown before ``ray.kill``.
-        collective_timeout: seconds after which a collective whose peer stopped participating fails.
+        actor_cls: a :class:`GroupMember` subclass (wrapped with ``ray.remote`` here).
+        spec: how many, on which resources, joined how.
+
+    Raises:
+        UsageError: the cluster is too small, or the bundles cannot be placed.
     """
 
-    def __init__(self, workers: int, address: str | None = None, strategy: str = "PACK",
-                 num_threads: int = 0, shutdown_timeout: float = 30.0, collective_timeout: float = 1800.0) -> None:
-        if strategy not in STRATEGIES:
-            raise UsageError(f"placement strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
-        ensure_ray(address)
-        self.workers = workers
-        self.shutdown_timeout = shutdown_timeout
-        self.collective_timeout = collective_timeout
-        self.use_gpu = check_capacity(workers)
-        bundle = {"GPU": 1, "CPU": 1} if self.use_gpu else {"CPU": 1}
-        self.pg = placement_group([dict(bundle) for _ in range(workers)], strategy=strategy)
+    def __init__(self, actor_cls: type[GroupMember], spec: GroupSpec) -> None:
+        if spec.strategy not in STRATEGIES:
+            raise UsageError(f"placement strategy {spec.strategy!r}: expected one of {', '.join(STRATEGIES)}")
+        if spec.backend is not None and spec.backend not in BACKENDS:
+            raise UsageError(f"process-group backend {spec.backend!r}: expected one of {', '.join(BACKENDS)}")
+        ensure_ray(spec.address)
+        check_capacity(spec.workers, spec.field)
+        self.spec = spec
+        self.workers = spec.workers
+        self.actors: list = []
+        bundle = {"GPU": 1, "CPU": 1} if spec.use_gpu else {"CPU": 1}
+        self.pg = placement_group([dict(bundle) for _ in range(spec.workers)], strategy=spec.strategy)
         try:
             ray.get(self.pg.ready(), timeout=120)
         except Exception:
             remove_placement_group(self.pg)
-            raise UsageError(f"backend.workers: {workers} workers cannot be placed with strategy {strategy}") from None
-        threads = num_threads or max(1, (os.cpu_count() or 1) // workers)
+            self.pg = None
+            raise UsageError(f"{spec.field}: {spec.workers} workers cannot be placed with strategy "
+                             f"{spec.strategy}") from None
+        threads = spec.num_threads or max(1, (os.cpu_count() or 1) // spec.workers)
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-        if not self.use_gpu:
+        if not spec.use_gpu:
             env["DS_ACCELERATOR"] = "cpu"
-        actor_cls = ray.remote(PruneWorker)
-        self.actors = [
-            actor_cls.options(
-                num_cpus=1, num_gpus=1 if self.use_gpu else 0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.pg, placement_group_bundle_index=i),
-                runtime_env={"env_vars": env},
+        remote = ray.remote(actor_cls)
+        actors = [
+            remote.options(
+                num_cpus=1, num_gpus=1 if spec.use_gpu else 0, runtime_env={"env_vars": env},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=self.pg,
+                                                                     placement_group_bundle_index=i),
             ).remote(threads)
-            for i in range(workers)
+            for i in range(spec.workers)
         ]
+        self.actors = actors
         try:
-            self._join()
+            self.infos = self.get([a.member_info.remote() for a in actors])
+            order, self.ranks = order_ranks(self.infos)
+            self.actors = [actors[i] for i in order]
+            self.infos = [self.infos[i] for i in order]
+            master, port = ray.get(self.actors[0].rendezvous.remote())
+            self.devices = self.get([a.setup.remote(r, master, port, spec.backend, spec.deepspeed,
+                                                    spec.collective_timeout_s)
+                                     for a, r in zip(self.actors, self.ranks, strict=True)])
         except BaseException:
             self.shutdown()
             raise
+        log.info("%s: %d %s actors (%s) on %d node(s)", spec.field, spec.workers, actor_cls.__name__,
+                 spec.backend or "no process group", len({i.node_id for i in self.infos}))
 
-    def _join(self) -> None:
-        ips = ray.get([a.node_ip.remote() for a in self.actors])
-        master, port = ray.get(self.actors[0].address.remote())
-        local = [ips[:r].count(ips[r]) for r in range(self.workers)]
-        backend = "nccl" if self.use_gpu else "gloo"
-        ray.get([a.join.remote(r, self.workers, local[r], master, port, backend, self.collective_timeout)
-                 for r, a in enumerate(self.actors)])
-        log.info("worker group: %d ranks joined %s at %s:%d", self.workers, backend, master, port)
+    def get(self, refs: list) -> list:
+        """``ray.get`` that fails fast: the first actor error kills the whole group and is raised."""
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(done[0])
+            except Exception:
+                self.kill()
+                raise
+        return ray.get(refs)
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> list:
-        """Call ``method`` on every actor at once (collective) and wait for all results."""
-        return ray.get(self.call_async(method, *args, **kwargs))
-
-    def call_async(self, method: str, *args: Any, **kwargs: Any) -> list:
-        """Start ``method`` on every actor; returns the object refs in rank order."""
+    def execute_async(self, method: str, *args: Any, **kwargs: Any) -> list:
+        """Start ``method`` on every actor; the object refs in rank order."""
         return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+
+    def execute(self, method: str, *args: Any, **kwargs: Any) -> list:
+        """Call ``method`` on every actor at once (collective) and wait for all results (rank order)."""
+        return self.get(self.execute_async(method, *args, **kwargs))
+
+    def execute_single_async(self, rank: int, method: str, *args: Any, **kwargs: Any):
+        """Start ``method`` on the actor of ``rank``; its object ref."""
+        return getattr(self.actors[rank], method).remote(*args, **kwargs)
+
+    def execute_single(self, rank: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call ``method`` on the actor of ``rank`` and wait."""
+        return self.get([self.execute_single_async(rank, method, *args, **kwargs)])[0]
+
+    def kill(self) -> None:
+        """Tear the group down at once (a hung collective never answers a graceful leave)."""
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
 
     def shutdown(self) -> None:
         """Leave the process group gracefully, kill the actors after a timeout, free the placement group."""
-        stop_actors(getattr(self, "actors", []), getattr(self, "pg", None), self.shutdown_timeout, "worker group")
-        self.actors, self.pg = [], None
+        refs = [a.leave.remote() for a in self.actors]
+        if refs:
+            _, pending = ray.wait(refs, num_returns=len(refs), timeout=self.spec.shutdown_timeout_s)
+            if pending:
+                log.warning("%s: %d actors did not shut down in %.0fs", self.spec.field, len(pending),
+                            self.spec.shutdown_timeout_s)
+        self.kill()
 
-    def __enter__(self) -> WorkerGroup:
+    def __enter__(self) -> ActorGroup:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
-
-
-def stop_actors(actors: list, pg: Any, timeout: float, what: str) -> None:
-    """Ask ``actors`` to ``leave()`` their process group, wait up to ``timeout`` s, kill them all, free ``pg``."""
-    refs = [a.leave.remote() for a in actors]
-    if refs:
-        _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-        if pending:
-            log.warning("%s: %d actors did not shut down in %.0fs", what, len(pending), timeout)
-    for a in actors:
-        ray.kill(a)
-    if pg is not None:
-        remove_placement_group(pg)

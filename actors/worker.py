@@ -2,7 +2,9 @@
 
 It runs what the coordinator asks, in lock-step with the other workers (every call
 that touches the model is collective), and decides no policy: scoring and masks come
-from :mod:`orchestrator.pruning` through :func:`orchestrator.engine.prune_linears`.
+from :mod:`orchestrator.pruning` through the one block step (:mod:`orchestrator.engine.block_step`).
+Every tensor it makes or receives lives on its device (:attr:`GroupMember.device`); what it hands
+back to the driver is on the CPU.
 """
 
 from __future__ import annotations
@@ -14,20 +16,16 @@ import logging
 import math
 import os
 import resource
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from actors.group import GroupMember
+from orchestrator.engine.device import Placement, to_cpu
+
 log = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
 
 
 def current_rss() -> int:
@@ -54,13 +52,11 @@ def read_shard(shard: bytes) -> tuple[torch.Tensor, list[int]]:
     return ids, positions
 
 
-class PruneWorker:
-    """One rank of the distributed pruning job (wrapped with ``ray.remote`` by the group)."""
+class PruneWorker(GroupMember):
+    """One rank of the distributed pruning job (run by an :class:`~actors.group.ActorGroup`)."""
 
     def __init__(self, num_threads: int = 1) -> None:
-        torch.set_num_threads(max(1, num_threads))
-        self.rank = -1
-        self.world = 0
+        super().__init__(num_threads)
         self.rss: dict[str, int] = {}
         self._reset()
 
@@ -77,52 +73,10 @@ class PruneWorker:
         self.prefix = ""
         gc.collect()
 
-    # ------------------------------------------------------------ setup
-
-    def address(self) -> tuple[str, int]:
-        """This node's IP and a free port on it (rank 0's rendezvous)."""
-        import ray
-
-        return ray.util.get_node_ip_address(), _free_port()
-
-    def node_ip(self) -> str:
-        """The IP of the node this actor runs on."""
-        import ray
-
-        return ray.util.get_node_ip_address()
-
-    def node_id(self) -> str:
-        """The Ray node id this actor runs on."""
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-
-    def join(self, rank: int, world: int, local_rank: int, master: str, port: int, backend: str,
-             timeout_s: float = 1800.0) -> int:
-        """Join ``torch.distributed`` through ``deepspeed.init_distributed``; returns the rank.
-
-        ``timeout_s`` bounds every collective: a peer that stops participating turns into an
-        error on the others after that long instead of a hang.
-        """
-        from datetime import timedelta
-
-        os.environ.update({"MASTER_ADDR": master, "MASTER_PORT": str(port), "RANK": str(rank),
-                           "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank),
-                           "LOCAL_SIZE": os.environ.get("LOCAL_SIZE", "1")})
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                   rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
-        self.rank, self.world = rank, world
-        return rank
-
     def leave(self) -> None:
         """Free the model and destroy the process group."""
-        import torch.distributed as dist
-
         self.finish()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        super().leave()
 
     # ------------------------------------------------------------ one run
 
@@ -131,17 +85,19 @@ class PruneWorker:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from actors.zero3 import ds_config, load_partitioned
-        from orchestrator.blocks import block_prefix
-        from orchestrator.modeling import TORCH_DTYPES
+        from orchestrator.engine.blocks import block_prefix
+        from orchestrator.inputs.models import TORCH_DTYPES
 
         self.finish()
-        self.ids, self.positions = read_shard(shard)
+        ids, self.positions = read_shard(shard)
+        self.ids = ids.to(self.device)  # (n, L)
         self.seq_len = seq_len
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
         shell_cfg = copy.deepcopy(config)
         shell_cfg.num_hidden_layers = 1
         # built before HfDeepSpeedConfig exists, so it is a plain model: embeddings + 1 block
         self.shell = AutoModelForCausalLM.from_config(shell_cfg, dtype=TORCH_DTYPES[model_cfg.dtype]).eval()
+        self.shell.to(self.device)
         self.shell.lm_head = torch.nn.Identity()
         self.ds_cfg = ds_config(self.world)
         self.model, self.dschf = load_partitioned(model_path, model_cfg, self.ds_cfg)
@@ -157,7 +113,8 @@ class PruneWorker:
             if j < self.ids.shape[0]:
                 rows.append((self.ids[j : j + 1], 1.0))
             else:
-                dummy = self.ids[:1] if self.ids.shape[0] else torch.zeros((1, self.seq_len), dtype=torch.int64)
+                dummy = (self.ids[:1] if self.ids.shape[0]
+                         else torch.zeros((1, self.seq_len), dtype=torch.int64, device=self.device))
                 rows.append((dummy, 0.0))
         return rows
 
@@ -173,7 +130,7 @@ class PruneWorker:
         ``resume`` = ``(path, sha256)`` of this rank's saved partitions to continue from.
         """
         from actors.zero3 import Decoder, ShardedGradStats, full_shape, make_engine
-        from orchestrator.engine import logits_free, pruned_weight_names
+        from orchestrator.engine.local import logits_free, pruned_weight_names
 
         names = pruned_weight_names(self.model)
         # the loss without logits (as the local engine computes it) unless the head is more than a matmul
@@ -183,7 +140,7 @@ class PruneWorker:
         rest = [(math.prod(full_shape(p)), n) for n, p in wrapped.named_parameters() if id(p) not in pruned]
         self.engine = make_engine(wrapped, self.ds_cfg, {min(rest)[1]})
         mods = dict(self.model.named_modules())
-        self.grads = ShardedGradStats({n: mods[n.removesuffix(".weight")] for n in names}, kinds, scale)
+        self.grads = ShardedGradStats({n: mods[n.removesuffix(".weight")] for n in names}, kinds, scale, self.device)
         if resume is not None:
             from actors.checkpoint import load_tensors
 
@@ -208,7 +165,7 @@ class PruneWorker:
         for lo in range(0, len(rows), max(1, batch)):
             part = rows[lo : lo + max(1, batch)]
             ids = torch.cat([r[0] for r in part])  # (B, L)
-            self.grads.set_batch(torch.tensor([r[1] for r in part]))
+            self.grads.set_batch(torch.tensor([r[1] for r in part], device=self.device))
             t0 = time.perf_counter()
             if self.chunked_loss:
                 loss = head_loss(self.model, self.engine(ids), ids)  # (B, T, H) -> sum of sequence means
@@ -265,10 +222,10 @@ class PruneWorker:
     def capture(self) -> int:
         """Block-0 inputs of this rank's sequences (local: a plain embedding shell, no ZeRO forwards)."""
         from actors.zero3 import gather_embedding_into
-        from orchestrator.blocks import capture_block_inputs
+        from orchestrator.engine.blocks import capture_block_inputs
 
         gather_embedding_into(self.model, self.shell)
-        ids = self.ids if self.ids.shape[0] else torch.zeros((1, self.seq_len), dtype=torch.int64)
+        ids = self.ids if self.ids.shape[0] else torch.zeros((1, self.seq_len), dtype=torch.int64, device=self.device)
         hidden, self.kwargs = capture_block_inputs(self.shell, ids)  # (n, L, H)
         self.hidden = hidden[: self.ids.shape[0]]
         self.shell = None
@@ -276,90 +233,64 @@ class PruneWorker:
         self.rss["captured"] = current_rss()
         return int(self.hidden.shape[0])
 
-    def prune_block(self, index: int, pcfg: Any, forward_dtype: str) -> dict | None:
-        """Prune block ``index`` (collective); rank 0 returns masks, weights and report rows."""
+    def prune_block(self, index: int, pcfg: Any, forward_dtype: str, grad_kind: str | None,
+                    scorer: int = 0) -> dict | None:
+        """Prune block ``index`` with :func:`~orchestrator.engine.block_step.block_step` (collective).
+
+        The statistics are all-reduced, rank ``scorer`` scores (the gradient statistic ``grad_kind``
+        is gathered there only) and broadcasts its weights, which every rank writes back into its
+        ZeRO-3 partitions. Rank ``scorer`` returns masks, weights and report rows (on the CPU).
+        """
         import torch.distributed as dist
 
         from actors.zero3 import plain_block, write_back
-        from orchestrator.blocks import block_linears, collect_inputs, decoder_blocks
-        from orchestrator.engine import layer_row, prune_linears
-        from orchestrator.modeling import TORCH_DTYPES
-        from orchestrator.pruning.methods import gradient_kinds, needs_xtx
+        from orchestrator.engine.block_step import StepContext, block_step
+        from orchestrator.engine.blocks import block_linears, decoder_blocks
+        from orchestrator.engine.local import layer_row
 
-        amp = None if forward_dtype == "float32" else TORCH_DTYPES[forward_dtype]
         zblock = decoder_blocks(self.model)[index]
-        block = plain_block(zblock, self.config, index)
+        block = plain_block(zblock, self.config, index)  # on this rank's device
+        full = {n: f"{self.prefix}.{index}.{n}.weight" for n in block_linears(block)}
+        grads = {n: self.grads.gather_to(f, grad_kind, scorer) for n, f in full.items()} if grad_kind else {}
+
+        def share(linears: dict[str, torch.nn.Module]) -> None:
+            for lin in linears.values():  # the scorer's weights everywhere, bit for bit
+                dist.broadcast(lin.weight.data, src=scorer)
+
+        ctx = StepContext(pcfg, Placement.of(self.device, forward_dtype), grads=grads.get,
+                          reduce=dist.all_reduce, share=share, scorer=self.rank == scorer)
+        step = block_step(block, self.hidden, self.kwargs, ctx)
+        self.hidden = step.hidden
         linears = block_linears(block)
-        full = {n: f"{self.prefix}.{index}.{n}.weight" for n in linears}
-        kind = gradient_kinds(pcfg.method, pcfg.gblm.norm)
-        # only rank 0 scores: the statistic partitions are gathered there, not everywhere
-        grads = {n: self.grads.gather_to(full[n], kind[0], 0) for n in linears} if kind and self.grads else {}
-        stats, dense_out = None, None
-        with_stats = pcfg.method != "magnitude"
-        if with_stats:
-            with collect_inputs(linears, needs_xtx(pcfg.method)) as stats:
-                dense_out = self._forward(block, amp)
-            for st in stats.values():  # identical sums on every rank
-                dist.all_reduce(st.act_sq)
-                if st.xtx is not None:
-                    dist.all_reduce(st.xtx)
-                counts = torch.tensor([st.samples, st.tokens], dtype=torch.int64)
-                dist.all_reduce(counts)
-                st.samples, st.tokens = int(counts[0]), int(counts[1])
-        # only rank 0 scores and prunes (identical inputs everywhere); the others receive its weights
-        results = prune_linears(linears, stats, lambda n: grads.get(n), pcfg) if self.rank == 0 else {}
-        for lin in linears.values():  # rank 0's weights everywhere, bit for bit
-            dist.broadcast(lin.weight.data, src=0)
         write_back(zblock, {n: lin.weight.data for n, lin in linears.items()}, self.rank)
-        if with_stats:
-            self.hidden = self._forward(block, amp) if pcfg.sequential else dense_out
         del block
-        if self.rank != 0:
+        if self.rank != scorer:
             return None
-        return {
+        results = step.results[0]
+        return to_cpu({
             "masks": {full[n]: r.mask for n, r in results.items()},
-            "weights": {full[n]: lin.weight.data.clone() for n, lin in linears.items()},
+            "weights": {full[n]: lin.weight.data for n, lin in linears.items()},
             "rows": [layer_row(full[n], r) for n, r in results.items()],
-        }
+        })
 
     def replay_block(self, index: int, weights: dict[str, torch.Tensor], pcfg: Any, forward_dtype: str) -> None:
-        """Restore a checkpointed block (collective): write its pruned weights and advance the hidden states.
-
-        Produces exactly what :meth:`prune_block` left behind: the same weights in the ZeRO-3
-        partitions and the same next-block inputs (the pruned block's outputs when sequential,
-        the dense block's otherwise).
-        """
+        """Restore a checkpointed block (collective): the same weights in the ZeRO-3 partitions and the
+        same next-block inputs as :meth:`prune_block` left behind (the one block step, replaying)."""
         from actors.zero3 import plain_block, write_back
-        from orchestrator.blocks import block_linears, decoder_blocks
-        from orchestrator.modeling import TORCH_DTYPES
+        from orchestrator.engine.block_step import StepContext, block_step
+        from orchestrator.engine.blocks import block_linears, decoder_blocks
 
-        amp = None if forward_dtype == "float32" else TORCH_DTYPES[forward_dtype]
         zblock = decoder_blocks(self.model)[index]
         block = plain_block(zblock, self.config, index)
-        linears = block_linears(block)
-        local = {n: weights[f"{self.prefix}.{index}.{n}.weight"] for n in linears}
-        with_stats = pcfg.method != "magnitude"
-        if with_stats and not pcfg.sequential:
-            self.hidden = self._forward(block, amp)
-        with torch.no_grad():
-            for n, lin in linears.items():
-                lin.weight.data.copy_(local[n].to(lin.weight.dtype))
-        write_back(zblock, {n: lin.weight.data for n, lin in linears.items()}, self.rank)
-        if with_stats and pcfg.sequential:
-            self.hidden = self._forward(block, amp)
+        local = {n: weights[f"{self.prefix}.{index}.{n}.weight"] for n in block_linears(block)}
+        ctx = StepContext(pcfg, Placement.of(self.device, forward_dtype))
+        self.hidden = block_step(block, self.hidden, self.kwargs, ctx, replay=local).hidden
+        write_back(zblock, {n: lin.weight.data for n, lin in block_linears(block).items()}, self.rank)
         del block
-
-    def _forward(self, block: torch.nn.Module, amp: torch.dtype | None) -> torch.Tensor:
-        """This rank's hidden states through a plain block; ``(n, L, H)`` (n may be 0)."""
-        from orchestrator.blocks import forward_all
-
-        if self.hidden.shape[0] == 0:  # fewer sequences than workers: nothing local to run
-            return self.hidden
-        return forward_all(block, self.hidden, self.kwargs, autocast_dtype=amp)
 
     def num_blocks(self) -> int:
         """Number of decoder blocks of the loaded model."""
-        from orchestrator.blocks import decoder_blocks
+        from orchestrator.engine.blocks import decoder_blocks
 
         return len(decoder_blocks(self.model))
 
@@ -376,8 +307,8 @@ class PruneWorker:
         }
 
     def grad_partitions(self) -> dict[str, dict[str, torch.Tensor]]:
-        """This rank's raw statistic partitions (for tests)."""
-        return {} if self.grads is None else self.grads.chunks
+        """This rank's raw statistic partitions, on the CPU (for tests)."""
+        return {} if self.grads is None else to_cpu(self.grads.chunks)
 
     def finish(self) -> None:
         """Drop the model, engine and shards of the current run."""

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from orchestrator.config import ModelConfig
-from orchestrator.modeling import TORCH_DTYPES
+from orchestrator.inputs.config import ModelConfig
+from orchestrator.inputs.models import TORCH_DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +152,10 @@ class ShardedGradStats:
     """
 
     def __init__(self, modules: dict[str, nn.Linear], kinds: tuple[str, ...], scale: float,
-                 max_pending: int = 8) -> None:
+                 device: torch.device | str = "cpu", max_pending: int = 8) -> None:
         self.kinds = kinds
         self.scale = scale
-        self.weights = torch.ones(1)  # (B,) per-sample weights of the current micro-batch
+        self.weights = torch.ones(1, device=device)  # (B,) per-sample weights of the current micro-batch
         self.world = dist.get_world_size()
         self.rank = dist.get_rank()
         self.shapes = {n: full_shape(m.weight) for n, m in modules.items()}
@@ -167,7 +167,8 @@ class ShardedGradStats:
         self.max_pending = max_pending
         for n, shape in self.shapes.items():
             c = math.ceil(math.prod(shape) / self.world)
-            self.chunks[n] = {k: torch.zeros(c, dtype=torch.float32) for k in kinds}  # (ceil(numel/W),)
+            # (ceil(numel/W),) on the rank's device: NCCL reduce-scatters only device tensors
+            self.chunks[n] = {k: torch.zeros(c, dtype=torch.float32, device=device) for k in kinds}
         self.handles = [m.register_forward_hook(self._forward_hook(n)) for n, m in modules.items()]
 
     def set_batch(self, weights: torch.Tensor) -> None:
@@ -191,8 +192,6 @@ class ShardedGradStats:
         self.seconds["statistics"] += t1 - t0
         for kind, stat in stats.items():
             buf = self.chunks[name][kind]
-            if buf.device != stat.device:  # GPU ranks: partitions live next to the gradients (NCCL needs that)
-                buf = self.chunks[name][kind] = buf.to(stat.device)
             flat = stat.reshape(-1)
             pad = buf.numel() * self.world - flat.numel()
             full = torch.nn.functional.pad(flat, (0, pad)) if pad else flat  # (W * chunk,)
@@ -257,8 +256,10 @@ def plain_block(block: nn.Module, config: Any, index: int) -> nn.Module:
         if missing:
             raise TypeError("block has buffers")
         copy.load_state_dict(state, assign=True)
-    except TypeError:
-        copy = type(block)(config, index)
+    except TypeError:  # a block with buffers: build it for real on the parameters' device
+        device = next(iter(state.values())).device
+        with torch.device(device):
+            copy = type(block)(config, index)
         copy.load_state_dict(state, strict=False)
     return copy.eval()
 

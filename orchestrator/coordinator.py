@@ -11,14 +11,22 @@ from pathlib import Path
 
 import torch
 
-from orchestrator import __version__
-from orchestrator.artifacts import REPORT_SCHEMA_VERSION, RunWriter
-from orchestrator.config import RunConfig
-from orchestrator.data import calibration_windows, check_vocab, first_windows, load_texts, tokenize_corpus
-from orchestrator.engine import PruneOutcome, pruned_weight_names, run_local
+from orchestrator import __version__, groups
+from orchestrator.engine.device import Placement
+from orchestrator.engine.local import PruneOutcome, pruned_weight_names, run_local
 from orchestrator.errors import UsageError
-from orchestrator.modeling import load_model, load_tokenizer, materialize
-from orchestrator.report import render_markdown, render_plots, validate_report
+from orchestrator.inputs.config import RunConfig
+from orchestrator.inputs.data import (
+    calibration_windows,
+    check_source,
+    check_vocab,
+    first_windows,
+    load_texts,
+    tokenize_corpus,
+)
+from orchestrator.inputs.models import load_model, load_tokenizer, materialize
+from orchestrator.outputs.artifacts import REPORT_SCHEMA_VERSION, RunWriter
+from orchestrator.outputs.report import render_markdown, render_plots, validate_report
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +101,12 @@ def prune_with_backend(cfg: RunConfig, model, model_path: str, calib: torch.Tens
     if cfg.backend.kind == "local":
         if cfg.backend.num_threads:
             torch.set_num_threads(cfg.backend.num_threads)
-        outcome = run_local(model, calib, cfg.pruning, cfg.backend.forward_dtype, progress)
+        outcome = run_local(model, calib, cfg.pruning, Placement.of("cpu", cfg.backend.forward_dtype), progress)
         return outcome, []
-    from actors.engine import run_ray  # Ray and DeepSpeed only load for this backend
+    from actors.distributed import run_ray  # Ray and DeepSpeed only load for this backend
 
-    result = run_ray(cfg, model_path, calib, progress=progress, checkpoint_dir=checkpoint_dir)
+    result = run_ray(cfg, model_path, calib, progress=progress, checkpoint_dir=checkpoint_dir,
+                     spec=groups.prune_spec(cfg))
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, w in result.weights.items():
@@ -145,7 +154,7 @@ def run_prune(cfg: RunConfig, progress: bool = True, on_event: EventHook | None 
         progress: show progress bars.
         on_event: optional observer of phase starts/ends and of the finished run
             (``("done", {"run_dir"})``), e.g. for a job service's status endpoint.
-        run_key: content key of a scheduled run (``orchestrator.schedule``), written as the
+        run_key: content key of a scheduled run (``orchestrator.surfaces.runkeys``), written as the
             ``run_key`` file and into report.json.
         resume: continue an interrupted distributed run from its checkpoints.
 
@@ -158,10 +167,7 @@ def run_prune(cfg: RunConfig, progress: bool = True, on_event: EventHook | None 
     timer = PhaseTimer(on_event)
     ckpt = _prepare_checkpoints(cfg, resume)
     if cfg.backend.kind == "ray" and not cfg.structured.enabled and not cfg.pruning.sweep:
-        from actors.group import check_capacity, ensure_ray
-
-        ensure_ray(cfg.backend.address)  # before any model work: a bad address or too few workers fails now
-        check_capacity(cfg.backend.workers)
+        groups.check_prune_capacity(cfg)  # before any model work: a bad address or too few workers fails now
     try:
         final = _run(cfg, timer, progress, run_key, ckpt)
     except BaseException:
@@ -176,8 +182,12 @@ def run_prune(cfg: RunConfig, progress: bool = True, on_event: EventHook | None 
 
 def _run(cfg: RunConfig, timer: PhaseTimer, progress: bool, run_key: str | None, ckpt: Path | None) -> Path:
     """Load, prune, evaluate, publish; returns the published run directory."""
-    from orchestrator.evaluation import Evaluator
+    from orchestrator.evaluation.evaluator import Evaluator
 
+    if cfg.calibration.source != "generate":
+        check_source(cfg.calibration.source, "calibration.source")  # before minutes of model loading
+    if cfg.eval.enabled and cfg.eval.source:
+        check_source(cfg.eval.source, "eval.source")
     with RunWriter(cfg.output) as writer:
         with timer.phase("load"):
             model_path = materialize(cfg.model)
@@ -186,7 +196,7 @@ def _run(cfg: RunConfig, timer: PhaseTimer, progress: bool, run_key: str | None,
         with timer.phase("data"):
             calib = calibration_windows(cfg, model_path, tokenizer, model)
             windows = eval_windows(cfg, tokenizer, model)
-        evaluator = Evaluator(cfg, model_path, tokenizer, windows, progress)
+        evaluator = Evaluator(cfg, model_path, tokenizer, windows, progress, groups.eval_actors(cfg, progress))
         try:
             report = _prune_and_evaluate(cfg, timer, writer, evaluator, model, model_path, tokenizer, calib, progress,
                                          ckpt)
@@ -225,14 +235,14 @@ def _prune_and_evaluate(cfg: RunConfig, timer: PhaseTimer, writer: RunWriter, ev
             from orchestrator.structured.run import run_structured
 
             dense_params = sum(p.numel() for p in model.parameters())
-            model, structured = run_structured(cfg, model, calib, progress)
+            model, structured = run_structured(cfg, model, calib, progress, groups.distributed_recovery(cfg))
             structured["parameters_before"] = dense_params
             structured["parameters_after"] = sum(p.numel() for p in model.parameters())
             outcome, memory, sweep = PruneOutcome(), [], None
         elif cfg.pruning.sweep:
-            from orchestrator.sweep import main_sparsity, run_sweep
+            from orchestrator.engine.sweep import main_sparsity, run_sweep
 
-            sweep = run_sweep(model, calib, cfg.pruning, cfg.backend.forward_dtype, progress)
+            sweep = run_sweep(model, calib, cfg.pruning, Placement.of("cpu", cfg.backend.forward_dtype), progress)
             main = next(c for c in sweep.candidates if c.sparsity == main_sparsity(cfg.pruning))
             model, outcome, memory = main.model, main.outcome, []
             outcome.phases = sweep.phases
@@ -321,7 +331,7 @@ def _evaluate_sweep(sweep, evaluator, writer: RunWriter, names: list[str]) -> tu
 
 def _speed(cfg: RunConfig, model_path: str, model, tokenizer) -> dict:
     """Prefill/decode tokens/s of the dense and the pruned model, side by side in this process."""
-    from orchestrator.speed import compare_speed
+    from orchestrator.evaluation.speed import compare_speed
 
     e = cfg.eval
     dense = load_model(model_path, cfg.model)

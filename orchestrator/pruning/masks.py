@@ -27,7 +27,7 @@ def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
 def matrix_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the ``floor(numel * sparsity)`` lowest scores of the whole matrix."""
     k = int(score.numel() * sparsity)
-    mask = torch.zeros(score.numel(), dtype=torch.bool)
+    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
     if k:
         idx = torch.sort(score.reshape(-1), stable=True).indices[:k]
         mask[idx] = True

@@ -15,7 +15,7 @@ def _upper_cholesky_of_inverse(h: torch.Tensor, percdamp: float, name: str) -> t
     damp = percdamp
     for attempt in range(8):
         hd = h.clone()
-        idx = torch.arange(h.shape[0])
+        idx = torch.arange(h.shape[0], device=h.device)
         hd[idx, idx] += damp * diag_mean
         try:
             low = torch.linalg.cholesky(hd)
@@ -78,7 +78,7 @@ def sparsegpt_prune(
         if nm is None:
             tmp = w1.pow(2) / d1.pow(2).unsqueeze(0)
             k = int(tmp.numel() * sparsity)
-            mask1 = torch.zeros(tmp.numel(), dtype=torch.bool)
+            mask1 = torch.zeros(tmp.numel(), dtype=torch.bool, device=tmp.device)
             if k:
                 mask1[torch.sort(tmp.reshape(-1), stable=True).indices[:k]] = True
             mask1 = mask1.view_as(tmp)

@@ -22,19 +22,21 @@ class ActivationStats:
         xtx: ``(in, in)`` fp32, sum over tokens of ``x x^T`` (only when ``with_xtx``).
         samples: number of calibration sequences folded in.
         tokens: number of tokens folded in.
+        device: where the sums live (the layer's device).
     """
 
     in_features: int
     with_xtx: bool = False
+    device: torch.device | str = "cpu"
     act_sq: torch.Tensor = field(init=False)
     xtx: torch.Tensor | None = field(init=False, default=None)
     samples: int = 0
     tokens: int = 0
 
     def __post_init__(self) -> None:
-        self.act_sq = torch.zeros(self.in_features, dtype=torch.float32)
+        self.act_sq = torch.zeros(self.in_features, dtype=torch.float32, device=self.device)
         if self.with_xtx:
-            self.xtx = torch.zeros(self.in_features, self.in_features, dtype=torch.float32)
+            self.xtx = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=self.device)
 
     def update(self, x: torch.Tensor) -> None:
         """Fold in a batch of inputs.
@@ -84,19 +86,21 @@ class GradientStats:
         sum: ``sum_n s * g_n`` (Taylor importance), when requested.
         samples: number of per-sequence gradients folded in.
         scale: ``s``, the factor applied to each gradient before folding.
+        device: where the sums live.
     """
 
     shape: tuple[int, ...]
     kinds: tuple[str, ...] = ("abs",)
     scale: float = 1.0
     samples: int = 0
+    device: torch.device | str = "cpu"
     sums: dict[str, torch.Tensor] = field(init=False)
 
     def __post_init__(self) -> None:
         bad = [k for k in self.kinds if k not in GRAD_KINDS]
         if bad:
             raise ValueError(f"unknown gradient statistic(s) {bad}; allowed {GRAD_KINDS}")
-        self.sums = {k: torch.zeros(self.shape, dtype=torch.float32) for k in self.kinds}
+        self.sums = {k: torch.zeros(self.shape, dtype=torch.float32, device=self.device) for k in self.kinds}
 
     def update(self, grad: torch.Tensor) -> None:
         """Fold in one per-sequence gradient of shape ``shape``."""

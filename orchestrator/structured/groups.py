@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from orchestrator.blocks import block_prefix, decoder_blocks
+from orchestrator.engine.blocks import block_prefix, decoder_blocks
 from orchestrator.errors import UsageError
 
 _LLAMA_SPEC: dict = {

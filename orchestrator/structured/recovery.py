@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from orchestrator.blocks import block_prefix, decoder_blocks
-from orchestrator.config import RunConfig, StructuredRecoveryConfig
-from orchestrator.modeling import TORCH_DTYPES
+from orchestrator.engine.blocks import block_prefix, decoder_blocks
+from orchestrator.engine.device import Placement
+from orchestrator.inputs.config import RunConfig, StructuredRecoveryConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ def recovery_windows(cfg: RunConfig, calib_ids: torch.Tensor) -> torch.Tensor:
     source = r.source if r.source is not None else cfg.calibration.source
     if source in ("calibration", "generate"):
         return training_windows(calib_ids, r.seq_len)
-    from orchestrator.data import load_texts, num_windows, sample_windows, tokenize_corpus
-    from orchestrator.modeling import load_tokenizer, materialize
+    from orchestrator.inputs.data import load_texts, num_windows, sample_windows, tokenize_corpus
+    from orchestrator.inputs.models import load_tokenizer, materialize
 
     c = cfg.calibration
     tok = load_tokenizer(materialize(cfg.model), cfg.model)
@@ -180,7 +180,7 @@ def train(model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryConfig, 
 
     if world > 1 and all_reduce is None:
         raise ValueError("train: world > 1 needs an all_reduce")
-    amp = None if r.forward_dtype == "float32" else TORCH_DTYPES[r.forward_dtype]
+    place = Placement.of(windows.device, r.forward_dtype)  # the model and the windows live on one device
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     plan = phases(len(decoder_blocks(model)), r)
     batches = step_batches(windows.shape[0], sum(s for _, s in plan), r.batch_size, r.seed)  # (T, B)
@@ -191,18 +191,18 @@ def train(model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryConfig, 
             blocks = [b for g in groups for b in g]
             peft_model = get_peft_model(model, lora_config(model, blocks, r))
             _init_adapters(peft_model, r.seed + p_no)  # same initial adapters on every worker
-            fp32_base = _cast_base(peft_model, amp)
+            fp32_base = _cast_base(peft_model, place.autocast_dtype)
             params = [p for p in peft_model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=r.lr)
             peft_model.train()
             losses = []
             for local in tqdm(range(steps), desc=f"LoRA blocks {blocks[0]}-{blocks[-1]}", disable=not progress):
                 batch = batches[step]  # (B,)
-                loss_sum = torch.zeros(())
+                loss_sum = torch.zeros((), device=place.device)
                 for pos in range(rank, batch.numel(), world):
                     torch.manual_seed(_dropout_seed(r.seed, step, pos))
                     ids = windows[batch[pos]][None]  # (1, S)
-                    with torch.autocast("cpu", dtype=amp, enabled=amp is not None):  # adapters, optimiser stay fp32
+                    with place.autocast():  # adapters, optimiser stay fp32
                         loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
                     (loss / batch.numel()).backward()  # equal-length windows: batch mean = mean of means
                     loss_sum += loss.detach().float()
@@ -265,23 +265,27 @@ def apply_adapters(model: nn.Module, adapters: list[tuple[list[int], dict[str, t
     return model.eval()
 
 
+#: data-parallel recovery on actors: ``(model, windows, options) -> (merged model, report)``
+DistributedRecovery = Callable[[nn.Module, torch.Tensor, StructuredRecoveryConfig], tuple[nn.Module, dict]]
+
+
 def recover(model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryConfig, progress: bool = False,
-            address: str | None = None) -> tuple[nn.Module, dict]:
+            distributed: DistributedRecovery | None = None) -> tuple[nn.Module, dict]:
     """LoRA group fine-tuning of a (shrunk) causal LM; adapters merged back.
 
     Args:
         model: the pruned model (trained in place; the merged model is returned).
         windows: ``(M, S)`` int64 training windows (see :func:`recovery_windows`).
-        r: recovery options; ``workers > 1`` trains data-parallel on Ray actors.
+        r: recovery options; ``workers > 1`` trains data-parallel through ``distributed``.
         progress: show progress bars.
-        address: Ray address for ``workers > 1`` (None: local Ray unless already initialised).
+        distributed: the coordinator's data-parallel recovery (required when ``r.workers > 1``).
 
     Returns:
         ``(model, report)``: the merged plain model and the loss curves, steps and times.
     """
     if r.workers > 1:
-        from actors.recovery import recover_distributed
-
-        return recover_distributed(model, windows, r, address=address)
+        if distributed is None:
+            raise ValueError("recover: structured.recovery.workers > 1 needs a distributed recovery")
+        return distributed(model, windows, r)
     model, _, report = train(model, windows, r, progress=progress)
     return model, report

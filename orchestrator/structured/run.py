@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from orchestrator.config import RunConfig, StructuredConfig
-from orchestrator.engine import gradient_pass
+from orchestrator.engine.local import gradient_pass
+from orchestrator.inputs.config import RunConfig, StructuredConfig
 from orchestrator.structured.allocation import ModuleStats, allocate, indicator_weights
 from orchestrator.structured.groups import KINDS, ModuleGroups, decoder_params, module_groups
 from orchestrator.structured.importance import aggregate, fit_sigmas, fuse, stability, tensor_group_scores
+from orchestrator.structured.recovery import DistributedRecovery, recover, recovery_windows
 from orchestrator.structured.shrink import is_uniform, keep_groups, sync_config
 
 log = logging.getLogger(__name__)
@@ -102,10 +103,11 @@ def compute_importance(model: nn.Module, calib_ids: torch.Tensor, s: StructuredC
     mods = module_groups(model, first, last)
     kinds = ("sum", "sq") if "element2" in s.estimators else ("sum",)
     params = {n: p.detach() for n, p in model.named_parameters()}
+    device = next(model.parameters()).device
     totals: dict[str, dict[str, torch.Tensor]] | None = None
     means: dict[str, list[float]] = {m.key: [] for m in mods}
     for k, chunk in enumerate(torch.tensor_split(calib_ids, min(s.minibatches, calib_ids.shape[0]))):
-        grads = gradient_pass(model, chunk, kinds, s.grad_scale, progress)
+        grads = gradient_pass(model, chunk.to(device), kinds, s.grad_scale, progress)
         fused_k, sig_k = fuse_all(mods, module_scores(params, mods, grads, s.estimators, s.aggregation))
         for m in mods:  # drop the constant log-sigma term: the indicator must be shift-free
             means[m.key].append(float(fused_k[m.key].mean()) - sum(math.log(v) for v in sig_k[m.kind].values()))
@@ -160,8 +162,8 @@ def apply_pruning(model: nn.Module, imp: Importance, s: StructuredConfig) -> dic
             "importance_seconds": imp.seconds}
 
 
-def run_structured(cfg: RunConfig, model: nn.Module, calib_ids: torch.Tensor, progress: bool = False
-                   ) -> tuple[nn.Module, dict]:
+def run_structured(cfg: RunConfig, model: nn.Module, calib_ids: torch.Tensor, progress: bool = False,
+                   distributed_recovery: DistributedRecovery | None = None) -> tuple[nn.Module, dict]:
     """SAAP structured pruning of ``model`` (shrunk in place) plus optional LoRA recovery.
 
     Args:
@@ -169,6 +171,7 @@ def run_structured(cfg: RunConfig, model: nn.Module, calib_ids: torch.Tensor, pr
         model: dense causal LM of a supported architecture.
         calib_ids: ``(N, L)`` int64 calibration sequences.
         progress: show progress bars.
+        distributed_recovery: the coordinator's data-parallel recovery (``structured.recovery.workers > 1``).
 
     Returns:
         ``(model, report)``: the pruned (and possibly recovered) model and the report dict.
@@ -179,8 +182,6 @@ def run_structured(cfg: RunConfig, model: nn.Module, calib_ids: torch.Tensor, pr
     report = apply_pruning(model, imp, s)
     report["prune_seconds"] = time.perf_counter() - t0
     if s.recovery.enabled:
-        from orchestrator.structured.recovery import recover, recovery_windows
-
-        address = cfg.backend.address if cfg.backend.kind == "ray" else None
-        model, report["recovery"] = recover(model, recovery_windows(cfg, calib_ids), s.recovery, progress, address)
+        model, report["recovery"] = recover(model, recovery_windows(cfg, calib_ids), s.recovery, progress,
+                                            distributed_recovery)
     return model, report

@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from orchestrator.blocks import decoder_blocks
+from orchestrator.engine.blocks import decoder_blocks
 from orchestrator.errors import UsageError
+from orchestrator.inputs.config import ModelConfig
+from orchestrator.inputs.models import TORCH_DTYPES, check_weight_format, load_model
 from orchestrator.structured.groups import ModuleGroups, arch_spec, group_index, head_dim, module_groups
 
 log = logging.getLogger(__name__)
@@ -174,3 +176,14 @@ def _reinit_buffers(model: nn.Module, config) -> None:
         raise UsageError("structured checkpoint: cannot rebuild non-persistent buffers (no rotary_emb)")
     rot_owner.rotary_emb = type(rotary)(config=config)
 
+
+def load_checkpoint(path: str, model_cfg: ModelConfig, dtype: str | None = None) -> nn.Module:
+    """Load any checkpoint a run writes or reads: one with per-layer sizes (a SAAP model) through
+    :func:`load_structured`, every other through :func:`~orchestrator.inputs.models.load_model`."""
+    import json
+
+    cfg_file = Path(path) / "config.json"
+    if cfg_file.is_file() and SIZES_KEY in json.loads(cfg_file.read_text()):
+        check_weight_format(path, model_cfg)
+        return load_structured(path, TORCH_DTYPES[dtype or model_cfg.dtype]).eval()
+    return load_model(path, model_cfg, dtype)

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.config import RunConfig
 from orchestrator.coordinator import eval_windows
-from orchestrator.data import calibration_windows
-from orchestrator.engine import pruned_weight_names, run_local
-from orchestrator.evaluate import perplexity
-from orchestrator.modeling import load_model, load_tokenizer, materialize
+from orchestrator.engine.local import pruned_weight_names, run_local
+from orchestrator.evaluation.perplexity import perplexity
+from orchestrator.inputs.config import RunConfig
+from orchestrator.inputs.data import calibration_windows
+from orchestrator.inputs.models import load_model, load_tokenizer, materialize
 
 log = logging.getLogger("bench.distributed")
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -87,11 +87,11 @@ def run_local_row(cfg: RunConfig, path: str, calib: torch.Tensor, windows: torch
 def run_ray_row(cfg: RunConfig, path: str, calib: torch.Tensor, windows: torch.Tensor | None, workers: int,
                 threads: int, ref_masks: dict[str, torch.Tensor]) -> dict:
     """Prune with ``workers`` Ray actors, apply the weights to a dense model and evaluate."""
-    from actors.engine import run_ray
-    from actors.group import WorkerGroup
+    from actors.distributed import run_ray, start_workers
+    from actors.group import GroupSpec
 
     t0 = time.perf_counter()
-    group = WorkerGroup(workers, num_threads=max(1, threads // workers))
+    group = start_workers(GroupSpec(workers, num_threads=max(1, threads // workers), deepspeed=True))
     group_s = time.perf_counter() - t0
     try:
         res = run_ray(cfg, path, calib, progress=True, group=group)

@@ -1,4 +1,4 @@
-"""Build the local zero-shot task ``orchestrator/tasks/debian_cloze.jsonl`` from the Debian handbook.
+"""Build the local zero-shot task ``orchestrator/evaluation/tasks/debian_cloze.jsonl`` from the Debian handbook.
 
 Each example is a sentence of the handbook's prose (with the sentence before it, when there is
 one, as extra context) whose last word is held out: the correct continuation is ``" word."``
@@ -8,7 +8,7 @@ deterministic for a given seed and input file.
 
 Usage::
 
-    python tests/benchmarks/make_cloze_task.py            # writes orchestrator/tasks/debian_cloze.jsonl
+    python tests/benchmarks/make_cloze_task.py            # writes orchestrator/evaluation/tasks/debian_cloze.jsonl
     python tests/benchmarks/make_cloze_task.py --n 500 --out /tmp/cloze.jsonl
 """
 

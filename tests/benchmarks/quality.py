@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.config import load_config
 from orchestrator.coordinator import eval_windows, reached_sparsity
-from orchestrator.data import calibration_windows
-from orchestrator.engine import block_sequential, gradient_pass, pruned_weight_names
-from orchestrator.evaluate import perplexity
-from orchestrator.modeling import load_model, load_tokenizer, materialize
+from orchestrator.engine.device import Placement
+from orchestrator.engine.local import block_sequential, gradient_pass, pruned_weight_names
+from orchestrator.evaluation.perplexity import perplexity
+from orchestrator.inputs.data import calibration_windows
+from orchestrator.inputs.loader import load_config
+from orchestrator.inputs.models import load_model, load_tokenizer, materialize
 from orchestrator.pruning.methods import gradient_kinds
 
 log = logging.getLogger("bench.quality")
@@ -71,7 +72,8 @@ def main() -> None:
                 grad_s = time.perf_counter() - t0
             model = copy.deepcopy(dense)
             t0 = time.perf_counter()
-            outcome = block_sequential(model, calib, run.pruning, grads, run.backend.forward_dtype, progress=False)
+            outcome = block_sequential(model, calib, run.pruning, grads, Placement.of("cpu", run.backend.forward_dtype),
+                                       progress=False)
             block_s = time.perf_counter() - t0
             outcome.phases = {**({"gradient_pass": grad_s} if kinds else {}), "block_pass": block_s}
             prune_s = grad_s + block_s if kinds else block_s

@@ -27,8 +27,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from orchestrator.serve.client import ServeClient
-from orchestrator.yamlconf import yaml_load
+from orchestrator.inputs.yamlconf import yaml_load
+from orchestrator.surfaces.serve.client import ServeClient
 
 log = logging.getLogger("bench.serve_load")
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
@@ -123,7 +123,7 @@ def main() -> None:
         import ray
         from ray import serve
 
-        from orchestrator.serve.app import build_app
+        from orchestrator.surfaces.serve.app import build_app
 
         with tempfile.TemporaryDirectory(prefix="rayprune-serve-load-") as tmp:
             token = secrets.token_urlsafe(24)

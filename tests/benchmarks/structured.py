@@ -5,7 +5,7 @@ tokens, K mini-batches), then prunes copies of it at each target with each alloc
 optionally recovers them with LoRA group fine-tuning (windows of the calibration source,
 never the evaluation corpus), and reports perplexity on the first 40 x 512 Debian-handbook
 windows plus CPU speed measured side by side with the dense model in one run
-(:func:`orchestrator.speed.compare_speed`: interleaved repeats, medians; prefill of a
+(:func:`orchestrator.evaluation.speed.compare_speed`: interleaved repeats, medians; prefill of a
 512-token prompt and decode of 128 new tokens at batch 1) next to the ideal speedup, dense
 matmul FLOPs per token / pruned FLOPs per token. Speed is measured with 2 torch threads (the
 protocol's; ``prefill_tps`` / ``decode_tps``) and again with 1 (``*_1t``).
@@ -37,12 +37,12 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.config import load_config
-from orchestrator.data import calibration_windows, first_windows, load_texts, tokenize_corpus
-from orchestrator.evaluate import perplexity
-from orchestrator.modeling import load_model, load_tokenizer, materialize
-from orchestrator.speed import compare_speed
-from orchestrator.speed import matmul_flops_per_token as flops_per_token
+from orchestrator.evaluation.perplexity import perplexity
+from orchestrator.evaluation.speed import compare_speed
+from orchestrator.evaluation.speed import matmul_flops_per_token as flops_per_token
+from orchestrator.inputs.data import calibration_windows, first_windows, load_texts, tokenize_corpus
+from orchestrator.inputs.loader import load_config
+from orchestrator.inputs.models import load_model, load_tokenizer, materialize
 from orchestrator.structured.groups import decoder_params, module_groups
 from orchestrator.structured.recovery import recover, recovery_windows
 from orchestrator.structured.run import Importance, apply_pruning, compute_importance, protected_blocks

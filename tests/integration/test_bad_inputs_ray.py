@@ -13,9 +13,10 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("deepspeed")
 
-from actors.group import WorkerGroup  # noqa: E402
-from orchestrator.cli import main  # noqa: E402
+from actors.distributed import start_workers  # noqa: E402
+from actors.group import GroupSpec  # noqa: E402
 from orchestrator.errors import UsageError  # noqa: E402
+from orchestrator.surfaces.cli import main  # noqa: E402
 from tests.conftest import tiny_overrides  # noqa: E402
 from tests.unit.test_cli_errors import _listing  # noqa: E402
 
@@ -51,7 +52,7 @@ def test_more_workers_than_cpus_fails_fast_through_the_cli(cpus, tmp_path, corpu
 def test_worker_group_needs_at_least_one_worker(cpus, workers):
     pgs = _placement_groups()
     with pytest.raises(UsageError, match=rf"^backend\.workers: must be >= 1, got {workers}$"):
-        WorkerGroup(workers)
+        start_workers(GroupSpec(workers, deepspeed=True))
     assert _placement_groups() == pgs
 
 
@@ -63,8 +64,8 @@ def test_unreachable_cluster_address_fails_fast(tmp_path, corpus_parquet):
     out = tmp_path / "run"
     args = tiny_overrides(out, corpus_parquet, **{"backend.kind": "ray", "backend.address": "127.0.0.1:1"})
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "-q", "prune", *args], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.surfaces.cli", "-q", "prune", *args],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("rayprune: error:")]
     assert len(errors) == 1 and "backend.address" in errors[0] and "127.0.0.1:1" in errors[0]

@@ -10,13 +10,13 @@ import torch
 ray = pytest.importorskip("ray")
 pytest.importorskip("deepspeed")
 
-from actors.engine import run_ray  # noqa: E402
-from actors.group import WorkerGroup  # noqa: E402
-from orchestrator.config import RunConfig  # noqa: E402
-from orchestrator.engine import gradient_pass, run_local  # noqa: E402
+from actors.distributed import run_ray, start_workers  # noqa: E402
+from actors.group import GroupSpec  # noqa: E402
+from orchestrator.engine.local import gradient_pass, run_local  # noqa: E402
 from orchestrator.errors import UsageError  # noqa: E402
-from orchestrator.evaluate import perplexity  # noqa: E402
-from orchestrator.modeling import load_model, load_tokenizer, materialize  # noqa: E402
+from orchestrator.evaluation.perplexity import perplexity  # noqa: E402
+from orchestrator.inputs.config import RunConfig  # noqa: E402
+from orchestrator.inputs.models import load_model, load_tokenizer, materialize  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +61,7 @@ def setup(cluster):
 
 @pytest.fixture(scope="module")
 def groups(cluster):
-    made = {w: WorkerGroup(w, num_threads=1) for w in (1, 2)}
+    made = {w: start_workers(GroupSpec(w, num_threads=1, deepspeed=True)) for w in (1, 2)}
     yield made
     for g in made.values():
         g.shutdown()
@@ -144,17 +144,18 @@ def test_fewer_samples_than_workers(setup, groups, method):
 
 def test_too_many_workers_is_a_clear_error(cluster):
     with pytest.raises(UsageError, match=r"backend\.workers: 64"):
-        WorkerGroup(64)
+        start_workers(GroupSpec(64, deepspeed=True))
 
 
 MULTI_NODE = r"""
 import sys, torch, ray
 from ray.cluster_utils import Cluster
-from actors.engine import run_ray
-from actors.group import WorkerGroup
-from orchestrator.config import RunConfig
-from orchestrator.engine import run_local
-from orchestrator.modeling import load_model
+from actors.distributed import run_ray
+from actors.distributed import start_workers
+from actors.group import GroupSpec
+from orchestrator.inputs.config import RunConfig
+from orchestrator.engine.local import run_local
+from orchestrator.inputs.models import load_model
 
 path, calib_file = sys.argv[1], sys.argv[2]
 calib = torch.load(calib_file, weights_only=True)
@@ -164,9 +165,9 @@ ray.init(address=cluster.address, log_to_driver=False)
 cfg = RunConfig()
 cfg.model.source = "tiny"
 cfg.pruning.method = "wanda"
-group = WorkerGroup(2, strategy="STRICT_SPREAD", num_threads=1)
+group = start_workers(GroupSpec(2, strategy="STRICT_SPREAD", num_threads=1, deepspeed=True))
 try:
-    ids = set(ray.get([a.node_id.remote() for a in group.actors]))
+    ids = {info.node_id for info in group.infos}
     assert len(ids) == 2, ids
     res = run_ray(cfg, path, calib, progress=False, group=group)
 finally:

@@ -12,12 +12,13 @@ from safetensors.torch import load_file
 ray = pytest.importorskip("ray")
 
 from actors.evaluator import EvalGroup, ModelRef, split  # noqa: E402
-from orchestrator.cli import main  # noqa: E402
-from orchestrator.config import ModelConfig  # noqa: E402
-from orchestrator.data import first_windows, load_texts, tokenize_corpus  # noqa: E402
-from orchestrator.evaluate import perplexity  # noqa: E402
-from orchestrator.modeling import load_model, load_tokenizer, materialize  # noqa: E402
-from orchestrator.zeroshot import aggregate, score_examples  # noqa: E402
+from actors.group import GroupSpec  # noqa: E402
+from orchestrator.evaluation.perplexity import perplexity  # noqa: E402
+from orchestrator.evaluation.zeroshot import aggregate, score_examples  # noqa: E402
+from orchestrator.inputs.config import ModelConfig  # noqa: E402
+from orchestrator.inputs.data import first_windows, load_texts, tokenize_corpus  # noqa: E402
+from orchestrator.inputs.models import load_model, load_tokenizer, materialize  # noqa: E402
+from orchestrator.surfaces.cli import main  # noqa: E402
 from tests.conftest import TINY, tiny_overrides  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -63,11 +64,11 @@ def test_split_covers_range_in_order():
 
 
 def test_two_actors_equal_single_process(cluster, tiny, task_file):
-    from orchestrator.zeroshot import load_task
+    from orchestrator.evaluation.zeroshot import load_task
 
     cfg, path, tok, model, windows = tiny
     examples = load_task(task_file)
-    group = EvalGroup(2, cfg)
+    group = EvalGroup(GroupSpec(2, backend=None, field="eval.workers"), cfg)
     try:
         ref = ModelRef(path=path, key="dense")
         ppl = group.perplexity(ref, windows)
@@ -103,7 +104,7 @@ def test_two_actors_equal_single_process(cluster, tiny, task_file):
 
 def test_sweep_three_candidates_from_one_statistics_pass(cluster, tmp_path, corpus_parquet, eval_parquet, task_file,
                                                          monkeypatch):
-    import orchestrator.sweep as sweep_mod
+    import orchestrator.engine.sweep as sweep_mod
 
     calls = {"gradient": 0}
     real = sweep_mod.gradient_pass
@@ -155,7 +156,7 @@ def test_ray_run_with_eval_actors_shares_the_cluster(cluster, tmp_path, corpus_p
     tok = load_tokenizer(str(out / "model"), cfg)
     windows = first_windows(tokenize_corpus(load_texts(str(eval_parquet), "text", "eval"), tok), 32, 4, "eval")
     assert math.isclose(perplexity(model, windows), report["metrics"]["pruned_ppl"], rel_tol=1e-4)
-    from orchestrator.zeroshot import load_task
+    from orchestrator.evaluation.zeroshot import load_task
 
     local = aggregate(score_examples(model, tok, load_task(task_file)))
     assert report["zeroshot"]["pruned"]["mini"]["acc"] == local["acc"]

@@ -11,11 +11,11 @@ import torch
 ray = pytest.importorskip("ray")
 pytest.importorskip("deepspeed")
 
-from actors.engine import Faults, run_ray  # noqa: E402
-from orchestrator.cli import main  # noqa: E402
-from orchestrator.config import RunConfig  # noqa: E402
+from actors.distributed import Faults, run_ray  # noqa: E402
 from orchestrator.errors import RayPruneError  # noqa: E402
-from orchestrator.modeling import load_tokenizer, materialize  # noqa: E402
+from orchestrator.inputs.config import RunConfig  # noqa: E402
+from orchestrator.inputs.models import load_tokenizer, materialize  # noqa: E402
+from orchestrator.surfaces.cli import main  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

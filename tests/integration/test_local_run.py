@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from orchestrator import artifacts
-from orchestrator.cli import main
-from orchestrator.data import first_windows, load_texts, tokenize_corpus
-from orchestrator.evaluate import perplexity
+from orchestrator.outputs import artifacts
+from orchestrator.evaluation.perplexity import perplexity
+from orchestrator.inputs.data import first_windows, load_texts, tokenize_corpus
+from orchestrator.surfaces.cli import main
 from tests.conftest import tiny_overrides
 
 
@@ -102,8 +102,8 @@ def test_structured_run_shrinks_saves_and_reloads(tmp_path, corpus_parquet, eval
     removed = 1 - st["parameters_after"] / st["parameters_before"]
     assert removed > 0.05
     assert not (out / "masks.safetensors").exists()
-    from orchestrator.config import ModelConfig
-    from orchestrator.modeling import load_model
+    from orchestrator.inputs.config import ModelConfig
+    from orchestrator.inputs.models import load_model
 
     model = load_model(str(out / "model"), ModelConfig())
     assert sum(p.numel() for p in model.parameters()) == st["parameters_after"]
@@ -117,7 +117,7 @@ def test_report_plots_are_real_images_and_json_validates(run_dir):
     """The PNGs are decodable, non-trivial images; report.json validates against the schema; re-rendering is stable."""
     import matplotlib.image as mpimg
 
-    from orchestrator.report import rerender, validate_report
+    from orchestrator.outputs.report import rerender, validate_report
 
     pngs = sorted(p.name for p in run_dir.glob("*.png"))
     assert {"sparsity_per_layer.png", "importance_per_layer.png"} <= set(pngs)

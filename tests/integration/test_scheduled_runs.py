@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from orchestrator import coordinator
-from orchestrator.cli import main
-from orchestrator.config import TinyModelConfig
-from orchestrator.modeling import build_tiny_llama, byte_tokenizer
+from orchestrator.inputs.config import TinyModelConfig
+from orchestrator.inputs.models import build_tiny_llama, byte_tokenizer
+from orchestrator.surfaces.cli import main
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow

@@ -14,10 +14,10 @@ from ray import serve
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from orchestrator.errors import ConfigError, UsageError
-from orchestrator.serve import app as job_app
-from orchestrator.serve import generate as gen_app
-from orchestrator.serve.auth import TOKEN_ENV, TOKEN_FILE_ENV
-from orchestrator.serve.client import ServeClient
+from orchestrator.surfaces.serve import app as job_app
+from orchestrator.surfaces.serve import generate as gen_app
+from orchestrator.surfaces.serve.auth import TOKEN_ENV, TOKEN_FILE_ENV
+from orchestrator.surfaces.serve.client import ServeClient
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.integration

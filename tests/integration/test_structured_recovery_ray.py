@@ -7,10 +7,13 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from actors.recovery import RecoveryGroup  # noqa: E402
-from orchestrator.config import TinyModelConfig, load_config  # noqa: E402
+from actors.group import ActorGroup  # noqa: E402
+from actors.recovery import RecoveryWorker, recovery_spec  # noqa: E402
 from orchestrator.errors import UsageError  # noqa: E402
-from orchestrator.modeling import build_tiny_llama  # noqa: E402
+from orchestrator.groups import distributed_recovery  # noqa: E402
+from orchestrator.inputs.config import StructuredRecoveryConfig, TinyModelConfig  # noqa: E402
+from orchestrator.inputs.loader import load_config  # noqa: E402
+from orchestrator.inputs.models import build_tiny_llama  # noqa: E402
 from orchestrator.structured.run import run_structured  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -33,7 +36,7 @@ def _prune(workers: int, recovery: bool = True):
         "structured.recovery.dropout=0.1",  # seeded per window: the same masks however windows are spread
         "structured.recovery.forward_dtype=float32", f"structured.recovery.workers={workers}",
     ])
-    return run_structured(cfg, model, IDS)
+    return run_structured(cfg, model, IDS, distributed_recovery=distributed_recovery(cfg))
 
 
 def test_two_actors_give_the_single_process_weights(cluster):
@@ -54,4 +57,4 @@ def test_two_actors_give_the_single_process_weights(cluster):
 
 def test_more_workers_than_cpus_is_a_usage_error(cluster):
     with pytest.raises(UsageError, match="structured.recovery.workers"):
-        RecoveryGroup(64)
+        ActorGroup(RecoveryWorker, recovery_spec(StructuredRecoveryConfig(workers=64)))

@@ -17,10 +17,10 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.config import RunConfig, TinyModelConfig
-from orchestrator.data import calibration_windows, check_vocab
 from orchestrator.errors import UsageError
-from orchestrator.modeling import build_tiny_llama, byte_tokenizer
+from orchestrator.inputs.config import RunConfig, TinyModelConfig
+from orchestrator.inputs.data import calibration_windows, check_vocab
+from orchestrator.inputs.models import build_tiny_llama, byte_tokenizer
 from orchestrator.structured.groups import module_groups
 from tests.conftest import TINY, tiny_overrides
 from tests.unit.test_cli_errors import _listing, _run

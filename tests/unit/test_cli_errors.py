@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.cli import main
+from orchestrator.surfaces.cli import main
 from tests.conftest import tiny_overrides
 
 
@@ -107,10 +107,10 @@ def test_existing_output_is_not_overwritten(tmp_path, corpus_parquet, capsys):
 
 
 def test_console_script_exit_code_and_help(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "orchestrator.cli", "prune", "pruning.method=bogus",
+    res = subprocess.run([sys.executable, "-m", "orchestrator.surfaces.cli", "prune", "pruning.method=bogus",
                           f"output.dir={tmp_path}/x"], capture_output=True, text=True)
     assert res.returncode == 2
     assert "pruning.method: 'bogus' is not one of" in res.stderr
-    helped = subprocess.run([sys.executable, "-m", "orchestrator.cli", "prune", "--help"],
+    helped = subprocess.run([sys.executable, "-m", "orchestrator.surfaces.cli", "prune", "--help"],
                             capture_output=True, text=True)
     assert helped.returncode == 0 and "KEY=VALUE" in helped.stdout and "examples:" in helped.stdout

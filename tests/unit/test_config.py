@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import RunConfig, config_from_dict, load_config
 from orchestrator.errors import ConfigError, UsageError
+from orchestrator.inputs.config import RunConfig
+from orchestrator.inputs.loader import config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 

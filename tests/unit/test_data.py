@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from orchestrator.data import first_windows, load_texts, tokenize_corpus
 from orchestrator.errors import UsageError
-from orchestrator.modeling import byte_tokenizer
+from orchestrator.inputs.data import first_windows, load_texts, tokenize_corpus
+from orchestrator.inputs.models import byte_tokenizer
 
 
 def test_jsonl_txt_and_directory_sources(tmp_path):
@@ -44,3 +44,36 @@ def test_mixed_directory_and_unsupported_suffix_are_refused(tmp_path):
     (tmp_path / "z.csv").write_text("text\nhello\n")
     with pytest.raises(UsageError, match="unsupported suffix"):
         load_texts(str(tmp_path / "z.csv"))
+
+
+def test_the_default_job_needs_no_file_outside_the_repository():
+    """configs/default.yaml reads builtin text only: disjoint calibration and evaluation documents,
+    enough of both for its window counts, and nothing under ../shared."""
+    from pathlib import Path
+
+    from orchestrator.inputs.data import BUILTIN_SOURCES, check_source, load_texts
+    from orchestrator.inputs.loader import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "default.yaml")
+    assert cfg.calibration.source in BUILTIN_SOURCES and cfg.eval.source in BUILTIN_SOURCES
+    calib = load_texts(cfg.calibration.source, field="calibration.source")
+    held_out = load_texts(cfg.eval.source, field="eval.source")
+    assert not set(calib) & set(held_out)
+    # SmolLM2's tokenizer averages ~4 characters a token on this text (166 and 54 windows of 512 tokens)
+    assert sum(map(len, calib)) >= 1.25 * 4 * cfg.calibration.num_samples * cfg.calibration.seq_len
+    assert sum(map(len, held_out)) >= 1.25 * 4 * cfg.eval.num_windows * cfg.eval.seq_len
+    for source, field in ((cfg.calibration.source, "calibration.source"), (cfg.eval.source, "eval.source")):
+        check_source(source, field)
+
+
+def test_sources_are_checked_before_anything_loads(tmp_path):
+    import pytest
+
+    from orchestrator.errors import UsageError
+    from orchestrator.inputs.data import check_source
+
+    with pytest.raises(UsageError, match=r"^calibration\.source: unknown builtin source 'builtin:nope'"):
+        check_source("builtin:nope", "calibration.source")
+    with pytest.raises(UsageError, match=r"^eval\.source: file .*missing\.parquet' does not exist$"):
+        check_source(str(tmp_path / "missing.parquet"), "eval.source")
+    check_source("allenai/c4", "calibration.source")  # a hub name: decided when it is read

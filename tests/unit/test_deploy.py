@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.cli import _split_args, build_parser
-from orchestrator.config import load_config
+from orchestrator.inputs.loader import load_config
+from orchestrator.surfaces.cli import _split_args, build_parser
 
 try:
     import tomllib
@@ -239,8 +239,8 @@ def serve_apps() -> list[dict]:
 
 def test_serve_config_apps_are_distinct_and_their_token_file_is_mounted():
     apps = serve_apps()
-    assert {a["import_path"] for a in apps} == {"orchestrator.serve.app:build_app",
-                                                "orchestrator.serve.generate:build_app"}
+    assert {a["import_path"] for a in apps} == {"orchestrator.surfaces.serve.app:build_app",
+                                                "orchestrator.surfaces.serve.generate:build_app"}
     assert len({a["route_prefix"] for a in apps}) == len(apps)
     base = load_docs(DEPLOY / "kuberay" / "raycluster.yaml")[0]["spec"]
     for group in [base["headGroupSpec"], *base["workerGroupSpecs"]]:
@@ -253,7 +253,8 @@ def test_serve_config_apps_are_distinct_and_their_token_file_is_mounted():
             assert "secret" in volume
 
 
-@pytest.mark.parametrize("app", ["orchestrator.serve.app:build_app", "orchestrator.serve.generate:build_app"])
+@pytest.mark.parametrize("app", ["orchestrator.surfaces.serve.app:build_app",
+                                 "orchestrator.surfaces.serve.generate:build_app"])
 def test_serve_import_path_names_a_real_builder(app):
     module, attr = app.split(":")
     source = REPO / (module.replace(".", "/") + ".py")
@@ -263,9 +264,10 @@ def test_serve_import_path_names_a_real_builder(app):
     assert any(isinstance(n, ast.FunctionDef) and n.name == attr for n in tree.body), f"{app}: no def {attr}"
     options_py = REPO / "orchestrator" / "serve" / "options.py"
     if options_py.is_file():  # the builder's args are checked like `serve run` would
-        from orchestrator.serve import options
+        from orchestrator.surfaces.serve import options
 
-        cls_name = {"orchestrator.serve.app": "JobServiceOptions", "orchestrator.serve.generate": "GenerateOptions"}
+        cls_name = {"orchestrator.surfaces.serve.app": "JobServiceOptions",
+                    "orchestrator.surfaces.serve.generate": "GenerateOptions"}
         cls = getattr(options, cls_name[module], None)
         if cls is not None:
             args = next(a["args"] for a in serve_apps() if a["import_path"] == app)

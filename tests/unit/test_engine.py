@@ -8,10 +8,8 @@ import random
 import pytest
 import torch
 
-from orchestrator.blocks import block_linears, decoder_blocks
-from orchestrator.config import TinyModelConfig, load_config
-from orchestrator.data import generate_windows, sample_windows
-from orchestrator.engine import (
+from orchestrator.engine.blocks import block_linears, decoder_blocks
+from orchestrator.engine.local import (
     block_sequential,
     causal_lm_loss,
     gradient_pass,
@@ -19,7 +17,10 @@ from orchestrator.engine import (
     pruned_weight_names,
     run_local,
 )
-from orchestrator.modeling import build_tiny_llama, byte_tokenizer
+from orchestrator.inputs.config import TinyModelConfig
+from orchestrator.inputs.data import generate_windows, sample_windows
+from orchestrator.inputs.loader import load_config
+from orchestrator.inputs.models import build_tiny_llama, byte_tokenizer
 from orchestrator.pruning.masks import row_mask
 from orchestrator.pruning.scores import gblm_score, wanda_score
 from tests.conftest import TINY

@@ -8,10 +8,10 @@ import pytest
 
 pytest.importorskip("lm_eval", reason="lm-eval is the optional extra 'eval'")
 
-from orchestrator import lmeval  # noqa: E402
-from orchestrator.config import TinyModelConfig  # noqa: E402
-from orchestrator.modeling import build_tiny_llama, byte_tokenizer  # noqa: E402
-from orchestrator.zeroshot import aggregate, load_task, score_examples  # noqa: E402
+from orchestrator.evaluation import lmeval  # noqa: E402
+from orchestrator.evaluation.zeroshot import aggregate, load_task, score_examples  # noqa: E402
+from orchestrator.inputs.config import TinyModelConfig  # noqa: E402
+from orchestrator.inputs.models import build_tiny_llama, byte_tokenizer  # noqa: E402
 from tests.conftest import TINY  # noqa: E402
 
 

@@ -13,7 +13,7 @@ HEAVY = ("ray", "deepspeed")
 
 @pytest.mark.parametrize(
     "modules",
-    [("orchestrator.pruning", "orchestrator.config"), ("orchestrator.planner",)],
+    [("orchestrator.pruning", "orchestrator.inputs.config"), ("orchestrator.planner",)],
 )
 def test_pure_modules_do_not_import_ray_or_deepspeed(modules: tuple[str, ...]) -> None:
     code = (

@@ -1,4 +1,4 @@
-"""report.json against orchestrator/report_schema.json: a real tiny run validates, broken reports do not."""
+"""report.json against orchestrator/outputs/report_schema.json: a real tiny run validates, broken reports do not."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import json
 import pytest
 from jsonschema import Draft202012Validator
 
-from orchestrator.cli import main
 from orchestrator.errors import UsageError
-from orchestrator.report import validate_report
+from orchestrator.outputs.report import validate_report
+from orchestrator.surfaces.cli import main
 from tests.conftest import tiny_overrides
 
 
@@ -44,7 +44,7 @@ def test_schema_is_valid_draft_2020_12():
 
     import orchestrator
 
-    schema = json.loads((Path(orchestrator.__file__).parent / "report_schema.json").read_text())
+    schema = json.loads((Path(orchestrator.__file__).parent / "outputs" / "report_schema.json").read_text())
     Draft202012Validator.check_schema(schema)
 
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.cli import main
-from orchestrator.config import ModelConfig, TinyModelConfig, load_config
 from orchestrator.errors import UsageError
-from orchestrator.modeling import build_tiny_llama, byte_tokenizer, load_model, load_tokenizer
+from orchestrator.inputs.config import ModelConfig, TinyModelConfig
+from orchestrator.inputs.loader import load_config
+from orchestrator.inputs.models import build_tiny_llama, byte_tokenizer, load_model, load_tokenizer
+from orchestrator.surfaces.cli import main
 from tests.conftest import TINY, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.errors import ConfigError
-from orchestrator.serve.auth import ApiError, load_token
-from orchestrator.serve.jobs import remove_partial_output
-from orchestrator.serve.options import JobServiceOptions, parse_options
-from orchestrator.serve.submission import confine_output, parse_body, validate_submission
+from orchestrator.surfaces.serve.auth import ApiError, load_token
+from orchestrator.surfaces.serve.jobs import remove_partial_output
+from orchestrator.surfaces.serve.options import JobServiceOptions, parse_options
+from orchestrator.surfaces.serve.submission import confine_output, parse_body, validate_submission
 
 
 def test_yaml_and_json_bodies_parse_the_same():

@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from orchestrator.config import TinyModelConfig
 from orchestrator.errors import UsageError
-from orchestrator.modeling import build_tiny_llama, byte_tokenizer
-from orchestrator.speed import compare_speed, greedy_run, matmul_flops_per_token, measure_speed
+from orchestrator.evaluation.speed import compare_speed, greedy_run, matmul_flops_per_token, measure_speed
+from orchestrator.inputs.config import TinyModelConfig
+from orchestrator.inputs.models import build_tiny_llama, byte_tokenizer
 from tests.conftest import TINY
 
 

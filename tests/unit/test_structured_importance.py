@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from orchestrator.config import TinyModelConfig, load_config
-from orchestrator.modeling import build_tiny_llama
+from orchestrator.inputs.config import TinyModelConfig
+from orchestrator.inputs.loader import load_config
+from orchestrator.inputs.models import build_tiny_llama
 from orchestrator.structured.allocation import ModuleStats, allocate, indicator_weights
 from orchestrator.structured.groups import decoder_params, module_groups
 from orchestrator.structured.importance import aggregate, fit_sigmas, fuse, stability, tensor_group_scores

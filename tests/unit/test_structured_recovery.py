@@ -8,8 +8,8 @@ import threading
 
 import torch
 
-from orchestrator.config import StructuredRecoveryConfig, TinyModelConfig
-from orchestrator.modeling import build_tiny_llama
+from orchestrator.inputs.config import StructuredRecoveryConfig, TinyModelConfig
+from orchestrator.inputs.models import build_tiny_llama
 from orchestrator.structured.recovery import apply_adapters, lr_factor, phases, step_batches, train
 
 G = torch.Generator().manual_seed(0)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator.config import TinyModelConfig
 from orchestrator.errors import UsageError
-from orchestrator.modeling import build_tiny_llama
+from orchestrator.inputs.config import TinyModelConfig
+from orchestrator.inputs.models import build_tiny_llama
 from orchestrator.structured.groups import decoder_params, module_groups
 from orchestrator.structured.shrink import (
     SIZES_KEY,

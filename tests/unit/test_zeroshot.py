@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from orchestrator.config import TinyModelConfig
 from orchestrator.errors import UsageError
-from orchestrator.modeling import build_tiny_llama, byte_tokenizer
-from orchestrator.zeroshot import aggregate, builtin_tasks, encode_pair, load_task, score_examples
+from orchestrator.evaluation.zeroshot import aggregate, builtin_tasks, encode_pair, load_task, score_examples
+from orchestrator.inputs.config import TinyModelConfig
+from orchestrator.inputs.models import build_tiny_llama, byte_tokenizer
 from tests.conftest import TINY
 
 

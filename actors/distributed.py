@@ -1,0 +1,315 @@
+"""Distributed engine (``backend: ray``): the coordinator's entry point.
+
+The coordinator calls :func:`run_ray` with the group it chose (a :class:`~actors.group.GroupSpec`);
+it shards the calibration windows into one Arrow file per worker, starts (or reuses) an
+:class:`~actors.group.ActorGroup` of :class:`~actors.worker.PruneWorker`, runs the gradient pass
+under ZeRO-3 (GBLM) and the block-sequential pass, and returns the masks, the pruned weights and
+per-worker memory figures.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from actors.checkpoint import CheckpointStore
+from actors.group import ActorGroup, GroupSpec
+from actors.worker import PruneWorker
+from orchestrator.engine.block_step import uses_activations
+from orchestrator.engine.local import PruneOutcome
+from orchestrator.inputs.config import RunConfig
+from orchestrator.pruning.methods import gradient_kinds
+
+log = logging.getLogger(__name__)
+
+SCORER = 0  # the rank that gathers the gradient statistics, scores and broadcasts the pruned weights
+
+
+@dataclass
+class RayResult:
+    """What a distributed run produced.
+
+    Attributes:
+        outcome: masks (full weight names), report rows and phase seconds.
+        weights: full weight name -> pruned ``(out, in)`` weight of every pruned linear.
+        memory: per worker ``peak_rss_bytes``, ``model_state_bytes``, ``grad_stat_bytes``.
+    """
+
+    outcome: PruneOutcome
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    memory: list[dict] = field(default_factory=list)
+
+
+def shard_bounds(n: int, workers: int) -> list[tuple[int, int]]:
+    """Contiguous split: worker r gets global positions ``[r * ceil(n/W), min(n, (r+1) * ceil(n/W)))``."""
+    per = math.ceil(n / workers) if n else 0
+    return [(min(n, r * per), min(n, (r + 1) * per)) for r in range(workers)]
+
+
+def shard_tables(input_ids: torch.Tensor, workers: int) -> list:
+    """One Arrow table per worker (columns ``position``, ``input_ids``), in global order."""
+    import pyarrow as pa
+
+    tables = []
+    for lo, hi in shard_bounds(int(input_ids.shape[0]), workers):
+        tables.append(pa.table({
+            "position": pa.array(list(range(lo, hi)), type=pa.int64()),
+            "input_ids": pa.array(input_ids[lo:hi].tolist(), type=pa.list_(pa.int64())),
+        }))
+    return tables
+
+
+def shard_bytes(input_ids: torch.Tensor, workers: int) -> list[bytes]:
+    """Each worker's shard as the bytes of an Arrow IPC file (shipped through Ray's object store,
+    so workers on other nodes need no shared filesystem)."""
+    import pyarrow as pa
+
+    out = []
+    for table in shard_tables(input_ids, workers):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        out.append(sink.getvalue().to_pybytes())
+    return out
+
+
+@dataclass
+class Faults:
+    """Fault injection for tests: each fault fires once, on the first attempt that reaches it.
+
+    Attributes:
+        kill_after_grad_chunks: ``ray.kill`` the last worker after this many gradient-pass calls.
+        kill_at_block: ``ray.kill`` the last worker just before pruning this block.
+        hang_at_block: make the last worker stop participating (sleep) when this block starts.
+        hang_seconds: how long the hung worker sleeps.
+    """
+
+    kill_after_grad_chunks: int | None = None
+    kill_at_block: int | None = None
+    hang_at_block: int | None = None
+    hang_seconds: float = 120.0
+    fired: set = field(default_factory=set)
+
+    def take(self, what: str, at: int) -> bool:
+        """Whether fault ``what`` fires at step ``at`` (once)."""
+        if getattr(self, what) == at and what not in self.fired:
+            self.fired.add(what)
+            return True
+        return False
+
+
+def prune_spec(cfg: RunConfig, use_gpu: bool = False) -> GroupSpec:
+    """The pruning workers' group for ``cfg.backend`` (NCCL on GPUs, gloo on CPUs), joined through DeepSpeed."""
+    b = cfg.backend
+    return GroupSpec(b.workers, use_gpu=use_gpu, backend="nccl" if use_gpu else "gloo", field="backend.workers",
+                     address=b.address, strategy=b.placement_strategy, num_threads=b.num_threads, deepspeed=True,
+                     collective_timeout_s=b.collective_timeout_s)
+
+
+def start_workers(spec: GroupSpec) -> ActorGroup:
+    """Start the pruning workers of ``spec``."""
+    return ActorGroup(PruneWorker, spec)
+
+
+def run_ray(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress: bool = True,
+            group: ActorGroup | None = None, keep_grad_partitions: bool = False,
+            checkpoint_dir: Path | None = None, faults: Faults | None = None,
+            spec: GroupSpec | None = None) -> RayResult:
+    """Prune with ``cfg.backend.workers`` Ray actors under DeepSpeed ZeRO-3.
+
+    With a ``checkpoint_dir``, gradient-statistic partitions (every ``backend.checkpoint_every``
+    sequences per rank) and every finished block are persisted; a failed attempt (a dead
+    worker, a collective that timed out) tears the group down, starts a new one and resumes
+    from the checkpoint, at most ``backend.max_retries`` times. A resumed run produces the
+    same masks as an uninterrupted one.
+
+    Args:
+        cfg: the run config (``pruning``, ``model``, ``backend``).
+        model_path: materialised model directory (readable by every worker).
+        input_ids: ``(N, L)`` int64 calibration windows in global order.
+        progress: show progress bars on the driver.
+        group: an existing worker group to reuse for the first attempt (not shut down).
+        keep_grad_partitions: also return each rank's statistic partitions in
+            ``memory[r]["grad_partitions"]`` (tests).
+        checkpoint_dir: where to keep phase checkpoints (None: no checkpoints, no retries).
+        faults: fault injection (tests).
+        spec: the group to start (and restart after a failure); default :func:`prune_spec` on CPUs.
+
+    Returns:
+        The :class:`RayResult`.
+
+    Raises:
+        RayPruneError: the run failed and the retries ran out (checkpoints are kept).
+    """
+    import yaml
+
+    from orchestrator.errors import RayPruneError, UsageError
+
+    store = None
+    if checkpoint_dir is not None:
+        try:
+            store = CheckpointStore(checkpoint_dir, cfg.work_fingerprint(),
+                                    yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        except ValueError as exc:
+            raise UsageError(f"--resume: {exc}") from None
+    retries = cfg.backend.max_retries if store is not None else 0
+    spec = spec or (group.spec if group is not None else prune_spec(cfg))
+    attempt = 0
+    while True:
+        own = group is None
+        t0 = time.perf_counter()
+        try:
+            if own:
+                group = start_workers(spec)
+            result = _attempt(cfg, model_path, input_ids, progress, group, keep_grad_partitions, store, faults, t0)
+            if own:
+                group.shutdown()
+            return result
+        except (UsageError, KeyboardInterrupt):
+            if own and group is not None:
+                group.shutdown()
+            raise
+        except Exception as exc:  # noqa: BLE001 - any worker failure: tear down, maybe resume
+            if group is not None:
+                group.kill()
+            attempt += 1
+            where = f"; checkpoints kept in {store.root}" if store is not None else ""
+            if attempt > retries:
+                raise RayPruneError(f"distributed run failed after {attempt} attempt(s): {type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0] if str(exc) else ''}{where}"
+                                    + (" (continue with: rayprune prune --resume OUTPUT_DIR)" if store else "")
+                                    ) from exc
+            log.warning("attempt %d failed (%s: %s); restarting the worker group and resuming from %s", attempt,
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", store.root)
+            group = None
+
+
+def _attempt(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress: bool, group: ActorGroup,
+             keep_grad_partitions: bool, store: CheckpointStore | None, faults: Faults | None, t0: float) -> RayResult:
+    """One attempt on a live group, continuing from ``store``'s progress."""
+    pcfg = cfg.pruning
+    if store is not None and not store.world_matches(group.workers):
+        raise ValueError(f"checkpoint {store.root} was written by {store.progress['world']} workers, "
+                         f"not {group.workers}")
+    import ray
+
+    shards = [ray.put(b) for b in shard_bytes(input_ids, group.workers)]
+    seq_len = int(input_ids.shape[1])
+    group.get([a.load.remote(model_path, cfg.model, s, seq_len) for a, s in zip(group.actors, shards, strict=True)])
+    phases = {"startup": time.perf_counter() - t0}
+    kinds = gradient_kinds(pcfg.method, pcfg.gblm.norm)
+    if kinds:
+        t1 = time.perf_counter()
+        _gradient_pass(group, input_ids.shape[0], kinds, pcfg.gblm.grad_scale, progress,
+                       cfg.backend.grad_batch_size, store, cfg.backend.checkpoint_every, faults)
+        phases["gradient_pass"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    outcome, weights = _block_pass(group, cfg, progress, store, faults)
+    phases["block_pass"] = time.perf_counter() - t1
+    outcome.phases = phases
+    memory = group.execute("memory")
+    if keep_grad_partitions:
+        for m, parts in zip(memory, group.execute("grad_partitions"), strict=True):
+            m["grad_partitions"] = parts
+    group.execute("finish")
+    return RayResult(outcome=outcome, weights=weights, memory=memory)
+
+
+def _gradient_pass(group: ActorGroup, n: int, kinds: tuple[str, ...], scale: float, progress: bool,
+                   batch: int = 1, store: CheckpointStore | None = None, every: int = 8,
+                   faults: Faults | None = None) -> None:
+    """Per-sequence gradient statistics on every worker; each rank runs ``ceil(N/W)`` sequences,
+    ``batch`` per forward/backward (per-sample gradients, so the sums do not depend on ``batch``).
+
+    With a ``store``, the partitions are saved every ``every`` sequences per rank and at the end,
+    and a resumed pass starts after the last saved step.
+    """
+    import ray
+
+    steps = math.ceil(n / group.workers)
+    resume = None
+    first = 0
+    if store is not None and store.grad_steps:
+        files = store.grad_files(group.workers)
+        resume = [files[r] for r in range(group.workers)]
+        first = store.grad_steps
+        log.info("gradient pass: resuming after %d of %d sequences per rank", first, steps)
+    group.get([a.start_gradients.remote(kinds, scale, None if resume is None else resume[r])
+               for r, a in enumerate(group.actors)])
+    bar = tqdm(total=n, desc="gradient pass (ray)", disable=not progress, unit="seq")
+    chunk = max(batch, (max(1, steps // 8) // batch) * batch)  # whole micro-batches per call
+    if store is not None:
+        chunk = min(chunk, max(batch, (every // batch) * batch))
+    bar.update(_seqs_done(n, group.workers, first))
+    since = 0
+    for call, start in enumerate(range(first, steps, chunk)):
+        if store is not None and store.grad_done:
+            break
+        if faults is not None and faults.take("kill_after_grad_chunks", call):
+            ray.kill(group.actors[-1])
+        count = min(chunk, steps - start)
+        group.execute("gradient_steps", start, count, batch)
+        bar.update(_seqs_done(n, group.workers, start + count) - _seqs_done(n, group.workers, start))
+        since += count
+        if store is not None and (since >= every or start + count >= steps):
+            _save_grads(group, store, start + count, done=start + count >= steps)
+            since = 0
+    bar.close()
+    sizes = group.execute("end_gradients")
+    log.info("gradient statistics: %s bytes per worker", sizes)
+
+
+def _seqs_done(n: int, workers: int, steps: int) -> int:
+    """Real sequences covered after each rank ran ``steps`` local steps."""
+    return sum(min(hi - lo, steps) for lo, hi in shard_bounds(n, workers))
+
+
+def _save_grads(group: ActorGroup, store: CheckpointStore, steps: int, done: bool) -> None:
+    from actors.checkpoint import grad_file
+
+    hashes = group.get([a.save_gradients.remote(str(grad_file(store.root, r, group.workers)))
+                        for r, a in enumerate(group.actors)])
+    store.commit_grad(group.workers, steps, hashes, done)
+
+
+def _block_pass(group: ActorGroup, cfg: RunConfig, progress: bool, store: CheckpointStore | None = None,
+                faults: Faults | None = None) -> tuple[PruneOutcome, dict]:
+    """Prune all blocks in order; rank 0's answers give masks, weights and rows.
+
+    Blocks already in ``store`` are replayed (weights written back, hidden states advanced)
+    instead of pruned again.
+    """
+    import ray
+
+    pcfg = cfg.pruning
+    out = PruneOutcome()
+    weights: dict[str, torch.Tensor] = {}
+    if uses_activations(pcfg):
+        group.execute("capture")
+    blocks = group.execute_single(0, "num_blocks")
+    kinds = gradient_kinds(pcfg.method, pcfg.gblm.norm)
+    grad_kind = kinds[0] if kinds else None
+    done = store.blocks_done if store is not None else 0
+    for i in tqdm(range(blocks), desc=f"{pcfg.method} blocks (ray x{group.workers})", disable=not progress):
+        if i < done:
+            masks, w, rows = store.load_block(i)
+            group.execute("replay_block", i, w, pcfg, cfg.backend.forward_dtype)
+            res = {"masks": masks, "weights": w, "rows": rows}
+        else:
+            if faults is not None and faults.take("kill_at_block", i):
+                ray.kill(group.actors[-1])
+            if faults is not None and faults.take("hang_at_block", i):
+                group.actors[-1].hang.remote(faults.hang_seconds)
+            res = group.execute("prune_block", i, pcfg, cfg.backend.forward_dtype, grad_kind, SCORER)[SCORER]
+            if store is not None:
+                store.save_block(i, res["masks"], res["weights"], res["rows"])
+        out.masks.update(res["masks"])
+        weights.update(res["weights"])
+        out.layers.extend(res["rows"])
+    return out, weights

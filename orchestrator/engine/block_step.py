@@ -1,0 +1,176 @@
+"""The one block step of the block-sequential pass, used by every backend.
+
+For decoder block ``i`` with inputs ``hidden`` (this process's sequences):
+
+1. run the (unpruned) block over ``hidden``, folding each linear's inputs into
+   :class:`~orchestrator.pruning.stats.ActivationStats` (fp32, on the placement's device);
+2. ``reduce`` every statistic (identity in one process, a SUM all-reduce across ranks), so each
+   rank holds the statistics of all calibration sequences;
+3. score and prune every linear with the configured method (only where ``scorer`` is true: on
+   Ray only rank 0 scores; ``share`` then makes its weights everyone's);
+4. produce the next block's inputs: the pruned block's outputs (``sequential``) or the dense
+   block's (otherwise).
+
+A resumed run *replays* a finished block instead (its checkpointed weights are written and the
+hidden states advanced exactly as the original step advanced them). Sweeps prune several
+candidate copies of the block from one set of statistics (``targets``).
+
+Torch only (no Ray, no DeepSpeed): the caller owns the block (gathered under ZeRO-3 or not),
+the collectives behind ``reduce``/``share`` and the write-back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from orchestrator.engine.blocks import block_linears, collect_inputs, forward_all
+from orchestrator.engine.device import Placement
+from orchestrator.inputs.config import PruningConfig
+from orchestrator.pruning.methods import LayerPruneResult, needs_xtx, prune_weight
+from orchestrator.pruning.stats import ActivationStats
+
+#: in-place SUM of a tensor over all ranks (identity in one process)
+Reduce = Callable[[torch.Tensor], None]
+#: makes the scorer's weights of these linears every rank's (identity in one process)
+Share = Callable[[dict[str, nn.Linear]], None]
+#: local linear name -> the gradient statistic the method scores with (or None)
+GradLookup = Callable[[str], torch.Tensor | None]
+
+
+def no_reduce(_t: torch.Tensor) -> None:
+    """The reduce of a single process: its statistics already cover every sequence."""
+
+
+def no_share(_linears: dict[str, nn.Linear]) -> None:
+    """The share of a single process: its weights are the only ones."""
+
+
+def no_grads(_name: str) -> None:
+    """Gradient lookup of gradient-free methods."""
+    return None
+
+
+@dataclass
+class StepContext:
+    """What a block step needs besides the block and its inputs.
+
+    Attributes:
+        cfg: pruning options (method, sparsity, pattern, ``sequential``).
+        place: device and autocast dtype of the forwards; statistics stay fp32 on that device.
+        grads: gradient statistic of each local linear (GBLM).
+        reduce: SUM of a statistic over all ranks.
+        share: broadcast of the scorer's pruned weights.
+        scorer: whether this process scores and prunes (rank 0 on Ray; always in one process).
+    """
+
+    cfg: PruningConfig
+    place: Placement = field(default_factory=Placement)
+    grads: GradLookup = no_grads
+    reduce: Reduce = no_reduce
+    share: Share = no_share
+    scorer: bool = True
+
+
+@dataclass
+class StepResult:
+    """What a block step produced.
+
+    Attributes:
+        results: per target (one unless a sweep), local linear name -> its pruning result
+            (empty on a non-scoring rank and on a replay).
+        hidden: ``(n, L, H)`` the next block's inputs on the placement's device.
+    """
+
+    results: list[dict[str, LayerPruneResult]]
+    hidden: torch.Tensor
+
+
+def uses_activations(cfg: PruningConfig) -> bool:
+    """Whether the method runs forwards at all (magnitude needs no data)."""
+    return cfg.method != "magnitude"
+
+
+def reduce_stats(stats: dict[str, ActivationStats], reduce: Reduce) -> None:
+    """SUM every statistic (and its sample and token counts) over all ranks, in place."""
+    for st in stats.values():
+        reduce(st.act_sq)
+        if st.xtx is not None:
+            reduce(st.xtx)
+        counts = torch.tensor([st.samples, st.tokens], dtype=torch.int64, device=st.act_sq.device)
+        reduce(counts)
+        st.samples, st.tokens = int(counts[0]), int(counts[1])
+
+
+def prune_linears(linears: dict[str, nn.Linear], stats: dict[str, ActivationStats] | None, grads: GradLookup,
+                  cfg: PruningConfig) -> dict[str, LayerPruneResult]:
+    """Prune every linear of one block in place with the configured method.
+
+    Args:
+        linears: local name -> linear layer (weights are overwritten).
+        stats: local name -> input statistics (None for magnitude).
+        grads: local name -> GBLM gradient statistic (or None).
+        cfg: pruning options.
+    """
+    results = {}
+    for name, lin in linears.items():
+        grad = grads(name)
+        res = prune_weight(
+            lin.weight.data, cfg.method, cfg.target_sparsity, cfg.nm,
+            act=None if stats is None else stats[name],
+            grad=None if grad is None else grad.to(lin.weight.device),
+            alpha=cfg.gblm.alpha, norm=cfg.gblm.norm, grad_scale=cfg.gblm.grad_scale,
+            blocksize=cfg.sparsegpt.blocksize, percdamp=cfg.sparsegpt.percdamp, name=name,
+        )
+        lin.weight.data.copy_(res.weight)
+        results[name] = res
+    return results
+
+
+def block_step(block: nn.Module, hidden: torch.Tensor | None, kwargs: dict, ctx: StepContext,
+               targets: list[tuple[nn.Module, PruningConfig]] | None = None,
+               replay: dict[str, torch.Tensor] | None = None) -> StepResult:
+    """Prune (or replay) one decoder block and advance the hidden states.
+
+    Args:
+        block: a plain block on ``ctx.place.device``; the statistics come from it, and it is
+            pruned in place unless ``targets`` are given.
+        hidden: ``(n, L, H)`` this process's inputs of the block, on the device (None for magnitude).
+        kwargs: the block's keyword arguments (rotary embeddings, mask, positions), on the device.
+        ctx: method options, placement and the collectives.
+        targets: sweep candidates ``(block copy, cfg)`` to prune from ``block``'s statistics
+            instead of ``block`` itself (non-sequential: the next inputs are the dense outputs).
+        replay: local linear name -> the block's checkpointed pruned weight: written instead of
+            pruning, with the hidden states advanced as the original step did.
+
+    Returns:
+        The per-target results and the next block's inputs.
+    """
+    cfg = ctx.cfg
+    active = uses_activations(cfg) and hidden is not None
+    linears = block_linears(block)
+    stats = dense_out = None
+    if active and replay is None:
+        with collect_inputs(linears, needs_xtx(cfg.method)) as stats:
+            dense_out = forward_all(block, hidden, kwargs, ctx.place)  # (n, L, H)
+        reduce_stats(stats, ctx.reduce)
+    elif active and not cfg.sequential:
+        dense_out = forward_all(block, hidden, kwargs, ctx.place)  # the dense block's outputs feed block i+1
+    results = []
+    for tblock, tcfg in targets or [(block, cfg)]:
+        tlinears = block_linears(tblock)
+        if replay is not None:
+            with torch.no_grad():
+                for name, lin in tlinears.items():
+                    lin.weight.data.copy_(replay[name].to(lin.weight.device, lin.weight.dtype))
+        elif ctx.scorer:
+            results.append(prune_linears(tlinears, stats, ctx.grads, tcfg))
+        ctx.share(tlinears)
+    if not active:
+        return StepResult(results, hidden)
+    if cfg.sequential and not targets:
+        return StepResult(results, forward_all(block, hidden, kwargs, ctx.place))  # the pruned block's outputs
+    return StepResult(results, dense_out)

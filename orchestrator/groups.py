@@ -1,0 +1,71 @@
+"""Which actor groups a run starts, on which resources, joined how: the coordinator's choice.
+
+The pruning workers (ZeRO-3 through DeepSpeed), the evaluation actors (no process group) and the
+structured-recovery actors are one :class:`actors.group.ActorGroup` each; this module builds
+their :class:`actors.group.GroupSpec` from the run config and the cluster: one GPU per actor and
+NCCL where the cluster has GPUs, one CPU per actor and gloo otherwise. Ray and the actors load
+only when a group is asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from orchestrator.inputs.config import RunConfig, StructuredRecoveryConfig
+
+
+def cluster_uses_gpus(cfg: RunConfig) -> bool:
+    """Connect to the run's cluster (or start a local Ray); whether its actors get GPUs."""
+    from actors.cluster import ensure_ray, has_gpus
+
+    ensure_ray(cfg.backend.address)
+    return has_gpus()
+
+
+def check_prune_capacity(cfg: RunConfig) -> bool:
+    """Fail now (one ``backend.*`` line) when the cluster cannot hold the pruning workers; whether they get GPUs."""
+    from actors.cluster import check_capacity, ensure_ray
+
+    ensure_ray(cfg.backend.address)
+    return check_capacity(cfg.backend.workers)
+
+
+def prune_spec(cfg: RunConfig) -> Any:
+    """The pruning workers' group: ``backend.workers`` ZeRO-3 ranks, NCCL on GPUs, gloo on CPUs."""
+    from actors.distributed import prune_spec as spec
+
+    return spec(cfg, use_gpu=cluster_uses_gpus(cfg))
+
+
+def eval_actors(cfg: RunConfig, progress: bool) -> Callable[[], Any] | None:
+    """A factory of the ``eval.workers`` evaluation actors (None: evaluate in-process)."""
+    if not cfg.eval.workers:
+        return None
+
+    def start() -> Any:
+        from actors.evaluator import EvalGroup
+        from actors.group import GroupSpec
+
+        spec = GroupSpec(cfg.eval.workers, use_gpu=cluster_uses_gpus(cfg), backend=None, field="eval.workers",
+                         address=cfg.backend.address, strategy="SPREAD")
+        return EvalGroup(spec, cfg.model, progress)
+
+    return start
+
+
+def distributed_recovery(cfg: RunConfig) -> Callable[[nn.Module, torch.Tensor, StructuredRecoveryConfig], Any]:
+    """Data-parallel LoRA recovery on ``structured.recovery.workers`` actors (NCCL on GPUs, gloo on CPUs)."""
+
+    def recover(model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryConfig) -> Any:
+        from actors.cluster import ensure_ray, has_gpus
+        from actors.recovery import recover_distributed, recovery_spec
+
+        address = cfg.backend.address if cfg.backend.kind == "ray" else None
+        ensure_ray(address)
+        return recover_distributed(model, windows, r, recovery_spec(r, address, use_gpu=has_gpus()))
+
+    return recover

@@ -1,0 +1,232 @@
+"""``rayprune`` command line: prune, eval, plan.
+
+Exit codes: 0 success, 1 runtime failure, 2 bad usage/config/input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from orchestrator.errors import RayPruneError, UsageError
+
+log = logging.getLogger("rayprune")
+
+EPILOG = """\
+examples:
+  rayprune prune configs/default.yaml                 prune SmolLM2-135M with GBLM (2 Ray workers)
+  rayprune prune configs/default.yaml pruning.method=wanda pruning.pattern=2:4 output.dir=runs/wanda24
+  rayprune prune backend.kind=local model.source=tiny calibration.num_samples=4 calibration.seq_len=32
+  rayprune eval runs/default eval.source=builtin:python-topics-eval
+  rayprune plan configs/default.yaml --gpu-mem 80
+
+Overrides are KEY=VALUE with dotted keys into the YAML config (values parsed as YAML).
+All config problems are reported at once; bad input exits with status 2.
+"""
+
+
+def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """First positional that is not ``KEY=VALUE`` is the config path; the rest are overrides."""
+    config = None
+    overrides = []
+    for item in items:
+        if "=" not in item and config is None and not overrides:
+            config = item
+        else:
+            overrides.append(item)
+    return config, overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``rayprune`` command."""
+    parser = argparse.ArgumentParser(
+        prog="rayprune",
+        description="Prune large language models on a Ray cluster (GBLM, Wanda, SparseGPT, magnitude).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prune", help="prune a model, evaluate it and write a run directory",
+                       description="Prune a model as the config says; write model/, masks.safetensors, "
+                                   "config.yaml, report.json and report.md into output.dir.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]",
+                   help="YAML config (optional: defaults otherwise) followed by overrides")
+    p.add_argument("--if-changed", action="store_true",
+                   help="scheduled run: compute the run key (config, model revision, calibration data) first and "
+                        "return a finished run with the same key instead of recomputing; '{key}' in output.dir "
+                        "becomes the short key (e.g. output.dir=runs/nightly-{key})")
+    p.add_argument("--force", action="store_true",
+                   help="with --if-changed: recompute even if a finished run has the same key")
+    p.add_argument("--resume", metavar="OUTPUT_DIR",
+                   help="continue an interrupted distributed run from its checkpoints (kept next to OUTPUT_DIR "
+                        "as .NAME.ckpt); the config defaults to the one saved with the checkpoints")
+
+    e = sub.add_parser("eval", help="perplexity of a checkpoint or run directory",
+                       description="Evaluate perplexity (eval.* settings) of a model directory, a run "
+                                   "directory (its model/), a .gguf file or a builtin model name.")
+    e.add_argument("model", help="model directory, run directory, .gguf file or builtin name")
+    e.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]", help="config and overrides for eval.*")
+    e.add_argument("--json", dest="json_out", help="also write the result as JSON to this file")
+
+    pl = sub.add_parser("plan", help="memory and communication plan per worker (reads the model config only)")
+    pl.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
+    pl.add_argument("--gpu-mem", type=float, default=80.0, help="GPU memory per worker in GiB (default 80)")
+    pl.add_argument("--model-config", help="a model config.json to plan for instead of the run's model")
+    pl.add_argument("--shape", choices=["llama2-13b", "llama2-70b"],
+                    help="plan for a published model shape instead of the run's model")
+    r = sub.add_parser("report", help="re-render report.md and the plots of a run from its report.json")
+    r.add_argument("run_dir", help="a run directory written by 'rayprune prune'")
+    return parser
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "datasets", "urllib3", "filelock", "httpx", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.INFO)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def cmd_prune(ns: argparse.Namespace) -> int:
+    """``rayprune prune``."""
+    from orchestrator.inputs.loader import load_config
+
+    path, overrides = _split_args(ns.args)
+    if ns.resume:
+        from orchestrator.coordinator import checkpoint_path
+
+        ckpt = checkpoint_path(ns.resume)
+        if not (ckpt / "progress.json").is_file():
+            raise UsageError(f"--resume: no checkpoint of an interrupted run at {str(ckpt)!r}")
+        path = path or str(ckpt / "config.yaml")
+        overrides = [*overrides, f"output.dir={Path(ns.resume).expanduser().resolve()}"]
+    cfg = load_config(path, overrides)
+    key = final = None
+    if ns.if_changed or "{key}" in cfg.output.dir:
+        from orchestrator.surfaces.runkeys import prepare_run
+
+        key, final = prepare_run(cfg, reuse=ns.if_changed, force=ns.force)  # no model work before this
+    reused = final is not None
+    if final is None:
+        from orchestrator.coordinator import run_prune
+
+        final = run_prune(cfg, progress=not ns.quiet, run_key=key, resume=bool(ns.resume))
+        if key is not None:
+            from orchestrator.surfaces.runkeys import record_run
+
+            record_run(final, key)
+    report = json.loads((final / "report.json").read_text())
+    met = report["metrics"]
+    summary = {"run_dir": str(final), "reached_sparsity": round(report["sparsity"]["reached"], 6)}
+    summary.update({k: round(v, 4) for k, v in met.items() if k.endswith("_ppl")})
+    if key is not None:
+        summary.update(run_key=key, reused=reused)
+    sys.stdout.write(json.dumps(summary) + "\n")
+    return 0
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    """``rayprune eval``."""
+    from orchestrator.coordinator import eval_windows
+    from orchestrator.evaluation.perplexity import perplexity
+    from orchestrator.inputs.loader import load_config
+    from orchestrator.inputs.models import load_tokenizer, materialize
+    from orchestrator.structured.shrink import load_checkpoint
+
+    path, overrides = _split_args(ns.args)
+    target = Path(ns.model)
+    if (target / "model" / "config.json").is_file():
+        target = target / "model"
+    cfg = load_config(path, [*overrides, f"model.source={target if target.exists() else ns.model}"])
+    if not cfg.eval.source:
+        raise UsageError("eval.source: not set (e.g. eval.source=builtin:python-topics-eval)")
+    model_path = materialize(cfg.model)
+    tokenizer = load_tokenizer(model_path, cfg.model)
+    model = load_checkpoint(model_path, cfg.model)
+    windows = eval_windows(cfg, tokenizer, model)
+    ppl = perplexity(model, windows, progress=not ns.quiet)
+    result = {"model": str(model_path), "ppl": ppl, "seq_len": cfg.eval.seq_len, "windows": int(windows.shape[0])}
+    if ns.json_out:
+        Path(ns.json_out).write_text(json.dumps(result, indent=2) + "\n")
+    sys.stdout.write(f"perplexity {ppl:.4f} (context {cfg.eval.seq_len}, {windows.shape[0]} windows)\n")
+    return 0
+
+
+def cmd_plan(ns: argparse.Namespace) -> int:
+    """``rayprune plan``."""
+    from orchestrator.inputs.loader import load_config
+    from orchestrator.inputs.models import load_model_config, materialize
+    from orchestrator.planner import LLAMA2_13B, LLAMA2_70B, format_plan, min_workers, plan
+
+    path, overrides = _split_args(ns.args)
+    cfg = load_config(path, overrides)
+    if ns.shape:
+        model_config = {"llama2-13b": LLAMA2_13B, "llama2-70b": LLAMA2_70B}[ns.shape]
+    elif ns.model_config:
+        mc_path = Path(ns.model_config)
+        if not mc_path.is_file():
+            raise UsageError(f"--model-config: file {str(mc_path)!r} does not exist")
+        try:
+            model_config = json.loads(mc_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--model-config: {str(mc_path)!r} is not valid JSON ({exc})") from None
+        if not isinstance(model_config, dict):
+            raise UsageError(f"--model-config: {str(mc_path)!r} must hold a JSON object")
+    else:
+        model_config = load_model_config(materialize(cfg.model), cfg.model)
+    pr = cfg.pruning
+    kw = dict(method=pr.method, norm=pr.gblm.norm, num_samples=cfg.calibration.num_samples,
+              seq_len=cfg.calibration.seq_len, dtype_bytes=4 if cfg.model.dtype == "float32" else 2,
+              grad_batch=cfg.backend.grad_batch_size)
+    try:
+        need = min_workers(model_config, int(ns.gpu_mem * 2**30), **kw)
+    except ValueError as exc:
+        need = f"none ({exc})"
+    result = plan(model_config, workers=cfg.backend.workers, **kw)
+    sys.stdout.write(format_plan(result) + "\n")
+    sys.stdout.write(f"workers needed with {ns.gpu_mem:g} GiB per GPU: {need}\n")
+    return 0
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
+    """``rayprune report``."""
+    from orchestrator.outputs.report import rerender
+
+    for name in rerender(ns.run_dir):
+        sys.stdout.write(f"{Path(ns.run_dir) / name}\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``rayprune`` console script."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    _setup_logging(ns.verbose, ns.quiet)
+    handlers = {"prune": cmd_prune, "eval": cmd_eval, "plan": cmd_plan, "report": cmd_report}
+    try:
+        return handlers[ns.command](ns)
+    except RayPruneError as exc:
+        sys.stderr.write(f"rayprune: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("rayprune: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

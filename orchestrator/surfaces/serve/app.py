@@ -1,0 +1,165 @@
+"""The compression service: a Ray Serve app that runs pruning jobs as Ray tasks.
+
+Endpoints (every one needs ``Authorization: Bearer <token>``; errors are ``{"error": "..."}``):
+
+- ``POST /v1/jobs``: the run config as JSON (``application/json``) or YAML (``application/x-yaml``,
+  ``text/plain``) -> 202 ``{"job_id", "state", ...}``; 400 naming the field and value when the
+  config is invalid or ``output.dir`` leaves the service root, 429 when too many jobs are queued.
+- ``GET /v1/jobs``: every remembered job.
+- ``GET /v1/jobs/{id}``: ``state`` (pending, running, succeeded, failed, cancelled), current
+  ``phase``, ``progress`` (``done``: how many phases finished, ``phases``: their seconds), ``error``,
+  ``run_dir`` once it has succeeded.
+- ``GET /v1/jobs/{id}/report``: the run's ``report.json``; 409 until the job has succeeded.
+- ``DELETE /v1/jobs/{id}``: cancel; answers once the task has stopped and its partial output is gone.
+
+``output.dir`` is read relative to the service root (default ``<root>/<job_id>``).
+
+Import path for ``serve run`` or a RayService serve config: ``orchestrator.surfaces.serve.app:build_app``
+with the args of :class:`~orchestrator.surfaces.serve.options.JobServiceOptions`, e.g.::
+
+    RAYPRUNE_SERVE_TOKEN=... serve run orchestrator.surfaces.serve.app:build_app root=/data/runs
+"""
+
+
+import asyncio
+import json
+import logging
+import uuid
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.config import DeploymentActorConfig
+
+from orchestrator.surfaces.serve.auth import ApiError, BearerAuth, install_error_handlers, load_token
+from orchestrator.surfaces.serve.jobs import JobRegistry
+from orchestrator.surfaces.serve.options import JobServiceOptions, parse_options, service_root
+from orchestrator.surfaces.serve.submission import validate_submission
+
+log = logging.getLogger(__name__)
+
+REGISTRY = "registry"
+api = FastAPI(title="rayprune compression service", docs_url=None, redoc_url=None, openapi_url=None)
+install_error_handlers(api)
+
+
+def _answer(result: tuple[int, dict], **headers: str) -> JSONResponse:
+    status, payload = result
+    return JSONResponse(payload, status_code=status, headers=headers or None)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+@serve.ingress(api)
+class JobService:
+    """HTTP front of the job registry (see the module docstring for the endpoints).
+
+    Args:
+        root: directory all job output goes under (created when missing).
+        token_file: file holding the bearer token, else the environment variables.
+        max_body_bytes: largest accepted config body.
+    """
+
+    def __init__(self, root: str, token_file: str | None = None, max_body_bytes: int = 1 << 20):
+        self._auth = BearerAuth(load_token(token_file))
+        self._root = Path(root).expanduser().resolve()
+        self._root.mkdir(parents=True, exist_ok=True)
+        self._max_body = max_body_bytes
+        self._registry = None
+        log.info("job service ready, root %s", self._root)
+
+    async def _handle(self):
+        """The registry actor's handle, looked up again after the controller recreated it."""
+        for _ in range(50):
+            if self._registry is not None:
+                return self._registry
+            try:
+                self._registry = serve.get_deployment_actor(REGISTRY)
+            except ValueError:
+                await asyncio.sleep(0.2)
+        raise ApiError(503, "registry: the job registry is not available; retry later")
+
+    async def _call(self, method: str, *args) -> tuple[int, dict]:
+        """Call a registry method; a stale handle (registry recreated) is refreshed once."""
+        try:
+            return await getattr(await self._handle(), method).remote(*args)
+        except RayActorError:
+            self._registry = None
+        try:
+            return await getattr(await self._handle(), method).remote(*args)
+        except RayActorError:
+            self._registry = None
+            raise ApiError(503, "registry: the job registry is restarting; retry later") from None
+
+    @api.post("/v1/jobs")
+    async def submit(self, request: Request) -> JSONResponse:
+        """Validate a run config and queue it as a job."""
+        self._auth.check(request)
+        body = await request.body()
+        if len(body) > self._max_body:
+            raise ApiError(413, f"config: body of {len(body)} bytes exceeds the limit of {self._max_body}")
+        job_id = uuid.uuid4().hex
+        cfg = validate_submission(body, request.headers.get("content-type"), self._root, job_id)
+        result = await self._call("submit", job_id, cfg.to_dict(), cfg.output.dir)
+        return _answer(result, Location=f"/v1/jobs/{job_id}")
+
+    @api.get("/v1/jobs")
+    async def list_jobs(self, request: Request) -> JSONResponse:
+        """Every remembered job."""
+        self._auth.check(request)
+        return _answer(await self._call("list_jobs"))
+
+    @api.get("/v1/jobs/{job_id}")
+    async def status(self, job_id: str, request: Request) -> JSONResponse:
+        """State, phase, progress, error and run directory of one job."""
+        self._auth.check(request)
+        return _answer(await self._call("get", job_id))
+
+    @api.get("/v1/jobs/{job_id}/report")
+    async def report(self, job_id: str, request: Request) -> JSONResponse:
+        """The ``report.json`` of a succeeded job."""
+        self._auth.check(request)
+        status, job = await self._call("get", job_id)
+        if status != 200:
+            return _answer((status, job))
+        if job["state"] != "succeeded":
+            raise ApiError(409, f"job {job_id} is {job['state']}; its report exists once it has succeeded")
+        path = Path(job["run_dir"]) / "report.json"
+        try:
+            text = await asyncio.to_thread(path.read_text)
+        except OSError:
+            raise ApiError(404, f"report: {str(path)!r} is not readable from this replica") from None
+        return JSONResponse(json.loads(text))
+
+    @api.delete("/v1/jobs/{job_id}")
+    async def cancel(self, job_id: str, request: Request) -> JSONResponse:
+        """Cancel a pending or running job."""
+        self._auth.check(request)
+        return _answer(await self._call("cancel", job_id))
+
+
+def build_app(args: dict | None = None) -> serve.Application:
+    """The job service app, for ``serve run orchestrator.surfaces.serve.app:build_app`` or a serve config.
+
+    Args:
+        args: :class:`~orchestrator.surfaces.serve.options.JobServiceOptions` fields (strings are parsed).
+
+    Raises:
+        ConfigError: bad arguments or no root configured.
+        UsageError: no bearer token configured (the service refuses to start without one).
+    """
+    opts = parse_options(JobServiceOptions, args)
+    root = service_root(opts)
+    load_token(opts.token_file)  # fail here, before deploying, when no token is configured
+    registry = DeploymentActorConfig(
+        name=REGISTRY,
+        actor_class=JobRegistry,
+        init_kwargs={"job_num_cpus": opts.job_num_cpus, "max_active_jobs": opts.max_active_jobs,
+                     "max_finished_jobs": opts.max_finished_jobs, "cancel_grace_s": opts.cancel_grace_s,
+                     "root": root},
+        actor_options={"num_cpus": 0},
+    )
+    deployment = JobService.options(num_replicas=opts.num_replicas, deployment_actors=[registry])
+    return deployment.bind(root=root, token_file=opts.token_file, max_body_bytes=opts.max_body_bytes)
+

@@ -21,6 +21,7 @@ from orchestrator.inputs.data import (
     check_source,
     check_vocab,
     first_windows,
+    leading_special_tokens,
     load_texts,
     tokenize_corpus,
 )
@@ -84,7 +85,7 @@ def eval_windows(cfg: RunConfig, tokenizer, model) -> torch.Tensor | None:
         raise UsageError(f"eval.seq_len: {e.seq_len} exceeds the model's maximum of {max_pos}")
     tokens = tokenize_corpus(load_texts(e.source, e.text_column, "eval.source"), tokenizer)
     check_vocab(tokens, model, "eval.source")
-    return first_windows(tokens, e.seq_len, e.num_windows, "eval.source")
+    return first_windows(tokens, e.seq_len, e.num_windows, "eval.source", leading_special_tokens(tokenizer))
 
 
 def reached_sparsity(model, names: list[str]) -> tuple[float, int, int]:

@@ -1,4 +1,4 @@
-"""Small file helpers shared by run directories, checkpoints and the schedule index (no torch, no Ray)."""
+"""Small file helpers shared by run directories, checkpoints and the run-key index (no torch, no Ray)."""
 
 from __future__ import annotations
 

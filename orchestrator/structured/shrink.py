@@ -17,12 +17,11 @@ from torch import nn
 from orchestrator.engine.blocks import decoder_blocks
 from orchestrator.errors import UsageError
 from orchestrator.inputs.config import ModelConfig
-from orchestrator.inputs.models import TORCH_DTYPES, check_weight_format, load_model
+from orchestrator.inputs.models import SIZES_KEY, TORCH_DTYPES, check_weight_format, load_model
 from orchestrator.structured.groups import ModuleGroups, arch_spec, group_index, head_dim, module_groups
 
 log = logging.getLogger(__name__)
 
-SIZES_KEY = "rayprune_layer_sizes"
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from orchestrator.outputs import artifacts
 from orchestrator.evaluation.perplexity import perplexity
 from orchestrator.inputs.data import first_windows, load_texts, tokenize_corpus
+from orchestrator.outputs import artifacts
 from orchestrator.surfaces.cli import main
 from tests.conftest import tiny_overrides
 
@@ -102,10 +102,14 @@ def test_structured_run_shrinks_saves_and_reloads(tmp_path, corpus_parquet, eval
     removed = 1 - st["parameters_after"] / st["parameters_before"]
     assert removed > 0.05
     assert not (out / "masks.safetensors").exists()
+    from orchestrator.errors import UsageError
     from orchestrator.inputs.config import ModelConfig
     from orchestrator.inputs.models import load_model
+    from orchestrator.structured.shrink import load_checkpoint
 
-    model = load_model(str(out / "model"), ModelConfig())
+    with pytest.raises(UsageError, match="structured checkpoint with per-layer sizes"):
+        load_model(str(out / "model"), ModelConfig())  # the plain loader says what to use instead
+    model = load_checkpoint(str(out / "model"), ModelConfig())
     assert sum(p.numel() for p in model.parameters()) == st["parameters_after"]
     tok = AutoTokenizer.from_pretrained(out / "model")
     windows = first_windows(tokenize_corpus(load_texts(str(eval_parquet)), tok), 32, 3, "eval")

@@ -77,3 +77,51 @@ def test_sources_are_checked_before_anything_loads(tmp_path):
     with pytest.raises(UsageError, match=r"^eval\.source: file .*missing\.parquet' does not exist$"):
         check_source(str(tmp_path / "missing.parquet"), "eval.source")
     check_source("allenai/c4", "calibration.source")  # a hub name: decided when it is read
+
+
+def _bos_tokenizer():
+    """A byte tokenizer that, like Llama 3's or Gemma's, puts BOS (id 256) before every text."""
+    from tokenizers import processors
+
+    from orchestrator.inputs.models import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<eos> $A", special_tokens=[("<eos>", 256)])
+    return tok
+
+
+def test_windows_start_with_the_tokens_the_tokenizer_adds():
+    from orchestrator.inputs.data import first_windows, leading_special_tokens, sample_windows, tokenize_corpus
+    from orchestrator.inputs.models import byte_tokenizer
+
+    tok = _bos_tokenizer()
+    plain = tok("ab", add_special_tokens=False)["input_ids"]
+    assert tok("ab")["input_ids"] == [256, *plain] and len(plain) == 2  # the tokenizer really adds BOS
+    assert leading_special_tokens(tok) == [256]
+    assert leading_special_tokens(byte_tokenizer()) == []  # SmolLM2-like: nothing added
+    text = "".join(chr(97 + i % 26) for i in range(100))
+    tokens = tokenize_corpus([text], tok)  # (100,) corpus ids, no special tokens
+    assert tokens.numel() == 100 and 256 not in tokens.tolist()
+    first = first_windows(tokens, 10, 3, "eval.source", [256])
+    assert first.shape == (3, 10)
+    assert first[:, 0].tolist() == [256, 256, 256]  # BOS counted inside the window length...
+    assert first[:, 1:].reshape(-1).tolist() == tokens[:27].tolist()  # ...and the corpus continues after it
+    sampled = sample_windows(tokens, 10, 5, 0, "calibration.source", [256])
+    assert sampled.shape == (5, 10) and (sampled[:, 0] == 256).all()
+    bare = sample_windows(tokens, 10, 5, 0, "calibration.source")  # without a prefix: the protocol as before
+    assert bare.shape == (5, 10) and 256 not in bare.reshape(-1).tolist()
+
+
+def test_perplexity_never_scores_the_bos_position():
+    """The first token of a window is never a target: only positions 1..L-1 are predicted."""
+    import torch
+
+    from orchestrator.evaluation.perplexity import window_nll
+    from orchestrator.inputs.config import TinyModelConfig
+    from orchestrator.inputs.models import build_tiny_llama
+
+    model = build_tiny_llama(TinyModelConfig(layers=1, hidden=32, heads=2, kv_heads=1, intermediate=64, seed=0))
+    windows = torch.tensor([[256, 1, 2, 3, 4, 5]])
+    _, tokens = window_nll(model, windows)
+    assert tokens == 5

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.surfaces import runkeys
 from orchestrator.errors import UsageError
 from orchestrator.inputs.loader import config_from_dict
+from orchestrator.surfaces import runkeys
 
 
 def no_hub(repo: str, revision: str | None, kind: str) -> str | None:

@@ -1,5 +1,6 @@
 # rayprune: set-up, main job, tests. `make run` and `make test` each create the
-# virtual environment on first use (torch's CPU build first, then the project).
+# virtual environment on first use (torch's CPU build first, then the project), at the versions of
+# constraints.txt.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,11 +11,11 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,eval]'
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,eval]'
 	touch $(STAMP)
 
 ## The main job: prune SmolLM2-135M with GBLM on a local Ray with two workers, evaluate, write runs/default.

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -132,6 +133,9 @@ class GroupMember:
 
     def __init__(self, num_threads: int = 1) -> None:
         torch.set_num_threads(max(1, num_threads))
+        # DeepSpeed still calls torch.distributed's renamed collectives; one warning per call site per
+        # worker would flood the driver's log (the source is the dependency, not this code)
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         self.rank, self.world, self.local_rank = 0, 1, 0
         self.device = torch.device("cpu")
 

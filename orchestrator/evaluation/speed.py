@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from orchestrator.errors import UsageError
+from orchestrator.structured.portable import SIZES_KEY
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def _config_flops(cfg) -> int:
     except AttributeError as exc:
         raise UsageError(f"matmul_flops_per_token: not a LLaMA-like config ({exc}); pass the model instead") from None
     n_rep = heads // kv
-    sizes = getattr(cfg, "rayprune_layer_sizes", None) or [{"kv_heads": kv, "intermediate": inter}] * layers
+    sizes = getattr(cfg, SIZES_KEY, None) or [{"kv_heads": kv, "intermediate": inter}] * layers
     total = hidden * vocab  # lm_head
     for s in sizes:
         q, k = s["kv_heads"] * n_rep * hd, s["kv_heads"] * hd
@@ -123,7 +124,8 @@ def compare_speed(models: dict[str, torch.nn.Module], tokenizer_or_vocab=None, p
     Returns:
         ``{"prompt_len", "new_tokens", "repeats", "torch_threads", "device", "models": {name:
         {"flops_per_token", "batches": [{"batch_size", "prefill_tps", "decode_tps", "prefill_s",
-        "decode_s", "generated_tokens"}]}}}`` where tokens/s count all sequences of the batch,
+        "decode_s", "generated_tokens", "prefill_tps_range", "decode_tps_range"}]}}}`` where tokens/s
+        count all sequences of the batch (medians; the ranges are the slowest and fastest repeat),
         ``decode_tps`` counts the ``new_tokens - 1`` decode steps, and ``generated_tokens`` is the
         number of new tokens per sequence that the last run produced.
 
@@ -163,8 +165,12 @@ def compare_speed(models: dict[str, torch.nn.Module], tokenizer_or_vocab=None, p
         rows = []
         for b in batch_sizes:
             p_s, d_s = statistics.median(pre[name, b]), statistics.median(dec[name, b])
-            rows.append({"batch_size": b, "prefill_tps": b * prompt_len / p_s, "decode_tps": b * (new_tokens - 1) / d_s,
-                         "prefill_s": p_s, "decode_s": d_s, "generated_tokens": counts[name, b]})
+            p_tok, d_tok = b * prompt_len, b * (new_tokens - 1)
+            rows.append({"batch_size": b, "prefill_tps": p_tok / p_s, "decode_tps": d_tok / d_s,
+                         "prefill_s": p_s, "decode_s": d_s, "generated_tokens": counts[name, b],
+                         # the spread over the repeats: [slowest, fastest] tokens/s
+                         "prefill_tps_range": [p_tok / max(pre[name, b]), p_tok / min(pre[name, b])],
+                         "decode_tps_range": [d_tok / max(dec[name, b]), d_tok / min(dec[name, b])]})
         out["models"][name] = {"flops_per_token": matmul_flops_per_token(m), "batches": rows}
     return out
 

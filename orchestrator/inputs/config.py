@@ -9,47 +9,77 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "gblm")
-PATTERNS = ("unstructured", "2:4", "4:8")
-DTYPES = ("float32", "bfloat16", "float16")
+Method = Literal["magnitude", "wanda", "sparsegpt", "gblm"]
+Pattern = Literal["unstructured", "2:4", "4:8"]
+DType = Literal["float32", "bfloat16", "float16"]
+METHODS: tuple[str, ...] = typing.get_args(Method)
+PATTERNS: tuple[str, ...] = typing.get_args(Pattern)
+DTYPES: tuple[str, ...] = typing.get_args(DType)
+
+#: the role of a field, declared once (``opt(role=...)``) and used by every fingerprint and the run key
+RESULT = "result"  # decides the pruned model (masks, weights): checkpoints, resume and the run key hash it
+MEASURE = "measure"  # decides what is measured or written, not the model: the run key hashes it, resume does not
+EXECUTION = "execution"  # only where or how the run executes: nothing hashes it
+ROLES = (RESULT, MEASURE, EXECUTION)
+
+
+def opt(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, role: str = RESULT,
+        help: str = "", ge: float | None = None, gt: float | None = None, le: float | None = None,
+        lt: float | None = None, hint: str = "", nonempty: bool = False, explain: Any = None) -> Any:
+    """A config field with its role, its help line and its declared range (checked when the config is built).
+
+    Args:
+        default: the default value (or ``factory`` for a mutable one).
+        role: :data:`RESULT`, :data:`MEASURE` or :data:`EXECUTION`.
+        help: one line for the README's key table (``rayprune keys`` prints it too).
+        ge, gt, le, lt: bounds of a number (None values are never checked).
+        hint: words added to a range error, e.g. ``(0: in the coordinator process)``.
+        nonempty: a string or list that must not be empty.
+        explain: ``value -> message or None``: a better error for a value outside a Literal's choices.
+    """
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    md = {"role": role, "help": help, "bounds": bounds, "hint": hint, "nonempty": nonempty, "explain": explain}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=md)
+    return field(default=default, metadata=md)
+
+
+def _nm_explain(value: Any) -> str | None:
+    """``4:2`` or ``4:4`` is an N:M pattern with N >= M: say so rather than list the choices."""
+    parts = str(value).split(":")
+    if len(parts) == 2 and all(x.isdigit() for x in parts) and int(parts[0]) >= int(parts[1]):
+        return f"{value!r} needs N < M"
+    return None
 
 
 @dataclass
 class TinyModelConfig:
     """Shape of a seeded random LLaMA used in tests (``model.source: tiny``)."""
 
-    layers: int = 2
-    hidden: int = 64
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate: int = 128
-    max_positions: int = 256
-    seed: int = 0
+    layers: int = opt(2, gt=0, help="blocks")
+    hidden: int = opt(64, gt=0, help="hidden size")
+    heads: int = opt(4, gt=0, help="query heads")
+    kv_heads: int = opt(2, gt=0, help="KV heads")
+    intermediate: int = opt(128, gt=0, help="MLP width")
+    max_positions: int = opt(256, gt=0, help="context length")
+    seed: int = opt(0, help="weight seed")
 
 
 @dataclass
 class ModelConfig:
-    """Which model to prune and how to load it.
+    """Which model to prune and how to load it."""
 
-    Attributes:
-        source: builtin name, ``tiny``, a local HF directory, a ``.gguf`` file or a hub id.
-        dtype: parameter dtype while loading.
-        revision: hub revision (hub ids only).
-        trust_remote_code: run Python code shipped with the model; off unless set explicitly.
-        gguf_file: GGUF file name inside a hub repository.
-        allow_pickle: load pickle weights (``pytorch_model.bin``); off by default because
-            unpickling untrusted files can run code: only ``.safetensors`` weights are read.
-    """
-
-    source: str = "smollm2-135m"
-    dtype: str = "float32"
-    revision: str | None = None
-    trust_remote_code: bool = False
-    gguf_file: str | None = None
-    allow_pickle: bool = False
+    source: str = opt("smollm2-135m", nonempty=True,
+                      help="builtin name (`smollm2-135m`), `tiny`, a local HF directory, a `.gguf` file or a hub id")
+    dtype: DType = opt("float32", help="parameter dtype while loading")
+    revision: str | None = opt(None, help="hub revision (hub ids only)")
+    trust_remote_code: bool = opt(False, help="run Python code shipped with the model; only when you trust it")
+    gguf_file: str | None = opt(None, help="GGUF file name inside a hub repository")
+    allow_pickle: bool = opt(False, help="also read pickle weights (`pytorch_model.bin`), which can run code")
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
@@ -57,22 +87,25 @@ class ModelConfig:
 class GenerateConfig:
     """Options of self-generated calibration (``calibration.source: generate``)."""
 
-    prompt: str = ""
-    temperature: float = 1.0
-    top_p: float = 0.95
+    prompt: str = opt("", help="text every generated sequence starts from (empty: BOS)")
+    temperature: float = opt(1.0, gt=0, help="sampling temperature")
+    top_p: float = opt(0.95, gt=0, le=1, help="nucleus sampling mass")
 
 
 @dataclass
 class CalibrationConfig:
     """Calibration text and how windows are sampled from it."""
 
-    source: str = "generate"
-    text_column: str = "text"
-    hub_config: str | None = None
-    split: str = "train"
-    num_samples: int = 32
-    seq_len: int = 512
-    seed: int = 0
+    source: str = opt("generate", nonempty=True,
+                      help="`.parquet`/`.jsonl`/`.txt` file or folder, a hub dataset, "
+                           "`builtin:python-topics-calibration` / `builtin:python-topics-eval` (text Python ships), "
+                           "or `generate` (model-written text)")
+    text_column: str = opt("text", help="column holding the text (parquet/jsonl)")
+    hub_config: str | None = opt(None, help="dataset config of a hub dataset")
+    split: str = opt("train", help="split of a hub dataset")
+    num_samples: int = opt(32, gt=0, help="calibration windows N (`random.Random(seed).sample` of the windows)")
+    seq_len: int = opt(512, ge=2, help="tokens per window L (BOS included where the tokenizer adds one)")
+    seed: int = opt(0, help="sampling seed")
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
@@ -80,28 +113,29 @@ class CalibrationConfig:
 class GblmConfig:
     """GBLM-Pruner options (METHODS.md section 2)."""
 
-    alpha: float = 100.0
-    norm: str = "l1"
-    grad_scale: float = 100.0
+    alpha: float = opt(100.0, ge=0, help="weight of the gradient term (on raw gradients)")
+    norm: Literal["l1", "l2"] = opt("l1", help="`l1`: p = 1 (`sum |g|`), `l2`: p = 2 (`sqrt(sum g^2)`)")
+    grad_scale: float = opt(100.0, gt=0, help="factor gradients are summed with (as the published code); divided out")
 
 
 @dataclass
 class SparseGptConfig:
     """SparseGPT options (METHODS.md section 2)."""
 
-    blocksize: int = 128
-    percdamp: float = 0.01
+    blocksize: int = opt(128, gt=0, help="columns per lazy-update block")
+    percdamp: float = opt(0.01, gt=0, help="damping as a fraction of mean(diag H)")
 
 
 @dataclass
 class PruningConfig:
     """What to prune and how."""
 
-    method: str = "gblm"
-    sparsity: float | None = None
-    pattern: str = "unstructured"
-    sequential: bool = True
-    sweep: list[float] = field(default_factory=list)
+    method: Method = opt("gblm", help="`magnitude`, `wanda`, `sparsegpt`, `gblm`")
+    sparsity: float | None = opt(None, gt=0, lt=1, help="fraction pruned in every matrix (unstructured; null: 0.5)")
+    pattern: Pattern = opt("unstructured", explain=_nm_explain,
+                           help="`unstructured`, `2:4`, `4:8` (N:M implies sparsity N/M)")
+    sequential: bool = opt(True, help="re-forward each pruned block to produce the next block's inputs")
+    sweep: list[float] = opt(factory=list, help="several sparsities from one statistics pass, e.g. `[0.3, 0.5, 0.7]`")
     gblm: GblmConfig = field(default_factory=GblmConfig)
     sparsegpt: SparseGptConfig = field(default_factory=SparseGptConfig)
 
@@ -124,95 +158,95 @@ class PruningConfig:
 
 @dataclass
 class StructuredRecoveryConfig:
-    """LoRA "group fine-tuning" after structured pruning (METHODS.md section 5).
+    """LoRA "group fine-tuning" after structured pruning (METHODS.md section 5)."""
 
-    ``schedule``: ``joint`` trains the adapters of every group of ``blocks_per_group`` blocks at
-    once, ``sequential`` group by group (``steps`` split over the groups); each step takes
-    ``batch_size`` windows of ``seq_len`` tokens out of ``num_samples`` drawn from ``source``
-    (None: ``calibration.source``; ``calibration``: the calibration windows themselves); ``workers``
-    > 1 runs it data-parallel on Ray actors.
-    """
-
-    enabled: bool = False
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    lr: float = 1e-3
-    warmup: float = 0.05
-    blocks_per_group: int = 10
-    schedule: str = "joint"
-    steps: int = 60
-    batch_size: int = 4
-    seq_len: int = 512
-    source: str | None = None
-    num_samples: int = 1024
-    forward_dtype: str = "bfloat16"
-    workers: int = 1
-    seed: int = 0
+    enabled: bool = opt(False, help="recover with LoRA after shrinking")
+    rank: int = opt(8, gt=0, help="LoRA rank")
+    alpha: float = opt(16.0, gt=0, help="LoRA alpha")
+    dropout: float = opt(0.0, ge=0, lt=1, help="LoRA dropout (seeded per window)")
+    lr: float = opt(1e-3, gt=0, help="peak learning rate (warm-up, then cosine)")
+    warmup: float = opt(0.05, ge=0, lt=1, help="fraction of steps warming up")
+    blocks_per_group: int = opt(10, gt=0, help="blocks sharing one adapter group")
+    schedule: Literal["joint", "sequential"] = opt("joint", help="train every group at once, or group by group")
+    steps: int = opt(60, gt=0, help="optimiser steps")
+    batch_size: int = opt(4, gt=0, help="windows per step")
+    seq_len: int = opt(512, gt=0, help="tokens per training window")
+    source: str | None = opt(None, help="training text (null: `calibration.source`; `calibration`: its windows)")
+    num_samples: int = opt(1024, gt=0, help="training windows drawn from the source")
+    forward_dtype: DType = opt("bfloat16", help="autocast dtype of the frozen base (adapters stay fp32)")
+    workers: int = opt(1, gt=0, role=EXECUTION, help="> 1: data-parallel on Ray actors")
+    seed: int = opt(0, help="adapter init and dropout seed")
 
 
 @dataclass
 class StructuredConfig:
     """Structured pruning (SAAP on LLM-Pruner groups, METHODS.md section 5)."""
 
-    enabled: bool = False
-    target: float = 0.2
-    allocation: str = "adaptive"
-    indicator: str = "importance"
-    spread: float = 0.5
-    estimators: list[str] = field(default_factory=lambda: ["element1", "vector"])
-    aggregation: str = "sum"
-    protect_first: int | None = None
-    protect_last: int | None = None
-    round_to: int = 8
-    minibatches: int = 4
-    grad_scale: float = 1.0
+    enabled: bool = opt(False, help="remove attention groups and MLP channels instead of single weights")
+    target: float = opt(0.2, gt=0, lt=1, help="fraction of decoder parameters removed")
+    allocation: Literal["uniform", "adaptive"] = opt("adaptive", help="per-module ratios: equal, or by indicator")
+    indicator: Literal["stability", "importance", "hybrid"] = opt("importance", help="what adaptive allocation follows")
+    spread: float = opt(0.5, ge=0, lt=1, help="how far adaptive ratios move from uniform")
+    estimators: list[Literal["element1", "element2", "vector"]] = opt(
+        factory=lambda: ["element1", "vector"], nonempty=True, help="importance estimators fused by uncertainty")
+    aggregation: Literal["sum", "mean", "max", "prod"] = opt("sum", help="how a group's element scores combine")
+    protect_first: int | None = opt(None, ge=0, hint="or null", help="blocks kept whole at the start (null: depth/10)")
+    protect_last: int | None = opt(None, ge=0, hint="or null", help="blocks kept whole at the end (null: depth/15)")
+    round_to: int = opt(8, gt=0, help="kept MLP widths rounded to a multiple of this")
+    minibatches: int = opt(4, gt=0, help="mini-batches of the stability indicator")
+    grad_scale: float = opt(1.0, gt=0, help="factor gradients are summed with")
     recovery: StructuredRecoveryConfig = field(default_factory=StructuredRecoveryConfig)
 
 
 @dataclass
 class EvalConfig:
-    """Perplexity evaluation after pruning."""
+    """Evaluation after pruning (perplexity, zero-shot tasks, generation speed)."""
 
-    enabled: bool = True
-    source: str | None = None
-    text_column: str = "text"
-    num_windows: int = 40
-    seq_len: int = 512
-    dense_baseline: bool = True
-    workers: int = 0
-    tasks: list[str] = field(default_factory=list)
-    task_limit: int | None = None
-    speed: bool = False
-    speed_prompt_len: int = 512
-    speed_new_tokens: int = 128
-    speed_batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
-    speed_repeats: int = 3
+    enabled: bool = opt(True, role=MEASURE, help="evaluate at all")
+    source: str | None = opt(None, role=MEASURE, help="perplexity text (as `calibration.source`); none: no perplexity")
+    text_column: str = opt("text", role=MEASURE, help="column holding the text")
+    num_windows: int = opt(40, gt=0, role=MEASURE, help="the first K non-overlapping windows")
+    seq_len: int = opt(512, ge=2, role=MEASURE, help="tokens per perplexity window")
+    dense_baseline: bool = opt(True, role=MEASURE, help="evaluate the dense model too")
+    workers: int = opt(0, ge=0, role=EXECUTION, hint="(0: in the coordinator process)",
+                       help="evaluation actors (one GPU each where there are GPUs); 0: in the coordinator process")
+    tasks: list[str] = opt(factory=list, role=MEASURE,
+                           help="zero-shot tasks: builtin (`debian_cloze`), JSONL files, or `lm_eval:<task>`")
+    task_limit: int | None = opt(None, gt=0, role=MEASURE, help="examples per task (null: all)")
+    speed: bool = opt(False, role=MEASURE, help="prefill/decode tokens/s, dense vs pruned, interleaved")
+    speed_prompt_len: int = opt(512, ge=1, role=MEASURE, help="prompt tokens of the speed runs")
+    speed_new_tokens: int = opt(128, ge=2, role=MEASURE, help="generated tokens of the speed runs")
+    speed_batch_sizes: list[int] = opt(factory=lambda: [1, 8], nonempty=True, role=MEASURE,
+                                       help="batch sizes of the speed runs")
+    speed_repeats: int = opt(3, ge=1, role=MEASURE, help="interleaved repeats (medians and ranges reported)")
 
 
 @dataclass
 class BackendConfig:
     """Where the work runs."""
 
-    kind: str = "ray"
-    workers: int = 2
-    address: str | None = None
-    forward_dtype: str = "float32"
-    grad_batch_size: int = 4
-    num_threads: int = 0
-    max_retries: int = 2
-    checkpoint_every: int = 8
-    collective_timeout_s: float = 1800.0
-    placement_strategy: str = "PACK"
+    kind: Literal["local", "ray"] = opt("ray", role=EXECUTION, help="`local` (one process) or `ray` (ZeRO-3 actors)")
+    workers: int = opt(2, gt=0, role=EXECUTION, help="pruning workers (one GPU each where there are GPUs)")
+    address: str | None = opt(None, role=EXECUTION, help="Ray address: `auto` joins a running cluster")
+    forward_dtype: DType = opt("float32", help="autocast dtype of block forwards (statistics stay fp32)")
+    grad_batch_size: int = opt(4, ge=1, help="sequences per forward/backward of the distributed gradient pass")
+    num_threads: int = opt(0, ge=0, role=EXECUTION, help="torch threads per actor (0: CPUs / workers)")
+    max_retries: int = opt(2, ge=0, role=EXECUTION, help="restarts of a failed worker group (resuming)")
+    checkpoint_every: int = opt(8, ge=1, role=EXECUTION, hint="(sequences per rank)",
+                                help="checkpoint the gradient statistics every K sequences per rank")
+    collective_timeout_s: float = opt(1800.0, gt=0, role=EXECUTION,
+                                      help="a collective whose peer stopped answering fails after this long")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = opt(
+        "PACK", role=EXECUTION, help="Ray placement strategy of the workers")
 
 
 @dataclass
 class OutputConfig:
     """Where artifacts go."""
 
-    dir: str = "runs/default"
-    overwrite: bool = False
-    save_model: bool = True
+    dir: str = opt("runs/default", nonempty=True, role=EXECUTION, help="the run directory (`{key}`: the run key)")
+    overwrite: bool = opt(False, role=EXECUTION, help="replace an existing run")
+    save_model: bool = opt(True, role=MEASURE, help="write the pruned checkpoint (masks and report always)")
 
 
 @dataclass
@@ -232,19 +266,77 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """SHA-256 of the resolved config's canonical JSON (output section excluded)."""
-        data = self.to_dict()
-        data.pop("output", None)
-        blob = json.dumps(data, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()
+        """SHA-256 of the fields that decide the model or what is measured (:data:`RESULT` and :data:`MEASURE`)."""
+        return _sha(self.by_role(RESULT, MEASURE))
 
     def work_fingerprint(self) -> str:
-        """SHA-256 of what decides the masks (model, data, method, numerics), not of how the run is executed.
+        """SHA-256 of what decides the masks (:data:`RESULT` fields), not of how the run executes or is measured.
 
         Checkpoints carry it: a run may resume with other retries, timeouts or evaluation
         settings, never with another model, calibration set, pruning config or numerics.
         """
-        data = self.to_dict()
-        keep = {k: data[k] for k in ("model", "calibration", "pruning", "structured")}
-        keep["backend"] = {k: data["backend"][k] for k in ("grad_batch_size", "forward_dtype")}
-        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+        return _sha(self.by_role(RESULT))
+
+    def by_role(self, *roles: str) -> dict[str, Any]:
+        """The resolved config as a nested dict holding only fields of the given roles."""
+        return _select(self, set(roles))
+
+
+def _select(obj: Any, roles: set[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            sub = _select(value, roles)
+            if sub:
+                out[f.name] = sub
+        elif f.metadata.get("role", RESULT) in roles:
+            out[f.name] = json.loads(json.dumps(value))
+    return out
+
+
+def _sha(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def iter_fields(cls: type = None, prefix: str = "") -> list[tuple[str, dataclasses.Field, Any]]:
+    """Every leaf field of the config classes: ``(dotted name, field, type)``, in declaration order."""
+    cls = cls or RunConfig
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += iter_fields(hints[f.name], name + ".")
+        else:
+            out.append((name, f, hints[f.name]))
+    return out
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    value = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    return f"`{json.dumps(value)}`" if not isinstance(value, str) else f"`{value}`" if value else '`""`'
+
+
+def _type_text(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " \\| ".join(f"`{a}`" for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_text(typing.get_args(tp)[0])}"
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if args and len(args) < len(typing.get_args(tp)):
+        return f"{_type_text(args[0])} or null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def key_table() -> str:
+    """The Markdown table of every config key (the README's, generated from the config classes)."""
+    from orchestrator.inputs.yamlconf import range_text
+
+    lines = ["| key | type | default | role | meaning |", "|---|---|---|---|---|"]
+    for name, f, tp in iter_fields():
+        bounds = f.metadata.get("bounds")
+        kind = _type_text(tp) + (f", {range_text(bounds)}" if bounds else "")
+        lines.append(f"| `{name}` | {kind} | {_default_text(f)} | {f.metadata.get('role', RESULT)} | "
+                     f"{f.metadata.get('help', '')} |")
+    return "\n".join(lines) + "\n"

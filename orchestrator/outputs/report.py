@@ -109,20 +109,51 @@ def _sweep_lines(report: dict) -> list[str]:
     return lines
 
 
+def speed_verdict(dense: dict, pruned: dict) -> str:
+    """``"1.42x"`` when the pruned model's tokens/s range lies wholly above or below the dense one's,
+    else ``"no measurable difference"`` (medians inside each other's spread are noise)."""
+    lo_d, hi_d = dense.get("range") or (dense["median"], dense["median"])
+    lo_p, hi_p = pruned.get("range") or (pruned["median"], pruned["median"])
+    if lo_p <= hi_d and lo_d <= hi_p:
+        return "no measurable difference"
+    return f"{pruned['median'] / dense['median']:.2f}x"
+
+
 def _speed_lines(report: dict) -> list[str]:
     sp = report.get("speed")
     if not sp:
         return []
     lines = ["", "## Generation speed", "",
-             f"Prompt {sp['prompt_len']} tokens, {sp['new_tokens']} new tokens (greedy), medians; "
-             "models measured interleaved in one process.", "",
-             "| model | batch | prefill tokens/s | decode tokens/s | matmul GFLOP/token |", "|---|---|---|---|---|"]
+             f"Prompt {sp['prompt_len']} tokens, {sp['new_tokens']} new tokens (greedy), medians of "
+             f"{sp.get('repeats', '?')} repeats with the slowest-fastest range; models measured interleaved in "
+             "one process.", ""]
+    dense = sp["models"].get("dense")
+    shapes_shrunk = bool(report.get("structured"))
+    if not shapes_shrunk:
+        lines += ["This run keeps every matrix at its dense shape (sparse weights in dense kernels), so it gives "
+                  "no speedup; the table shows that the measurement agrees.", ""]
+    lines += ["| model | batch | prefill tokens/s | decode tokens/s | matmul GFLOP/token | prefill vs dense | "
+              "decode vs dense |", "|---|---|---|---|---|---|---|"]
     for name, m in sp["models"].items():
         gf = m.get("flops_per_token")
         for b in m["batches"]:
-            lines.append(f"| {name} | {b['batch_size']} | {b['prefill_tps']:.1f} | {b['decode_tps']:.1f} | "
-                         f"{'-' if gf is None else f'{gf / 1e9:.3f}'} |")
+            verdicts = ["", ""]
+            ref = next((r for r in dense["batches"] if r["batch_size"] == b["batch_size"]), None) if dense else None
+            if ref is not None and name != "dense":
+                verdicts = [speed_verdict({"median": ref[k], "range": ref.get(f"{k}_range")},
+                                          {"median": b[k], "range": b.get(f"{k}_range")})
+                            for k in ("prefill_tps", "decode_tps")]
+                if not shapes_shrunk:
+                    verdicts = [v if v == "no measurable difference" else f"{v} (noise: shapes unchanged)"
+                                for v in verdicts]
+            lines.append(f"| {name} | {b['batch_size']} | {_tps(b, 'prefill_tps')} | {_tps(b, 'decode_tps')} | "
+                         f"{'-' if gf is None else f'{gf / 1e9:.3f}'} | {verdicts[0]} | {verdicts[1]} |")
     return lines
+
+
+def _tps(row: dict, key: str) -> str:
+    rng = row.get(f"{key}_range")
+    return f"{row[key]:.1f}" + (f" ({rng[0]:.1f}-{rng[1]:.1f})" if rng else "")
 
 
 def _sweep_plot(report: dict, out_dir, plt) -> list[str]:

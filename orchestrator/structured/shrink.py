@@ -3,7 +3,7 @@
 Per-layer kept sizes are recorded in ``config.rayprune_layer_sizes`` (a list of
 ``{"kv_heads", "intermediate"}``). When every block keeps the same sizes the config's
 own fields are rewritten too, so ``from_pretrained`` reloads the checkpoint; otherwise
-:func:`load_structured` rebuilds the model with per-layer sizes.
+the checkpoint carries its modeling code (:mod:`orchestrator.structured.portable`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,16 @@ from torch import nn
 from orchestrator.engine.blocks import decoder_blocks
 from orchestrator.errors import UsageError
 from orchestrator.inputs.config import ModelConfig
-from orchestrator.inputs.models import SIZES_KEY, TORCH_DTYPES, check_weight_format, load_model
+from orchestrator.inputs.models import TORCH_DTYPES, check_weight_format, load_model
 from orchestrator.structured.groups import ModuleGroups, arch_spec, group_index, head_dim, module_groups
+from orchestrator.structured.portable import (
+    CLASS_NAME,
+    MODULE_NAME,
+    SIZES_KEY,
+    STRUCTURE_KEY,
+    load_portable,
+    shipped_source,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +103,23 @@ def is_uniform(sizes: list[dict[str, int]]) -> bool:
 def save_structured(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
     """Save a shrunk model (safetensors + config with per-layer sizes).
 
+    Uniform sizes give a plain checkpoint of the original architecture. Per-layer sizes also get
+    ``modeling_rayprune.py`` (:mod:`orchestrator.structured.portable`) and an ``auto_map``, so
+    ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` loads it without rayprune.
+
     Returns:
         The directory.
     """
     path = Path(path)
-    sync_config(model)
+    sizes = sync_config(model)
+    if not is_uniform(sizes):
+        spec = arch_spec(model)
+        setattr(model.config, STRUCTURE_KEY, {k: {"module": v["module"], "rows": list(v["rows"]),
+                                                  "cols": list(v["cols"])} for k, v in spec.items()})
+        model.config.auto_map = {"AutoModelForCausalLM": f"{MODULE_NAME}.{CLASS_NAME}"}
     model.save_pretrained(path, safe_serialization=True)
+    if not is_uniform(sizes):
+        (path / f"{MODULE_NAME}.py").write_text(shipped_source(model.config.model_type))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
@@ -116,64 +135,21 @@ def load_structured(path: str | Path, dtype: torch.dtype = torch.float32):
     Raises:
         UsageError: the directory is not a checkpoint or its weights do not match the sizes.
     """
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UsageError(f"structured checkpoint {str(path)!r} has no config.json")
-    config = AutoConfig.from_pretrained(path)
-    sizes = getattr(config, SIZES_KEY, None)
-    if not sizes or is_uniform(sizes):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    n_rep = config.num_attention_heads // config.num_key_value_heads
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    hd = head_dim(config)
-    spec = arch_spec(model)
-    for block, size in zip(decoder_blocks(model), sizes, strict=True):
-        widths = {"attn": (size["kv_heads"], {"q_proj": n_rep * hd}), "mlp": (size["intermediate"], {})}
-        for kind, (g, special) in widths.items():
-            s = spec[kind]
-            sub = getattr(block, s["module"])
-            for name in s["rows"]:
-                lin = getattr(sub, name)
-                w = g * special.get(name, hd if kind == "attn" else 1)
-                setattr(sub, name, nn.Linear(lin.in_features, w, bias=lin.bias is not None, device="meta",
-                                             dtype=dtype))
-            for name in s["cols"]:
-                lin = getattr(sub, name)
-                w = g * (n_rep * hd if kind == "attn" else 1)
-                setattr(sub, name, nn.Linear(w, lin.out_features, bias=lin.bias is not None, device="meta",
-                                             dtype=dtype))
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
+    if not any(path.glob("*.safetensors")):
         raise UsageError(f"structured checkpoint {str(path)!r} has no .safetensors files")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    state = {k: v.to(dtype) for k, v in state.items()}
+    sizes = getattr(AutoConfig.from_pretrained(path), SIZES_KEY, None)
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as exc:
-        raise UsageError(f"structured checkpoint {str(path)!r}: weights do not match the sizes ({exc})") from None
-    missing = [k for k in missing if not (k.endswith("lm_head.weight") and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise UsageError(f"structured checkpoint {str(path)!r}: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    if any(buf.is_meta for buf in model.buffers()):  # rotary inv_freq was built on meta
-        _reinit_buffers(model, config)
-    return model.eval()
-
-
-def _reinit_buffers(model: nn.Module, config) -> None:
-    """Rebuild the rotary embedding (its buffers are not in the checkpoint)."""
-    rot_owner = model.get_submodule("model")
-    rotary = getattr(rot_owner, "rotary_emb", None)
-    if rotary is None:
-        raise UsageError("structured checkpoint: cannot rebuild non-persistent buffers (no rotary_emb)")
-    rot_owner.rotary_emb = type(rotary)(config=config)
+        if not sizes or is_uniform(sizes):
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).eval()
+        return load_portable(str(path), dtype)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise UsageError(f"structured checkpoint {str(path)!r}: weights do not match the sizes "
+                         f"({str(exc).splitlines()[0][:200]})") from None
 
 
 def load_checkpoint(path: str, model_cfg: ModelConfig, dtype: str | None = None) -> nn.Module:

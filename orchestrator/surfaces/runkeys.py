@@ -2,10 +2,10 @@
 
 A *run key* is the SHA-256 of a canonical JSON document holding
 
-* the resolved config without the fields that only say where or how visibly a run
-  executes (:data:`EXECUTION_ONLY`: ``output.dir``, ``output.overwrite``,
-  ``backend.address``, ``backend.num_threads``, ``backend.placement_strategy``,
-  ``eval.workers``),
+* the resolved config's fields that decide the model or what is measured (the ``result`` and
+  ``measure`` roles declared on each field in :mod:`orchestrator.inputs.config`; ``execution``
+  fields such as ``output.dir``, ``backend.address``, ``backend.workers`` or ``eval.workers``
+  only say where or how a run executes),
 * the identity of the model revision (:func:`model_identity`),
 * the fingerprint of the calibration data and, when evaluation runs, of the evaluation
   data and of local zero-shot task files (:func:`data_fingerprint`),
@@ -53,7 +53,7 @@ from typing import Any
 from orchestrator import __version__
 from orchestrator.errors import UsageError
 from orchestrator.fileio import atomic_write_bytes, sha256_file
-from orchestrator.inputs.config import ModelConfig, RunConfig
+from orchestrator.inputs.config import MEASURE, RESULT, ModelConfig, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,6 @@ INDEX_DIR = ".rayprune-index"
 KEY_FILE = "run_key"
 DATA_HASH_LIMIT = 256 * 2**20
 MODEL_HASH_LIMIT = 8 * 2**20
-EXECUTION_ONLY = ("output.dir", "output.overwrite", "backend.address", "backend.num_threads",
-                  "backend.placement_strategy", "eval.workers")
 TASKS_DIR = Path(__file__).parents[1] / "evaluation" / "tasks"  # builtin zero-shot tasks: ``<name>.jsonl``
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".txt")  # orchestrator.inputs.data.LOCAL_SUFFIXES (kept torch-free)
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -173,12 +171,8 @@ def data_fingerprint(source: str, hub_config: str | None = None, split: str = "t
 
 
 def key_config(cfg: RunConfig) -> dict[str, Any]:
-    """The resolved config as a dict without the :data:`EXECUTION_ONLY` fields."""
-    data = cfg.to_dict()
-    for dotted in EXECUTION_ONLY:
-        section, name = dotted.split(".")
-        data[section].pop(name, None)
-    return data
+    """The resolved config's ``result`` and ``measure`` fields (the roles each field declares)."""
+    return cfg.by_role(RESULT, MEASURE)
 
 
 def key_document(cfg: RunConfig, resolve_hub: HubResolver = hub_commit) -> dict[str, Any]:

@@ -237,3 +237,49 @@ def test_input_dict_not_mutated() -> None:
     data = {"pruning": {"method": "wanda"}}
     config_from_dict(data, ["pruning.sparsity=0.3"])
     assert data == {"pruning": {"method": "wanda"}}
+
+
+def test_readme_key_table_is_generated_from_the_config_classes():
+    from orchestrator.inputs.config import key_table
+
+    text = (REPO / "README.md").read_text()
+    start = text.index("<!-- key table:")
+    start = text.index("\n", start) + 1
+    end = text.index("<!-- end of key table -->")
+    assert text[start:end] == key_table(), "README key table is stale: regenerate it with key_table()"
+
+
+def test_every_field_declares_a_role_and_a_help_line():
+    from orchestrator.inputs.config import ROLES, iter_fields
+
+    for name, f, _ in iter_fields():
+        assert f.metadata.get("role") in ROLES, name
+        assert f.metadata.get("help"), name
+
+
+def test_roles_decide_the_fingerprints():
+    from orchestrator.inputs.loader import config_from_dict
+
+    base = config_from_dict({})
+    for override, work, full in [("backend.workers=5", False, False), ("eval.num_windows=3", False, True),
+                                 ("pruning.sparsity=0.3", True, True), ("output.dir=x", False, False),
+                                 ("backend.forward_dtype=bfloat16", True, True)]:
+        cfg = config_from_dict({}, [override])
+        assert (cfg.work_fingerprint() != base.work_fingerprint()) == work, override
+        assert (cfg.fingerprint() != base.fingerprint()) == full, override
+
+
+def test_declared_ranges_and_choices_are_checked_while_building():
+    from orchestrator.errors import ConfigError
+    from orchestrator.inputs.loader import config_from_dict
+
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict({}, ["structured.spread=1", "model.dtype=int8", "structured.estimators=[element3]",
+                              "structured.protect_first=-1", "calibration.generate.top_p=1.5"])
+    assert sorted(exc.value.problems) == sorted([
+        "structured.spread: must be in [0, 1), got 1",
+        "model.dtype: 'int8' is not one of float32, bfloat16, float16",
+        "structured.estimators: expected a list of element1, element2, vector, got ['element3']",
+        "structured.protect_first: must be >= 0 or null, got -1",
+        "calibration.generate.top_p: must be in (0, 1], got 1.5",
+    ])

@@ -1,4 +1,4 @@
-"""deploy/: every manifest parses, runs real rayprune commands on real configs, and the image pins pyproject."""
+"""deploy/: every manifest parses, runs real rayprune commands on real configs, and the image installs the lock (constraints.txt)."""
 
 from __future__ import annotations
 
@@ -104,11 +104,12 @@ def repo_path(path: str) -> Path:
 
 
 def pins() -> dict[str, str]:
+    """The lock: package -> exact version (constraints.txt, which make and the Dockerfile install from)."""
     out = {}
-    for dep in PYPROJECT["project"]["dependencies"]:
-        m = re.match(r"^([A-Za-z0-9_.-]+)(\[[^\]]*\])?==([^\s;]+)", dep)
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.-]+)==([^\s;]+)", line.strip())
         if m:
-            out[norm(m.group(1))] = m.group(3)
+            out[norm(m.group(1))] = m.group(2)
     return out
 
 
@@ -288,14 +289,14 @@ def test_dockerfile_base_image_is_a_pinned_gpu_image():
     assert "cuda" in name or "cuda" in tag, f"{base} is not a CUDA image"
 
 
-def test_dockerfile_pins_match_pyproject():
+def test_dockerfile_pins_match_the_lock():
     runs = " ".join(ln for ln in dockerfile_lines() if ln.upper().startswith("RUN "))
     wanted = pins()
     found = re.findall(r"(?<![\w.-])([A-Za-z][A-Za-z0-9_.-]*)(?:\[[^\]]*\])?==([0-9][^\s\"']*)", runs)
     assert found, "the Dockerfile pins nothing"
     for name, version in found:
-        assert norm(name) in wanted, f"{name}=={version} is not pinned in pyproject.toml"
-        assert wanted[norm(name)] == version, f"{name}: Dockerfile {version}, pyproject {wanted[norm(name)]}"
+        assert norm(name) in wanted, f"{name}=={version} is not pinned in constraints.txt"
+        assert wanted[norm(name)] == version, f"{name}: Dockerfile {version}, constraints.txt {wanted[norm(name)]}"
     assert "torch" in {norm(n) for n, _ in found}  # installed first, pinned
 
 
@@ -317,3 +318,40 @@ def test_readme_covers_every_manifest():
     for path in [*YAML_FILES, DOCKERFILE]:
         assert path.name in readme, f"deploy/README.md does not mention {path.name}"
     assert "RAY_AUTH_MODE" in readme and "--if-changed" in readme and "working" in readme
+
+
+def test_the_lock_satisfies_every_declared_range():
+    from packaging.requirements import Requirement
+
+    lock = pins()
+    deps = PYPROJECT["project"]["dependencies"] + [d for ds in PYPROJECT["project"]["optional-dependencies"].values()
+                                                   for d in ds]
+    for dep in deps:
+        req = Requirement(dep)
+        assert norm(req.name) in lock, f"{req.name} is declared but not locked in constraints.txt"
+        assert req.specifier.contains(lock[norm(req.name)], prereleases=True), (dep, lock[norm(req.name)])
+        assert "==" not in str(req.specifier), f"{dep}: pyproject.toml declares ranges, the lock pins"
+
+
+def test_every_imported_package_is_declared():
+    """Each third-party package the code imports is a declared dependency (not one that comes along)."""
+    import ast
+    import sys
+
+    from packaging.requirements import Requirement
+
+    declared = {norm(Requirement(d).name) for d in PYPROJECT["project"]["dependencies"]}
+    declared |= {norm(Requirement(d).name) for ds in PYPROJECT["project"]["optional-dependencies"].values()
+                 for d in ds}
+    dist_of = {"yaml": "pyyaml", "lm_eval": "lm-eval", "huggingface_hub": "huggingface-hub"}
+    imported = set()
+    for pkg in ("orchestrator", "actors"):
+        for f in (REPO / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level
+                         else [])
+                imported |= {n.split(".")[0] for n in names}
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m not in ("orchestrator", "actors")}
+    missing = sorted(m for m in third_party if norm(dist_of.get(m, m)) not in declared)
+    assert missing == []

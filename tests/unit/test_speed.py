@@ -71,3 +71,26 @@ def test_compare_speed_interleaves_models(tiny):
 def test_speed_rejects_too_long_prompt(tiny):
     with pytest.raises(UsageError, match="maximum context of 256"):
         measure_speed(tiny, prompt_len=250, new_tokens=16, repeats=1)
+
+
+def test_speed_verdicts_are_honest():
+    """A difference inside the spread is 'no measurable difference'; unstructured runs say why there is none."""
+    from orchestrator.outputs.report import _speed_lines, speed_verdict
+
+    assert speed_verdict({"median": 100, "range": [90, 110]}, {"median": 105, "range": [95, 180]}) == \
+        "no measurable difference"
+    assert speed_verdict({"median": 100, "range": [90, 110]}, {"median": 150, "range": [140, 160]}) == "1.50x"
+    assert speed_verdict({"median": 100, "range": [90, 110]}, {"median": 50, "range": [45, 60]}) == "0.50x"
+
+    def row(p, d):
+        return {"batch_size": 4, "prefill_tps": p[1], "decode_tps": d[1], "prefill_tps_range": [p[0], p[2]],
+                "decode_tps_range": [d[0], d[2]]}
+
+    speed = {"prompt_len": 8, "new_tokens": 4, "repeats": 2, "models": {
+        "dense": {"batches": [row((90, 100, 110), (200, 286, 300))]},
+        "pruned": {"batches": [row((95, 101, 108), (400, 516, 520))]}}}
+    text = "\n".join(_speed_lines({"speed": speed, "structured": None}))
+    assert "no speedup" in text and "(noise: shapes unchanged)" in text  # 1.8x decode on an unstructured model
+    assert "| pruned | 4 | 101.0 (95.0-108.0) |" in text and "no measurable difference" in text
+    text = "\n".join(_speed_lines({"speed": speed, "structured": {"removed_fraction": 0.5}}))
+    assert "no speedup" not in text and "| 1.80x |" in text

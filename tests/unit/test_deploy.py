@@ -1,4 +1,4 @@
-"""deploy/: every manifest parses, runs real rayprune commands on real configs, and the image installs the lock (constraints.txt)."""
+"""deploy/: every manifest parses, runs real rayprune commands on real configs, the image installs the lock."""
 
 from __future__ import annotations
 

@@ -125,6 +125,32 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class _ExpectedDeepSpeedWarnings(logging.Filter):
+    """The gradient engine's never-stepped ``SGD(lr=0)`` is untested by DeepSpeed on purpose (see zero3.py)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "untested optimizer" not in record.getMessage()
+
+
+def quiet_worker_logs() -> None:
+    """Actors report warnings and errors only (``RAYPRUNE_WORKER_LOG_LEVEL=INFO`` for their timings);
+    the driver shows one progress bar per long phase, so the libraries' own bars are off here."""
+    level = os.environ.get("RAYPRUNE_WORKER_LOG_LEVEL", "WARNING").upper()
+    for name in ("", "DeepSpeed", "transformers", "datasets"):
+        logging.getLogger(name).setLevel(level)
+    ds_log = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _ExpectedDeepSpeedWarnings) for f in ds_log.filters):
+        ds_log.addFilter(_ExpectedDeepSpeedWarnings())
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity(logging.getLevelName(level))
+    except (ImportError, AttributeError, ValueError):
+        pass
+
+
 class GroupMember:
     """Base class of every actor an :class:`ActorGroup` runs: placement, rank, device, process group.
 
@@ -136,6 +162,7 @@ class GroupMember:
         # DeepSpeed still calls torch.distributed's renamed collectives; one warning per call site per
         # worker would flood the driver's log (the source is the dependency, not this code)
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+        quiet_worker_logs()
         self.rank, self.world, self.local_rank = 0, 1, 0
         self.device = torch.device("cpu")
 
@@ -177,6 +204,7 @@ class GroupMember:
         if deepspeed:
             import deepspeed as ds
 
+            quiet_worker_logs()  # DeepSpeed sets its own logger's level on import
             ds.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, rank=self.rank,
                                 world_size=self.world, timeout=timeout)
         else:

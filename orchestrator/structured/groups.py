@@ -30,20 +30,31 @@ _LLAMA_SPEC: dict = {
         "module": "self_attn",
         "rows": ("q_proj", "k_proj", "v_proj"),  # output rows (and biases) grouped
         "cols": ("o_proj",),  # input columns grouped
-        "count": ("k_proj", "head_dim"),  # groups = k_proj.out_features / head_dim
+        "count": ("k_proj", "head_dim", "out"),  # groups = k_proj.out_features / head_dim
     },
     "mlp": {
         "module": "mlp",
         "rows": ("gate_proj", "up_proj"),
         "cols": ("down_proj",),
-        "count": ("gate_proj", None),  # groups = gate_proj.out_features
+        "count": ("gate_proj", "one", "out"),  # groups = gate_proj.out_features
     },
+}
+
+#: Phi-3 fuses q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``: one matrix holding
+#: several segments, each with G groups (``q``: n_rep heads per group, ``kv``: one head, ``one``: a row)
+_PHI3_SPEC: dict = {
+    "attn": {"module": "self_attn", "rows": (("qkv_proj", ("q", "kv", "kv")),), "cols": ("o_proj",),
+             "count": ("o_proj", "q", "in")},
+    "mlp": {"module": "mlp", "rows": (("gate_up_proj", ("one", "one")),), "cols": ("down_proj",),
+            "count": ("down_proj", "one", "in")},
 }
 
 #: Module-name specs per ``config.model_type``. Qwen2 carries q/k/v biases: any bias of a
 #: row-grouped projection is shrunk with its rows (detected from the module itself).
-ARCH_SPECS: dict[str, dict] = {name: _LLAMA_SPEC for name in (
-    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")}
+ARCH_SPECS: dict[str, dict] = {
+    **{name: _LLAMA_SPEC for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")},
+    "phi3": _PHI3_SPEC,
+}
 KINDS = ("attn", "mlp")
 
 
@@ -55,11 +66,19 @@ class TensorSlice:
         name: full parameter name (``model.layers.3.self_attn.q_proj.weight``).
         dim: axis along which the groups are laid out.
         width: entries per group along ``dim``.
+        offset: start of the segment along ``dim``.
+        groups: number of groups of the segment (0: it spans the whole axis).
     """
 
     name: str
     dim: int
     width: int
+    offset: int = 0  # where this segment starts along ``dim`` (fused matrices hold several)
+    groups: int = 0  # G (0: the whole axis is this slice's groups)
+
+    def part(self, t: torch.Tensor) -> torch.Tensor:
+        """This slice's segment of ``t`` (``t`` itself when the slice spans the whole axis)."""
+        return t if not self.groups else t.narrow(self.dim, self.offset, self.groups * self.width)
 
 
 @dataclass
@@ -141,32 +160,43 @@ def module_groups(model: nn.Module, protect_first: int = 0, protect_last: int = 
     prefix = block_prefix(model)
     blocks = decoder_blocks(model)
     hd = head_dim(model.config)
+    units = {"head_dim": hd, "kv": hd, "q": hd * n_rep_of(model.config), "one": 1}
     out: list[ModuleGroups] = []
     for i, block in enumerate(blocks):
         for kind in KINDS:
             s = spec[kind]
             where = f"{prefix}.{i}"
-            count_lin = _linear(block, s["module"], s["count"][0], where)
-            unit = hd if s["count"][1] == "head_dim" else 1
-            g = count_lin.out_features // unit
+            name, unit, axis = s["count"]
+            count_lin = _linear(block, s["module"], name, where)
+            g = (count_lin.out_features if axis == "out" else count_lin.in_features) // units[unit]
             mod = f"{where}.{s['module']}"
             slices = []
-            for name in s["rows"]:
+            for entry in s["rows"]:
+                name, segments = (entry, None) if isinstance(entry, str) else entry
                 lin = _linear(block, s["module"], name, where)
-                slices.append(TensorSlice(f"{mod}.{name}.weight", 0, lin.out_features // g))
-                if lin.bias is not None:
-                    slices.append(TensorSlice(f"{mod}.{name}.bias", 0, lin.out_features // g))
+                for suffix in ("weight", "bias") if lin.bias is not None else ("weight",):
+                    if segments is None:
+                        slices.append(TensorSlice(f"{mod}.{name}.{suffix}", 0, lin.out_features // g))
+                        continue
+                    offset = 0
+                    for seg in segments:
+                        slices.append(TensorSlice(f"{mod}.{name}.{suffix}", 0, units[seg], offset, g))
+                        offset += g * units[seg]
             for name in s["cols"]:
                 lin = _linear(block, s["module"], name, where)
                 slices.append(TensorSlice(f"{mod}.{name}.weight", 1, lin.in_features // g))
             params = dict(block.named_parameters())
             local = len(where) + 1
-            group_params = sum(
-                params[sl.name[local:]].numel() // g for sl in slices
-            )
+            group_params = sum(params[sl.name[local:]].numel() // params[sl.name[local:]].shape[sl.dim] * sl.width
+                               for sl in slices)
             protected = i < protect_first or i >= len(blocks) - protect_last
             out.append(ModuleGroups(i, kind, mod, g, slices, group_params, protected))
     return out
+
+
+def n_rep_of(config) -> int:
+    """Query heads per KV head (a structured group is one KV head with its query heads)."""
+    return config.num_attention_heads // config.num_key_value_heads
 
 
 def group_index(sl: TensorSlice, groups: torch.Tensor) -> torch.Tensor:
@@ -180,7 +210,7 @@ def group_index(sl: TensorSlice, groups: torch.Tensor) -> torch.Tensor:
         ``(k * width,)`` int64, group-major.
     """
     offs = torch.arange(sl.width, dtype=torch.long)
-    return (groups.long()[:, None] * sl.width + offs[None, :]).reshape(-1)
+    return sl.offset + (groups.long()[:, None] * sl.width + offs[None, :]).reshape(-1)
 
 
 def decoder_params(model: nn.Module) -> int:

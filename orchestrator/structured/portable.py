@@ -22,6 +22,8 @@ query heads) and its head width, so the architecture's own forward runs unchange
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -43,6 +45,37 @@ def _head_dim(config) -> int:
     return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
+def set_attention_sizes(attn: nn.Module, config, kv_heads: int, uniform: bool) -> None:
+    """Tell one attention module how many heads it keeps (the ratio of query to KV heads stays).
+
+    Most architectures reshape with ``-1`` heads and need nothing; those that slice a fused
+    projection by head counts (Phi-3) read them from their attributes or their config, so a block
+    of its own size gets its own shallow copy of the config.
+    """
+    n_rep = config.num_attention_heads // config.num_key_value_heads
+    if hasattr(attn, "num_key_value_groups"):
+        attn.num_key_value_groups = n_rep
+    if hasattr(attn, "num_key_value_heads"):
+        attn.num_key_value_heads = kv_heads
+    if hasattr(attn, "num_heads"):
+        attn.num_heads = kv_heads * n_rep
+    if not uniform and getattr(attn, "config", None) is not None:
+        own = copy.copy(config)
+        own.num_key_value_heads, own.num_attention_heads = kv_heads, kv_heads * n_rep
+        attn.config = own
+
+
+def _row_width(entry, kind: str, first: bool, n_rep: int, hd: int) -> tuple[str, int]:
+    """``(name, width per group)`` of a row-grouped projection (fused ones hold several segments)."""
+    units = {"q": n_rep * hd, "kv": hd, "one": 1}
+    if not isinstance(entry, str):
+        name, segments = entry
+        return name, sum(units[seg] for seg in segments)
+    if kind == "mlp":
+        return entry, 1
+    return entry, n_rep * hd if first else hd
+
+
 def resize_blocks(model: nn.Module) -> None:
     """Replace each block's grouped projections by ones of its recorded size (new, uninitialised weights
     on the device and dtype of the old ones: ``from_pretrained`` then loads the checkpoint into them)."""
@@ -53,8 +86,8 @@ def resize_blocks(model: nn.Module) -> None:
     for block, size in zip(_blocks(model), sizes, strict=True):
         for kind, groups in (("attn", size["kv_heads"]), ("mlp", size["intermediate"])):
             part = getattr(block, spec[kind]["module"])
-            for name in spec[kind]["rows"]:  # output rows: q has n_rep heads per group, k and v one
-                width = (n_rep * hd if name == spec[kind]["rows"][0] else hd) if kind == "attn" else 1
+            for j, entry in enumerate(spec[kind]["rows"]):  # output rows: q has n_rep heads per group, k and v one
+                name, width = _row_width(entry, kind, j == 0, n_rep, hd)
                 old = getattr(part, name)
                 setattr(part, name, nn.Linear(old.in_features, groups * width, bias=old.bias is not None,
                                               device=old.weight.device, dtype=old.weight.dtype))
@@ -63,8 +96,8 @@ def resize_blocks(model: nn.Module) -> None:
                 old = getattr(part, name)
                 setattr(part, name, nn.Linear(groups * width, old.out_features, bias=old.bias is not None,
                                               device=old.weight.device, dtype=old.weight.dtype))
-            if kind == "attn" and hasattr(part, "num_key_value_groups"):
-                part.num_key_value_groups = n_rep
+            if kind == "attn":
+                set_attention_sizes(part, config, groups, uniform=False)
 
 
 def portable_class(model_type: str) -> type:

@@ -67,7 +67,8 @@ def module_scores(params: dict[str, torch.Tensor], mods: list[ModuleGroups],
         slices = [sl for sl in mod.slices if sl.name in grads]  # gradients cover linear weights
         out[mod.key] = {
             est: aggregate([
-                tensor_group_scores(params[sl.name], grads[sl.name]["sum"], grads[sl.name].get("sq"),
+                tensor_group_scores(sl.part(params[sl.name]), sl.part(grads[sl.name]["sum"]),
+                                    None if "sq" not in grads[sl.name] else sl.part(grads[sl.name]["sq"]),
                                     est, sl.dim, sl.width) for sl in slices
             ], how)
             for est in estimators

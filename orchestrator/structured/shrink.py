@@ -25,6 +25,7 @@ from orchestrator.structured.portable import (
     SIZES_KEY,
     STRUCTURE_KEY,
     load_portable,
+    set_attention_sizes,
     shipped_source,
 )
 
@@ -47,11 +48,14 @@ def keep_groups(model: nn.Module, mod: ModuleGroups, keep: torch.Tensor) -> None
         keep: ``(k,)`` group ids to keep (sorted here, so the order of kept groups is stable).
     """
     keep = torch.sort(keep.long()).values
-    for sl in mod.slices:
-        owner, attr = _owner(model, sl.name)
+    by_param: dict[str, list] = {}
+    for sl in mod.slices:  # a fused matrix holds several segments: keep each one's groups, in order
+        by_param.setdefault(sl.name, []).append(sl)
+    for name, slices in by_param.items():
+        owner, attr = _owner(model, name)
         old = getattr(owner, attr)
-        idx = group_index(sl, keep)
-        new = nn.Parameter(old.data.index_select(sl.dim, idx).contiguous(), requires_grad=old.requires_grad)
+        idx = torch.cat([group_index(sl, keep) for sl in sorted(slices, key=lambda x: x.offset)])
+        new = nn.Parameter(old.data.index_select(slices[0].dim, idx).contiguous(), requires_grad=old.requires_grad)
         setattr(owner, attr, new)
         if isinstance(owner, nn.Linear) and attr == "weight":
             owner.out_features, owner.in_features = new.shape
@@ -84,14 +88,14 @@ def sync_config(model: nn.Module) -> list[dict[str, int]]:
     n_rep = cfg.num_attention_heads // cfg.num_key_value_heads
     sizes = layer_sizes(model)
     setattr(cfg, SIZES_KEY, sizes)
-    if all(s == sizes[0] for s in sizes):
+    uniform = is_uniform(sizes)
+    if uniform:
         cfg.num_key_value_heads = sizes[0]["kv_heads"]
         cfg.num_attention_heads = sizes[0]["kv_heads"] * n_rep
         cfg.intermediate_size = sizes[0]["intermediate"]
-    for block in decoder_blocks(model):  # keep module attributes honest (forward uses head_dim only)
-        attn = getattr(block, arch_spec(model)["attn"]["module"])
-        if hasattr(attn, "num_key_value_groups"):
-            attn.num_key_value_groups = n_rep
+    attn_module = arch_spec(model)["attn"]["module"]
+    for block, size in zip(decoder_blocks(model), sizes, strict=True):  # keep module attributes honest
+        set_attention_sizes(getattr(block, attn_module), cfg, size["kv_heads"], uniform)
     return sizes
 
 

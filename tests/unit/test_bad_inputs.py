@@ -126,7 +126,7 @@ CASES: dict[str, Case] = {
     "structured_unsupported_arch": (
         lambda t, m: [f"model.source={m['gpt2']}", "structured.enabled=true"],
         ("structured.enabled: model_type 'gpt2' has no group spec",
-         "supported: gemma, gemma2, gemma3_text, llama, mistral, qwen2, qwen3"),
+         "supported: gemma, gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3"),
     ),
     # data files
     "calib_ints_column": (

@@ -36,6 +36,8 @@ def build(arch: str):
         "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**COMMON, tie_word_embeddings=False)),
         "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**COMMON, sliding_window=8)),
         "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**COMMON, sliding_window=8)),
+        "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**{k: v for k, v in COMMON.items() if k != "head_dim"},
+                                                        pad_token_id=0)),
     }[arch]
     model = make().eval()
     with torch.no_grad():
@@ -45,7 +47,7 @@ def build(arch: str):
     return model
 
 
-ARCHS = ["llama", "qwen2", "qwen3", "gemma2", "gemma3"]
+ARCHS = ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
 # per block: (KV groups dropped, MLP channels dropped): a different size in every block
 DROPS = [(torch.tensor([0]), torch.arange(0, 40, 3)), (torch.tensor([], dtype=torch.long), torch.arange(5, 30)),
          (torch.tensor([1]), torch.tensor([], dtype=torch.long))]
@@ -99,7 +101,7 @@ with torch.no_grad():
 """
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3", "phi3"])
 def test_per_layer_checkpoint_loads_with_plain_transformers(arch, tmp_path):
     model, _ = shrink_and_mask(arch)
     save_structured(model, tmp_path)
@@ -132,11 +134,22 @@ def test_uniform_sizes_give_a_plain_checkpoint(tmp_path):
         torch.testing.assert_close(again(IDS).logits, model(IDS).logits, rtol=0, atol=0)
 
 
-def test_fused_projections_are_a_clear_error():
-    """Phi-3 fuses q/k/v and gate/up into one matrix each: refused with its model_type named."""
-    from transformers import Phi3Config, Phi3ForCausalLM
+def test_fused_projections_are_grouped_segment_by_segment():
+    """Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj: a group spans one segment of each."""
+    model = build("phi3")
+    attn, mlp = module_groups(model)[:2]
+    qkv = [sl for sl in attn.slices if sl.name.endswith("qkv_proj.weight")]
+    # 4 query heads over 2 KV heads of width 16: q rows 0..63 (32 per group), k 64..95, v 96..127
+    assert [(sl.offset, sl.width, sl.groups) for sl in qkv] == [(0, 32, 2), (64, 16, 2), (96, 16, 2)]
+    assert attn.num_groups == 2 and mlp.num_groups == 40
+    weight = model.model.layers[0].self_attn.qkv_proj.weight.detach().clone()  # (128, 64)
+    keep_groups(model, attn, torch.tensor([1]))
+    kept = model.model.layers[0].self_attn.qkv_proj.weight
+    assert torch.equal(kept, torch.cat([weight[32:64], weight[80:96], weight[112:128]]))
 
-    model = Phi3ForCausalLM(Phi3Config(vocab_size=100, hidden_size=64, intermediate_size=40, num_hidden_layers=1,
-                                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
-    with pytest.raises(UsageError, match="phi3"):
-        module_groups(model)
+
+def test_unsupported_architecture_is_named():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(UsageError, match="gpt2"):
+        module_groups(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)))

@@ -197,16 +197,12 @@ def _attempt(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress:
     if store is not None and not store.world_matches(group.workers):
         raise ValueError(f"checkpoint {store.root} was written by {store.progress['world']} workers, "
                          f"not {group.workers}")
-    import ray
-
-    shards = [ray.put(b) for b in shard_bytes(input_ids, group.workers)]
-    seq_len = int(input_ids.shape[1])
-    group.get([a.load.remote(model_path, cfg.model, s, seq_len) for a, s in zip(group.actors, shards, strict=True)])
+    load_workers(group, cfg, model_path, input_ids)
     phases = {"startup": time.perf_counter() - t0}
     kinds = gradient_kinds(pcfg.method, pcfg.gblm.norm)
     if kinds:
         t1 = time.perf_counter()
-        _gradient_pass(group, input_ids.shape[0], kinds, pcfg.gblm.grad_scale, progress,
+        gradient_pass(group, input_ids.shape[0], kinds, pcfg.gblm.grad_scale, progress,
                        cfg.backend.grad_batch_size, store, cfg.backend.checkpoint_every, faults)
         phases["gradient_pass"] = time.perf_counter() - t1
     t1 = time.perf_counter()
@@ -221,7 +217,16 @@ def _attempt(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress:
     return RayResult(outcome=outcome, weights=weights, memory=memory)
 
 
-def _gradient_pass(group: ActorGroup, n: int, kinds: tuple[str, ...], scale: float, progress: bool,
+def load_workers(group: ActorGroup, cfg: RunConfig, model_path: str, input_ids: torch.Tensor) -> None:
+    """Every worker loads its ZeRO-3 partitions and its calibration shard (through the object store)."""
+    import ray
+
+    shards = [ray.put(b) for b in shard_bytes(input_ids, group.workers)]
+    seq_len = int(input_ids.shape[1])
+    group.get([a.load.remote(model_path, cfg.model, s, seq_len) for a, s in zip(group.actors, shards, strict=True)])
+
+
+def gradient_pass(group: ActorGroup, n: int, kinds: tuple[str, ...], scale: float, progress: bool,
                    batch: int = 1, store: CheckpointStore | None = None, every: int = 8,
                    faults: Faults | None = None) -> None:
     """Per-sequence gradient statistics on every worker; each rank runs ``ceil(N/W)`` sequences,

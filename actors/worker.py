@@ -37,6 +37,17 @@ def current_rss() -> int:
         return 0
 
 
+def _answer(results: dict, linears: dict, full: dict[str, str]) -> dict:
+    """The scorer's answer for one pruned block: masks, weights and report rows under full names, on the CPU."""
+    from orchestrator.engine.local import layer_row
+
+    return to_cpu({
+        "masks": {full[n]: r.mask for n, r in results.items()},
+        "weights": {full[n]: lin.weight.data for n, lin in linears.items()},
+        "rows": [layer_row(full[n], r) for n, r in results.items()],
+    })
+
+
 def read_shard(shard: bytes) -> tuple[torch.Tensor, list[int]]:
     """Read one worker's Arrow shard (the IPC file's bytes, from the object store).
 
@@ -68,7 +79,7 @@ class PruneWorker(GroupMember):
         self.grads = None
         self.emb_handle = None
         self.ids = torch.zeros((0, 0), dtype=torch.int64)
-        self.hidden = None
+        self.hidden = self.hidden0 = None
         self.kwargs: dict = {}
         self.prefix = ""
         gc.collect()
@@ -227,26 +238,31 @@ class PruneWorker(GroupMember):
         gather_embedding_into(self.model, self.shell)
         ids = self.ids if self.ids.shape[0] else torch.zeros((1, self.seq_len), dtype=torch.int64, device=self.device)
         hidden, self.kwargs = capture_block_inputs(self.shell, ids)  # (n, L, H)
-        self.hidden = hidden[: self.ids.shape[0]]
+        self.hidden = self.hidden0 = hidden[: self.ids.shape[0]]  # hidden0: a sequential sweep restarts from it
         self.shell = None
         gc.collect()
         self.rss["captured"] = current_rss()
         return int(self.hidden.shape[0])
 
+    def restart_hidden(self) -> None:
+        """Back to the dense block-0 inputs (the next candidate of a sequential sweep)."""
+        self.hidden = self.hidden0
+
     def prune_block(self, index: int, pcfg: Any, forward_dtype: str, grad_kind: str | None,
-                    scorer: int = 0) -> dict | None:
+                    scorer: int = 0, write_back: bool = True) -> dict | None:
         """Prune block ``index`` with :func:`~orchestrator.engine.block_step.block_step` (collective).
 
         The statistics are all-reduced, rank ``scorer`` scores (the gradient statistic ``grad_kind``
         is gathered there only) and broadcasts its weights, which every rank writes back into its
-        ZeRO-3 partitions. Rank ``scorer`` returns masks, weights and report rows (on the CPU).
+        ZeRO-3 partitions (not for a sweep candidate: the partitions stay dense for the next one).
+        Rank ``scorer`` returns masks, weights and report rows (on the CPU).
         """
         import torch.distributed as dist
 
-        from actors.zero3 import plain_block, write_back
+        from actors.zero3 import plain_block
+        from actors.zero3 import write_back as write_back_block
         from orchestrator.engine.block_step import StepContext, block_step
         from orchestrator.engine.blocks import block_linears, decoder_blocks
-        from orchestrator.engine.local import layer_row
 
         zblock = decoder_blocks(self.model)[index]
         block = plain_block(zblock, self.config, index)  # on this rank's device
@@ -262,16 +278,34 @@ class PruneWorker(GroupMember):
         step = block_step(block, self.hidden, self.kwargs, ctx)
         self.hidden = step.hidden
         linears = block_linears(block)
-        write_back(zblock, {n: lin.weight.data for n, lin in linears.items()}, self.rank)
-        del block
+        if write_back:
+            write_back_block(zblock, {n: lin.weight.data for n, lin in linears.items()}, self.rank)
         if self.rank != scorer:
             return None
-        results = step.results[0]
-        return to_cpu({
-            "masks": {full[n]: r.mask for n, r in results.items()},
-            "weights": {full[n]: lin.weight.data for n, lin in linears.items()},
-            "rows": [layer_row(full[n], r) for n, r in results.items()],
-        })
+        return _answer(step.results[0], linears, full)
+
+    def sweep_block(self, index: int, pcfgs: list[Any], forward_dtype: str, grad_kind: str | None,
+                    scorer: int = 0) -> list[dict] | None:
+        """Prune block ``index`` once per candidate config from one set of statistics (collective; a
+        non-sequential sweep). The next inputs are the dense block's outputs and the ZeRO-3
+        partitions stay dense; rank ``scorer`` returns one answer per candidate."""
+        import torch.distributed as dist
+
+        from actors.zero3 import plain_block
+        from orchestrator.engine.block_step import StepContext, block_step
+        from orchestrator.engine.blocks import block_linears, decoder_blocks
+
+        block = plain_block(decoder_blocks(self.model)[index], self.config, index)
+        full = {n: f"{self.prefix}.{index}.{n}.weight" for n in block_linears(block)}
+        grads = {n: self.grads.gather_to(f, grad_kind, scorer) for n, f in full.items()} if grad_kind else {}
+        ctx = StepContext(pcfgs[0], Placement.of(self.device, forward_dtype), grads=grads.get,
+                          reduce=dist.all_reduce, scorer=self.rank == scorer)
+        targets = [(copy.deepcopy(block), c) for c in pcfgs] if self.rank == scorer else []
+        step = block_step(block, self.hidden, self.kwargs, ctx, targets=targets or [(block, pcfgs[0])])
+        self.hidden = step.hidden
+        if self.rank != scorer:
+            return None
+        return [_answer(res, block_linears(t), full) for res, (t, _) in zip(step.results, targets, strict=True)]
 
     def replay_block(self, index: int, weights: dict[str, torch.Tensor], pcfg: Any, forward_dtype: str) -> None:
         """Restore a checkpointed block (collective): the same weights in the ZeRO-3 partitions and the

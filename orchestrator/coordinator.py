@@ -167,7 +167,7 @@ def run_prune(cfg: RunConfig, progress: bool = True, on_event: EventHook | None 
 
     timer = PhaseTimer(on_event)
     ckpt = _prepare_checkpoints(cfg, resume)
-    if cfg.backend.kind == "ray" and not cfg.structured.enabled and not cfg.pruning.sweep:
+    if cfg.backend.kind == "ray" and not cfg.structured.enabled:
         groups.check_prune_capacity(cfg)  # before any model work: a bad address or too few workers fails now
     try:
         final = _run(cfg, timer, progress, run_key, ckpt)
@@ -243,9 +243,19 @@ def _prune_and_evaluate(cfg: RunConfig, timer: PhaseTimer, writer: RunWriter, ev
         elif cfg.pruning.sweep:
             from orchestrator.engine.sweep import main_sparsity, run_sweep
 
-            sweep = run_sweep(model, calib, cfg.pruning, Placement.of("cpu", cfg.backend.forward_dtype), progress)
+            memory = []
+            if cfg.backend.kind == "ray":
+                from actors.sweep import run_ray_sweep
+                from orchestrator.engine.sweep import candidates_from_weights
+
+                rs = run_ray_sweep(cfg, model_path, calib, progress, spec=groups.prune_spec(cfg))
+                sweep = candidates_from_weights(model, rs.candidates, rs.gradient_passes, rs.activation_passes,
+                                                rs.phases)
+                memory = rs.memory
+            else:
+                sweep = run_sweep(model, calib, cfg.pruning, Placement.of("cpu", cfg.backend.forward_dtype), progress)
             main = next(c for c in sweep.candidates if c.sparsity == main_sparsity(cfg.pruning))
-            model, outcome, memory = main.model, main.outcome, []
+            model, outcome = main.model, main.outcome
             outcome.phases = sweep.phases
         else:
             outcome, memory, sweep = *prune_with_backend(cfg, model, model_path, calib, progress, ckpt), None

@@ -1,4 +1,6 @@
-"""Sparsity sweeps: several candidates from one gradient-statistics pass (local engine).
+"""Sparsity sweeps: several candidates from one gradient-statistics pass (local engine; the
+distributed engine's sweep is ``actors.sweep``, whose weights :func:`candidates_from_weights` turns
+into candidate models).
 
 The per-sequence gradient pass (the expensive part of GBLM) runs once on the dense model and
 every candidate reuses it. Activation statistics:
@@ -120,3 +122,18 @@ def _one_pass(dense: nn.Module, models: list[nn.Module], input_ids: torch.Tensor
         for out, results in zip(outs, step.results, strict=True):
             add_results(out, prefix, i, results)
     return outs
+
+
+def candidates_from_weights(dense: nn.Module, candidates: list[tuple[float, PruneOutcome, dict[str, torch.Tensor]]],
+                            gradient_passes: int, activation_passes: int, phases: dict[str, float]) -> SweepResult:
+    """A :class:`SweepResult` from pruned weights computed elsewhere (the distributed sweep):
+    one copy of ``dense`` per candidate with its weights laid over it (``dense`` stays dense)."""
+    res = SweepResult(gradient_passes=gradient_passes, activation_passes=activation_passes, phases=dict(phases))
+    for sparsity, outcome, weights in candidates:
+        model = copy.deepcopy(dense)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, w in weights.items():
+                params[name].copy_(w.to(params[name].device, params[name].dtype))
+        res.candidates.append(Candidate(sparsity, model, outcome))
+    return res

@@ -40,8 +40,6 @@ def _sweep_problems(cfg: Any) -> list[str]:
         p.append(f"pruning.sweep: sparsities must be distinct, got {pr.sweep!r}")
     if pr.sparsity is not None and pr.sparsity not in pr.sweep:
         p.append(f"pruning.sparsity: {pr.sparsity!r} must be one of pruning.sweep {pr.sweep!r} (the saved model)")
-    if cfg.backend.kind != "local":
-        p.append(f"pruning.sweep: sweeps run on backend.kind=local, got {cfg.backend.kind!r}")
     if cfg.structured.enabled:
         p.append("pruning.sweep: not available with structured.enabled=true")
     return p

@@ -195,3 +195,34 @@ def test_strict_spread_two_nodes(setup, tmp_path):
     proc = subprocess.run([sys.executable, str(script), path, str(calib_file)], capture_output=True, text=True,
                           timeout=400)
     assert proc.returncode == 0 and "OK 2" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["one-pass", "sequential"])
+def test_ray_sweep_uses_one_gradient_pass_and_matches_the_local_sweep(setup, groups, monkeypatch, sequential):
+    """Three sparsities on 2 workers: one distributed gradient pass (counted), each candidate at its
+    sparsity, masks equal to the local sweep's."""
+    import dataclasses
+
+    import actors.sweep as ray_sweep
+    from orchestrator.engine.sweep import run_sweep
+
+    path, calib, _ = setup
+    cfg = make_cfg("gblm")
+    cfg.pruning = dataclasses.replace(cfg.pruning, sweep=[0.3, 0.5, 0.7], sequential=sequential)
+    passes = []
+    real = ray_sweep.gradient_pass
+    monkeypatch.setattr(ray_sweep, "gradient_pass", lambda *a, **k: passes.append(1) or real(*a, **k))
+    res = ray_sweep.run_ray_sweep(cfg, path, calib, progress=False, group=groups[2])
+    assert len(passes) == 1 and res.gradient_passes == 1
+    assert res.activation_passes == (3 if sequential else 1)
+    local = run_sweep(load_model(path, cfg.model), calib, cfg.pruning, progress=False)
+    assert [s for s, _, _ in res.candidates] == [c.sparsity for c in local.candidates] == [0.3, 0.5, 0.7]
+    for (sparsity, outcome, weights), ref in zip(res.candidates, local.candidates, strict=True):
+        masks = outcome.masks
+        total = sum(m.numel() for m in masks.values())
+        reached = sum(int(m.sum()) for m in masks.values()) / total
+        assert abs(reached - sparsity) < 0.02, (sparsity, reached)
+        same = sum(int((masks[k] == ref.outcome.masks[k]).sum()) for k in masks) / total
+        assert same >= 0.999, (sparsity, same)
+        for name, w in weights.items():  # the returned weights are the masked weights
+            assert int((w[masks[name]] != 0).sum()) == 0, name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from orchestrator.errors import ConfigError, UsageError
 from orchestrator.surfaces.serve import app as job_app
 from orchestrator.surfaces.serve import generate as gen_app
+from orchestrator.surfaces.serve import jobs as jobs_mod
 from orchestrator.surfaces.serve.auth import TOKEN_ENV, TOKEN_FILE_ENV
 from orchestrator.surfaces.serve.client import ServeClient
 from tests.conftest import TINY
@@ -53,6 +55,9 @@ def service(tmp_path_factory):
     root = base / "root"
     token_file = base / "token"
     token_file.write_text(TOKEN + "\n")
+    hold_dir = base / "hold"  # jobs wait at a phase while a hold file exists (jobs.hold_at_phase)
+    hold_dir.mkdir()
+    os.environ[jobs_mod.HOLD_DIR_ENV] = str(hold_dir)  # inherited by the Ray workers started below
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -67,6 +72,7 @@ def service(tmp_path_factory):
     finally:
         serve.shutdown()
         ray.shutdown()
+        os.environ.pop(jobs_mod.HOLD_DIR_ENV, None)
 
 
 @pytest.fixture(scope="module")
@@ -144,18 +150,22 @@ def test_output_outside_the_root_is_400(service, out_dir):
 
 def test_cancel_stops_the_job_and_leaves_no_output(service):
     client, root, _, _ = service
+    hold = Path(os.environ[jobs_mod.HOLD_DIR_ENV]) / "long.data.hold"
+    hold.write_text("")  # the job stops at the start of its calibration phase until this file goes
     code, body = client.submit(LONG_JOB_YAML + "output: {dir: nested/long}\n")
     assert code == 202, body
     job_id = body["job_id"]
-    deadline = time.monotonic() + 120
-    while True:  # wait until the run writer has its temp dir and the job is in its calibration phase
+    reached = hold.with_suffix(".reached")
+    deadline = time.monotonic() + 180
+    while not reached.exists():  # an event (the file the held job writes), not a guess at how long it takes
         code, job = client.status(job_id)
-        if job["phase"] == "data" or job["state"] not in ("pending", "running") or time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
+        assert job["state"] in ("pending", "running") and time.monotonic() < deadline, job
+        time.sleep(0.1)
+    code, job = client.status(job_id)
     assert job["state"] == "running" and job["phase"] == "data", job
     assert list((root / "nested").glob(".long.tmp-*")), "the run should be writing into its temp dir"
     code, job = client.request("DELETE", f"/v1/jobs/{job_id}")
+    hold.unlink()
     assert code == 200, job
     assert job["state"] == "cancelled"
     assert not (root / "nested").exists()  # neither the run, nor its temp dir, nor the parent it created

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,27 @@ def describe_error(exc: BaseException) -> str:
     return text[:2000]
 
 
+HOLD_DIR_ENV = "RAYPRUNE_JOB_HOLD_DIR"
+
+
+def hold_at_phase(output_dir: str, phase: str) -> None:
+    """Test hook: hold a job at the start of ``phase`` while ``$RAYPRUNE_JOB_HOLD_DIR/NAME.PHASE.hold`` exists.
+
+    ``NAME`` is the last part of the job's ``output.dir``. On arrival the job writes
+    ``NAME.PHASE.reached``, so a test synchronises on that event (and on removing the hold file),
+    never on how long a phase takes. Without the variable (every deployment) this does nothing.
+    """
+    root = os.environ.get(HOLD_DIR_ENV)
+    if not root or not output_dir:
+        return
+    hold = Path(root) / f"{Path(output_dir).name}.{phase}.hold"
+    if not hold.exists():
+        return
+    hold.with_suffix(".reached").write_text(phase + "\n")
+    while hold.exists():
+        time.sleep(0.02)
+
+
 @ray.remote(max_retries=0)
 def run_job(job_id: str, cfg_data: dict[str, Any], registry) -> dict[str, Any]:
     """Run one job: ``run_prune`` with phase events forwarded to ``registry``.
@@ -59,6 +81,8 @@ def run_job(job_id: str, cfg_data: dict[str, Any], registry) -> dict[str, Any]:
         if event == "phase_end":
             phases[fields["phase"]] = fields["seconds"]
         registry.event.remote(job_id, event, dict(fields))
+        if event == "phase_start":
+            hold_at_phase(str(cfg_data.get("output", {}).get("dir", "")), fields["phase"])
 
     try:
         run_dir = run_prune(config_from_dict(cfg_data), progress=False, on_event=hook)

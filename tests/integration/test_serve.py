@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -152,15 +152,14 @@ def test_cancel_stops_the_job_and_leaves_no_output(service):
     client, root, _, _ = service
     hold = Path(os.environ[jobs_mod.HOLD_DIR_ENV]) / "long.data.hold"
     hold.write_text("")  # the job stops at the start of its calibration phase until this file goes
+    reached = hold.with_suffix(".reached")
+    os.mkfifo(reached)  # the job's write to it blocks until this test reads: a rendezvous, no polling
+    arrived = threading.Event()
+    threading.Thread(target=lambda: (reached.read_text(), arrived.set()), daemon=True).start()
     code, body = client.submit(LONG_JOB_YAML + "output: {dir: nested/long}\n")
     assert code == 202, body
     job_id = body["job_id"]
-    reached = hold.with_suffix(".reached")
-    deadline = time.monotonic() + 180
-    while not reached.exists():  # an event (the file the held job writes), not a guess at how long it takes
-        code, job = client.status(job_id)
-        assert job["state"] in ("pending", "running") and time.monotonic() < deadline, job
-        time.sleep(0.1)
+    assert arrived.wait(timeout=180), client.status(job_id)  # the held job announced the phase: an event
     code, job = client.status(job_id)
     assert job["state"] == "running" and job["phase"] == "data", job
     assert list((root / "nested").glob(".long.tmp-*")), "the run should be writing into its temp dir"

@@ -248,6 +248,18 @@ class PruneWorker(GroupMember):
         """Back to the dense block-0 inputs (the next candidate of a sequential sweep)."""
         self.hidden = self.hidden0
 
+    def _open_block(self, index: int, grad_kind: str | None, scorer: int) -> tuple:
+        """``(ZeRO-3 block, plain copy on this rank's device, local -> full weight names, local name ->
+        gradient statistic gathered on the scorer)`` of block ``index`` (collective)."""
+        from actors.zero3 import plain_block
+        from orchestrator.engine.blocks import block_linears, decoder_blocks
+
+        zblock = decoder_blocks(self.model)[index]
+        block = plain_block(zblock, self.config, index)
+        full = {n: f"{self.prefix}.{index}.{n}.weight" for n in block_linears(block)}
+        grads = {n: self.grads.gather_to(f, grad_kind, scorer) for n, f in full.items()} if grad_kind else {}
+        return zblock, block, full, grads
+
     def prune_block(self, index: int, pcfg: Any, forward_dtype: str, grad_kind: str | None,
                     scorer: int = 0, write_back: bool = True) -> dict | None:
         """Prune block ``index`` with :func:`~orchestrator.engine.block_step.block_step` (collective).
@@ -259,15 +271,11 @@ class PruneWorker(GroupMember):
         """
         import torch.distributed as dist
 
-        from actors.zero3 import plain_block
         from actors.zero3 import write_back as write_back_block
         from orchestrator.engine.block_step import StepContext, block_step
-        from orchestrator.engine.blocks import block_linears, decoder_blocks
+        from orchestrator.engine.blocks import block_linears
 
-        zblock = decoder_blocks(self.model)[index]
-        block = plain_block(zblock, self.config, index)  # on this rank's device
-        full = {n: f"{self.prefix}.{index}.{n}.weight" for n in block_linears(block)}
-        grads = {n: self.grads.gather_to(f, grad_kind, scorer) for n, f in full.items()} if grad_kind else {}
+        zblock, block, full, grads = self._open_block(index, grad_kind, scorer)
 
         def share(linears: dict[str, torch.nn.Module]) -> None:
             for lin in linears.values():  # the scorer's weights everywhere, bit for bit
@@ -291,13 +299,10 @@ class PruneWorker(GroupMember):
         partitions stay dense; rank ``scorer`` returns one answer per candidate."""
         import torch.distributed as dist
 
-        from actors.zero3 import plain_block
         from orchestrator.engine.block_step import StepContext, block_step
-        from orchestrator.engine.blocks import block_linears, decoder_blocks
+        from orchestrator.engine.blocks import block_linears
 
-        block = plain_block(decoder_blocks(self.model)[index], self.config, index)
-        full = {n: f"{self.prefix}.{index}.{n}.weight" for n in block_linears(block)}
-        grads = {n: self.grads.gather_to(f, grad_kind, scorer) for n, f in full.items()} if grad_kind else {}
+        _, block, full, grads = self._open_block(index, grad_kind, scorer)
         ctx = StepContext(pcfgs[0], Placement.of(self.device, forward_dtype), grads=grads.get,
                           reduce=dist.all_reduce, scorer=self.rank == scorer)
         targets = [(copy.deepcopy(block), c) for c in pcfgs] if self.rank == scorer else []

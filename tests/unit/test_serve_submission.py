@@ -77,3 +77,16 @@ def test_partial_output_cleanup_stops_at_the_root(tmp_path):
     assert not (root / "a" / "b").exists()  # temp dir and the now-empty parent
     assert (root / "a" / "keep.txt").is_file() and root.is_dir()
     assert len(removed) == 2
+
+
+def test_cleanup_of_a_job_named_like_a_pattern_touches_no_other_job(tmp_path):
+    """Issue finding: cancelling a job whose output.dir is '*' removed every running job's temp dir."""
+    others = [tmp_path / ".run-a.tmp-1", tmp_path / ".run-b.tmp-2", tmp_path / ".[ab].tmp-3"]
+    for d in others:
+        d.mkdir()
+    mine = tmp_path / ".*.tmp-9"
+    mine.mkdir()
+    assert remove_partial_output(str(tmp_path / "*")) == [str(mine)]
+    assert all(d.is_dir() for d in others)
+    assert remove_partial_output(str(tmp_path / "[ab]")) == [str(others[2])]
+    assert others[0].is_dir() and others[1].is_dir()

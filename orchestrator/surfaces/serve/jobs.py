@@ -99,9 +99,12 @@ def remove_partial_output(output_dir: str, root: str | None = None) -> list[str]
     Returns:
         The removed paths.
     """
+    import glob
+
     final = Path(output_dir)
     removed = []
-    for tmp in final.parent.glob(f".{final.name}.tmp-*"):
+    # the name is matched literally: a job whose output.dir is "*" must not match every job's temp dir
+    for tmp in final.parent.glob(f".{glob.escape(final.name)}.tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
         removed.append(str(tmp))
     if root is not None:

@@ -315,13 +315,12 @@ class PruneWorker(GroupMember):
     def replay_block(self, index: int, weights: dict[str, torch.Tensor], pcfg: Any, forward_dtype: str) -> None:
         """Restore a checkpointed block (collective): the same weights in the ZeRO-3 partitions and the
         same next-block inputs as :meth:`prune_block` left behind (the one block step, replaying)."""
-        from actors.zero3 import plain_block, write_back
+        from actors.zero3 import write_back
         from orchestrator.engine.block_step import StepContext, block_step
-        from orchestrator.engine.blocks import block_linears, decoder_blocks
+        from orchestrator.engine.blocks import block_linears
 
-        zblock = decoder_blocks(self.model)[index]
-        block = plain_block(zblock, self.config, index)
-        local = {n: weights[f"{self.prefix}.{index}.{n}.weight"] for n in block_linears(block)}
+        zblock, block, full, _ = self._open_block(index, None, 0)  # no gradients: nothing is scored
+        local = {n: weights[f] for n, f in full.items()}
         ctx = StepContext(pcfg, Placement.of(self.device, forward_dtype))
         self.hidden = block_step(block, self.hidden, self.kwargs, ctx, replay=local).hidden
         write_back(zblock, {n: lin.weight.data for n, lin in block_linears(block).items()}, self.rank)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import uuid
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -40,6 +41,8 @@ from orchestrator.errors import UsageError
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+#: the name prefix of the placement groups this process creates (see ``orchestrator.groups.named_placement``)
+PLACEMENT_PREFIX_ENV = "RAYPRUNE_PLACEMENT_PREFIX"
 BACKENDS = ("nccl", "gloo")
 
 
@@ -252,7 +255,9 @@ class ActorGroup:
         self.workers = spec.workers
         self.actors: list = []
         bundle = {"GPU": 1, "CPU": 1} if spec.use_gpu else {"CPU": 1}
-        self.pg = placement_group([dict(bundle) for _ in range(spec.workers)], strategy=spec.strategy)
+        # a supervisor (the job service) names its job's groups, so it can free them if the job is killed
+        name = f"{os.environ.get(PLACEMENT_PREFIX_ENV, '')}{uuid.uuid4().hex[:8]}"
+        self.pg = placement_group([dict(bundle) for _ in range(spec.workers)], strategy=spec.strategy, name=name)
         try:
             ray.get(self.pg.ready(), timeout=120)
         except Exception:

@@ -9,13 +9,35 @@ only when a group is asked for.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from orchestrator.inputs.config import RunConfig, StructuredRecoveryConfig
+
+
+@contextlib.contextmanager
+def named_placement(prefix: str) -> Iterator[None]:
+    """Name every placement group this process creates meanwhile ``<prefix><random>``.
+
+    A supervisor that runs jobs as Ray tasks (the job service) uses it to find and free the
+    placement groups of a job it had to kill: they belong to the Ray job, not to the killed task.
+    """
+    from actors.group import PLACEMENT_PREFIX_ENV
+
+    previous = os.environ.get(PLACEMENT_PREFIX_ENV)
+    os.environ[PLACEMENT_PREFIX_ENV] = prefix
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(PLACEMENT_PREFIX_ENV, None)
+        else:
+            os.environ[PLACEMENT_PREFIX_ENV] = previous
 
 
 def cluster_uses_gpus(cfg: RunConfig) -> bool:

@@ -36,6 +36,17 @@ _Loader.add_implicit_resolver(
 )
 
 
+class StrictLoader(_Loader):
+    """:class:`_Loader` for untrusted text: dates stay strings and ``<<`` merge keys are plain keys
+    (the job service also refuses anchors, aliases and explicit tags before loading)."""
+
+
+StrictLoader.yaml_implicit_resolvers = {
+    key: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:merge")]
+    for key, resolvers in _Loader.yaml_implicit_resolvers.items()
+}
+
+
 def yaml_load(text: str):
     """Parse YAML text with rayprune's loader (safe; ``2:4`` is a string)."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader derives from SafeLoader

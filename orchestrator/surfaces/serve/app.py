@@ -4,13 +4,17 @@ Endpoints (every one needs ``Authorization: Bearer <token>``; errors are ``{"err
 
 - ``POST /v1/jobs``: the run config as JSON (``application/json``) or YAML (``application/x-yaml``,
   ``text/plain``) -> 202 ``{"job_id", "state", ...}``; 400 naming the field and value when the
-  config is invalid or ``output.dir`` leaves the service root, 429 when too many jobs are queued.
+  config is invalid, the operator's policy (:mod:`~orchestrator.surfaces.serve.policy`) refuses it
+  or ``output.dir`` leaves the service root; 409 when ``output.dir`` equals, contains or lies inside
+  another job's directory, a published run or a checkpoint; 413 for a body over the limit; 429 when
+  too many jobs are queued.
 - ``GET /v1/jobs``: every remembered job.
 - ``GET /v1/jobs/{id}``: ``state`` (pending, running, succeeded, failed, cancelled), current
   ``phase``, ``progress`` (``done``: how many phases finished, ``phases``: their seconds), ``error``,
   ``run_dir`` once it has succeeded.
 - ``GET /v1/jobs/{id}/report``: the run's ``report.json``; 409 until the job has succeeded.
-- ``DELETE /v1/jobs/{id}``: cancel; answers once the task has stopped and its partial output is gone.
+- ``DELETE /v1/jobs/{id}``: cancel; answers once the task has stopped, the paths it owned are gone
+  and its placement groups are freed. A job over the policy's ``max_wall_s`` is cancelled the same way.
 
 ``output.dir`` is read relative to the service root (default ``<root>/<job_id>``).
 
@@ -34,8 +38,10 @@ from ray.exceptions import RayActorError
 from ray.serve.config import DeploymentActorConfig
 
 from orchestrator.surfaces.serve.auth import ApiError, BearerAuth, install_error_handlers, load_token
+from orchestrator.surfaces.serve.bodies import read_body
 from orchestrator.surfaces.serve.jobs import JobRegistry
 from orchestrator.surfaces.serve.options import JobServiceOptions, parse_options, service_root
+from orchestrator.surfaces.serve.policy import JobPolicy, load_policy
 from orchestrator.surfaces.serve.submission import validate_submission
 
 log = logging.getLogger(__name__)
@@ -59,13 +65,16 @@ class JobService:
         root: directory all job output goes under (created when missing).
         token_file: file holding the bearer token, else the environment variables.
         max_body_bytes: largest accepted config body.
+        policy: the operator's :class:`~orchestrator.surfaces.serve.policy.JobPolicy` as a dict.
     """
 
-    def __init__(self, root: str, token_file: str | None = None, max_body_bytes: int = 1 << 20):
+    def __init__(self, root: str, token_file: str | None = None, max_body_bytes: int = 1 << 20,
+                 policy: dict | None = None):
         self._auth = BearerAuth(load_token(token_file))
         self._root = Path(root).expanduser().resolve()
         self._root.mkdir(parents=True, exist_ok=True)
         self._max_body = max_body_bytes
+        self._policy = JobPolicy.model_validate(policy or {})
         self._registry = None
         log.info("job service ready, root %s", self._root)
 
@@ -96,11 +105,10 @@ class JobService:
     async def submit(self, request: Request) -> JSONResponse:
         """Validate a run config and queue it as a job."""
         self._auth.check(request)
-        body = await request.body()
-        if len(body) > self._max_body:
-            raise ApiError(413, f"config: body of {len(body)} bytes exceeds the limit of {self._max_body}")
+        body = await read_body(request, self._max_body, "config")
         job_id = uuid.uuid4().hex
-        cfg = validate_submission(body, request.headers.get("content-type"), self._root, job_id)
+        cfg = await asyncio.to_thread(validate_submission, body, request.headers.get("content-type"), self._root,
+                                      job_id, self._policy)
         result = await self._call("submit", job_id, cfg.to_dict(), cfg.output.dir)
         return _answer(result, Location=f"/v1/jobs/{job_id}")
 
@@ -152,14 +160,17 @@ def build_app(args: dict | None = None) -> serve.Application:
     opts = parse_options(JobServiceOptions, args)
     root = service_root(opts)
     load_token(opts.token_file)  # fail here, before deploying, when no token is configured
+    policy = load_policy(opts.policy_file)  # and when the policy file is bad
     registry = DeploymentActorConfig(
         name=REGISTRY,
         actor_class=JobRegistry,
         init_kwargs={"job_num_cpus": opts.job_num_cpus, "max_active_jobs": opts.max_active_jobs,
                      "max_finished_jobs": opts.max_finished_jobs, "cancel_grace_s": opts.cancel_grace_s,
-                     "root": root},
+                     "root": root, "max_wall_s": policy.max_wall_s,
+                     "keep_failed_checkpoints": policy.keep_failed_checkpoints},
         actor_options={"num_cpus": 0},
     )
     deployment = JobService.options(num_replicas=opts.num_replicas, deployment_actors=[registry])
-    return deployment.bind(root=root, token_file=opts.token_file, max_body_bytes=opts.max_body_bytes)
+    return deployment.bind(root=root, token_file=opts.token_file, max_body_bytes=opts.max_body_bytes,
+                           policy=policy.model_dump())
 

@@ -12,7 +12,6 @@ with the args of :class:`~orchestrator.surfaces.serve.options.GenerateOptions`, 
 
 
 import asyncio
-import json
 import logging
 import threading
 from pathlib import Path
@@ -26,6 +25,7 @@ from orchestrator.inputs.config import DTYPES, ModelConfig
 from orchestrator.inputs.models import load_tokenizer
 from orchestrator.structured.shrink import load_checkpoint
 from orchestrator.surfaces.serve.auth import ApiError, BearerAuth, install_error_handlers, load_token
+from orchestrator.surfaces.serve.bodies import check_plain, decode_json, read_body
 from orchestrator.surfaces.serve.options import GenerateOptions, parse_options
 
 log = logging.getLogger(__name__)
@@ -57,16 +57,18 @@ class Generator:
         token_file: file holding the bearer token, else the environment variables.
         dtype: weights dtype.
         max_new_tokens_limit: the most tokens one request may ask for.
+        max_body_bytes: largest accepted request body.
     """
 
     def __init__(self, model_dir: str, token_file: str | None = None, dtype: str = "float32",
-                 max_new_tokens_limit: int = 256):
+                 max_new_tokens_limit: int = 256, max_body_bytes: int = 64 << 10):
         self._auth = BearerAuth(load_token(token_file))
         path = str(checkpoint_dir(model_dir))
         mcfg = ModelConfig(source=path, dtype=dtype)
         self.tokenizer = load_tokenizer(path, mcfg)
         self.model = load_checkpoint(path, mcfg)
         self.limit = max_new_tokens_limit
+        self.max_body = max_body_bytes
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
         self._lock = threading.Lock()  # one generation at a time per replica
         log.info("generator ready: %s (%s)", path, type(self.model).__name__)
@@ -89,15 +91,18 @@ class Generator:
     async def generate(self, request: Request) -> dict:
         """Continue ``prompt`` by up to ``max_new_tokens`` tokens."""
         self._auth.check(request)
+        raw = await read_body(request, self.max_body)
         try:
-            body = json.loads(await request.body() or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
             raise ApiError(400, "body: expected a JSON object with prompt and max_new_tokens") from None
+        body = decode_json(text, "body")
         if not isinstance(body, dict):
             raise ApiError(400, f"body: expected a JSON object, got {type(body).__name__}")
         unknown = sorted(set(body) - {"prompt", "max_new_tokens"})
         if unknown:
-            raise ApiError(400, f"{unknown[0]}: unknown key (allowed: max_new_tokens, prompt)")
+            raise ApiError(400, f"{str(unknown[0])[:40]}: unknown key (allowed: max_new_tokens, prompt)")
+        check_plain(body, "body")
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, f"prompt: expected a non-empty string, got {prompt!r}"[:200])
@@ -125,4 +130,4 @@ def build_app(args: dict | None = None) -> serve.Application:
     load_token(opts.token_file)
     deployment = Generator.options(num_replicas=opts.num_replicas, ray_actor_options={"num_cpus": opts.num_cpus})
     return deployment.bind(model_dir=opts.model_dir, token_file=opts.token_file, dtype=opts.dtype,
-                           max_new_tokens_limit=opts.max_new_tokens_limit)
+                           max_new_tokens_limit=opts.max_new_tokens_limit, max_body_bytes=opts.max_body_bytes)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import Any
 
 import ray
 from ray.exceptions import RayError, TaskCancelledError
+
+from orchestrator.surfaces.serve.ownership import JobPaths, claim, overlap, release
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +65,24 @@ def hold_at_phase(output_dir: str, phase: str) -> None:
         time.sleep(0.02)
 
 
+def placement_prefix(job_id: str) -> str:
+    """The name prefix of the placement groups of job ``job_id`` (a killed task's placement groups
+    outlive it: they belong to the Serve job, so the registry frees them by name)."""
+    return f"rayprune-job-{job_id}-"
+
+
 @ray.remote(max_retries=0)
 def run_job(job_id: str, cfg_data: dict[str, Any], registry) -> dict[str, Any]:
     """Run one job: ``run_prune`` with phase events forwarded to ``registry``.
+
+    The run writes into ``.NAME.tmp-<job_id>`` (see :mod:`~orchestrator.surfaces.serve.ownership`) and
+    names its placement groups :func:`placement_prefix`, so the registry can remove exactly what it owns.
 
     Returns:
         ``{"run_dir", "phases"}`` on success or ``{"error"}`` for a failed run; a cancelled task raises.
     """
     from orchestrator.coordinator import run_prune
+    from orchestrator.groups import named_placement
     from orchestrator.inputs.loader import config_from_dict
 
     registry.event.remote(job_id, "started", {})
@@ -85,44 +96,47 @@ def run_job(job_id: str, cfg_data: dict[str, Any], registry) -> dict[str, Any]:
             hold_at_phase(str(cfg_data.get("output", {}).get("dir", "")), fields["phase"])
 
     try:
-        run_dir = run_prune(config_from_dict(cfg_data), progress=False, on_event=hook)
+        with named_placement(placement_prefix(job_id)):
+            run_dir = run_prune(config_from_dict(cfg_data), progress=False, on_event=hook, run_tag=job_id)
     except Exception as exc:  # noqa: BLE001 - every failure becomes the job's error line
         log.exception("job %s failed", job_id)
         return {"error": describe_error(exc)}
     return {"run_dir": str(run_dir), "phases": phases}
 
 
-def remove_partial_output(output_dir: str, root: str | None = None) -> list[str]:
-    """Delete what a killed :class:`~orchestrator.outputs.artifacts.RunWriter` left: its temp siblings
-    (``.<name>.tmp-*``), then the parents of ``output_dir`` that are now empty, up to ``root``.
+async def free_placement_groups(prefix: str, timeout_s: float = 60.0) -> list[str]:
+    """Remove the placement groups whose name starts with ``prefix`` and wait until they are gone.
 
     Returns:
-        The removed paths.
+        The names of the groups removed.
     """
-    import glob
+    from ray.util import placement_group_table
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-    final = Path(output_dir)
-    removed = []
-    # the name is matched literally: a job whose output.dir is "*" must not match every job's temp dir
-    for tmp in final.parent.glob(f".{glob.escape(final.name)}.tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-        removed.append(str(tmp))
-    if root is not None:
-        for parent in final.parents:
-            if parent == Path(root) or not parent.is_relative_to(root):
-                break
-            try:
-                parent.rmdir()  # only succeeds when empty
-            except OSError:
-                break
-            removed.append(str(parent))
-    return removed
+    def alive() -> dict[str, str]:
+        return {pg_id: info.get("name", "") for pg_id, info in placement_group_table().items()
+                if info.get("name", "").startswith(prefix) and info.get("state") != "REMOVED"}
+
+    groups = await asyncio.to_thread(alive)
+    for pg_id in groups:
+        try:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+        except Exception:  # noqa: BLE001 - removed meanwhile
+            log.debug("placement group %s already gone", pg_id, exc_info=True)
+    deadline = time.monotonic() + timeout_s
+    while groups and await asyncio.to_thread(alive):
+        if time.monotonic() > deadline:
+            log.warning("placement groups %s were not removed within %.0f s", sorted(groups.values()), timeout_s)
+            break
+        await asyncio.sleep(0.1)  # GCS state, not a test: polled until it reports the removal
+    return sorted(groups.values())
 
 
 @dataclass
 class _Job:
     job_id: str
     output_dir: str
+    paths: JobPaths
     state: str = "pending"
     phase: str | None = None
     phases: dict[str, float] = field(default_factory=dict)
@@ -133,8 +147,11 @@ class _Job:
     finished_at: float | None = None
     ref: Any = None
     result: dict | None = None
-    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    running: asyncio.Event = field(default_factory=asyncio.Event)  # the task has started
+    settled: asyncio.Event = field(default_factory=asyncio.Event)  # the task has stopped
+    done: asyncio.Event = field(default_factory=asyncio.Event)  # terminal, cleaned up, placement freed
     cancelling: bool = False
+    cancel_reason: str | None = None
 
     def view(self) -> dict[str, Any]:
         return {
@@ -153,44 +170,66 @@ class _Job:
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class JobRegistry:
-    """Async actor: submits job tasks, records their events and cancels them.
+    """Async actor: submits job tasks, records their events, cancels them and cleans up after them.
 
-    Every method returns ``(http_status, payload)`` so that the HTTP replica can answer as is.
+    Every method returns ``(http_status, payload)`` so that the HTTP replica can answer as is. The
+    actor runs one call at a time between awaits, and path claims and releases never await, so two
+    jobs never race on the directories they share.
 
     Args:
         job_num_cpus: CPUs reserved by each job task (limits how many run at once).
         max_active_jobs: pending plus running jobs accepted before submissions get 429.
         max_finished_jobs: finished jobs remembered; the oldest are forgotten first.
-        cancel_grace_s: seconds a cancelled job gets to stop on its own before its worker is killed.
-        root: the service root; empty directories a cancelled job created below it are removed.
+        cancel_grace_s: seconds a cancelled job gets to stop on its own (its worker group's graceful
+            shutdown included) before its worker is killed.
+        root: the service root; every job's output lies below it.
+        max_wall_s: seconds a job may run before it is cancelled (the policy's ``max_wall_s``).
+        keep_failed_checkpoints: keep the checkpoints of failed and cancelled jobs.
     """
 
     def __init__(self, job_num_cpus: float = 1.0, max_active_jobs: int = 64, max_finished_jobs: int = 1000,
-                 cancel_grace_s: float = 5.0, root: str | None = None):
-        self.root = str(Path(root).expanduser().resolve()) if root else None
+                 cancel_grace_s: float = 45.0, root: str | None = None, max_wall_s: float | None = None,
+                 keep_failed_checkpoints: bool = False):
+        self.root = Path(root).expanduser().resolve() if root else None
         self.job_num_cpus = job_num_cpus
         self.max_active_jobs = max_active_jobs
         self.max_finished_jobs = max_finished_jobs
         self.cancel_grace_s = cancel_grace_s
+        self.max_wall_s = max_wall_s
+        self.keep_failed_checkpoints = keep_failed_checkpoints
         self.jobs: dict[str, _Job] = {}
-        self._watchers: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()
+
+    def _active(self) -> list[_Job]:
+        return [j for j in self.jobs.values() if not j.done.is_set()]
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def submit(self, job_id: str, cfg_data: dict[str, Any], output_dir: str) -> tuple[int, dict]:
-        """Start a job task (Ray queues it until a CPU is free)."""
-        active = [j for j in self.jobs.values() if j.state not in TERMINAL]
+        """Claim the job's paths and start its task (Ray queues it until a CPU is free)."""
+        active = self._active()
         if len(active) >= self.max_active_jobs:
             return 429, {"error": f"jobs: {len(active)} jobs are pending or running (limit {self.max_active_jobs})"}
-        for other in active:
-            if other.output_dir == output_dir:
-                return 409, {"error": f"output.dir: {output_dir!r} is the output of active job {other.job_id}"}
-        job = _Job(job_id, output_dir)
+        final = Path(output_dir)
+        clash = overlap(final, [(j.job_id, j.paths.final) for j in active])
+        if clash:
+            return 409, {"error": clash}
+        try:
+            paths = claim(final, job_id, self.root or final.parent)
+        except OSError as exc:
+            return 400, {"error": f"output.dir: cannot create the parents of {output_dir!r}: "
+                                  f"{exc.strerror or type(exc).__name__}"}
+        job = _Job(job_id, output_dir, paths)
         me = ray.get_runtime_context().current_actor
         job.ref = run_job.options(num_cpus=self.job_num_cpus, name=f"rayprune-job-{job_id}").remote(
             job_id, cfg_data, me)
         self.jobs[job_id] = job
-        watcher = asyncio.get_running_loop().create_task(self._watch(job))
-        self._watchers.add(watcher)
-        watcher.add_done_callback(self._watchers.discard)
+        self._spawn(self._watch(job))
+        if self.max_wall_s:
+            self._spawn(self._time_limit(job, self.max_wall_s))
         log.info("job %s submitted (output %s)", job_id, output_dir)
         return 202, job.view()
 
@@ -201,6 +240,7 @@ class JobRegistry:
             return
         if event == "started":
             job.state, job.started_at = "running", time.time()
+            job.running.set()
         elif event == "phase_start":
             job.state, job.phase = "running", fields.get("phase")
         elif event == "phase_end":
@@ -220,34 +260,25 @@ class JobRegistry:
         """The status of every remembered job, oldest first."""
         return 200, {"jobs": [j.view() for j in self.jobs.values()]}
 
-    async def cancel(self, job_id: str) -> tuple[int, dict]:
-        """Cancel a pending or running job; returns once its task has stopped and partial output is gone."""
+    async def cancel(self, job_id: str, reason: str | None = None) -> tuple[int, dict]:
+        """Cancel a pending or running job.
+
+        Returns once its task has stopped, the paths it owned are gone and its placement groups are
+        freed; a job that had already published its run is reported as such (409).
+        """
         job = self.jobs.get(job_id)
         if job is None:
             return 404, {"error": f"job_id: no job {job_id!r}"}
-        if job.state in TERMINAL or job.cancelling:
-            await job.settled.wait()
-            if job.state == "cancelled":
-                return 200, job.view()
-            return 409, {"error": f"job {job_id} already {job.state}", **job.view()}
-        job.cancelling = True
-        self._cancel_task(job, force=False)
-        if not await self._wait_settled(job, self.cancel_grace_s):
-            log.warning("job %s did not stop within %.1f s: killing its worker", job_id, self.cancel_grace_s)
-            self._cancel_task(job, force=True)
-            await self._wait_settled(job, None)
-        if job.run_dir and "run_dir" not in (job.result or {}):  # published, then killed before returning
-            job.result = {"run_dir": job.run_dir}
-        if "run_dir" in (job.result or {}):  # it finished before the cancel landed
-            self._finish(job)
-            return 409, {"error": f"job {job_id} already {job.state}", **job.view()}
-        removed = remove_partial_output(job.output_dir, self.root)
-        if removed:
-            log.info("job %s: removed partial output %s", job_id, ", ".join(removed))
-        job.state, job.phase, job.error = "cancelled", None, None
-        job.finished_at = time.time()
-        log.info("job %s cancelled", job_id)
-        return 200, job.view()
+        if not (job.state in TERMINAL or job.cancelling):
+            job.cancelling, job.cancel_reason = True, reason
+            self._cancel_task(job, force=False)
+            if not await self._wait(job.settled, self.cancel_grace_s):
+                log.warning("job %s did not stop within %.1f s: killing its worker", job_id, self.cancel_grace_s)
+                self._cancel_task(job, force=True)
+        await job.done.wait()
+        if job.state == "cancelled":
+            return 200, job.view()
+        return 409, {"error": f"job {job_id} already {job.state}", **job.view()}
 
     # ------------------------------------------------------------ internals
 
@@ -259,15 +290,28 @@ class JobRegistry:
             log.debug("cancel of job %s was a no-op", job.job_id, exc_info=True)
 
     @staticmethod
-    async def _wait_settled(job: _Job, timeout: float | None) -> bool:
+    async def _wait(event: asyncio.Event, timeout: float | None) -> bool:
         try:
-            await asyncio.wait_for(asyncio.shield(job.settled.wait()), timeout)
+            await asyncio.wait_for(asyncio.shield(event.wait()), timeout)
         except asyncio.TimeoutError:
             return False
         return True
 
+    async def _time_limit(self, job: _Job, limit_s: float) -> None:
+        """Cancel ``job`` once it has run for ``limit_s`` seconds (time queued in Ray does not count)."""
+        started = asyncio.ensure_future(job.running.wait())
+        finished = asyncio.ensure_future(job.done.wait())
+        await asyncio.wait([started, finished], return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        finished.cancel()
+        if job.done.is_set() or await self._wait(job.done, limit_s):
+            return
+        log.warning("job %s exceeded the time limit of %.0f s: cancelling it", job.job_id, limit_s)
+        await self.cancel(job.job_id, reason=f"max_wall_s: the job ran longer than the service limit of "
+                                             f"{limit_s:g} s and was cancelled")
+
     async def _watch(self, job: _Job) -> None:
-        """Wait for the job's task and record its outcome."""
+        """Wait for the job's task, record its outcome, remove what a failed job owned, free its groups."""
         try:
             job.result = await job.ref
         except TaskCancelledError:
@@ -276,26 +320,35 @@ class JobRegistry:
             job.result = {"error": describe_error(exc)}
         except Exception as exc:  # noqa: BLE001
             job.result = {"error": describe_error(exc)}
-        if not job.cancelling:
-            self._finish(job)
         job.settled.set()
+        if job.run_dir and "run_dir" not in job.result:  # published, then stopped before returning
+            job.result = {"run_dir": job.run_dir, "phases": {}}
+        if "run_dir" not in job.result:
+            removed = release(job.paths, self.keep_failed_checkpoints,
+                              [j.paths.final for j in self._active() if j is not job])
+            if removed:
+                log.info("job %s: removed %s", job.job_id, ", ".join(removed))
+        freed = await free_placement_groups(placement_prefix(job.job_id))
+        if freed:
+            log.info("job %s: freed placement groups %s", job.job_id, ", ".join(freed))
+        self._finish(job)
+        job.done.set()
+        self._forget_old()
 
     def _finish(self, job: _Job) -> None:
         result = job.result or {}
         if "run_dir" in result:
             job.state, job.run_dir = "succeeded", result["run_dir"]
             job.phases.update(result.get("phases", {}))
-        elif result.get("cancelled"):
-            job.state = "cancelled"
-            remove_partial_output(job.output_dir, self.root)
+        elif job.cancelling or result.get("cancelled"):
+            job.state, job.error = "cancelled", job.cancel_reason
         else:
             job.state, job.error = "failed", result.get("error", "unknown error")
         job.phase = None
         job.finished_at = time.time()
         log.info("job %s %s", job.job_id, job.state)
-        self._forget_old()
 
     def _forget_old(self) -> None:
-        finished = [j for j in self.jobs.values() if j.state in TERMINAL]
+        finished = [j for j in self.jobs.values() if j.done.is_set()]
         for job in sorted(finished, key=lambda j: j.finished_at or 0)[: max(0, len(finished) - self.max_finished_jobs)]:
             del self.jobs[job.job_id]

@@ -32,9 +32,12 @@ class JobServiceOptions:
         job_num_cpus: CPUs each job task reserves; Ray queues jobs beyond the cluster's CPUs.
         max_active_jobs: pending plus running jobs before submissions are answered 429.
         max_finished_jobs: finished jobs whose status is remembered.
-        cancel_grace_s: seconds a cancelled job may take to stop before its worker is killed.
+        cancel_grace_s: seconds a cancelled job may take to stop (its worker group's 30 s graceful
+            shutdown included) before its worker is killed.
         max_body_bytes: largest accepted config body.
         num_replicas: HTTP replicas (job state is shared through the registry actor).
+        policy_file: the operator's job policy, YAML (default ``$RAYPRUNE_SERVE_POLICY``; neither: the
+            safe defaults of :class:`~orchestrator.surfaces.serve.policy.JobPolicy`).
     """
 
     root: str | None = None
@@ -42,9 +45,10 @@ class JobServiceOptions:
     job_num_cpus: float = 1.0
     max_active_jobs: int = 64
     max_finished_jobs: int = 1000
-    cancel_grace_s: float = 5.0
+    cancel_grace_s: float = 45.0
     max_body_bytes: int = 1 << 20
     num_replicas: int = 1
+    policy_file: str | None = None
 
 
 @dataclass
@@ -56,6 +60,7 @@ class GenerateOptions:
         token_file: as for the job service.
         dtype: weights dtype (float32, bfloat16, float16).
         max_new_tokens_limit: the largest ``max_new_tokens`` a request may ask for.
+        max_body_bytes: largest accepted request body.
         num_cpus: CPUs each replica reserves.
         num_replicas: replicas, each holding one copy of the model.
     """
@@ -64,6 +69,7 @@ class GenerateOptions:
     token_file: str | None = None
     dtype: str = "float32"
     max_new_tokens_limit: int = 256
+    max_body_bytes: int = 64 << 10
     num_cpus: float = 1.0
     num_replicas: int = 1
 

@@ -1,0 +1,225 @@
+"""What a submitted job may do: the operator's policy file, and the check of a run config against it.
+
+The job service runs configs sent by whoever holds the token, on the cluster's workers, which can
+read the service's secrets. So a submitted config may only name sources the operator allowed and
+stays within caps; everything else is refused with a 400 naming the field. With no policy file the
+defaults below apply: builtin models and data only, no remote code, no pickles, no hub downloads,
+no replacing runs, bounded work and a wall-time limit.
+
+Example policy file (YAML; every key optional)::
+
+    model_roots: [/models]            # local models allowed below these directories
+    data_roots: [/data/corpora]       # local calibration / evaluation / recovery / task files
+    hub_models: ["meta-llama/*"]      # hub ids (shell patterns) a job may download
+    hub_datasets: []
+    max_num_samples: 256
+    max_wall_s: 21600
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from pathlib import Path, PurePosixPath
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from orchestrator.errors import ConfigError
+from orchestrator.inputs.config import RunConfig
+from orchestrator.inputs.yamlconf import StrictLoader
+
+POLICY_ENV = "RAYPRUNE_SERVE_POLICY"
+BUILTIN_MODELS = ("smollm2-135m", "tiny")
+BUILTIN_DATA = ("generate",)
+BUILTIN_DATA_PREFIX = "builtin:"
+LM_EVAL_PREFIX = "lm_eval:"
+
+
+class JobPolicy(BaseModel):
+    """The operator's limits on submitted jobs (see the module docstring for an example file).
+
+    Attributes:
+        allow_trust_remote_code: let ``model.trust_remote_code: true`` through (code execution on workers).
+        allow_pickle: let ``model.allow_pickle: true`` through (pickle weights can run code).
+        builtin_models: allow the builtin models (``smollm2-135m``, ``tiny``).
+        model_roots: absolute directories local model sources must lie in.
+        data_roots: absolute directories local data sources and task files must lie in.
+        hub_models: hub model ids (shell patterns) a job may download.
+        hub_datasets: hub dataset names (shell patterns) a job may download.
+        lm_eval_tasks: lm-eval task names (shell patterns, without ``lm_eval:``) a job may run (they
+            download their data).
+        allow_ray_address: let a job name ``backend.address`` (another Ray cluster).
+        allow_overwrite: let ``output.overwrite: true`` replace a published run.
+        keep_failed_checkpoints: keep a failed or cancelled job's checkpoints instead of removing them.
+        max_num_samples: cap on ``calibration.num_samples``.
+        max_seq_len: cap on every sequence length (calibration, evaluation, recovery, speed runs).
+        max_eval_windows: cap on ``eval.num_windows``.
+        max_task_examples: cap on ``eval.task_limit`` (and required when lm-eval tasks run).
+        max_recovery_steps: cap on ``structured.recovery.steps``.
+        max_recovery_samples: cap on ``structured.recovery.num_samples``.
+        max_workers: cap on each worker count (pruning, evaluation, recovery).
+        max_batch: cap on each batch size (speed runs, recovery, gradient pass).
+        max_sweep: cap on the number of sparsities in ``pruning.sweep``.
+        max_wall_s: seconds a job may run before it is cancelled and cleaned up.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    allow_trust_remote_code: bool = False
+    allow_pickle: bool = False
+    builtin_models: bool = True
+    model_roots: list[str] = Field(default_factory=list)
+    data_roots: list[str] = Field(default_factory=list)
+    hub_models: list[str] = Field(default_factory=list)
+    hub_datasets: list[str] = Field(default_factory=list)
+    lm_eval_tasks: list[str] = Field(default_factory=list)
+    allow_ray_address: bool = False
+    allow_overwrite: bool = False
+    keep_failed_checkpoints: bool = False
+    max_num_samples: int = Field(256, gt=0)
+    max_seq_len: int = Field(4096, gt=0)
+    max_eval_windows: int = Field(256, gt=0)
+    max_task_examples: int = Field(2000, gt=0)
+    max_recovery_steps: int = Field(2000, gt=0)
+    max_recovery_samples: int = Field(8192, gt=0)
+    max_workers: int = Field(8, gt=0)
+    max_batch: int = Field(64, gt=0)
+    max_sweep: int = Field(8, gt=0)
+    max_wall_s: float = Field(6 * 3600.0, gt=0)
+
+    @field_validator("model_roots", "data_roots")
+    @classmethod
+    def _absolute(cls, roots: list[str]) -> list[str]:
+        for root in roots:
+            if not PurePosixPath(root).is_absolute():
+                raise ValueError(f"{root!r} is not an absolute directory")
+        return [os.path.realpath(r) for r in roots]
+
+
+def load_policy(path: str | None) -> JobPolicy:
+    """The policy from ``path`` (else ``$RAYPRUNE_SERVE_POLICY``; neither: the safe defaults).
+
+    Raises:
+        ConfigError: unreadable file, bad YAML, unknown keys or bad values, one line each.
+    """
+    path = path or os.environ.get(POLICY_ENV)
+    if not path:
+        return JobPolicy()
+    try:
+        text = Path(path).expanduser().read_text()
+    except OSError as exc:
+        raise ConfigError([f"policy_file: cannot read {path!r}: {exc.strerror or exc}"]) from None
+    try:
+        data = yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader derives from SafeLoader
+    except yaml.YAMLError:
+        raise ConfigError([f"policy_file: {path!r} is not valid YAML"]) from None
+    try:
+        return JobPolicy.model_validate(data or {})
+    except ValidationError as exc:
+        raise ConfigError([f"policy_file: {'.'.join(map(str, e['loc'])) or 'policy'}: {e['msg']}"
+                           for e in exc.errors()]) from None
+
+
+def _under(path: str, roots: list[str]) -> bool:
+    real = os.path.realpath(path)
+    return any(real == r or real.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _local_or_hub(field: str, value: str, roots: list[str], hub: list[str], what: str) -> str | None:
+    """The problem with a local-path-or-hub-name source, or None when the policy allows it."""
+    if PurePosixPath(value).is_absolute():
+        if _under(value, roots):
+            return None
+        where = ", ".join(roots) if roots else "none are allowed"
+        return f"{field}: {value!r} is outside the allowed {what} directories ({where})"
+    if value.startswith((".", "~")) or value.count("/") > 1 or Path(value).suffix in (".gguf", ".parquet", ".jsonl",
+                                                                                       ".json", ".txt"):
+        return f"{field}: {value!r}: local sources must be absolute paths"
+    if _matches(value, hub):
+        return None
+    return f"{field}: {value!r} is not an allowed hub {what} (the service policy allows: {hub or 'none'})"
+
+
+def _data_problem(field: str, value: str | None, policy: JobPolicy, extra: tuple[str, ...] = ()) -> str | None:
+    if value is None or value in BUILTIN_DATA + extra or value.startswith(BUILTIN_DATA_PREFIX):
+        return None
+    return _local_or_hub(field, value, policy.data_roots, policy.hub_datasets, "dataset")
+
+
+def _cap(problems: list[str], field: str, value: int | float | None, cap: int | float, key: str) -> None:
+    if value is not None and value > cap:
+        problems.append(f"{field}: {value!r} exceeds the service limit of {cap} (policy {key})")
+
+
+def policy_problems(cfg: RunConfig, policy: JobPolicy) -> list[str]:
+    """Every way ``cfg`` breaks ``policy``, one line each naming the field and value (empty: allowed).
+
+    Args:
+        cfg: a validated run config.
+        policy: the service's policy.
+    """
+    from orchestrator.evaluation.zeroshot import builtin_tasks
+
+    problems: list[str] = []
+    m, c, e, b, s = cfg.model, cfg.calibration, cfg.eval, cfg.backend, cfg.structured
+    r = s.recovery
+    if m.trust_remote_code and not policy.allow_trust_remote_code:
+        problems.append("model.trust_remote_code: true is refused by the service policy")
+    if m.allow_pickle and not policy.allow_pickle:
+        problems.append("model.allow_pickle: true is refused by the service policy")
+    if m.source in BUILTIN_MODELS:
+        if not policy.builtin_models:
+            problems.append(f"model.source: {m.source!r}: builtin models are refused by the service policy")
+    else:
+        problem = _local_or_hub("model.source", m.source, policy.model_roots, policy.hub_models, "model")
+        if problem:
+            problems.append(problem)
+    for field, value, extra in (("calibration.source", c.source, ()), ("eval.source", e.source, ()),
+                                ("structured.recovery.source", r.source, ("calibration",))):
+        problem = _data_problem(field, value, policy, extra)
+        if problem:
+            problems.append(problem)
+    builtin = set(builtin_tasks())
+    lm_eval = False
+    for i, task in enumerate(e.tasks):
+        if task in builtin:
+            continue
+        if PurePosixPath(task).is_absolute():
+            if not _under(task, policy.data_roots):
+                problems.append(f"eval.tasks[{i}]: {task!r} is outside the allowed data directories")
+        elif task.startswith(LM_EVAL_PREFIX) and _matches(task[len(LM_EVAL_PREFIX):], policy.lm_eval_tasks):
+            lm_eval = True
+        else:
+            problems.append(f"eval.tasks[{i}]: {task!r} is not a builtin task, an allowed file or an allowed "
+                            f"lm-eval task (the service policy allows: {policy.lm_eval_tasks or 'none'})")
+    if lm_eval and e.task_limit is None:
+        problems.append(f"eval.task_limit: null: lm-eval tasks need a limit (at most {policy.max_task_examples})")
+    if b.address is not None and not policy.allow_ray_address:
+        problems.append(f"backend.address: {b.address!r}: jobs run on the service's own cluster")
+    if cfg.output.overwrite and not policy.allow_overwrite:
+        problems.append("output.overwrite: true is refused by the service policy (runs are never replaced)")
+    _cap(problems, "calibration.num_samples", c.num_samples, policy.max_num_samples, "max_num_samples")
+    for field, value in (("calibration.seq_len", c.seq_len), ("eval.seq_len", e.seq_len),
+                         ("structured.recovery.seq_len", r.seq_len),
+                         ("eval.speed_prompt_len", e.speed_prompt_len + e.speed_new_tokens if e.speed else None)):
+        _cap(problems, field, value, policy.max_seq_len, "max_seq_len")
+    _cap(problems, "eval.num_windows", e.num_windows, policy.max_eval_windows, "max_eval_windows")
+    _cap(problems, "eval.task_limit", e.task_limit, policy.max_task_examples, "max_task_examples")
+    _cap(problems, "structured.recovery.steps", r.steps, policy.max_recovery_steps, "max_recovery_steps")
+    _cap(problems, "structured.recovery.num_samples", r.num_samples, policy.max_recovery_samples,
+         "max_recovery_samples")
+    for field, value in (("backend.workers", b.workers), ("eval.workers", e.workers),
+                         ("structured.recovery.workers", r.workers)):
+        _cap(problems, field, value, policy.max_workers, "max_workers")
+    for field, value in (("eval.speed_batch_sizes", max(e.speed_batch_sizes, default=None)),
+                         ("structured.recovery.batch_size", r.batch_size),
+                         ("backend.grad_batch_size", b.grad_batch_size)):
+        _cap(problems, field, value, policy.max_batch, "max_batch")
+    _cap(problems, "eval.speed_repeats", e.speed_repeats, 10, "fixed")
+    _cap(problems, "pruning.sweep", len(cfg.pruning.sweep) or None, policy.max_sweep, "max_sweep")
+    return problems

@@ -26,7 +26,7 @@ from orchestrator.inputs.data import (
     tokenize_corpus,
 )
 from orchestrator.inputs.models import load_model, load_tokenizer, materialize
-from orchestrator.outputs.artifacts import REPORT_SCHEMA_VERSION, RunWriter
+from orchestrator.outputs.artifacts import REPORT_SCHEMA_VERSION, RunWriter, output_lock
 from orchestrator.outputs.report import render_markdown, render_plots, validate_report
 
 log = logging.getLogger(__name__)
@@ -147,8 +147,11 @@ def _prepare_checkpoints(cfg: RunConfig, resume: bool) -> Path | None:
 
 
 def run_prune(cfg: RunConfig, progress: bool = True, on_event: EventHook | None = None,
-              run_key: str | None = None, resume: bool = False) -> Path:
+              run_key: str | None = None, resume: bool = False, run_tag: str | None = None) -> Path:
     """Prune, evaluate and write a run directory; returns its final path.
+
+    The output directory's lock (:func:`~orchestrator.outputs.artifacts.output_lock`) is held from
+    the first check to the end, covering its checkpoints (``.NAME.ckpt``) and temp directory.
 
     Args:
         cfg: the validated run config.
@@ -158,30 +161,34 @@ def run_prune(cfg: RunConfig, progress: bool = True, on_event: EventHook | None 
         run_key: content key of a scheduled run (``orchestrator.surfaces.runkeys``), written as the
             ``run_key`` file and into report.json.
         resume: continue an interrupted distributed run from its checkpoints.
+        run_tag: names the temp directory ``.NAME.tmp-<run_tag>`` (e.g. a job id), see
+            :class:`~orchestrator.outputs.artifacts.RunWriter`.
 
     Raises:
-        UsageError: bad input (nothing is written).
+        UsageError: bad input, or another run is using ``output.dir`` (nothing is written).
         RayPruneError: the distributed run failed after its retries (its checkpoints are kept).
     """
     import shutil
 
     timer = PhaseTimer(on_event)
-    ckpt = _prepare_checkpoints(cfg, resume)
-    if cfg.backend.kind == "ray" and not cfg.structured.enabled:
-        groups.check_prune_capacity(cfg)  # before any model work: a bad address or too few workers fails now
-    try:
-        final = _run(cfg, timer, progress, run_key, ckpt)
-    except BaseException:
-        if ckpt is not None and ckpt.is_dir() and not (ckpt / "progress.json").is_file():
-            shutil.rmtree(ckpt, ignore_errors=True)  # nothing worth resuming was saved
-        raise
-    if ckpt is not None:
-        shutil.rmtree(ckpt, ignore_errors=True)  # the run is complete: its checkpoints are not needed
+    with output_lock(cfg.output.dir):  # one run per output.dir: its checkpoints and temp dir are its own
+        ckpt = _prepare_checkpoints(cfg, resume)
+        if cfg.backend.kind == "ray" and not cfg.structured.enabled:
+            groups.check_prune_capacity(cfg)  # before any model work: a bad address or too few workers fails now
+        try:
+            final = _run(cfg, timer, progress, run_key, ckpt, run_tag)
+        except BaseException:
+            if ckpt is not None and ckpt.is_dir() and not (ckpt / "progress.json").is_file():
+                shutil.rmtree(ckpt, ignore_errors=True)  # nothing worth resuming was saved
+            raise
+        if ckpt is not None:
+            shutil.rmtree(ckpt, ignore_errors=True)  # the run is complete: its checkpoints are not needed
     timer.emit("done", run_dir=str(final))
     return final
 
 
-def _run(cfg: RunConfig, timer: PhaseTimer, progress: bool, run_key: str | None, ckpt: Path | None) -> Path:
+def _run(cfg: RunConfig, timer: PhaseTimer, progress: bool, run_key: str | None, ckpt: Path | None,
+         run_tag: str | None = None) -> Path:
     """Load, prune, evaluate, publish; returns the published run directory."""
     from orchestrator.evaluation.evaluator import Evaluator
 
@@ -189,7 +196,7 @@ def _run(cfg: RunConfig, timer: PhaseTimer, progress: bool, run_key: str | None,
         check_source(cfg.calibration.source, "calibration.source")  # before minutes of model loading
     if cfg.eval.enabled and cfg.eval.source:
         check_source(cfg.eval.source, "eval.source")
-    with RunWriter(cfg.output) as writer:
+    with RunWriter(cfg.output, tag=run_tag) as writer:
         with timer.phase("load"):
             model_path = materialize(cfg.model)
             tokenizer = load_tokenizer(model_path, cfg.model)

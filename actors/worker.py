@@ -189,12 +189,23 @@ class PruneWorker(GroupMember):
             self.pass_seconds["backward"] += time.perf_counter() - t1
         return len(rows)
 
-    def save_gradients(self, path: str) -> str:
-        """Atomically save this rank's statistic partitions; returns the file's SHA-256."""
+    def save_gradients(self, path: str, exit_after: bool = False) -> str:
+        """Atomically save this rank's statistic partitions; returns the file's SHA-256.
+
+        Args:
+            path: the new version's file the driver chose
+                (:meth:`~actors.checkpoint.CheckpointStore.grad_path`); the driver commits it.
+            exit_after: fault injection (tests): end this process right after the file is written,
+                before the driver can commit it.
+        """
         from actors.checkpoint import save_tensors
 
         flat = {f"{n}::{k}": t.cpu() for n, d in self.grads.chunks.items() for k, t in d.items()}
-        return save_tensors(Path(path), flat)
+        sha = save_tensors(Path(path), flat)
+        if exit_after:
+            log.warning("rank %d: fault injection: exiting after writing %s, before its commit", self.rank, path)
+            os._exit(1)
+        return sha
 
     def hang(self, seconds: float) -> None:
         """Fault injection (tests): stop participating for ``seconds``."""

@@ -7,8 +7,9 @@ A *run key* is the SHA-256 of a canonical JSON document holding
   fields such as ``output.dir``, ``backend.address``, ``backend.workers`` or ``eval.workers``
   only say where or how a run executes),
 * the identity of the model revision (:func:`model_identity`),
-* the fingerprint of the calibration data and, when evaluation runs, of the evaluation
-  data and of local zero-shot task files (:func:`data_fingerprint`),
+* the fingerprint of the calibration data, of the structured-recovery training data when it is
+  its own source, and, when evaluation runs, of the evaluation data and of local zero-shot task
+  files (:func:`data_fingerprint`),
 * the rayprune version and :data:`KEY_SCHEMA`.
 
 Choices, made so that a key never stays the same when the inputs changed in a way that
@@ -32,6 +33,10 @@ The key of a finished run is written into the run (``run_key`` file and ``report
 and an index ``<output parent>/.rayprune-index/<key>`` points at the run directory; both
 are written atomically. ``{key}`` in ``output.dir`` is replaced by the first
 :data:`SHORT_KEY_LEN` hex digits of the key, e.g. ``output.dir=runs/nightly-{key}``.
+
+The same pieces fingerprint what a distributed run's checkpoints were made from
+(:func:`checkpoint_inputs`, compared on resume by :func:`inputs_mismatch`): the calibration
+windows actually used, the model identity and the versions of :data:`CHECKPOINT_LIBRARIES`.
 
 This module imports neither Ray nor torch (torch only for builtin model names).
 """
@@ -183,6 +188,10 @@ def key_document(cfg: RunConfig, resolve_hub: HubResolver = hub_commit) -> dict[
                        "seq_len": c.seq_len, "seed": c.seed}
     else:
         calibration = data_fingerprint(c.source, c.hub_config, c.split, resolve_hub)
+    recovery = None
+    r = cfg.structured.recovery
+    if cfg.structured.enabled and r.enabled and r.source not in (None, "calibration", "generate"):
+        recovery = data_fingerprint(r.source, c.hub_config, c.split, resolve_hub)  # read like calibration.source
     evaluation = None
     if cfg.eval.enabled and cfg.eval.source:
         evaluation = data_fingerprint(cfg.eval.source, resolve_hub=resolve_hub)
@@ -192,15 +201,93 @@ def key_document(cfg: RunConfig, resolve_hub: HubResolver = hub_commit) -> dict[
         path = Path(task).expanduser()
         path = path if path.is_file() else TASKS_DIR / f"{task}.jsonl"
         tasks[task] = file_fingerprint(path, DATA_HASH_LIMIT) if path.is_file() else None  # None: a named task
-    return {"schema": KEY_SCHEMA, "rayprune": __version__, "config": key_config(cfg),
-            "model": model_identity(cfg.model, resolve_hub), "calibration": calibration, "eval": evaluation,
-            "eval_tasks": tasks}
+    doc = {"schema": KEY_SCHEMA, "rayprune": __version__, "config": key_config(cfg),
+           "model": model_identity(cfg.model, resolve_hub), "calibration": calibration, "eval": evaluation,
+           "eval_tasks": tasks}
+    if recovery is not None:  # only then: the keys of runs without their own recovery data stay as they were
+        doc["recovery"] = recovery
+    return doc
 
 
 def run_key(cfg: RunConfig, resolve_hub: HubResolver = hub_commit) -> str:
     """SHA-256 (hex) of :func:`key_document`; cheap: reads no weights beyond small files."""
     blob = json.dumps(key_document(cfg, resolve_hub), sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+# ------------------------------------------------------------ checkpoint inputs (resume)
+
+#: the libraries whose versions a checkpoint records: another version may compute other numbers
+CHECKPOINT_LIBRARIES = ("torch", "transformers", "deepspeed", "ray")
+
+
+def _sha(doc: Any) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of :data:`CHECKPOINT_LIBRARIES` and rayprune (None: not installed)."""
+    return {**_versions(*CHECKPOINT_LIBRARIES), "rayprune": __version__}
+
+
+def windows_fingerprint(ids: Any) -> str:
+    """SHA-256 of calibration windows: shape, dtype and the token ids' bytes (C order).
+
+    Args:
+        ids: the ``(N, L)`` windows, a torch tensor (on any device) or a numpy array; no torch import here.
+    """
+    import numpy as np
+
+    if hasattr(ids, "detach"):  # a torch tensor
+        ids = ids.detach().cpu().contiguous().numpy()
+    arr = np.ascontiguousarray(ids)
+    h = hashlib.sha256(json.dumps({"shape": list(arr.shape), "dtype": str(arr.dtype)}).encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def checkpoint_inputs(model: ModelConfig, windows: Any = None, resolve_hub: HubResolver = hub_commit,
+                      versions: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """What a distributed run's checkpoints were made from, beyond the config text.
+
+    Args:
+        model: the ``model`` section (identified as by the run key: hub commit or file hashes).
+        windows: the calibration windows actually used; None when not known yet (an early check:
+            ``windows`` and ``sha256`` are then None and :func:`inputs_mismatch` skips them).
+        resolve_hub: hub revision resolver (tests).
+        versions: library versions (default :func:`library_versions`; tests).
+
+    Returns:
+        ``{"sha256", "windows", "model", "libraries"}``: ``sha256`` hashes the other three,
+        ``windows`` and ``model`` are SHA-256 hex digests, ``libraries`` maps name to version.
+    """
+    parts = {"windows": None if windows is None else windows_fingerprint(windows),
+             "model": _sha(model_identity(model, resolve_hub)),
+             "libraries": library_versions() if versions is None else dict(versions)}
+    return {"sha256": None if windows is None else _sha(parts), **parts}
+
+
+def inputs_mismatch(saved: dict[str, Any] | None, current: dict[str, Any]) -> str | None:
+    """Which recorded inputs differ from the current ones, in words; None when they match.
+
+    Args:
+        saved: the ``inputs`` a checkpoint's ``progress.json`` recorded (None: none recorded).
+        current: :func:`checkpoint_inputs` of this run (``windows`` None: not compared).
+    """
+    if not isinstance(saved, dict) or not isinstance(saved.get("libraries"), dict):
+        return "the inputs (the checkpoint records no inputs fingerprint)"
+    what = []
+    if current.get("windows") is not None and saved.get("windows") != current["windows"]:
+        what.append("the calibration windows")
+    if saved.get("model") != current["model"]:
+        what.append("the model (files or hub commit)")
+    libs = [f"{name} {saved['libraries'].get(name)} -> {version}" for name, version in current["libraries"].items()
+            if saved["libraries"].get(name) != version]
+    if libs:
+        what.append(f"the libraries ({', '.join(libs)})")
+    if not what and current.get("sha256") is not None and saved.get("sha256") != current["sha256"]:
+        what.append("the inputs fingerprint")
+    return " and ".join(what) or None
 
 
 def expand_output_dir(template: str, key: str) -> str:

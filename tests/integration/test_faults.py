@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 ray = pytest.importorskip("ray")
 pytest.importorskip("deepspeed")
 
-from actors.distributed import Faults, run_ray  # noqa: E402
+from actors.distributed import FAULT_EXIT_ENV, Faults, run_ray  # noqa: E402
 from orchestrator.errors import RayPruneError  # noqa: E402
 from orchestrator.inputs.config import RunConfig  # noqa: E402
 from orchestrator.inputs.models import load_tokenizer, materialize  # noqa: E402
@@ -104,3 +105,94 @@ def test_resume_refuses_checkpoint_of_another_config(setup, tmp_path, corpus_par
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     # and without --resume, the leftover checkpoint is not silently ignored
     assert main(["-q", "prune", *tiny_overrides(out, corpus_parquet, **{"backend.kind": "ray"})]) == 2
+
+
+# ------------------------------------------------ a save interrupted between the rank files and the commit
+
+CLI_RAY = {"backend.kind": "ray", "pruning.method": "gblm", "backend.workers": 2, "backend.num_threads": 1,
+           "backend.grad_batch_size": 1, "backend.checkpoint_every": 1, "backend.max_retries": 0,
+           "output.save_model": False}  # 4 windows: 2 sequences per rank, a commit after each
+
+
+def _prune(out, calib) -> int:
+    from tests.conftest import tiny_overrides
+
+    return main(["-q", "prune", *tiny_overrides(out, calib, **CLI_RAY)])
+
+
+def _masks(run_dir) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "masks.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def interrupted(ray_cluster, tmp_path_factory, corpus_parquet):
+    """An uninterrupted run's masks and the checkpoint of a run whose last worker exited right after
+    writing its step-2 partitions, before the driver could commit them (step 1 is committed)."""
+    root = tmp_path_factory.mktemp("interrupted")
+    calib = root / "calib.parquet"
+    shutil.copy(corpus_parquet, calib)
+    assert _prune(root / "reference", calib) == 0
+    mp = pytest.MonkeyPatch()
+    mp.setenv(FAULT_EXIT_ENV, "2")
+    try:
+        assert _prune(root / "run", calib) == 1  # RayPruneError: the retries (none) ran out
+    finally:
+        mp.undo()
+    ckpt = root / ".run.ckpt"
+    progress = json.loads((ckpt / "progress.json").read_text())
+    assert progress["grad_steps"] == 1 and progress["blocks_done"] == 0
+    assert (ckpt / "grad" / "rank-00001-of-00002.step-000002.safetensors").is_file()  # written, never committed
+    return {"reference": _masks(root / "reference"), "ckpt": ckpt, "calib": calib}
+
+
+def _copy_checkpoint(interrupted, tmp_path):
+    shutil.copytree(interrupted["ckpt"], tmp_path / ".run.ckpt")
+    return tmp_path / ".run.ckpt", tmp_path / "run"
+
+
+def _error_line(capsys) -> str:
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("rayprune: error:")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_worker_exit_between_rank_files_and_commit_then_resume(interrupted, tmp_path):
+    ckpt, out = _copy_checkpoint(interrupted, tmp_path)
+    assert main(["-q", "prune", "--resume", str(out)]) == 0
+    _same_masks(_masks(out), interrupted["reference"])
+    assert not ckpt.exists()  # a finished run removes its checkpoints
+
+
+def test_resume_refused_when_calibration_windows_differ(interrupted, tmp_path, capsys):
+    from tests.conftest import make_corpus
+
+    ckpt, out = _copy_checkpoint(interrupted, tmp_path)
+    calib = interrupted["calib"]
+    original = calib.read_bytes()
+    before = (ckpt / "progress.json").read_bytes()
+    try:  # the same path in the same config text, other content: other windows
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        docs = make_corpus(seed=7)
+        pq.write_table(pa.table({"source": [f"d{i}" for i in range(len(docs))], "text": docs}), calib)
+        assert main(["-q", "prune", "--resume", str(out)]) == 2
+    finally:
+        calib.write_bytes(original)
+    line = _error_line(capsys)
+    assert "made from other inputs: the calibration windows differ" in line, line
+    assert (ckpt / "progress.json").read_bytes() == before and not out.exists()
+
+
+def test_resume_refused_when_library_versions_differ(interrupted, tmp_path, capsys):
+    ckpt, out = _copy_checkpoint(interrupted, tmp_path)
+    progress = json.loads((ckpt / "progress.json").read_text())
+    installed = progress["inputs"]["libraries"]["torch"]
+    progress["inputs"]["libraries"]["torch"] = "0.0.1"
+    (ckpt / "progress.json").write_text(json.dumps(progress))
+    assert main(["-q", "prune", "--resume", str(out)]) == 2
+    line = _error_line(capsys)
+    assert f"the libraries (torch 0.0.1 -> {installed}) differ" in line, line
+    assert not out.exists()

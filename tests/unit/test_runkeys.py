@@ -255,3 +255,53 @@ def test_local_zero_shot_task_files_count_and_eval_workers_do_not(calib, tmp_pat
     task.write_text(json.dumps({"context": "a", "choices": ["b", "d"], "answer": 0}) + "\n")
     assert key(cfg_for(calib, **with_task)) != base
     assert runkeys.key_document(cfg_for(calib, **{"eval.tasks": f"[{task}]"}), no_hub)["eval_tasks"] == {}
+
+
+def test_recovery_source_content_changes_the_key(calib, tmp_path):
+    rec = tmp_path / "recovery.jsonl"
+    rec.write_text("".join(json.dumps({"text": f"training text {i} about classes"}) + "\n" for i in range(20)))
+    with_rec = {"structured.enabled": True, "structured.recovery.enabled": True,
+                "structured.recovery.source": str(rec)}
+    base = key(cfg_for(calib, **with_rec))
+    st = rec.stat()
+    rec.write_bytes(rec.read_bytes().replace(b"classes", b"CLASSES"))  # same path, size and mtime
+    os.utime(rec, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert key(cfg_for(calib, **with_rec)) != base
+    assert runkeys.key_document(cfg_for(calib, **with_rec), no_hub)["recovery"]["kind"] == "file"
+    # recovery off, or training on the calibration windows: no recovery data of its own, keys as before
+    off = cfg_for(calib, **{**with_rec, "structured.recovery.enabled": False})
+    assert "recovery" not in runkeys.key_document(off, no_hub)
+    assert "recovery" not in runkeys.key_document(cfg_for(calib), no_hub)
+
+
+def _windows(*rows: list[int]):
+    import numpy as np
+
+    return np.array(rows, dtype=np.int64)
+
+
+def test_checkpoint_inputs_hash_windows_model_and_libraries(model_dir):
+    versions = {"torch": "2.0", "transformers": "4.0", "deepspeed": "0.1", "ray": "2.0", "rayprune": "0.1.0"}
+    model = cfg_for(model=str(model_dir)).model
+    base = runkeys.checkpoint_inputs(model, _windows([1, 2], [3, 4]), no_hub, versions)
+    assert runkeys.inputs_mismatch(base, runkeys.checkpoint_inputs(model, _windows([1, 2], [3, 4]), no_hub,
+                                                                   versions)) is None
+    same_bytes = runkeys.checkpoint_inputs(model, _windows([1, 2, 3, 4]), no_hub, versions)  # other shape
+    assert runkeys.inputs_mismatch(base, same_bytes) == "the calibration windows"
+    assert set(runkeys.library_versions()) == {"torch", "transformers", "deepspeed", "ray", "rayprune"}
+    newer = runkeys.checkpoint_inputs(model, _windows([1, 2], [3, 4]), no_hub, {**versions, "torch": "2.1"})
+    assert runkeys.inputs_mismatch(base, newer) == "the libraries (torch 2.0 -> 2.1)"
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 128}))
+    changed = runkeys.checkpoint_inputs(model, _windows([1, 2], [3, 4]), no_hub, versions)
+    assert runkeys.inputs_mismatch(base, changed) == "the model (files or hub commit)"
+    early = runkeys.checkpoint_inputs(model, None, no_hub, versions)  # before the windows exist: not compared
+    assert early["windows"] is None and runkeys.inputs_mismatch(base, early) == "the model (files or hub commit)"
+    assert "no inputs fingerprint" in runkeys.inputs_mismatch(None, base)
+
+
+def test_checkpoint_inputs_use_the_hub_commit():
+    versions = {"torch": "2.0"}
+    model = cfg_for(model="org/model").model
+    a = runkeys.checkpoint_inputs(model, _windows([1]), lambda r, rev, k: "a" * 40, versions)
+    b = runkeys.checkpoint_inputs(model, _windows([1]), lambda r, rev, k: "b" * 40, versions)
+    assert runkeys.inputs_mismatch(a, b) == "the model (files or hub commit)"

@@ -19,7 +19,7 @@ previous state deleted. A crash at any point therefore leaves the last committed
 so a corrupted file is detected), and files no commit names (the versions of a save that never
 got committed, temp files of an interrupted write) are ignored and removed by :meth:`CheckpointStore.clean`.
 
-``inputs`` (written by :func:`orchestrator.surfaces.runkeys.checkpoint_inputs` and compared by the
+``inputs`` (written by :func:`orchestrator.inputs.fingerprints.checkpoint_inputs` and compared by the
 driver, not here) fingerprints the calibration windows, the model revision and the library
 versions. Worker ranks write their own partitions, so on a multi-node cluster the directory must
 be on shared storage.

@@ -153,7 +153,7 @@ def run_ray(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress: 
         faults: fault injection (tests; default :meth:`Faults.from_env`).
         spec: the group to start (and restart after a failure); default :func:`prune_spec` on CPUs.
         inputs: the inputs fingerprint the checkpoints record and a resume must match
-            (:func:`orchestrator.surfaces.runkeys.checkpoint_inputs` of the windows; computed here when None).
+            (:func:`orchestrator.inputs.fingerprints.checkpoint_inputs` of the windows; computed here when None).
 
     Returns:
         The :class:`RayResult`.
@@ -207,7 +207,7 @@ def open_store(cfg: RunConfig, root: Path, input_ids: torch.Tensor, inputs: dict
     import yaml
 
     from orchestrator.errors import UsageError
-    from orchestrator.surfaces.runkeys import checkpoint_inputs, inputs_mismatch
+    from orchestrator.inputs.fingerprints import checkpoint_inputs, inputs_mismatch, inputs_refusal
 
     inputs = inputs if inputs is not None else checkpoint_inputs(cfg.model, input_ids)
     try:
@@ -216,8 +216,7 @@ def open_store(cfg: RunConfig, root: Path, input_ids: torch.Tensor, inputs: dict
         raise UsageError(f"--resume: {exc}") from None
     what = inputs_mismatch(store.saved_inputs, inputs) if store.resumed else None
     if what:
-        raise UsageError(f"--resume: checkpoint {str(store.root)!r} was made from other inputs: {what} differ; "
-                         "delete it to start over")
+        raise UsageError(inputs_refusal(store.root, what))
     store.clean()  # versions no commit names (a save interrupted before its commit)
     return store
 

@@ -105,7 +105,7 @@ def prune_with_backend(cfg: RunConfig, model, model_path: str, calib: torch.Tens
         outcome = run_local(model, calib, cfg.pruning, Placement.of("cpu", cfg.backend.forward_dtype), progress)
         return outcome, []
     from actors.distributed import run_ray  # Ray and DeepSpeed only load for this backend
-    from orchestrator.surfaces.runkeys import checkpoint_inputs
+    from orchestrator.inputs.fingerprints import checkpoint_inputs
 
     inputs = checkpoint_inputs(cfg.model, calib) if checkpoint_dir is not None else None  # a resume must match
     result = run_ray(cfg, model_path, calib, progress=progress, checkpoint_dir=checkpoint_dir,
@@ -136,7 +136,7 @@ def _prepare_checkpoints(cfg: RunConfig, resume: bool) -> Path | None:
                              "checkpoints")
         if not exists:
             raise UsageError(f"--resume: no checkpoint of an interrupted run at {str(ckpt)!r}")
-        from orchestrator.surfaces.runkeys import checkpoint_inputs, inputs_mismatch
+        from orchestrator.inputs.fingerprints import checkpoint_inputs, inputs_mismatch, inputs_refusal
 
         progress = json.loads((ckpt / "progress.json").read_text())
         saved = progress.get("fingerprint")
@@ -146,8 +146,7 @@ def _prepare_checkpoints(cfg: RunConfig, resume: bool) -> Path | None:
         # model and libraries now, before minutes of loading; the windows once they are cut (actors.distributed)
         what = inputs_mismatch(progress.get("inputs"), checkpoint_inputs(cfg.model))
         if what:
-            raise UsageError(f"--resume: checkpoint {str(ckpt)!r} was made from other inputs: {what} differ; "
-                             "delete it to start over")
+            raise UsageError(inputs_refusal(ckpt, what))
     elif exists:
         raise UsageError(f"output.dir: an interrupted run left checkpoints in {str(ckpt)!r}; continue it with "
                          f"'rayprune prune --resume {cfg.output.dir}' or delete that directory")

@@ -1,4 +1,6 @@
-"""Run keys of scheduled runs: what changes them, what does not, and the index of finished runs."""
+"""Run keys of scheduled runs: what changes them, what does not, and the index of finished runs.
+
+The input fingerprints the keys hash are tested in test_fingerprints.py."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import UsageError
+from orchestrator.inputs import fingerprints
 from orchestrator.inputs.loader import config_from_dict
 from orchestrator.surfaces import runkeys
 
@@ -87,23 +90,19 @@ def test_calibration_content_change_is_seen_even_with_same_size_and_mtime(calib)
     assert key(cfg_for(calib)) != before
 
 
-def test_big_calibration_files_are_identified_by_size_and_mtime(calib, monkeypatch):
-    monkeypatch.setattr(runkeys, "DATA_HASH_LIMIT", 10)
-    fp = runkeys.data_fingerprint(str(calib), resolve_hub=no_hub)
-    assert "sha256" not in fp and fp["mtime_ns"] == calib.stat().st_mtime_ns
+def test_big_calibration_file_growth_changes_the_key(calib, monkeypatch):
+    monkeypatch.setattr(fingerprints, "DATA_HASH_LIMIT", 10)  # identified by size and mtime
     before = key(cfg_for(calib))
     with calib.open("a") as f:
         f.write(json.dumps({"text": "one more"}) + "\n")
     assert key(cfg_for(calib)) != before
 
 
-def test_calibration_directory_lists_data_files_only(tmp_path, calib):
+def test_new_data_file_in_a_calibration_directory_changes_the_key(tmp_path, calib):
     d = tmp_path / "corpus"
     d.mkdir()
     (d / "a.jsonl").write_bytes(calib.read_bytes())
     (d / "notes.md").write_text("ignored")
-    fp = runkeys.data_fingerprint(str(d), resolve_hub=no_hub)
-    assert list(fp["files"]) == ["a.jsonl"]
     before = key(cfg_for(d))
     (d / "b.jsonl").write_bytes(calib.read_bytes())
     assert key(cfg_for(d)) != before
@@ -132,10 +131,8 @@ def test_local_model_revision_changes_the_key(calib, model_dir):
     assert key(cfg_for(calib, model=str(model_dir))) != base
 
 
-def test_big_weight_shards_are_stat_only(calib, model_dir, monkeypatch):
-    monkeypatch.setattr(runkeys, "MODEL_HASH_LIMIT", 1024)
-    files = runkeys.model_identity(cfg_for(calib, model=str(model_dir)).model, no_hub)["files"]
-    assert "sha256" in files["config.json"] and "sha256" not in files["model.safetensors"]
+def test_touched_big_weight_shard_changes_the_key(calib, model_dir, monkeypatch):
+    monkeypatch.setattr(fingerprints, "MODEL_HASH_LIMIT", 1024)  # the shard is stat'ed only
     base = key(cfg_for(calib, model=str(model_dir)))
     w = model_dir / "model.safetensors"
     os.utime(w, ns=(w.stat().st_atime_ns, w.stat().st_mtime_ns + 10**9))  # re-written (touched)
@@ -155,26 +152,8 @@ def test_hub_model_revision_is_resolved_and_changes_the_key(calib):
     commits["main"] = "b" * 40  # upstream pushed a new commit
     assert key(cfg_for(calib, model="org/llm"), resolver) != base
     pinned = cfg_for(calib, model="org/llm", **{"model.revision": "c" * 40})
-    assert runkeys.hub_commit("org/llm", "c" * 40) == "c" * 40  # a commit needs no lookup
+    assert fingerprints.hub_commit("org/llm", "c" * 40) == "c" * 40  # a commit needs no lookup
     assert key(pinned, lambda r, v, k: v) != base
-
-
-def test_offline_hub_falls_back_to_the_literal_revision(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert runkeys.hub_commit("org/llm", "v1.0") is None
-
-
-def test_builtin_model_is_identified_by_its_package():
-    from orchestrator.inputs.models import BUILTIN
-
-    ident = runkeys.model_identity(cfg_for(model="smollm2-135m").model, no_hub)
-    assert ident == {"kind": "builtin", "name": "smollm2-135m", **BUILTIN["smollm2-135m"]}
-
-
-def test_data_suffixes_match_the_loader():
-    from orchestrator.inputs.data import LOCAL_SUFFIXES
-
-    assert set(runkeys.DATA_SUFFIXES) == set(LOCAL_SUFFIXES)
 
 
 def test_expand_output_dir():
@@ -272,36 +251,3 @@ def test_recovery_source_content_changes_the_key(calib, tmp_path):
     off = cfg_for(calib, **{**with_rec, "structured.recovery.enabled": False})
     assert "recovery" not in runkeys.key_document(off, no_hub)
     assert "recovery" not in runkeys.key_document(cfg_for(calib), no_hub)
-
-
-def _windows(*rows: list[int]):
-    import numpy as np
-
-    return np.array(rows, dtype=np.int64)
-
-
-def test_checkpoint_inputs_hash_windows_model_and_libraries(model_dir):
-    versions = {"torch": "2.0", "transformers": "4.0", "deepspeed": "0.1", "ray": "2.0", "rayprune": "0.1.0"}
-    model = cfg_for(model=str(model_dir)).model
-    base = runkeys.checkpoint_inputs(model, _windows([1, 2], [3, 4]), no_hub, versions)
-    assert runkeys.inputs_mismatch(base, runkeys.checkpoint_inputs(model, _windows([1, 2], [3, 4]), no_hub,
-                                                                   versions)) is None
-    same_bytes = runkeys.checkpoint_inputs(model, _windows([1, 2, 3, 4]), no_hub, versions)  # other shape
-    assert runkeys.inputs_mismatch(base, same_bytes) == "the calibration windows"
-    assert set(runkeys.library_versions()) == {"torch", "transformers", "deepspeed", "ray", "rayprune"}
-    newer = runkeys.checkpoint_inputs(model, _windows([1, 2], [3, 4]), no_hub, {**versions, "torch": "2.1"})
-    assert runkeys.inputs_mismatch(base, newer) == "the libraries (torch 2.0 -> 2.1)"
-    (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 128}))
-    changed = runkeys.checkpoint_inputs(model, _windows([1, 2], [3, 4]), no_hub, versions)
-    assert runkeys.inputs_mismatch(base, changed) == "the model (files or hub commit)"
-    early = runkeys.checkpoint_inputs(model, None, no_hub, versions)  # before the windows exist: not compared
-    assert early["windows"] is None and runkeys.inputs_mismatch(base, early) == "the model (files or hub commit)"
-    assert "no inputs fingerprint" in runkeys.inputs_mismatch(None, base)
-
-
-def test_checkpoint_inputs_use_the_hub_commit():
-    versions = {"torch": "2.0"}
-    model = cfg_for(model="org/model").model
-    a = runkeys.checkpoint_inputs(model, _windows([1]), lambda r, rev, k: "a" * 40, versions)
-    b = runkeys.checkpoint_inputs(model, _windows([1]), lambda r, rev, k: "b" * 40, versions)
-    assert runkeys.inputs_mismatch(a, b) == "the model (files or hub commit)"

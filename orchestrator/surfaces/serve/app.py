@@ -101,7 +101,8 @@ def _answer(result: tuple[int, dict], **headers: str) -> JSONResponse:
     return JSONResponse(payload, status_code=status, headers=headers or None)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256,
+                  logging_config={"enable_access_log": False})  # a log line per status read costs latency
 @serve.ingress(api)
 class JobService:
     """HTTP front of the job registry (see the module docstring for the endpoints).

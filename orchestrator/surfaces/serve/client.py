@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from typing import Any
 
 from orchestrator.surfaces.serve.jobs import TERMINAL
@@ -24,6 +25,11 @@ class ServeClient:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"url: {url!r} is not an http(s) URL")
+        self._scheme, self._host, self._port, self._base = parts.scheme, parts.hostname, parts.port, parts.path
+        self._local = threading.local()
 
     def __repr__(self) -> str:
         return f"ServeClient({self.url!r})"
@@ -34,20 +40,45 @@ class ServeClient:
         if isinstance(body, dict):
             body, content_type = json.dumps(body), content_type or "application/json"
         data = body.encode() if isinstance(body, str) else body
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        if content_type:
-            req.add_header("Content-Type", content_type)
+        headers = {"Content-Type": content_type} if content_type else {}
         if self.token is not None:
-            req.add_header("Authorization", f"Bearer {self.token}")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            headers["Authorization"] = f"Bearer {self.token}"
+        # GET and DELETE (idempotent here) reuse this thread's connection, once retried on a fresh one
+        # when the server had closed it; a POST always gets a fresh connection, so it is never sent twice
+        reuse = method in ("GET", "DELETE")
+        for attempt in (0, 1):
+            conn = self._connection(fresh=not reuse or attempt > 0)
+            try:
+                try:
+                    conn.request(method, self._base + path, body=data, headers=headers)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # answered (e.g. 413) before the whole body was read: the answer may be waiting
+                resp = conn.getresponse()
                 status, raw = resp.status, resp.read()
-        except urllib.error.HTTPError as exc:
-            status, raw = exc.code, exc.read()
+                break
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                conn.close()
+                self._local.conn = None
+                if not reuse or attempt > 0:
+                    raise
+        if not reuse or resp.getheader("connection", "").lower() == "close":
+            conn.close()
+            self._local.conn = None
         try:
             return status, json.loads(raw) if raw else None
         except json.JSONDecodeError:
             return status, raw.decode(errors="replace")
+
+    def _connection(self, fresh: bool) -> http.client.HTTPConnection:
+        """This thread's kept-alive connection (a new one when ``fresh`` or none is open)."""
+        conn = getattr(self._local, "conn", None)
+        if fresh or conn is None:
+            if conn is not None:
+                conn.close()
+            cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+            conn = cls(self._host, self._port, timeout=self.timeout)
+            self._local.conn = conn
+        return conn
 
     def submit(self, config: dict | str, content_type: str | None = None) -> tuple[int, Any]:
         """``POST /v1/jobs`` with a config mapping (sent as JSON) or YAML text."""

@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -155,8 +156,8 @@ def test_cancel_stops_the_job_and_leaves_no_output(service):
     assert code == 202, body
     job_id = body["job_id"]
     assert arrived.wait(timeout=180), client.status(job_id)  # the held job announced the phase: an event
-    code, job = client.status(job_id)
-    assert job["state"] == "running" and job["phase"] == "data", job
+    job = _status_when(client, job_id, lambda j: j["phase"] == "data")  # the replicas' copy follows
+    assert job["state"] == "running", job
     assert (root / "nested" / f".long.tmp-{job_id}").is_dir(), "the run writes into its own temp dir"
     code, job = client.request("DELETE", f"/v1/jobs/{job_id}")
     hold.unlink()
@@ -213,6 +214,18 @@ def test_apps_refuse_to_start_without_a_token(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match=r"job_num_cpus: expected float, got 'many'"):
         job_app.build_app({"root": str(tmp_path), "job_num_cpus": "many"})
     assert job_app.build_app({"root": str(tmp_path), "job_num_cpus": "0.5"}) is not None
+
+
+def _status_when(client: ServeClient, job_id: str, condition, timeout: float = 60.0) -> dict:
+    """The job's status once ``condition`` holds for it (the registry already recorded the change; the
+    replicas' copy follows its change feed), else the last status read."""
+    deadline = time.monotonic() + timeout
+    while True:
+        code, job = client.status(job_id)
+        assert code == 200, job
+        if condition(job) or time.monotonic() > deadline:
+            return job
+        time.sleep(0.02)
 
 
 def _hold(job_name: str, phase: str) -> tuple[Path, threading.Event]:
@@ -301,3 +314,48 @@ def test_placement_groups_of_a_killed_job_are_freed_by_name(service):
     states = {info["name"]: info["state"] for info in placement_group_table().values()}
     assert states[prefix + "a"] == "REMOVED" and states[jobs_mod.placement_prefix("alive") + "b"] == "CREATED"
     ray.util.remove_placement_group(other)
+
+
+def test_replica_copy_follows_the_registry_change_feed(service):
+    """The fast status path: reads come from the replica's copy, which the change feed keeps current."""
+    import asyncio
+
+    from orchestrator.surfaces.serve.submission import validate_submission
+
+    _, root, _, _ = service
+    registry = jobs_mod.JobRegistry.remote(root=str(root), max_finished_jobs=1)
+    direct_reads = []
+
+    async def call(method, *args):
+        if method == "get":
+            direct_reads.append(args[0])
+        return await getattr(registry, method).remote(*args)
+
+    def cfg(name):
+        return validate_submission(json.dumps({**TINY_JOB, "output": {"dir": f"feed/{name}"}}).encode(),
+                                   "application/json", root, name).to_dict()
+
+    async def state_when(mirror, job_id, state):
+        while (view := (await mirror.get(job_id))[1])["state"] != state:
+            await asyncio.sleep(0.02)  # the registry has recorded it (awaited below): the feed delivers it
+        return view
+
+    async def scenario():
+        mirror = job_app.JobMirror(call)
+        assert (await mirror.get("nope"))[0] == 404 and direct_reads == ["nope"]  # unknown: asked directly
+        code, view = await call("submit", "a", cfg("a"), str(root / "feed" / "a"))
+        assert code == 202
+        mirror.offer(view)  # what the replica does with its own submission
+        await call("wait", "a", 240)
+        final = await asyncio.wait_for(state_when(mirror, "a", "succeeded"), 60)
+        assert final["version"] > view["version"] and direct_reads == ["nope"]  # no direct read of "a"
+        mirror.offer(view)  # an older view never replaces a newer one
+        assert (await mirror.get("a"))[1]["state"] == "succeeded"
+        await call("submit", "b", cfg("b"), str(root / "feed" / "b"))
+        await call("wait", "b", 240)
+        await asyncio.wait_for(state_when(mirror, "b", "succeeded"), 60)
+        code, _ = await mirror.get("a")  # forgotten by the registry (max_finished_jobs=1): gone here too
+        assert code == 404 and direct_reads == ["nope", "a"]
+
+    asyncio.run(scenario())
+    ray.kill(registry)

@@ -52,48 +52,62 @@ api = FastAPI(title="rayprune compression service", docs_url=None, redoc_url=Non
 install_error_handlers(api)
 
 
-class StatusBatcher:
-    """Answers concurrent status reads with one registry call per batch.
+class JobMirror:
+    """A replica's copy of every job's status, kept current by the registry's change feed.
 
-    A read joins the batch that starts after it arrived (never one already in flight), so it always
-    sees the registry as it was at or after its arrival, and 200 concurrent reads cost a handful of
-    registry calls instead of 200.
+    Status reads are answered from here, without a call to the registry actor (on a busy head that
+    call is most of a read's latency). A job this replica has not seen yet is read from the registry.
+    Writes made through this replica (submit, cancel) update the copy with the registry's answer, so
+    a client reads its own writes; changes made elsewhere (a job's progress, another replica's
+    cancel) arrive within one round trip of the feed.
 
     Args:
-        fetch: ``await fetch(job_ids)`` -> ``{job_id: (status, payload)}`` (one registry call).
+        call: ``await call(method, *args)`` on the registry -> ``(status, payload)``.
     """
 
-    def __init__(self, fetch: Callable[[list[str]], Awaitable[dict[str, tuple[int, dict]]]]):
-        self._fetch = fetch
-        self._waiting: dict[str, list[asyncio.Future]] = {}
-        self._drainer: asyncio.Task | None = None
+    def __init__(self, call: Callable[..., Awaitable[tuple[int, dict]]]):
+        self._call = call
+        self._views: dict[str, dict] = {}
+        self._follower: asyncio.Task | None = None
+
+    def offer(self, view: dict) -> None:
+        """Keep ``view`` unless a newer one of its job is already here."""
+        current = self._views.get(view["job_id"])
+        if current is None or view["version"] >= current["version"]:
+            self._views[view["job_id"]] = view
 
     async def get(self, job_id: str) -> tuple[int, dict]:
         """``(status, payload)`` of one job."""
-        fut = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(job_id, []).append(fut)
-        if self._drainer is None:
-            self._drainer = asyncio.get_running_loop().create_task(self._drain())
-        return await fut
+        if self._follower is None:
+            self._follower = asyncio.get_running_loop().create_task(self._follow())
+        view = self._views.get(job_id)
+        if view is not None:
+            return 200, view
+        status, payload = await self._call("get", job_id)
+        if status == 200:
+            self.offer(payload)
+        return status, payload
 
-    async def _drain(self) -> None:
-        try:
-            while self._waiting:
-                batch, self._waiting = self._waiting, {}
-                try:
-                    answers = await self._fetch(list(batch))
-                except BaseException as exc:  # noqa: BLE001 - every waiting read gets the error
-                    for futs in batch.values():
-                        for fut in futs:
-                            if not fut.done():
-                                fut.set_exception(exc)
-                    continue
-                for job_id, futs in batch.items():
-                    for fut in futs:
-                        if not fut.done():
-                            fut.set_result(tuple(answers[job_id]))
-        finally:
-            self._drainer = None
+    async def _follow(self) -> None:
+        incarnation, since = None, 0
+        while True:
+            try:
+                _, feed = await self._call("changes", incarnation, since, 30.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the registry is restarting: follow it again shortly
+                log.warning("job registry change feed failed; retrying", exc_info=True)
+                self._views.clear()
+                incarnation, since = None, 0
+                await asyncio.sleep(1.0)
+                continue
+            if feed["full"]:
+                self._views.clear()
+            for view in feed["views"].values():
+                self.offer(view)
+            for job_id in feed["forgotten"]:
+                self._views.pop(job_id, None)
+            incarnation, since = feed["incarnation"], feed["version"]
 
 
 def _answer(result: tuple[int, dict], **headers: str) -> JSONResponse:
@@ -122,11 +136,8 @@ class JobService:
         self._max_body = max_body_bytes
         self._policy = JobPolicy.model_validate(policy or {})
         self._registry = None
-        self._status = StatusBatcher(self._get_many)
+        self._jobs = JobMirror(self._call)
         log.info("job service ready, root %s", self._root)
-
-    async def _get_many(self, job_ids: list[str]) -> dict[str, tuple[int, dict]]:
-        return (await self._call("get_many", job_ids))[1]
 
     async def _handle(self):
         """The registry actor's handle, looked up again after the controller recreated it."""
@@ -160,6 +171,8 @@ class JobService:
         cfg = await asyncio.to_thread(validate_submission, body, request.headers.get("content-type"), self._root,
                                       job_id, self._policy)
         result = await self._call("submit", job_id, cfg.to_dict(), cfg.output.dir)
+        if result[0] == 202:
+            self._jobs.offer(result[1])
         return _answer(result, Location=f"/v1/jobs/{job_id}")
 
     @api.get("/v1/jobs")
@@ -172,13 +185,13 @@ class JobService:
     async def status(self, job_id: str, request: Request) -> JSONResponse:
         """State, phase, progress, error and run directory of one job."""
         self._auth.check(request)
-        return _answer(await self._status.get(job_id))
+        return _answer(await self._jobs.get(job_id))
 
     @api.get("/v1/jobs/{job_id}/report")
     async def report(self, job_id: str, request: Request) -> JSONResponse:
         """The ``report.json`` of a succeeded job."""
         self._auth.check(request)
-        status, job = await self._status.get(job_id)
+        status, job = await self._jobs.get(job_id)
         if status != 200:
             return _answer((status, job))
         if job["state"] != "succeeded":
@@ -194,7 +207,10 @@ class JobService:
     async def cancel(self, job_id: str, request: Request) -> JSONResponse:
         """Cancel a pending or running job."""
         self._auth.check(request)
-        return _answer(await self._call("cancel", job_id))
+        result = await self._call("cancel", job_id)
+        if result[0] == 200:
+            self._jobs.offer(result[1])
+        return _answer(result)
 
 
 def build_app(args: dict | None = None) -> serve.Application:

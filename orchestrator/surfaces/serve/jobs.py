@@ -16,6 +16,8 @@ import asyncio
 import logging
 import os
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,12 +49,13 @@ def describe_error(exc: BaseException) -> str:
 HOLD_DIR_ENV = "RAYPRUNE_JOB_HOLD_DIR"
 
 
-def hold_at_phase(output_dir: str, phase: str) -> None:
+def hold_at_phase(output_dir: str, phase: str, before: Callable[[], Any] | None = None) -> None:
     """Test hook: hold a job at the start of ``phase`` while ``$RAYPRUNE_JOB_HOLD_DIR/NAME.PHASE.hold`` exists.
 
     ``NAME`` is the last part of the job's ``output.dir``. On arrival the job writes
     ``NAME.PHASE.reached``, so a test synchronises on that event (and on removing the hold file),
-    never on how long a phase takes. Without the variable (every deployment) this does nothing.
+    never on how long a phase takes. ``before`` runs first (the job waits until the registry has
+    recorded the phase). Without the variable (every deployment) this does nothing.
     """
     root = os.environ.get(HOLD_DIR_ENV)
     if not root or not output_dir:
@@ -60,6 +63,8 @@ def hold_at_phase(output_dir: str, phase: str) -> None:
     hold = Path(root) / f"{Path(output_dir).name}.{phase}.hold"
     if not hold.exists():
         return
+    if before is not None:
+        before()
     hold.with_suffix(".reached").write_text(phase + "\n")
     while hold.exists():
         time.sleep(0.02)
@@ -91,9 +96,10 @@ def run_job(job_id: str, cfg_data: dict[str, Any], registry) -> dict[str, Any]:
     def hook(event: str, fields: dict) -> None:
         if event == "phase_end":
             phases[fields["phase"]] = fields["seconds"]
-        registry.event.remote(job_id, event, dict(fields))
+        recorded = registry.event.remote(job_id, event, dict(fields))
         if event == "phase_start":
-            hold_at_phase(str(cfg_data.get("output", {}).get("dir", "")), fields["phase"])
+            hold_at_phase(str(cfg_data.get("output", {}).get("dir", "")), fields["phase"],
+                          before=lambda: ray.get(recorded))
 
     try:
         with named_placement(placement_prefix(job_id)):
@@ -152,10 +158,12 @@ class _Job:
     done: asyncio.Event = field(default_factory=asyncio.Event)  # terminal, cleaned up, placement freed
     cancelling: bool = False
     cancel_reason: str | None = None
+    version: int = 0  # the registry's change counter at this job's last change
 
     def view(self) -> dict[str, Any]:
         return {
             "job_id": self.job_id,
+            "version": self.version,
             "state": self.state,
             "phase": self.phase,
             "progress": {"done": len(self.phases), "phases": dict(self.phases)},  # finished phases: seconds
@@ -199,6 +207,19 @@ class JobRegistry:
         self.keep_failed_checkpoints = keep_failed_checkpoints
         self.jobs: dict[str, _Job] = {}
         self._tasks: set[asyncio.Task] = set()
+        self.incarnation = uuid.uuid4().hex  # a recreated registry starts its change counter again
+        self.version = 0
+        self._changed = asyncio.Event()
+        self._forgotten: dict[str, int] = {}  # job id -> version at which it was forgotten (bounded)
+        self._horizon = 0  # tombstones older than this were dropped: a follower behind it gets everything
+
+    def _touch(self, job: _Job | None) -> None:
+        """Record a change (of ``job``'s view, or the forgetting of jobs) and wake the feed's followers."""
+        self.version += 1
+        if job is not None:
+            job.version = self.version
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     def _active(self) -> list[_Job]:
         return [j for j in self.jobs.values() if not j.done.is_set()]
@@ -227,6 +248,7 @@ class JobRegistry:
         job.ref = run_job.options(num_cpus=self.job_num_cpus, name=f"rayprune-job-{job_id}").remote(
             job_id, cfg_data, me)
         self.jobs[job_id] = job
+        self._touch(job)
         self._spawn(self._watch(job))
         if self.max_wall_s:
             self._spawn(self._time_limit(job, self.max_wall_s))
@@ -248,6 +270,9 @@ class JobRegistry:
             job.phase = None
         elif event == "done":
             job.run_dir = fields.get("run_dir")
+        else:
+            return
+        self._touch(job)
 
     async def get(self, job_id: str) -> tuple[int, dict]:
         """The status of one job."""
@@ -256,9 +281,23 @@ class JobRegistry:
             return 404, {"error": f"job_id: no job {job_id!r}"}
         return 200, job.view()
 
-    async def get_many(self, job_ids: list[str]) -> tuple[int, dict]:
-        """``{job_id: (status, payload)}`` of several jobs in one call (the replicas batch status reads)."""
-        return 200, {job_id: await self.get(job_id) for job_id in job_ids}
+    async def changes(self, incarnation: str | None, since: int, timeout_s: float = 30.0) -> tuple[int, dict]:
+        """The change feed the HTTP replicas mirror: views changed after version ``since``.
+
+        Waits up to ``timeout_s`` for a change when there is none yet (a long poll). A caller that
+        followed another incarnation of the registry gets every job again.
+
+        Returns:
+            ``{"incarnation", "version", "full", "views": {job_id: view}, "forgotten": [job_id, ...]}``;
+            with ``full`` the views are every remembered job (the follower replaces its copy).
+        """
+        full = incarnation != self.incarnation or since < self._horizon
+        if not full and self.version <= since:
+            await self._wait(self._changed, timeout_s)
+        since = 0 if full else since
+        return 200, {"incarnation": self.incarnation, "version": self.version, "full": full,
+                     "views": {j.job_id: j.view() for j in self.jobs.values() if j.version > since},
+                     "forgotten": [] if full else [job_id for job_id, v in self._forgotten.items() if v > since]}
 
     async def wait(self, job_id: str, timeout_s: float | None = None) -> tuple[int, dict]:
         """The status of a job once it is finished and cleaned up (or after ``timeout_s``: as it is then)."""
@@ -290,7 +329,7 @@ class JobRegistry:
         await job.done.wait()
         if job.state == "cancelled":
             return 200, job.view()
-        return 409, {"error": f"job {job_id} already {job.state}", **job.view()}
+        return 409, {**job.view(), "error": f"job {job_id} already {job.state}"}
 
     # ------------------------------------------------------------ internals
 
@@ -344,6 +383,7 @@ class JobRegistry:
         if freed:
             log.info("job %s: freed placement groups %s", job.job_id, ", ".join(freed))
         self._finish(job)
+        self._touch(job)
         job.done.set()
         self._forget_old()
 
@@ -364,3 +404,7 @@ class JobRegistry:
         finished = [j for j in self.jobs.values() if j.done.is_set()]
         for job in sorted(finished, key=lambda j: j.finished_at or 0)[: max(0, len(finished) - self.max_finished_jobs)]:
             del self.jobs[job.job_id]
+            self._touch(None)
+            self._forgotten[job.job_id] = self.version
+        while len(self._forgotten) > self.max_finished_jobs:
+            self._horizon = self._forgotten.pop(next(iter(self._forgotten)))

@@ -221,8 +221,9 @@ def materialize(cfg: ModelConfig) -> str:
         with open(path, "rb") as f:
             magic = f.read(4)
         if magic != GGUF_MAGIC:
-            raise UsageError(f"model.source: {src!r} is not a loadable GGUF model (starts with {magic!r}, "
-                             f"not the magic {GGUF_MAGIC!r})")
+            # the file's own bytes are not echoed: an error line may reach someone who cannot read the file
+            raise UsageError(f"model.source: {src!r} is not a loadable GGUF model (it does not start with the "
+                             f"magic {GGUF_MAGIC!r})")
         digest = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime}".encode())
         final = cache_dir() / "models" / f"gguf-{digest.hexdigest()[:16]}"
         return str(_atomic_dir(final, lambda tmp: gguf_to_hf(path, tmp)))

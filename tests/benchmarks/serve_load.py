@@ -24,6 +24,8 @@ import os
 import secrets
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -128,8 +130,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_child(root: str, token_file: str, num_cpus: int) -> None:
+    """Run a local Ray + the job service until stdin closes; prints the HTTP port first."""
+    import ray
+    from ray import serve
+
+    from orchestrator.surfaces.serve.app import build_app
+
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"root": root, "token_file": token_file}), name="jobs", route_prefix="/")
+        print(port, flush=True)
+        sys.stdin.read()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 def main() -> None:
     """Command line entry point."""
+    if len(sys.argv) == 5 and sys.argv[1] == "--serve-child":
+        serve_child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="an existing service (default: start a local Ray + Serve app)")
     parser.add_argument("--token", help="bearer token for --url (default $RAYPRUNE_SERVE_TOKEN)")
@@ -153,27 +177,23 @@ def main() -> None:
         results = run_load(ServeClient(args.url, token), args.jobs, args.status_requests, args.job_timeout,
                            args.pollers, args.polls, args.num_samples)
     else:
-        import ray
-        from ray import serve
-
-        from orchestrator.surfaces.serve.app import build_app
-
         with tempfile.TemporaryDirectory(prefix="rayprune-serve-load-") as tmp:
             token = secrets.token_urlsafe(24)
             token_file = Path(tmp) / "token"
             token_file.write_text(token)
-            ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+            # the service in its own process, as clients are elsewhere in production: the client threads
+            # here do not share a GIL with the Ray driver
+            child = subprocess.Popen([sys.executable, __file__, "--serve-child", str(Path(tmp) / "runs"),
+                                      str(token_file), str(args.num_cpus)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
             try:
-                port = _free_port()
-                serve.start(http_options={"host": "127.0.0.1", "port": port})
-                serve.run(build_app({"root": str(Path(tmp) / "runs"), "token_file": str(token_file)}),
-                          name="jobs", route_prefix="/")
+                port = int(child.stdout.readline())
                 client = ServeClient(f"http://127.0.0.1:{port}", token)
                 results = run_load(client, args.jobs, args.status_requests, args.job_timeout, args.pollers,
                                    args.polls, args.num_samples)
             finally:
-                serve.shutdown()
-                ray.shutdown()
+                child.stdin.close()  # the child shuts Serve and Ray down and exits
+                child.wait(timeout=120)
         results["setup"] = {"local_ray_cpus": args.num_cpus, "job_num_cpus": 1}
 
     log.info("%-12s %9s %7s %9s %9s", "endpoint", "requests", "errors", "p50 ms", "p99 ms")

@@ -149,3 +149,17 @@ def test_output_dir_may_not_touch_published_runs_or_checkpoints(tmp_path):
     with pytest.raises(ApiError) as err:
         validate_submission(b"output: {dir: parent, overwrite: true}", "text/plain", root, "j")
     assert err.value.status == 400 and "output.overwrite: true is refused" in err.value.message
+
+
+def test_cancel_grace_covers_the_worker_groups_graceful_shutdown():
+    """Finding 7: the 5 s grace was shorter than the worker group's 30 s shutdown, so the force-kill
+    landed before the group had freed its placement group."""
+    import dataclasses
+    import inspect
+
+    from actors.group import GroupSpec
+    from orchestrator.surfaces.serve.jobs import JobRegistry
+
+    shutdown = next(f.default for f in dataclasses.fields(GroupSpec) if f.name == "shutdown_timeout_s")
+    registry_default = inspect.signature(JobRegistry.__ray_actor_class__.__init__).parameters["cancel_grace_s"]
+    assert JobServiceOptions().cancel_grace_s > shutdown and registry_default.default > shutdown

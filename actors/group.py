@@ -210,12 +210,32 @@ class GroupMember:
             quiet_worker_logs()  # DeepSpeed sets its own logger's level on import
             ds.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, rank=self.rank,
                                 world_size=self.world, timeout=timeout)
+            self._unlink_shm_segment()
         else:
             import torch.distributed as dist
 
             dist.init_process_group(backend, init_method=f"tcp://{os.environ['MASTER_ADDR']}:"
                                     f"{os.environ['MASTER_PORT']}", rank=self.rank, world_size=self.world,
                                     timeout=timeout)
+
+    def _unlink_shm_segment(self) -> None:
+        """Unlink the shared-memory segment DeepSpeed's CPU all-reduce created for this rank.
+
+        DeepSpeed maps one ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``
+        segment (69 MB) per rank and never unlinks it, so every CPU run left its segments behind
+        until the machine ran out of memory. Once every rank has mapped every peer's segment (the
+        barrier), the names are not needed: unlinking them now frees the memory when the last process
+        that maps it exits, however it exits.
+        """
+        import torch.distributed as dist
+
+        dist.barrier()
+        name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                f"{os.environ.get('MASTER_PORT', '')}_{self.rank}")
+        try:
+            os.unlink(os.path.join("/dev/shm", name))
+        except FileNotFoundError:
+            pass  # no segment: not the CPU all-reduce (GPUs, or ranks on several nodes)
 
     def device_info(self) -> dict:
         """Rank, local rank, device and the accelerators behind it (for logs and tests)."""

@@ -4,41 +4,9 @@ and what a distributed run's checkpoints record and a resume compares."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
 
 from orchestrator.inputs import fingerprints
-from orchestrator.inputs.loader import config_from_dict
-
-
-def no_hub(repo: str, revision: str | None, kind: str) -> str | None:
-    raise AssertionError(f"unexpected hub lookup of {kind} {repo}@{revision}")
-
-
-def cfg_for(calib: Path | str = "generate", model: str = "tiny", **overrides: object):
-    items = {"model.source": model, "calibration.source": str(calib), "eval.enabled": False,
-             "backend.kind": "local", "output.dir": "runs/x", **overrides}
-    return config_from_dict({}, [f"{k}={v}" for k, v in items.items()])
-
-
-@pytest.fixture
-def calib(tmp_path) -> Path:
-    path = tmp_path / "calib.jsonl"
-    path.write_text("".join(json.dumps({"text": f"document {i} about loops"}) + "\n" for i in range(20)))
-    return path
-
-
-@pytest.fixture
-def model_dir(tmp_path) -> Path:
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
-    (d / "model.safetensors").write_bytes(b"\x01" * 4096)
-    (d / "tokenizer.json").write_text("{}")
-    return d
+from tests.unit.keyed_inputs import cfg_for, heavy_modules_after_import, no_hub
 
 
 def test_big_calibration_files_are_identified_by_size_and_mtime(calib, monkeypatch):
@@ -122,8 +90,4 @@ def test_inputs_refusal_is_one_line_naming_the_checkpoint_and_what_differs(tmp_p
 
 
 def test_fingerprints_import_neither_ray_nor_torch():
-    code = ("import sys, orchestrator.inputs.fingerprints; "
-            "print(sorted(m for m in ('ray', 'torch', 'deepspeed') if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"
+    assert heavy_modules_after_import("orchestrator.inputs.fingerprints") == []

@@ -6,47 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from orchestrator.errors import UsageError
 from orchestrator.inputs import fingerprints
-from orchestrator.inputs.loader import config_from_dict
 from orchestrator.surfaces import runkeys
-
-
-def no_hub(repo: str, revision: str | None, kind: str) -> str | None:
-    raise AssertionError(f"unexpected hub lookup of {kind} {repo}@{revision}")
-
-
-def cfg_for(calib: Path | str = "generate", model: str = "tiny", **overrides: object):
-    items = {"model.source": model, "calibration.source": str(calib), "eval.enabled": False,
-             "backend.kind": "local", "output.dir": "runs/x", **overrides}
-    return config_from_dict({}, [f"{k}={v}" for k, v in items.items()])
+from tests.unit.keyed_inputs import cfg_for, heavy_modules_after_import, no_hub
 
 
 def key(cfg, resolve=no_hub) -> str:
     return runkeys.run_key(cfg, resolve_hub=resolve)
-
-
-@pytest.fixture
-def calib(tmp_path) -> Path:
-    path = tmp_path / "calib.jsonl"
-    path.write_text("".join(json.dumps({"text": f"document {i} about loops"}) + "\n" for i in range(20)))
-    return path
-
-
-@pytest.fixture
-def model_dir(tmp_path) -> Path:
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
-    (d / "model.safetensors").write_bytes(b"\x01" * 4096)
-    (d / "tokenizer.json").write_text("{}")
-    return d
 
 
 def test_key_is_a_stable_sha256(calib):
@@ -211,11 +182,7 @@ def test_prepare_run_reuses_forces_and_refuses(tmp_path, calib):
 
 
 def test_runkeys_import_neither_ray_nor_torch():
-    code = ("import sys, orchestrator.surfaces.runkeys; "
-            "print(sorted(m for m in ('ray', 'torch', 'deepspeed') if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"
+    assert heavy_modules_after_import("orchestrator.surfaces.runkeys") == []
 
 
 def test_local_zero_shot_task_files_count_and_eval_workers_do_not(calib, tmp_path):

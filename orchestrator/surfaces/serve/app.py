@@ -11,7 +11,9 @@ Endpoints (every one needs ``Authorization: Bearer <token>``; errors are ``{"err
 - ``GET /v1/jobs``: every remembered job.
 - ``GET /v1/jobs/{id}``: ``state`` (pending, running, succeeded, failed, cancelled), current
   ``phase``, ``progress`` (``done``: how many phases finished, ``phases``: their seconds), ``error``,
-  ``run_dir`` once it has succeeded.
+  ``run_dir`` once it has succeeded, ``version`` (grows with every change). Answered from the
+  replica's copy, current within one round trip of the registry's change feed;
+  ``Cache-Control: no-cache`` reads the registry itself.
 - ``GET /v1/jobs/{id}/report``: the run's ``report.json``; 409 until the job has succeeded.
 - ``DELETE /v1/jobs/{id}``: cancel; answers once the task has stopped, the paths it owned are gone
   and its placement groups are freed. A job over the policy's ``max_wall_s`` is cancelled the same way.
@@ -69,6 +71,7 @@ class JobMirror:
         self._call = call
         self._views: dict[str, dict] = {}
         self._follower: asyncio.Task | None = None
+        self._applied = asyncio.Event()  # replaced after every change the feed delivered
 
     def offer(self, view: dict) -> None:
         """Keep ``view`` unless a newer one of its job is already here."""
@@ -76,11 +79,11 @@ class JobMirror:
         if current is None or view["version"] >= current["version"]:
             self._views[view["job_id"]] = view
 
-    async def get(self, job_id: str) -> tuple[int, dict]:
-        """``(status, payload)`` of one job."""
+    async def get(self, job_id: str, fresh: bool = False) -> tuple[int, dict]:
+        """``(status, payload)`` of one job; ``fresh`` reads the registry itself."""
         if self._follower is None:
             self._follower = asyncio.get_running_loop().create_task(self._follow())
-        view = self._views.get(job_id)
+        view = None if fresh else self._views.get(job_id)
         if view is not None:
             return 200, view
         status, payload = await self._call("get", job_id)
@@ -108,6 +111,12 @@ class JobMirror:
             for job_id in feed["forgotten"]:
                 self._views.pop(job_id, None)
             incarnation, since = feed["incarnation"], feed["version"]
+            applied, self._applied = self._applied, asyncio.Event()
+            applied.set()
+
+    async def next_update(self) -> None:
+        """Return once the change feed has delivered its next batch of changes here."""
+        await self._applied.wait()
 
 
 def _answer(result: tuple[int, dict], **headers: str) -> JSONResponse:
@@ -183,9 +192,13 @@ class JobService:
 
     @api.get("/v1/jobs/{job_id}")
     async def status(self, job_id: str, request: Request) -> JSONResponse:
-        """State, phase, progress, error and run directory of one job."""
+        """State, phase, progress, error and run directory of one job.
+
+        Answered from this replica's copy; ``Cache-Control: no-cache`` asks the registry itself.
+        """
         self._auth.check(request)
-        return _answer(await self._jobs.get(job_id))
+        fresh = "no-cache" in request.headers.get("cache-control", "").lower()
+        return _answer(await self._jobs.get(job_id, fresh=fresh))
 
     @api.get("/v1/jobs/{job_id}/report")
     async def report(self, job_id: str, request: Request) -> JSONResponse:

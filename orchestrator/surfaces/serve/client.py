@@ -35,12 +35,14 @@ class ServeClient:
         return f"ServeClient({self.url!r})"
 
     def request(self, method: str, path: str, body: bytes | str | dict | None = None,
-                content_type: str | None = None) -> tuple[int, Any]:
+                content_type: str | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
         """One request; returns ``(status, decoded JSON body or None)`` for any HTTP status."""
         if isinstance(body, dict):
             body, content_type = json.dumps(body), content_type or "application/json"
         data = body.encode() if isinstance(body, str) else body
-        headers = {"Content-Type": content_type} if content_type else {}
+        headers = dict(headers or {})
+        if content_type:
+            headers["Content-Type"] = content_type
         if self.token is not None:
             headers["Authorization"] = f"Bearer {self.token}"
         # GET and DELETE (idempotent here) reuse this thread's connection, once retried on a fresh one
@@ -86,9 +88,9 @@ class ServeClient:
             return self.request("POST", "/v1/jobs", config, content_type or "application/x-yaml")
         return self.request("POST", "/v1/jobs", config)
 
-    def status(self, job_id: str) -> tuple[int, Any]:
-        """``GET /v1/jobs/{id}``."""
-        return self.request("GET", f"/v1/jobs/{job_id}")
+    def status(self, job_id: str, fresh: bool = False) -> tuple[int, Any]:
+        """``GET /v1/jobs/{id}``; ``fresh``: as the registry has it now, not the replica's copy."""
+        return self.request("GET", f"/v1/jobs/{job_id}", headers={"Cache-Control": "no-cache"} if fresh else None)
 
     def wait(self, job_id: str, timeout: float = 600.0, poll: float = 0.5) -> dict:
         """Poll until the job is finished; returns its last status.

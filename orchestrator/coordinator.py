@@ -27,6 +27,7 @@ from orchestrator.inputs.data import (
 )
 from orchestrator.inputs.models import load_model, load_tokenizer, materialize
 from orchestrator.outputs.artifacts import REPORT_SCHEMA_VERSION, RunWriter, output_lock
+from orchestrator.outputs.publish import checkpoint_path
 from orchestrator.outputs.report import render_markdown, render_plots, validate_report
 
 log = logging.getLogger(__name__)
@@ -115,12 +116,6 @@ def prune_with_backend(cfg: RunConfig, model, model_path: str, calib: torch.Tens
         for name, w in result.weights.items():
             params[name].copy_(w.to(params[name].dtype))
     return result.outcome, result.memory
-
-
-def checkpoint_path(output_dir: str | Path) -> Path:
-    """Where a distributed run keeps its phase checkpoints: ``.NAME.ckpt`` next to the output directory."""
-    final = Path(output_dir).expanduser().resolve()
-    return final.parent / f".{final.name}.ckpt"
 
 
 def _prepare_checkpoints(cfg: RunConfig, resume: bool) -> Path | None:

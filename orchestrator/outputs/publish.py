@@ -231,6 +231,12 @@ def resolve_output(path: str | Path) -> Path:
     return Path(path).expanduser().resolve()
 
 
+def checkpoint_path(output_dir: str | Path) -> Path:
+    """Where a distributed run keeps its phase checkpoints: ``.NAME.ckpt`` next to the output directory."""
+    final = Path(output_dir).expanduser().resolve()
+    return final.parent / f".{final.name}.ckpt"
+
+
 def lock_path(final: str | Path) -> Path:
     """The lock file of an output directory: ``<parent>/.NAME.lock``."""
     final = resolve_output(final)

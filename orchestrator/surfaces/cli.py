@@ -108,7 +108,7 @@ def cmd_prune(ns: argparse.Namespace) -> int:
 
     path, overrides = _split_args(ns.args)
     if ns.resume:
-        from orchestrator.coordinator import checkpoint_path
+        from orchestrator.outputs.publish import checkpoint_path
 
         ckpt = checkpoint_path(ns.resume)
         if not (ckpt / "progress.json").is_file():

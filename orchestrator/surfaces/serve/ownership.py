@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.outputs.publish import checkpoint_path, lock_path
+
 log = logging.getLogger(__name__)
 
 
@@ -26,14 +28,6 @@ def temp_dir(final: Path, job_id: str) -> Path:
     return final.parent / f".{final.name}.tmp-{job_id}"
 
 
-def checkpoint_dir(final: Path) -> Path:
-    """The checkpoint directory of a distributed run (as ``orchestrator.coordinator.checkpoint_path``)."""
-    return final.parent / f".{final.name}.ckpt"
-
-
-def lock_file(final: Path) -> Path:
-    """The lock file a run holds on its output directory."""
-    return final.parent / f".{final.name}.lock"
 
 
 @dataclass
@@ -79,8 +73,8 @@ def claim(final: Path, job_id: str, root: Path) -> JobPaths:
         missing.append(parent)
         parent = parent.parent
     missing.reverse()
-    paths = JobPaths(final, job_id, owns_checkpoint=not checkpoint_dir(final).exists(),
-                     owns_lock=not lock_file(final).exists())
+    paths = JobPaths(final, job_id, owns_checkpoint=not checkpoint_path(final).exists(),
+                     owns_lock=not lock_path(final).exists())
     try:
         for d in missing:
             d.mkdir()
@@ -103,13 +97,13 @@ def release(paths: JobPaths, keep_checkpoint: bool, busy: Iterable[Path]) -> lis
     tmp = temp_dir(paths.final, paths.job_id)
     targets = [tmp]
     if paths.owns_checkpoint and not keep_checkpoint:
-        targets.append(checkpoint_dir(paths.final))
+        targets.append(checkpoint_path(paths.final))
     for target in targets:
         if target.exists():
             shutil.rmtree(target, ignore_errors=True)
             removed.append(str(target))
-    lock = lock_file(paths.final)
-    if paths.owns_lock and lock.is_file() and not (keep_checkpoint and checkpoint_dir(paths.final).exists()):
+    lock = lock_path(paths.final)
+    if paths.owns_lock and lock.is_file() and not (keep_checkpoint and checkpoint_path(paths.final).exists()):
         lock.unlink(missing_ok=True)
         removed.append(str(lock))
     busy = list(busy)

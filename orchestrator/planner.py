@@ -187,7 +187,7 @@ class Plan:
 
 def plan(
     model_config: Any, *, workers: int, method: str, norm: str = "l1", num_samples: int, seq_len: int,
-    dtype_bytes: int = 2, grad_batch: int = 4,
+    dtype_bytes: int = 2, grad_batch: int = 4, reconstruct: str = "none",
 ) -> Plan:
     """Predict per-worker memory and communication for one run.
 
@@ -202,6 +202,7 @@ def plan(
         grad_batch: sequences per forward/backward of the gradient pass
             (``backend.grad_batch_size``): one parameter gather and one statistic
             reduce-scatter serve all of them.
+        reconstruct: ``pruning.reconstruct``; anything but ``none`` keeps ``sum x x^T`` like SparseGPT.
 
     Returns:
         The :class:`Plan`.
@@ -215,13 +216,14 @@ def plan(
         if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
             raise ValueError(f"{name} must be a positive integer, got {val!r}")
     kinds = grad_kinds_for(method, norm)
+    xtx = method == "sparsegpt" or reconstruct != "none"
     s = ModelShape.from_config(model_config)
     w, total, block, block_lin = workers, s.total_params(), s.block_params(), s.block_linear_params()
     linear_params = s.layers * block_lin
     ring = (w - 1) / w  # ring all-gather / reduce-scatter: each worker moves (W-1)/W of the tensor
     stats = {k: math.ceil(linear_params * FP32 / w) for k in kinds}
     calib = math.ceil(num_samples / w) * seq_len * s.hidden * FP32 * 2
-    largest = block * FP32 + len(kinds) * block_lin * FP32 + (s.xtx_bytes() if method == "sparsegpt" else 0)
+    largest = block * FP32 + len(kinds) * block_lin * FP32 + (s.xtx_bytes() if xtx else 0)
     grad_pass = comm_seq = 0
     if kinds:
         per_token = 8 * s.hidden + 4 * s.intermediate  # saved activations of one block, rough (no checkpointing)
@@ -230,8 +232,8 @@ def plan(
         acts = s.layers * tokens * per_token * dtype_bytes + tokens * s.hidden * FP32 + LOSS_CHUNK_ELEMENTS * FP32
         grad_pass = 2 * block * dtype_bytes + acts
         comm_seq = round(ring * (2 * total * dtype_bytes + len(kinds) * linear_params * FP32) / grad_batch)
-    act_stats = sum(FP32 * i + (FP32 * i * i if method == "sparsegpt" else 0) for _, i in s.block_linears().values())
-    act_allreduce = 2 * ring * act_stats * s.layers if method != "magnitude" else 0
+    act_stats = sum(FP32 * i + (FP32 * i * i if xtx else 0) for _, i in s.block_linears().values())
+    act_allreduce = 2 * ring * act_stats * s.layers if method != "magnitude" or xtx else 0
     return Plan(
         workers=w, method=method, grad_kinds=kinds, total_params=total,
         param_bytes=math.ceil(total * dtype_bytes / w), grad_stat_bytes=stats, calib_bytes=calib,
@@ -243,12 +245,13 @@ def plan(
 def min_workers(
     model_config: Any, gpu_bytes: int, *, safety_factor: float = 1.2, method: str = "gblm", norm: str = "l1",
     num_samples: int = 128, seq_len: int = 2048, dtype_bytes: int = 2, grad_batch: int = 4, max_workers: int = 4096,
+    reconstruct: str = "none",
 ) -> int:
     """Smallest ``W`` whose predicted peak, times ``safety_factor``, fits in ``gpu_bytes``.
 
     Args:
         model_config: as for :func:`plan` (so are ``method``, ``norm``, ``num_samples``,
-            ``seq_len``, ``dtype_bytes`` and ``grad_batch``).
+            ``seq_len``, ``dtype_bytes``, ``grad_batch`` and ``reconstruct``).
         gpu_bytes: memory of one GPU in bytes.
         safety_factor: multiplier (>= 1) on the predicted peak to leave headroom.
         max_workers: search limit.
@@ -265,7 +268,7 @@ def min_workers(
 
     def fits(w: int) -> bool:
         p = plan(model_config, workers=w, method=method, norm=norm, num_samples=num_samples,
-                 seq_len=seq_len, dtype_bytes=dtype_bytes, grad_batch=grad_batch)
+                 seq_len=seq_len, dtype_bytes=dtype_bytes, grad_batch=grad_batch, reconstruct=reconstruct)
         return p.peak_bytes * safety_factor <= gpu_bytes
 
     if not fits(max_workers):

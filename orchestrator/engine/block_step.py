@@ -31,6 +31,7 @@ from orchestrator.engine.blocks import block_linears, collect_inputs, forward_al
 from orchestrator.engine.device import Placement
 from orchestrator.inputs.config import PruningConfig
 from orchestrator.pruning.methods import LayerPruneResult, needs_xtx, prune_weight
+from orchestrator.pruning.reconstruct import reconstruct
 from orchestrator.pruning.stats import ActivationStats
 
 #: in-place SUM of a tensor over all ranks (identity in one process)
@@ -90,8 +91,8 @@ class StepResult:
 
 
 def uses_activations(cfg: PruningConfig) -> bool:
-    """Whether the method runs forwards at all (magnitude needs no data)."""
-    return cfg.method != "magnitude"
+    """Whether the step runs forwards at all (magnitude without reconstruction needs no data)."""
+    return cfg.method != "magnitude" or cfg.reconstruct != "none"
 
 
 def reduce_stats(stats: dict[str, ActivationStats], reduce: Reduce) -> None:
@@ -107,11 +108,15 @@ def reduce_stats(stats: dict[str, ActivationStats], reduce: Reduce) -> None:
 
 def prune_linears(linears: dict[str, nn.Linear], stats: dict[str, ActivationStats] | None, grads: GradLookup,
                   cfg: PruningConfig) -> dict[str, LayerPruneResult]:
-    """Prune every linear of one block in place with the configured method.
+    """Prune every linear of one block in place with the configured method (then reconstruct).
+
+    With ``cfg.reconstruct == "layer"`` the kept weights of each linear are re-solved from the
+    dense weight, the method's mask and the statistics' ``sum x x^T``
+    (:func:`~orchestrator.pruning.reconstruct.reconstruct`).
 
     Args:
         linears: local name -> linear layer (weights are overwritten).
-        stats: local name -> input statistics (None for magnitude).
+        stats: local name -> input statistics (None for magnitude without reconstruction).
         grads: local name -> GBLM gradient statistic (or None).
         cfg: pruning options.
     """
@@ -122,9 +127,13 @@ def prune_linears(linears: dict[str, nn.Linear], stats: dict[str, ActivationStat
             lin.weight.data, cfg.method, cfg.target_sparsity, cfg.nm,
             act=None if stats is None else stats[name],
             grad=None if grad is None else grad.to(lin.weight.device),
-            alpha=cfg.gblm.alpha, norm=cfg.gblm.norm, grad_scale=cfg.gblm.grad_scale,
+            alpha=cfg.gblm.effective_alpha, norm=cfg.gblm.norm, grad_scale=cfg.gblm.grad_scale,
+            weighting=cfg.gblm.weighting,
             blocksize=cfg.sparsegpt.blocksize, percdamp=cfg.sparsegpt.percdamp, name=name,
         )
+        if cfg.reconstruct == "layer" and stats is not None:
+            res.weight = reconstruct(lin.weight.data, res.mask, stats[name].xtx, cfg.lstsq.solver,
+                                     cfg.lstsq.percdamp, cfg.lstsq.iters)
         lin.weight.data.copy_(res.weight)
         results[name] = res
     return results
@@ -154,7 +163,7 @@ def block_step(block: nn.Module, hidden: torch.Tensor | None, kwargs: dict, ctx:
     linears = block_linears(block)
     stats = dense_out = None
     if active and replay is None:
-        with collect_inputs(linears, needs_xtx(cfg.method)) as stats:
+        with collect_inputs(linears, needs_xtx(cfg.method, cfg.reconstruct)) as stats:
             dense_out = forward_all(block, hidden, kwargs, ctx.place)  # (n, L, H)
         reduce_stats(stats, ctx.reduce)
     elif active and not cfg.sequential:

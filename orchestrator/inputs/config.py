@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 Method = Literal["magnitude", "wanda", "sparsegpt", "gblm"]
 Pattern = Literal["unstructured", "2:4", "4:8"]
+Reconstruct = Literal["none", "layer"]
 DType = Literal["float32", "bfloat16", "float16"]
 METHODS: tuple[str, ...] = typing.get_args(Method)
 PATTERNS: tuple[str, ...] = typing.get_args(Pattern)
@@ -113,9 +114,18 @@ class CalibrationConfig:
 class GblmConfig:
     """GBLM-Pruner options (METHODS.md section 2)."""
 
-    alpha: float = opt(100.0, ge=0, help="weight of the gradient term (on raw gradients)")
+    alpha: float = opt(100.0, ge=0, help="weight of the gradient term (on raw gradients; `weighting: raw`)")
     norm: Literal["l1", "l2"] = opt("l1", help="`l1`: p = 1 (`sum |g|`), `l2`: p = 2 (`sqrt(sum g^2)`)")
     grad_scale: float = opt(100.0, gt=0, help="factor gradients are summed with (as the published code); divided out")
+    weighting: Literal["raw", "normalized"] = opt(
+        "raw", help="`raw`: the paper's terms and `alpha`; `normalized`: both terms mean 1 per layer, weighed by "
+                    "`relative_alpha` (the same for any N, gradient scale or model)")
+    relative_alpha: float = opt(1.0, ge=0, help="weight of the mean-1 gradient term (`weighting: normalized`)")
+
+    @property
+    def effective_alpha(self) -> float:
+        """The gradient term's weight under the configured weighting."""
+        return self.alpha if self.weighting == "raw" else self.relative_alpha
 
 
 @dataclass
@@ -124,6 +134,15 @@ class SparseGptConfig:
 
     blocksize: int = opt(128, gt=0, help="columns per lazy-update block")
     percdamp: float = opt(0.01, gt=0, help="damping as a fraction of mean(diag H)")
+
+
+@dataclass
+class LstsqConfig:
+    """The least-squares re-solve of kept weights (``pruning.reconstruct: layer``, METHODS.md section 2)."""
+
+    solver: Literal["cg", "exact"] = opt("cg", help="`cg`: all rows at once, iterative; `exact`: Cholesky per row")
+    iters: int = opt(30, gt=0, help="conjugate-gradient iterations")
+    percdamp: float = opt(0.01, gt=0, help="damping as a fraction of mean(diag X^T X)")
 
 
 @dataclass
@@ -136,6 +155,9 @@ class PruningConfig:
                            help="`unstructured`, `2:4`, `4:8` (N:M implies sparsity N/M)")
     sequential: bool = opt(True, help="re-forward each pruned block to produce the next block's inputs")
     sweep: list[float] = opt(factory=list, help="several sparsities from one statistics pass, e.g. `[0.3, 0.5, 0.7]`")
+    reconstruct: Reconstruct = opt("none", help="`layer`: re-solve each layer's kept weights to match its dense "
+                                               "output on the calibration inputs (any method)")
+    lstsq: LstsqConfig = field(default_factory=LstsqConfig)
     gblm: GblmConfig = field(default_factory=GblmConfig)
     sparsegpt: SparseGptConfig = field(default_factory=SparseGptConfig)
 

@@ -32,9 +32,9 @@ def needs_activations(method: str) -> bool:
     return method in ("wanda", "gblm", "sparsegpt")
 
 
-def needs_xtx(method: str) -> bool:
-    """Whether ``method`` needs ``sum x x^T`` (SparseGPT's Hessian)."""
-    return method == "sparsegpt"
+def needs_xtx(method: str, reconstruct: str = "none") -> bool:
+    """Whether ``method`` (or the reconstruction after its mask) needs ``sum x x^T``."""
+    return method == "sparsegpt" or reconstruct != "none"
 
 
 def gradient_kinds(method: str, norm: str = "l1") -> tuple[str, ...]:
@@ -54,6 +54,7 @@ def prune_weight(
     alpha: float = 100.0,
     norm: str = "l1",
     grad_scale: float = 1.0,
+    weighting: str = "raw",
     blocksize: int = 128,
     percdamp: float = 0.01,
     name: str = "layer",
@@ -70,6 +71,7 @@ def prune_weight(
         alpha: GBLM's alpha.
         norm: GBLM's gradient norm.
         grad_scale: factor the gradient statistics were accumulated with.
+        weighting: GBLM's ``raw`` or scale-free ``normalized`` terms (alpha is then relative).
         blocksize: SparseGPT column block.
         percdamp: SparseGPT damping.
         name: layer name for messages.
@@ -93,7 +95,7 @@ def prune_weight(
     elif method == "gblm":
         if act is None or grad is None:
             raise ValueError(f"{name}: gblm needs activation and gradient statistics")
-        score = gblm_score(weight, act.input_norm(), grad, alpha, norm, grad_scale)
+        score = gblm_score(weight, act.input_norm(), grad, alpha, norm, grad_scale, weighting)
         mask = build_mask(score, sparsity, nm)
     else:
         raise ValueError(f"unknown pruning method {method!r}")

@@ -30,8 +30,14 @@ def gblm_score(
     alpha: float,
     norm: str = "l1",
     grad_scale: float = 1.0,
+    weighting: str = "raw",
 ) -> torch.Tensor:
     """GBLM-Pruner: ``|W_ij| * (sqrt(act_sq_j / N) + alpha * G_ij / grad_scale)``.
+
+    With ``weighting="normalized"`` both terms are first divided by their mean over the layer,
+    ``|W_ij| * (a_j / mean(a) + alpha * G_ij / mean(G))``: ``alpha`` is then the weight of the
+    gradient term relative to the activation term, the same for any sample count ``N``, any
+    ``grad_scale`` and any model (``G`` grows with ``N``; ``a`` does not).
 
     ``alpha`` weighs raw per-sequence gradients, as in the paper. The statistics may
     have been accumulated from gradients multiplied by ``grad_scale`` (the published code
@@ -47,14 +53,22 @@ def gblm_score(
         alpha: weight of the gradient term (100 in the paper).
         norm: ``"l1"`` (p = 1) or ``"l2"`` (p = 2).
         grad_scale: factor the gradients were multiplied by before folding.
+        weighting: ``raw`` (the paper's) or ``normalized`` (scale-free, see above).
 
     Returns:
         ``(out, in)`` fp32 scores.
     """
+    if weighting not in ("raw", "normalized"):
+        raise ValueError(f"weighting must be 'raw' or 'normalized', got {weighting!r}")
     if norm == "l1":
         g = grad_stat.float()
     elif norm == "l2":
         g = grad_stat.float().sqrt()
     else:
         raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
-    return weight.detach().float().abs() * (input_norm.float().unsqueeze(0) + (alpha / grad_scale) * g)
+    a = input_norm.float()  # (in,)
+    if weighting == "normalized":
+        a = a / a.mean().clamp_min(1e-30)
+        g = g / g.mean().clamp_min(1e-30)
+        return weight.detach().float().abs() * (a.unsqueeze(0) + alpha * g)
+    return weight.detach().float().abs() * (a.unsqueeze(0) + (alpha / grad_scale) * g)

@@ -192,7 +192,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     pr = cfg.pruning
     kw = dict(method=pr.method, norm=pr.gblm.norm, num_samples=cfg.calibration.num_samples,
               seq_len=cfg.calibration.seq_len, dtype_bytes=4 if cfg.model.dtype == "float32" else 2,
-              grad_batch=cfg.backend.grad_batch_size)
+              grad_batch=cfg.backend.grad_batch_size, reconstruct=pr.reconstruct)
     try:
         need = min_workers(model_config, int(ns.gpu_mem * 2**30), **kw)
     except ValueError as exc:

@@ -119,6 +119,32 @@ def test_ray_matches_local(setup, groups, method, pattern):
             assert m["peak_rss_bytes"] > 0 and m["model_state_bytes"] > 0
 
 
+@pytest.mark.parametrize("method,pattern,options", [
+    ("wanda", "unstructured", {"reconstruct": "layer"}),
+    ("magnitude", "4:8", {"reconstruct": "layer", "lstsq.solver": "exact"}),
+    ("gblm", "2:4", {"reconstruct": "layer", "gblm.weighting": "normalized", "gblm.relative_alpha": 0.5}),
+], ids=["wanda-layer", "magnitude-layer-exact", "gblm-normalized-layer"])
+def test_ray_matches_local_with_quality_options(setup, groups, method, pattern, options):
+    """Reconstruction and the scale-free gradient weighting run the same on Ray as in one process."""
+    from orchestrator.inputs.loader import config_from_dict
+
+    path, calib, held_out = setup
+    cfg = config_from_dict(make_cfg(method, pattern).to_dict(), [f"pruning.{k}={v}" for k, v in options.items()])
+    local_model, local = _local(cfg, path, calib)
+    local_ppl = perplexity(local_model, held_out)
+    local_weights = dict(local_model.named_parameters())
+    for workers, group in groups.items():
+        res = run_ray(cfg, path, calib, progress=False, group=group)
+        same = sum(int((res.outcome.masks[k] == local.masks[k]).sum()) for k in local.masks)
+        total = sum(m.numel() for m in local.masks.values())
+        assert same / total >= 0.999, f"{workers} workers: masks agree on {same / total:.5f}"
+        for name, w in res.weights.items():  # the re-solved kept weights themselves, not only the masks
+            ref = local_weights[name].detach()
+            assert float((w - ref).norm() / ref.norm()) < 1e-2, (workers, name)
+        ppl = perplexity(_with_weights(path, cfg, res.weights), held_out)
+        assert abs(ppl - local_ppl) / local_ppl < 0.005, (workers, ppl, local_ppl)
+
+
 @pytest.mark.parametrize("norm,kind", [("l1", "abs"), ("l2", "sq")])
 def test_grad_stats_sharded_and_equal_to_single_process(setup, groups, norm, kind):
     path, calib, _ = setup

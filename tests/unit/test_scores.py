@@ -128,3 +128,42 @@ def test_gblm_grad_scale_cancels_the_accumulation_scale(norm: str) -> None:
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     published = w.abs() * st.input_norm() + w.abs() * (scaled[kind] if norm == "l1" else scaled[kind].sqrt())
     torch.testing.assert_close(b, published, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_normalized_weighting_gives_the_same_masks_when_n_doubles(norm: str) -> None:
+    """Scale-free GBLM: the same sequences twice (2N) and any grad_scale give N's masks; raw weighting does not."""
+    from orchestrator.pruning import GradientStats
+    from orchestrator.pruning.methods import prune_weight
+
+    w, x, _ = _layer(seed=7, out=16, inp=32, n=4, seq=6)
+    kind = "abs" if norm == "l1" else "sq"
+    grads = [torch.randn(w.shape, generator=_gen(70 + k)) * 1e-2 for k in range(x.shape[0])]
+
+    def masks(copies: int, scale: float, weighting: str, alpha: float) -> torch.Tensor:
+        st = ActivationStats(w.shape[1])
+        gs = GradientStats(tuple(w.shape), kinds=(kind,), scale=scale)
+        for _ in range(copies):
+            st.update(x)
+            for g in grads:
+                gs.update(g)
+        return prune_weight(w, "gblm", 0.5, None, act=st, grad=gs[kind], alpha=alpha, norm=norm,
+                            grad_scale=1.0, weighting=weighting).mask
+
+    base = masks(1, 1.0, "normalized", 1.0)
+    assert torch.equal(masks(2, 1.0, "normalized", 1.0), base)
+    assert torch.equal(masks(1, 100.0, "normalized", 1.0), base)
+    assert not torch.equal(masks(2, 1.0, "raw", 100.0), masks(1, 1.0, "raw", 100.0))  # raw alpha depends on N
+
+
+def test_normalized_weighting_is_a_per_layer_alpha() -> None:
+    """``normalized`` equals raw GBLM with ``alpha = relative_alpha * mean(a) / mean(G)`` up to a positive factor."""
+    w, x, grad = _layer(seed=9)
+    st = ActivationStats(w.shape[1])
+    st.update(x)
+    a = st.input_norm()
+    got = gblm_score(w, a, grad, 0.5, "l1", weighting="normalized")
+    ref = gblm_score(w, a, grad, 0.5 * float(a.mean() / grad.mean()), "l1") / a.mean()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="weighting"):
+        gblm_score(w, a, grad, 1.0, "l1", weighting="log")

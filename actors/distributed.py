@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from actors.checkpoint import CheckpointStore
 from actors.group import ActorGroup, GroupSpec
 from actors.worker import PruneWorker
-from orchestrator.engine.block_step import uses_activations
+from orchestrator.engine.block_step import block_configs, uses_activations
 from orchestrator.engine.local import PruneOutcome
 from orchestrator.inputs.config import RunConfig
 from orchestrator.pruning.methods import gradient_kinds
@@ -331,20 +331,26 @@ def _block_pass(group: ActorGroup, cfg: RunConfig, progress: bool, store: Checkp
     if uses_activations(pcfg):
         group.execute("capture")
     blocks = group.execute_single(0, "num_blocks")
+    probes = None
+    if pcfg.allocation == "owl":
+        probes = [group.execute("probe_block", i, cfg.backend.forward_dtype, pcfg.owl.threshold)[SCORER]
+                  for i in tqdm(range(blocks), desc=f"OWL probe (ray x{group.workers})", disable=not progress)]
+        group.execute("restart_hidden")
+    cfgs = block_configs(pcfg, probes, blocks)
     kinds = gradient_kinds(pcfg.method, pcfg.gblm.norm)
     grad_kind = kinds[0] if kinds else None
     done = store.blocks_done if store is not None else 0
     for i in tqdm(range(blocks), desc=f"{pcfg.method} blocks (ray x{group.workers})", disable=not progress):
         if i < done:
             masks, w, rows = store.load_block(i)
-            group.execute("replay_block", i, w, pcfg, cfg.backend.forward_dtype)
+            group.execute("replay_block", i, w, cfgs[i], cfg.backend.forward_dtype)
             res = {"masks": masks, "weights": w, "rows": rows}
         else:
             if faults is not None and faults.take("kill_at_block", i):
                 ray.kill(group.actors[-1])
             if faults is not None and faults.take("hang_at_block", i):
                 group.actors[-1].hang.remote(faults.hang_seconds)
-            res = group.execute("prune_block", i, pcfg, cfg.backend.forward_dtype, grad_kind, SCORER)[SCORER]
+            res = group.execute("prune_block", i, cfgs[i], cfg.backend.forward_dtype, grad_kind, SCORER)[SCORER]
             if store is not None:
                 store.save_block(i, res["masks"], res["weights"], res["rows"])
         out.masks.update(res["masks"])

@@ -271,6 +271,20 @@ class PruneWorker(GroupMember):
         grads = {n: self.grads.gather_to(f, grad_kind, scorer) for n, f in full.items()} if grad_kind else {}
         return zblock, block, full, grads
 
+    def probe_block(self, index: int, forward_dtype: str, threshold: float) -> tuple[int, int]:
+        """OWL's outlier count of dense block ``index`` over all ranks' inputs (collective); advances
+        the hidden states with the dense outputs (:meth:`restart_hidden` goes back for the block pass)."""
+        import torch.distributed as dist
+
+        from orchestrator.engine.block_step import probe_step
+
+        _, block, _, _ = self._open_block(index, None, 0)
+        probe = probe_step(block, self.hidden, self.kwargs, Placement.of(self.device, forward_dtype), threshold,
+                           reduce=dist.all_reduce)
+        self.hidden = probe.hidden
+        del block
+        return probe.outliers, probe.total
+
     def prune_block(self, index: int, pcfg: Any, forward_dtype: str, grad_kind: str | None,
                     scorer: int = 0, write_back: bool = True) -> dict | None:
         """Prune block ``index`` with :func:`~orchestrator.engine.block_step.block_step` (collective).

@@ -21,6 +21,8 @@ the collectives behind ``reduce``/``share`` and the write-back.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,8 +33,12 @@ from orchestrator.engine.blocks import block_linears, collect_inputs, forward_al
 from orchestrator.engine.device import Placement
 from orchestrator.inputs.config import PruningConfig
 from orchestrator.pruning.methods import LayerPruneResult, needs_xtx, prune_weight
+from orchestrator.pruning.owl import outlier_counts, owl_sparsities
 from orchestrator.pruning.reconstruct import reconstruct
+from orchestrator.pruning.scores import wanda_score
 from orchestrator.pruning.stats import ActivationStats
+
+log = logging.getLogger(__name__)
 
 #: in-place SUM of a tensor over all ranks (identity in one process)
 Reduce = Callable[[torch.Tensor], None]
@@ -91,8 +97,62 @@ class StepResult:
 
 
 def uses_activations(cfg: PruningConfig) -> bool:
-    """Whether the step runs forwards at all (magnitude without reconstruction needs no data)."""
-    return cfg.method != "magnitude" or cfg.reconstruct != "none"
+    """Whether the pass runs forwards at all (plain magnitude pruning needs no data)."""
+    return cfg.method != "magnitude" or cfg.reconstruct != "none" or cfg.allocation != "uniform"
+
+
+@dataclass
+class Probe:
+    """What the OWL probe of one dense block found.
+
+    Attributes:
+        outliers: Wanda scores above ``threshold`` times the block's mean score.
+        total: scores of the block (its prunable parameters).
+        hidden: ``(n, L, H)`` the dense block's outputs (the next block's probe inputs).
+    """
+
+    outliers: int
+    total: int
+    hidden: torch.Tensor
+
+
+def probe_step(block: nn.Module, hidden: torch.Tensor, kwargs: dict, place: Placement, threshold: float,
+               reduce: Reduce = no_reduce) -> Probe:
+    """Count one dense block's outliers (OWL) from all ranks' input norms and advance the hidden states.
+
+    Args:
+        block: a plain, unpruned block on ``place.device`` (left unchanged).
+        hidden: ``(n, L, H)`` this process's inputs of the block.
+        kwargs: the block's keyword arguments.
+        place: device and autocast dtype of the forward.
+        threshold: OWL's ``M``.
+        reduce: SUM of a statistic over all ranks.
+    """
+    linears = block_linears(block)
+    with collect_inputs(linears, False) as stats:
+        out = forward_all(block, hidden, kwargs, place)  # (n, L, H)
+    reduce_stats(stats, reduce)
+    scores = [wanda_score(lin.weight.data, stats[n].input_norm()) for n, lin in linears.items()]
+    outliers, total = outlier_counts(scores, threshold)
+    return Probe(outliers, total, out)
+
+
+def block_configs(cfg: PruningConfig, probes: list[tuple[int, int]] | None, blocks: int) -> list[PruningConfig]:
+    """The pruning config of every block: ``cfg`` itself, or (OWL) ``cfg`` at the block's sparsity.
+
+    Args:
+        cfg: the run's pruning options.
+        probes: ``(outliers, total)`` per block from :func:`probe_step` (OWL only).
+        blocks: number of decoder blocks.
+    """
+    if cfg.allocation == "uniform":
+        return [cfg] * blocks
+    if probes is None or len(probes) != blocks:
+        raise ValueError(f"OWL allocation needs one probe per block ({blocks}), got {probes!r}")
+    ratios = [o / max(t, 1) for o, t in probes]
+    sparsities = owl_sparsities(ratios, cfg.target_sparsity, cfg.owl.lam, [t for _, t in probes])
+    log.info("OWL sparsity per block: %s", ", ".join(f"{s:.3f}" for s in sparsities))
+    return [dataclasses.replace(cfg, sparsity=s) for s in sparsities]
 
 
 def reduce_stats(stats: dict[str, ActivationStats], reduce: Reduce) -> None:

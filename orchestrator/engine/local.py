@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from orchestrator.engine.block_step import StepContext, block_step, uses_activations
+from orchestrator.engine.block_step import StepContext, block_configs, block_step, probe_step, uses_activations
 from orchestrator.engine.blocks import CPU, block_linears, block_prefix, capture_block_inputs, decoder_blocks
 from orchestrator.engine.device import Placement
 from orchestrator.inputs.config import PruningConfig
@@ -142,8 +142,17 @@ def block_sequential(model: nn.Module, input_ids: torch.Tensor, cfg: PruningConf
     prefix = block_prefix(model)
     hidden, kwargs = (capture_block_inputs(model, place.put(input_ids)) if uses_activations(cfg)
                       else (None, {}))  # (N, L, H)
-    for i, block in enumerate(tqdm(decoder_blocks(model), desc=f"{cfg.method} blocks", disable=not progress)):
-        ctx = StepContext(cfg, place, grads=block_grads(grads, kind, prefix, i))
+    blocks = decoder_blocks(model)
+    probes = None
+    if cfg.allocation == "owl":
+        probes, h = [], hidden
+        for block in tqdm(blocks, desc="OWL probe", disable=not progress):
+            probe = probe_step(block, h, kwargs, place, cfg.owl.threshold)
+            probes.append((probe.outliers, probe.total))
+            h = probe.hidden
+    cfgs = block_configs(cfg, probes, len(blocks))
+    for i, block in enumerate(tqdm(blocks, desc=f"{cfg.method} blocks", disable=not progress)):
+        ctx = StepContext(cfgs[i], place, grads=block_grads(grads, kind, prefix, i))
         step = block_step(block, hidden, kwargs, ctx)
         hidden = step.hidden
         add_results(out, prefix, i, step.results[0])

@@ -146,6 +146,14 @@ class LstsqConfig:
 
 
 @dataclass
+class OwlConfig:
+    """Outlier-weighted layer-wise sparsity (``pruning.allocation: owl``, METHODS.md section 2)."""
+
+    threshold: float = opt(5.0, gt=0, help="a Wanda score above this many times its block's mean is an outlier (M)")
+    lam: float = opt(0.08, ge=0, lt=0.5, help="blocks' sparsities spread over at most 2 * lam around the target")
+
+
+@dataclass
 class PruningConfig:
     """What to prune and how."""
 
@@ -158,6 +166,9 @@ class PruningConfig:
     reconstruct: Reconstruct = opt("none", help="`layer`: re-solve each layer's kept weights to match its dense "
                                                "output on the calibration inputs (any method)")
     lstsq: LstsqConfig = field(default_factory=LstsqConfig)
+    allocation: Literal["uniform", "owl"] = opt("uniform", help="per-block sparsity: the same everywhere, or by "
+                                                                "outlier share (OWL; unstructured, mean = target)")
+    owl: OwlConfig = field(default_factory=OwlConfig)
     gblm: GblmConfig = field(default_factory=GblmConfig)
     sparsegpt: SparseGptConfig = field(default_factory=SparseGptConfig)
 

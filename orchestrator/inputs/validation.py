@@ -22,6 +22,11 @@ def validate(cfg: Any) -> list[str]:
         if abs(pr.sparsity - n / m) > 1e-9:
             p.append(f"pruning.sparsity: {pr.sparsity!r} contradicts pattern {pr.pattern} (implies {n / m})")
     p.extend(_sweep_problems(cfg))
+    if pr.allocation == "owl" and pr.nm is not None:
+        p.append(f"pruning.allocation: owl needs pattern unstructured (N:M fixes every block's sparsity), "
+                 f"got {pr.pattern!r}")
+    if pr.allocation == "owl" and pr.sweep:
+        p.append("pruning.allocation: owl is not available with pruning.sweep yet")
     if not e.speed_batch_sizes or any(x < 1 for x in e.speed_batch_sizes):
         p.append(f"eval.speed_batch_sizes: must be positive integers, got {e.speed_batch_sizes!r}")
     return p

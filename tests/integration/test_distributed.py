@@ -123,9 +123,10 @@ def test_ray_matches_local(setup, groups, method, pattern):
     ("wanda", "unstructured", {"reconstruct": "layer"}),
     ("magnitude", "4:8", {"reconstruct": "layer", "lstsq.solver": "exact"}),
     ("gblm", "2:4", {"reconstruct": "layer", "gblm.weighting": "normalized", "gblm.relative_alpha": 0.5}),
-], ids=["wanda-layer", "magnitude-layer-exact", "gblm-normalized-layer"])
+    ("sparsegpt", "unstructured", {"allocation": "owl", "owl.threshold": 3, "reconstruct": "layer"}),
+], ids=["wanda-layer", "magnitude-layer-exact", "gblm-normalized-layer", "sparsegpt-owl-layer"])
 def test_ray_matches_local_with_quality_options(setup, groups, method, pattern, options):
-    """Reconstruction and the scale-free gradient weighting run the same on Ray as in one process."""
+    """Reconstruction, OWL allocation and the scale-free gradient weighting run the same on Ray as in one process."""
     from orchestrator.inputs.loader import config_from_dict
 
     path, calib, held_out = setup

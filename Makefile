@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rayprune-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-unit lint bench-quality bench-distributed clean
+.PHONY: setup run test test-unit lint bench-quality bench-distributed peer-venv clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,15 @@ lint: setup
 
 bench-quality: setup
 	$(PY) tests/benchmarks/quality.py --out bench-out/quality.json
+
+## llm-compressor for the quality benchmark's peer rows: its own venv (it pins an older transformers).
+peer-venv: .venv-peer/.installed
+
+.venv-peer/.installed:
+	test -x .venv-peer/bin/python || $(PYTHON) -m venv .venv-peer
+	.venv-peer/bin/python -m pip install -q torch==2.13.0
+	.venv-peer/bin/python -m pip install -q "llmcompressor==0.14.0.1" pyarrow
+	touch $@
 
 bench-distributed: setup
 	$(PY) tests/benchmarks/distributed.py --out bench-out/distributed.json

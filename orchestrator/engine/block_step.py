@@ -6,10 +6,14 @@ For decoder block ``i`` with inputs ``hidden`` (this process's sequences):
    :class:`~orchestrator.pruning.stats.ActivationStats` (fp32, on the placement's device);
 2. ``reduce`` every statistic (identity in one process, a SUM all-reduce across ranks), so each
    rank holds the statistics of all calibration sequences;
-3. score and prune every linear with the configured method (only where ``scorer`` is true: on
-   Ray only rank 0 scores; ``share`` then makes its weights everyone's);
+3. score and prune every linear with the configured method, then (``reconstruct: layer``)
+   re-solve its kept weights by least squares (only where ``scorer`` is true: on Ray only rank 0
+   scores; ``share`` then makes its weights everyone's);
 4. produce the next block's inputs: the pruned block's outputs (``sequential``) or the dense
    block's (otherwise).
+
+With ``allocation: owl`` a probe pass (:func:`probe_step`) first counts every dense block's
+outliers, and :func:`block_configs` gives each block its own sparsity.
 
 A resumed run *replays* a finished block instead (its checkpointed weights are written and the
 hidden states advanced exactly as the original step advanced them). Sweeps prune several
@@ -32,9 +36,8 @@ from torch import nn
 from orchestrator.engine.blocks import block_linears, collect_inputs, forward_all
 from orchestrator.engine.device import Placement
 from orchestrator.inputs.config import PruningConfig
-from orchestrator.pruning.methods import LayerPruneResult, needs_xtx, prune_weight
+from orchestrator.pruning.methods import LayerPruneResult, needs_xtx, prune_reconstructed, prune_weight
 from orchestrator.pruning.owl import outlier_counts, owl_sparsities
-from orchestrator.pruning.reconstruct import reconstruct
 from orchestrator.pruning.scores import wanda_score
 from orchestrator.pruning.stats import ActivationStats
 
@@ -172,7 +175,7 @@ def prune_linears(linears: dict[str, nn.Linear], stats: dict[str, ActivationStat
 
     With ``cfg.reconstruct == "layer"`` the kept weights of each linear are re-solved from the
     dense weight, the method's mask and the statistics' ``sum x x^T``
-    (:func:`~orchestrator.pruning.reconstruct.reconstruct`).
+    (:func:`~orchestrator.pruning.methods.prune_reconstructed`).
 
     Args:
         linears: local name -> linear layer (weights are overwritten).
@@ -183,17 +186,16 @@ def prune_linears(linears: dict[str, nn.Linear], stats: dict[str, ActivationStat
     results = {}
     for name, lin in linears.items():
         grad = grads(name)
-        res = prune_weight(
-            lin.weight.data, cfg.method, cfg.target_sparsity, cfg.nm,
-            act=None if stats is None else stats[name],
-            grad=None if grad is None else grad.to(lin.weight.device),
-            alpha=cfg.gblm.effective_alpha, norm=cfg.gblm.norm, grad_scale=cfg.gblm.grad_scale,
-            weighting=cfg.gblm.weighting,
-            blocksize=cfg.sparsegpt.blocksize, percdamp=cfg.sparsegpt.percdamp, name=name,
-        )
-        if cfg.reconstruct == "layer" and stats is not None:
-            res.weight = reconstruct(lin.weight.data, res.mask, stats[name].xtx, cfg.lstsq.solver,
-                                     cfg.lstsq.percdamp, cfg.lstsq.iters)
+        kw = dict(grad=None if grad is None else grad.to(lin.weight.device), alpha=cfg.gblm.effective_alpha,
+                  norm=cfg.gblm.norm, grad_scale=cfg.gblm.grad_scale, weighting=cfg.gblm.weighting,
+                  blocksize=cfg.sparsegpt.blocksize, percdamp=cfg.sparsegpt.percdamp, name=name)
+        act = None if stats is None else stats[name]
+        if cfg.reconstruct == "layer":
+            ls = cfg.lstsq
+            res = prune_reconstructed(lin.weight.data, cfg.method, cfg.target_sparsity, cfg.nm, act, ls.rounds,
+                                      ls.solver, ls.percdamp, ls.iters, **kw)
+        else:
+            res = prune_weight(lin.weight.data, cfg.method, cfg.target_sparsity, cfg.nm, act=act, **kw)
         lin.weight.data.copy_(res.weight)
         results[name] = res
     return results

@@ -143,6 +143,7 @@ class LstsqConfig:
     solver: Literal["cg", "exact"] = opt("cg", help="`cg`: all rows at once, iterative; `exact`: Cholesky per row")
     iters: int = opt(30, gt=0, help="conjugate-gradient iterations")
     percdamp: float = opt(0.01, gt=0, help="damping as a fraction of mean(diag X^T X)")
+    rounds: int = opt(1, gt=0, help="> 1: grow the mask in rounds, re-scoring the re-solved weights (not SparseGPT)")
 
 
 @dataclass

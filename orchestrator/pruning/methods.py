@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from orchestrator.pruning.masks import build_mask
+from orchestrator.pruning.masks import build_mask, nm_mask
+from orchestrator.pruning.reconstruct import reconstruct
 from orchestrator.pruning.scores import gblm_score, magnitude_score, wanda_score
 from orchestrator.pruning.sparsegpt import sparsegpt_prune
 from orchestrator.pruning.stats import ActivationStats
@@ -42,6 +45,23 @@ def gradient_kinds(method: str, norm: str = "l1") -> tuple[str, ...]:
     if method == "gblm":
         return ("abs",) if norm == "l1" else ("sq",)
     return ()
+
+
+def layer_score(weight: torch.Tensor, method: str, act: ActivationStats | None = None,
+                grad: torch.Tensor | None = None, alpha: float = 100.0, norm: str = "l1", grad_scale: float = 1.0,
+                weighting: str = "raw", name: str = "layer") -> torch.Tensor:
+    """The ``(out, in)`` importance score of ``weight`` under a score-based method (not SparseGPT)."""
+    if method == "magnitude":
+        return magnitude_score(weight)
+    if method == "wanda":
+        if act is None:
+            raise ValueError(f"{name}: wanda needs activation statistics")
+        return wanda_score(weight, act.input_norm())
+    if method == "gblm":
+        if act is None or grad is None:
+            raise ValueError(f"{name}: gblm needs activation and gradient statistics")
+        return gblm_score(weight, act.input_norm(), grad, alpha, norm, grad_scale, weighting)
+    raise ValueError(f"unknown pruning method {method!r}")
 
 
 def prune_weight(
@@ -84,22 +104,60 @@ def prune_weight(
             raise ValueError(f"{name}: sparsegpt needs activation statistics")
         new_w, mask = sparsegpt_prune(weight, act.hessian(), sparsity, nm, blocksize, percdamp, name)
         return LayerPruneResult(new_w, mask, float("nan"))
-    if method == "magnitude":
-        score = magnitude_score(weight)
-        mask = build_mask(score, sparsity, nm, per_row=False)
-    elif method == "wanda":
-        if act is None:
-            raise ValueError(f"{name}: wanda needs activation statistics")
-        score = wanda_score(weight, act.input_norm())
-        mask = build_mask(score, sparsity, nm)
-    elif method == "gblm":
-        if act is None or grad is None:
-            raise ValueError(f"{name}: gblm needs activation and gradient statistics")
-        score = gblm_score(weight, act.input_norm(), grad, alpha, norm, grad_scale, weighting)
-        mask = build_mask(score, sparsity, nm)
-    else:
-        raise ValueError(f"unknown pruning method {method!r}")
+    score = layer_score(weight, method, act, grad, alpha, norm, grad_scale, weighting, name)
+    mask = build_mask(score, sparsity, nm, per_row=method != "magnitude")
     new_w = weight.detach().clone()
     new_w.masked_fill_(mask, 0)
     kept = score[~mask]
     return LayerPruneResult(new_w, mask, float(kept.mean()) if kept.numel() else 0.0)
+
+
+def prune_reconstructed(
+    weight: torch.Tensor,
+    method: str,
+    sparsity: float,
+    nm: tuple[int, int] | None,
+    act: ActivationStats,
+    rounds: int = 1,
+    solver: str = "cg",
+    lstsq_damp: float = 0.01,
+    iters: int = 30,
+    **method_kw: Any,
+) -> LayerPruneResult:
+    """Prune one weight, then re-solve its kept weights by least squares (``reconstruct: layer``).
+
+    With ``rounds > 1`` (score-based methods) the mask grows gradually: round ``t`` of ``T`` prunes
+    to ``t/T`` of the target (N:M: ``ceil(n t / T)`` of every ``m``), scoring the weights the last
+    round reconstructed, with every weight pruned so far staying pruned; each round re-solves the
+    kept weights from the dense ones. SparseGPT picks its own mask in one round.
+
+    Args:
+        weight: the dense ``(out, in)`` weight (not modified).
+        method, sparsity, nm: as for :func:`prune_weight`.
+        act: the layer's input statistics, with ``xtx``.
+        rounds: mask-selection rounds ``T``.
+        solver, lstsq_damp, iters: the least-squares solver (:func:`~orchestrator.pruning.reconstruct.reconstruct`).
+        **method_kw: the rest of :func:`prune_weight`'s options (GBLM's gradient, alpha, ...).
+
+    Returns:
+        The reconstructed weight, its mask and the final round's score summary.
+    """
+    if act is None or act.xtx is None:
+        raise ValueError(f"{method_kw.get('name', 'layer')}: reconstruction needs activation statistics with xtx")
+    if method == "sparsegpt" or rounds <= 1:
+        res = prune_weight(weight, method, sparsity, nm, act=act, **method_kw)
+        res.weight = reconstruct(weight, res.mask, act.xtx, solver, lstsq_damp, iters)
+        return res
+    score_kw = {k: v for k, v in method_kw.items() if k in ("grad", "alpha", "norm", "grad_scale", "weighting", "name")}
+    current = weight
+    mask = torch.zeros_like(weight, dtype=torch.bool)
+    steps = range(1, (min(rounds, nm[0]) if nm is not None else rounds) + 1)
+    for t in steps:
+        score = layer_score(current, method, act, **score_kw).masked_fill(mask, float("-inf"))  # (out, in)
+        if nm is not None:
+            mask = nm_mask(score, math.ceil(nm[0] * t / len(steps)), nm[1])
+        else:
+            mask = build_mask(score, sparsity * t / len(steps), None, per_row=method != "magnitude")
+        current = reconstruct(weight, mask, act.xtx, solver, lstsq_damp, iters)
+    kept = score[~mask]
+    return LayerPruneResult(current, mask, float(kept.mean()) if kept.numel() else 0.0)

@@ -1,10 +1,17 @@
 """Quality benchmark (BENCHMARK.md protocol): methods x patterns on SmolLM2-135M.
 
 Prints a table and writes JSON to ``--out``:
-``{"dense_ppl", "rows": [{"method", "pattern", "sparsity", "ppl", "prune_s", "phases"}]}``.
+``{"dense_ppl", "dense_debian_cloze_acc", "rows": [{"method", "pattern", "options", "sparsity", "ppl",
+"debian_cloze_acc", "prune_s", "phases"}]}`` (cloze accuracy: the 200 examples of the builtin
+``debian_cloze`` task, log-likelihood, unnormalised).
+
+Rows are ``--methods`` x ``--patterns``, or the ``--rows`` given as
+``METHOD/PATTERN[/KEY=VALUE,KEY=VALUE...]`` (pruning keys, e.g. ``reconstruct=layer``); the
+gradient pass is shared by every row with the same gradient settings.
 
 Example:
     python tests/benchmarks/quality.py --out bench-out/quality.json --keep bench-out/ckpt
+    python tests/benchmarks/quality.py --out q.json --rows wanda/unstructured wanda/2:4/reconstruct=layer
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from orchestrator.coordinator import eval_windows, reached_sparsity
 from orchestrator.engine.device import Placement
 from orchestrator.engine.local import block_sequential, gradient_pass, pruned_weight_names
 from orchestrator.evaluation.perplexity import perplexity
+from orchestrator.evaluation.zeroshot import aggregate, load_task, score_examples, task_path
 from orchestrator.inputs.data import calibration_windows
 from orchestrator.inputs.loader import load_config
 from orchestrator.inputs.models import load_model, load_tokenizer, materialize
@@ -29,6 +37,9 @@ from orchestrator.pruning.methods import gradient_kinds
 
 log = logging.getLogger("bench.quality")
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[2]
+PEER_PYTHON = ROOT / ".venv-peer" / "bin" / "python"
+PEER = "llmc-"  # row methods run by llm-compressor in its own process
 
 
 def main() -> None:
@@ -38,7 +49,11 @@ def main() -> None:
     ap.add_argument("--keep", help="save each pruned checkpoint as DIR/<method>-<pattern>")
     ap.add_argument("--methods", default="magnitude,wanda,sparsegpt,gblm")
     ap.add_argument("--patterns", default="unstructured,2:4")
+    ap.add_argument("--rows", nargs="+", default=None, metavar="METHOD/PATTERN[/K=V,...]",
+                    help="explicit rows instead of --methods x --patterns")
     ap.add_argument("--data", default=str(DATA), help="folder with the two benchmark parquet files")
+    ap.add_argument("--peer-python", default=str(PEER_PYTHON),
+                    help="Python of the llm-compressor environment (rows `llmc-wanda/...`, `llmc-sparsegpt/...`)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("overrides", nargs="*",
                     help="extra KEY=VALUE config overrides (e.g. backend.forward_dtype=bfloat16)")
@@ -59,45 +74,121 @@ def main() -> None:
     calib = calibration_windows(cfg, path, tokenizer, dense)
     windows = eval_windows(cfg, tokenizer, dense)
     dense_ppl = perplexity(dense, windows, progress=False)
-    log.info("dense ppl %.3f (context %d)", dense_ppl, cfg.eval.seq_len)
+    cloze = load_task(task_path("debian_cloze"))
+
+    def cloze_acc(model: torch.nn.Module) -> float:
+        return aggregate(score_examples(model, tokenizer, cloze))["acc"]
+
+    dense_acc = cloze_acc(dense)
+    log.info("dense ppl %.3f (context %d), debian_cloze acc %.3f", dense_ppl, cfg.eval.seq_len, dense_acc)
     rows = []
-    for method in args.methods.split(","):
-        grads, grad_s = None, 0.0  # one gradient pass per method, shared by its patterns
-        for pattern in args.patterns.split(","):
-            run = load_config(None, base + args.overrides + [f"pruning.method={method}", f"pruning.pattern={pattern}"])
-            kinds = gradient_kinds(method, run.pruning.gblm.norm)
-            if kinds and grads is None:
-                t0 = time.perf_counter()
-                grads = gradient_pass(copy.deepcopy(dense), calib, kinds, run.pruning.gblm.grad_scale, progress=False)
-                grad_s = time.perf_counter() - t0
-            model = copy.deepcopy(dense)
-            t0 = time.perf_counter()
-            outcome = block_sequential(model, calib, run.pruning, grads, Placement.of("cpu", run.backend.forward_dtype),
-                                       progress=False)
-            block_s = time.perf_counter() - t0
-            outcome.phases = {**({"gradient_pass": grad_s} if kinds else {}), "block_pass": block_s}
-            prune_s = grad_s + block_s if kinds else block_s
-            frac, _, _ = reached_sparsity(model, pruned_weight_names(model))
-            ppl = perplexity(model, windows, progress=False)
-            row = {"method": method, "pattern": pattern, "sparsity": round(frac, 6), "ppl": ppl,
-                   "prune_s": round(prune_s, 2), "phases": {k: round(v, 2) for k, v in outcome.phases.items()}}
+    grad_cache: dict[tuple, tuple[dict, float]] = {}  # one gradient pass per gradient setting, shared by rows
+    for method, pattern, options in row_specs(args):
+        if method.startswith(PEER):
+            row = peer_row(args, method, pattern, options, path, calib, dense)
+            if "skipped" not in row:
+                model = row.pop("model")
+                row.update(ppl=perplexity(model, windows, progress=False), debian_cloze_acc=cloze_acc(model))
             rows.append(row)
             log.info("%s", row)
-            if args.keep:
-                target = Path(args.keep) / f"{method}-{pattern.replace(':', '_')}"
-                model.save_pretrained(target, safe_serialization=True)
-                tokenizer.save_pretrained(target)
-            del model
-    result = {"dense_ppl": dense_ppl, "eval_seq_len": cfg.eval.seq_len, "rows": rows}
+            continue
+        run = load_config(None, base + args.overrides + [f"pruning.method={method}", f"pruning.pattern={pattern}"]
+                          + [f"pruning.{k}={v}" for k, v in options.items()])
+        kinds = gradient_kinds(method, run.pruning.gblm.norm)
+        grads, grad_s = None, 0.0
+        if kinds:
+            key = (kinds, run.pruning.gblm.grad_scale)
+            if key not in grad_cache:
+                t0 = time.perf_counter()
+                g = gradient_pass(copy.deepcopy(dense), calib, kinds, run.pruning.gblm.grad_scale, progress=False)
+                grad_cache[key] = (g, time.perf_counter() - t0)
+            grads, grad_s = grad_cache[key]
+        model = copy.deepcopy(dense)
+        t0 = time.perf_counter()
+        outcome = block_sequential(model, calib, run.pruning, grads, Placement.of("cpu", run.backend.forward_dtype),
+                                   progress=False)
+        block_s = time.perf_counter() - t0
+        outcome.phases = {**({"gradient_pass": grad_s} if kinds else {}), "block_pass": block_s}
+        prune_s = grad_s + block_s if kinds else block_s
+        frac, _, _ = reached_sparsity(model, pruned_weight_names(model))
+        ppl = perplexity(model, windows, progress=False)
+        row = {"method": method, "pattern": pattern, "options": options, "sparsity": round(frac, 6), "ppl": ppl,
+               "debian_cloze_acc": cloze_acc(model),
+               "prune_s": round(prune_s, 2), "phases": {k: round(v, 2) for k, v in outcome.phases.items()}}
+        rows.append(row)
+        log.info("%s", row)
+        if args.keep:
+            suffix = "".join(f"-{k}_{v}" for k, v in options.items())
+            target = Path(args.keep) / f"{method}-{pattern.replace(':', '_')}{suffix}"
+            model.save_pretrained(target, safe_serialization=True)
+            tokenizer.save_pretrained(target)
+        del model
+    result = {"dense_ppl": dense_ppl, "dense_debian_cloze_acc": dense_acc, "eval_seq_len": cfg.eval.seq_len,
+              "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    header = f"{'method':<10} {'pattern':<13} {'sparsity':>8} {'ppl@512':>9} {'prune s':>8}"
-    lines = [header, "-" * len(header), f"{'dense':<10} {'-':<13} {0:>8.4f} {dense_ppl:>9.3f} {'-':>8}"]
+    header = (f"{'method':<10} {'pattern':<13} {'options':<40} {'sparsity':>8} {'ppl@512':>9} {'cloze':>6} "
+              f"{'prune s':>8}")
+    dense_line = f"{'dense':<10} {'-':<13} {'-':<40} {0:>8.4f} {dense_ppl:>9.3f} {dense_acc:>6.3f} {'-':>8}"
+    lines = [header, "-" * len(header), dense_line]
     for r in rows:
-        lines.append(
-            f"{r['method']:<10} {r['pattern']:<13} {r['sparsity']:>8.4f} {r['ppl']:>9.3f} {r['prune_s']:>8.1f}"
-        )
+        opts = ",".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
+        if "skipped" in r:
+            lines.append(f"{r['method']:<10} {r['pattern']:<13} {opts:<40} skipped: {r['skipped']}")
+            continue
+        lines.append(f"{r['method']:<10} {r['pattern']:<13} {opts:<40} {r['sparsity']:>8.4f} {r['ppl']:>9.3f} "
+                     f"{r['debian_cloze_acc']:>6.3f} {r['prune_s']:>8.1f}")
     print("\n".join(lines))  # noqa: T201 - the table is the script's output
+
+
+def peer_row(args: argparse.Namespace, method: str, pattern: str, options: dict[str, str], model_path: str,
+             calib: torch.Tensor, dense: torch.nn.Module) -> dict:
+    """One llm-compressor row: prune in the peer environment's process, load its weights into a copy of ``dense``.
+
+    Options: ``sparsity=F`` (unstructured) and ``allocation=owl`` (llm-compressor's OWL profile).
+    The row says ``skipped`` when the peer environment is missing or its run fails.
+    """
+    import subprocess
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    row: dict = {"method": method, "pattern": pattern, "options": options}
+    if not Path(args.peer_python).exists():
+        return {**row, "skipped": f"no llm-compressor environment at {args.peer_python} (make peer-venv)"}
+    sparsity = float(options.get("sparsity", 0.5))
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(calib, f"{tmp}/calib.pt")
+        cmd = [args.peer_python, str(Path(__file__).with_name("peer_llmcompressor.py")), "--model", model_path,
+               "--calib", f"{tmp}/calib.pt", "--method", method[len(PEER):], "--pattern", pattern,
+               "--sparsity", str(sparsity), "--threads", str(args.threads), "--out", f"{tmp}/w.safetensors"]
+        if options.get("allocation") == "owl":
+            cmd.append("--owl")
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode:
+            return {**row, "skipped": f"llm-compressor failed: {proc.stderr.strip().splitlines()[-1:]}"}
+        info = json.loads(proc.stdout.strip().splitlines()[-1])
+        weights = load_file(f"{tmp}/w.safetensors")
+    model = copy.deepcopy(dense)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, w in weights.items():
+            params[name].copy_(w)
+    frac, _, _ = reached_sparsity(model, pruned_weight_names(model))
+    return {**row, "sparsity": round(frac, 6), "prune_s": round(info["prune_s"], 2),
+            "phases": {"llmcompressor": round(info["prune_s"], 2)}, "peer_version": info["version"], "model": model}
+
+
+def row_specs(args: argparse.Namespace) -> list[tuple[str, str, dict[str, str]]]:
+    """``(method, pattern, pruning options)`` of every row to run."""
+    if not args.rows:
+        return [(m, p, {}) for m in args.methods.split(",") for p in args.patterns.split(",")]
+    specs = []
+    for spec in args.rows:
+        method, pattern, *opts = spec.split("/")
+        options = dict(kv.split("=", 1) for kv in ",".join(opts).split(",") if kv)
+        specs.append((method, pattern, options))
+    return specs
 
 
 if __name__ == "__main__":

@@ -81,11 +81,14 @@ def test_hung_collective_fails_within_timeout_then_resumes(setup, tmp_path):
     cfg = make_cfg()
     cfg.backend.max_retries = 0
     ckpt = tmp_path / "ckpt"
+    hang_s = 900.0
     t0 = time.perf_counter()
     with pytest.raises(RayPruneError, match="checkpoints kept in"):
         run_ray(cfg, path, calib, progress=False, checkpoint_dir=ckpt,
-                faults=Faults(hang_at_block=1, hang_seconds=300))
-    assert time.perf_counter() - t0 < 90  # startup + gradient pass + one block + the 6 s collective timeout
+                faults=Faults(hang_at_block=1, hang_seconds=hang_s))
+    # the run ended while the worker still slept: the collective timeout ended it, not the end of the
+    # hang (no bound tighter than the hang itself: on a loaded machine start-up alone can take minutes)
+    assert time.perf_counter() - t0 < hang_s
     assert json.loads((ckpt / "progress.json").read_text())["blocks_done"] == 1
     res = run_ray(cfg, path, calib, progress=False, checkpoint_dir=ckpt)  # the resume
     _same_masks(res.outcome.masks, reference.outcome.masks)

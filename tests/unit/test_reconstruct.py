@@ -123,3 +123,47 @@ def tiny_block():
     ids = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
     hidden, kwargs = capture_block_inputs(model, ids)
     return decoder_blocks(model)[0], hidden, kwargs
+
+
+def _wanda_stats(x: torch.Tensor):
+    from orchestrator.pruning.stats import ActivationStats
+
+    st = ActivationStats(x.shape[1], with_xtx=True)
+    st.update(x.unsqueeze(0))
+    return st
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4), (4, 8)])
+def test_gradual_rounds_match_a_plain_loop(nm):
+    """``rounds: T`` grows the mask over T rounds of Wanda scores on the re-solved weights; a plain loop agrees."""
+    from orchestrator.pruning.masks import nm_mask, row_mask
+    from orchestrator.pruning.methods import prune_reconstructed
+
+    x, w, _ = _layer(out=8, inp=16, correlated=True, seed=4)
+    st = _wanda_stats(x)
+    norm = st.input_norm()
+    res = prune_reconstructed(w, "wanda", 0.5, nm, st, rounds=2, solver="exact")
+    mask, cur = torch.zeros_like(w, dtype=torch.bool), w
+    for t in (1, 2):
+        score = (cur.abs() * norm).masked_fill(mask, float("-inf"))
+        new = nm_mask(score, nm[0] * t // 2, nm[1]) if nm else row_mask(score, 0.5 * t / 2)
+        assert bool(new[mask].all())  # what was pruned stays pruned
+        mask, cur = new, reconstruct_exact(w, new, st.xtx)
+    assert torch.equal(res.mask, mask)
+    torch.testing.assert_close(res.weight, cur)
+    if nm:
+        assert bool((res.mask.reshape(8, -1, nm[1]).sum(2) == nm[0]).all())
+    else:
+        assert bool((res.mask.sum(1) == 8).all())
+    one = prune_reconstructed(w, "wanda", 0.5, nm, st, rounds=1, solver="exact")
+    assert not torch.equal(one.mask, res.mask)  # the rounds change the mask
+
+
+def test_reconstruction_needs_xtx():
+    from orchestrator.pruning.methods import prune_reconstructed
+    from orchestrator.pruning.stats import ActivationStats
+
+    st = ActivationStats(4)
+    st.update(torch.ones(1, 2, 4))
+    with pytest.raises(ValueError, match="needs activation statistics with xtx"):
+        prune_reconstructed(torch.ones(2, 4), "wanda", 0.5, None, st)

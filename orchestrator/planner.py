@@ -19,7 +19,7 @@ LOSS_CHUNK_ELEMENTS = 1 << 23
 
 GIB = 1024**3
 FP32 = 4
-METHODS = ("magnitude", "wanda", "sparsegpt", "gblm")
+METHODS = ("magnitude", "wanda", "sparsegpt", "gblm", "gblm-sparsegpt")
 
 LLAMA2_13B: dict[str, Any] = {
     "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40,
@@ -43,7 +43,7 @@ def grad_kinds_for(method: str, norm: str = "l1") -> tuple[str, ...]:
         raise ValueError(f"unknown pruning method {method!r}; expected one of {', '.join(METHODS)}")
     if norm not in ("l1", "l2"):
         raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
-    if method == "gblm":
+    if method in ("gblm", "gblm-sparsegpt"):
         return ("abs",) if norm == "l1" else ("sq",)
     return ()
 
@@ -194,7 +194,7 @@ def plan(
     Args:
         model_config: a ``PretrainedConfig``-like object or dict (see :meth:`ModelShape.from_config`).
         workers: number of workers ``W`` (ZeRO-3 shards over all of them).
-        method: ``magnitude``, ``wanda``, ``sparsegpt`` or ``gblm``.
+        method: ``magnitude``, ``wanda``, ``sparsegpt``, ``gblm`` or ``gblm-sparsegpt``.
         norm: GBLM's gradient norm (``l1`` keeps ``grad_abs``, ``l2`` keeps ``grad_sq``).
         num_samples: calibration sequences ``N``.
         seq_len: tokens per sequence ``L``.
@@ -216,7 +216,7 @@ def plan(
         if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
             raise ValueError(f"{name} must be a positive integer, got {val!r}")
     kinds = grad_kinds_for(method, norm)
-    xtx = method == "sparsegpt" or reconstruct != "none"
+    xtx = method in ("sparsegpt", "gblm-sparsegpt") or reconstruct != "none"
     s = ModelShape.from_config(model_config)
     w, total, block, block_lin = workers, s.total_params(), s.block_params(), s.block_linear_params()
     linear_params = s.layers * block_lin

@@ -186,7 +186,7 @@ def prune_linears(linears: dict[str, nn.Linear], stats: dict[str, ActivationStat
     results = {}
     for name, lin in linears.items():
         grad = grads(name)
-        kw = dict(grad=None if grad is None else grad.to(lin.weight.device), alpha=cfg.gblm.effective_alpha,
+        kw = dict(grad=None if grad is None else grad.to(lin.weight.device), alpha=cfg.gblm.alpha_for(cfg.method),
                   norm=cfg.gblm.norm, grad_scale=cfg.gblm.grad_scale, weighting=cfg.gblm.weighting,
                   blocksize=cfg.sparsegpt.blocksize, percdamp=cfg.sparsegpt.percdamp, name=name)
         act = None if stats is None else stats[name]

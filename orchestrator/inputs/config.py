@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Method = Literal["magnitude", "wanda", "sparsegpt", "gblm"]
+Method = Literal["magnitude", "wanda", "sparsegpt", "gblm", "gblm-sparsegpt"]
 Pattern = Literal["unstructured", "2:4", "4:8"]
 Reconstruct = Literal["none", "layer"]
 DType = Literal["float32", "bfloat16", "float16"]
@@ -122,10 +122,9 @@ class GblmConfig:
                     "`relative_alpha` (the same for any N, gradient scale or model)")
     relative_alpha: float = opt(1.0, ge=0, help="weight of the mean-1 gradient term (`weighting: normalized`)")
 
-    @property
-    def effective_alpha(self) -> float:
-        """The gradient term's weight under the configured weighting."""
-        return self.alpha if self.weighting == "raw" else self.relative_alpha
+    def alpha_for(self, method: str) -> float:
+        """The gradient term's weight: ``alpha`` for raw GBLM, ``relative_alpha`` for the scale-free terms."""
+        return self.alpha if method == "gblm" and self.weighting == "raw" else self.relative_alpha
 
 
 @dataclass
@@ -158,7 +157,8 @@ class OwlConfig:
 class PruningConfig:
     """What to prune and how."""
 
-    method: Method = opt("gblm", help="`magnitude`, `wanda`, `sparsegpt`, `gblm`")
+    method: Method = opt("gblm", help="`magnitude`, `wanda`, `sparsegpt`, `gblm`, `gblm-sparsegpt` (SparseGPT's OBS "
+                                      "update, mask by OBS saliency + `gblm.relative_alpha` x GBLM's gradient term)")
     sparsity: float | None = opt(None, gt=0, lt=1, help="fraction pruned in every matrix (unstructured; null: 0.5)")
     pattern: Pattern = opt("unstructured", explain=_nm_explain,
                            help="`unstructured`, `2:4`, `4:8` (N:M implies sparsity N/M)")

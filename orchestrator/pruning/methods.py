@@ -14,6 +14,9 @@ from orchestrator.pruning.scores import gblm_score, magnitude_score, wanda_score
 from orchestrator.pruning.sparsegpt import sparsegpt_prune
 from orchestrator.pruning.stats import ActivationStats
 
+#: methods that choose their mask inside SparseGPT's OBS update (they need ``sum x x^T``)
+OBS_METHODS = ("sparsegpt", "gblm-sparsegpt")
+
 
 @dataclass
 class LayerPruneResult:
@@ -32,17 +35,17 @@ class LayerPruneResult:
 
 def needs_activations(method: str) -> bool:
     """Whether ``method`` needs activation statistics."""
-    return method in ("wanda", "gblm", "sparsegpt")
+    return method in ("wanda", "gblm", "sparsegpt", "gblm-sparsegpt")
 
 
 def needs_xtx(method: str, reconstruct: str = "none") -> bool:
     """Whether ``method`` (or the reconstruction after its mask) needs ``sum x x^T``."""
-    return method == "sparsegpt" or reconstruct != "none"
+    return method in OBS_METHODS or reconstruct != "none"
 
 
 def gradient_kinds(method: str, norm: str = "l1") -> tuple[str, ...]:
     """Gradient sums that ``method`` needs (empty for gradient-free methods)."""
-    if method == "gblm":
+    if method in ("gblm", "gblm-sparsegpt"):
         return ("abs",) if norm == "l1" else ("sq",)
     return ()
 
@@ -83,7 +86,8 @@ def prune_weight(
 
     Args:
         weight: the dense weight (not modified).
-        method: ``magnitude``, ``wanda``, ``gblm`` or ``sparsegpt``.
+        method: ``magnitude``, ``wanda``, ``gblm``, ``sparsegpt`` or ``gblm-sparsegpt`` (SparseGPT with
+            the normalised GBLM gradient term, weight ``alpha``, in its mask saliency).
         sparsity: target fraction for unstructured patterns.
         nm: ``(n, m)`` or None.
         act: activation statistics of this layer's input (all but magnitude).
@@ -99,10 +103,15 @@ def prune_weight(
     Returns:
         The pruned weight, its mask and a score summary.
     """
-    if method == "sparsegpt":
+    if method in OBS_METHODS:
         if act is None:
-            raise ValueError(f"{name}: sparsegpt needs activation statistics")
-        new_w, mask = sparsegpt_prune(weight, act.hessian(), sparsity, nm, blocksize, percdamp, name)
+            raise ValueError(f"{name}: {method} needs activation statistics")
+        g = None
+        if method == "gblm-sparsegpt":
+            if grad is None:
+                raise ValueError(f"{name}: gblm-sparsegpt needs gradient statistics")
+            g = grad.float() if norm == "l1" else grad.float().sqrt()
+        new_w, mask = sparsegpt_prune(weight, act.hessian(), sparsity, nm, blocksize, percdamp, name, g, alpha)
         return LayerPruneResult(new_w, mask, float("nan"))
     score = layer_score(weight, method, act, grad, alpha, norm, grad_scale, weighting, name)
     mask = build_mask(score, sparsity, nm, per_row=method != "magnitude")
@@ -144,7 +153,7 @@ def prune_reconstructed(
     """
     if act is None or act.xtx is None:
         raise ValueError(f"{method_kw.get('name', 'layer')}: reconstruction needs activation statistics with xtx")
-    if method == "sparsegpt" or rounds <= 1:
+    if method in OBS_METHODS or rounds <= 1:
         res = prune_weight(weight, method, sparsity, nm, act=act, **method_kw)
         res.weight = reconstruct(weight, res.mask, act.xtx, solver, lstsq_damp, iters)
         return res

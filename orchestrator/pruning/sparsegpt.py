@@ -38,8 +38,15 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     name: str = "layer",
+    grad_term: torch.Tensor | None = None,
+    grad_alpha: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune one weight matrix with SparseGPT and update the kept weights.
+
+    With ``grad_term`` (GBLM's per-weight gradient statistic ``G``) the mask follows a
+    gradient-aware saliency instead of OBS's alone: ``w^2 / d^2`` and ``|w| * G`` (``w`` the
+    current, OBS-updated weight) each divided by their mean over the candidates, summed with
+    weight ``grad_alpha`` on the gradient term (scale-free, like ``gblm.weighting: normalized``).
 
     Args:
         weight: ``(out, in)``, left untouched.
@@ -49,6 +56,8 @@ def sparsegpt_prune(
         blocksize: columns per lazy-update block.
         percdamp: damping as a fraction of ``mean(diag H)``.
         name: used in log messages.
+        grad_term: ``(out, in)`` non-negative gradient statistic, or None (plain SparseGPT).
+        grad_alpha: weight of the normalised gradient term.
 
     Returns:
         ``(new_weight, mask)``: the updated ``(out, in)`` weight in ``weight``'s dtype and
@@ -67,6 +76,16 @@ def sparsegpt_prune(
     w[:, dead] = 0
     hinv = _upper_cholesky_of_inverse(h, percdamp, name)  # (in, in) upper
     mask = torch.zeros_like(w, dtype=torch.bool)
+    g = None if grad_term is None or grad_alpha == 0 else grad_term.detach().float()  # (out, in)
+
+    def saliency(wc: torch.Tensor, dc: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """OBS's ``w^2 / d^2`` of columns ``lo:hi`` (plus the normalised gradient term)."""
+        obs = wc.pow(2) / dc.pow(2).unsqueeze(0)
+        if g is None:
+            return obs
+        grad = wc.abs() * g[:, lo:hi]
+        return obs / obs.mean().clamp_min(1e-30) + grad_alpha * grad / grad.mean().clamp_min(1e-30)
+
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
@@ -76,7 +95,7 @@ def sparsegpt_prune(
         hinv1 = hinv[i1:i2, i1:i2]  # (count, count)
         d1 = torch.diag(hinv1)  # (count,)
         if nm is None:
-            tmp = w1.pow(2) / d1.pow(2).unsqueeze(0)
+            tmp = saliency(w1, d1, i1, i2)
             k = int(tmp.numel() * sparsity)
             mask1 = torch.zeros(tmp.numel(), dtype=torch.bool, device=tmp.device)
             if k:
@@ -89,7 +108,7 @@ def sparsegpt_prune(
             d = hinv1[i, i]
             if nm is not None and i % nm[1] == 0:
                 n, m = nm
-                tmp = w1[:, i : i + m].pow(2) / d1[i : i + m].pow(2).unsqueeze(0)
+                tmp = saliency(w1[:, i : i + m], d1[i : i + m], i1 + i, i1 + i + m)
                 idx = torch.sort(tmp, dim=1, stable=True).indices[:, :n]
                 mask1.scatter_(1, i + idx, True)
             q = col.clone()

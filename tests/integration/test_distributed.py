@@ -124,7 +124,8 @@ def test_ray_matches_local(setup, groups, method, pattern):
     ("magnitude", "4:8", {"reconstruct": "layer", "lstsq.solver": "exact"}),
     ("gblm", "2:4", {"reconstruct": "layer", "gblm.weighting": "normalized", "gblm.relative_alpha": 0.5}),
     ("sparsegpt", "unstructured", {"allocation": "owl", "owl.threshold": 3, "reconstruct": "layer"}),
-], ids=["wanda-layer", "magnitude-layer-exact", "gblm-normalized-layer", "sparsegpt-owl-layer"])
+    ("gblm-sparsegpt", "2:4", {"gblm.relative_alpha": 0.5, "reconstruct": "layer"}),
+], ids=["wanda-layer", "magnitude-layer-exact", "gblm-normalized-layer", "sparsegpt-owl-layer", "gblm-sparsegpt"])
 def test_ray_matches_local_with_quality_options(setup, groups, method, pattern, options):
     """Reconstruction, OWL allocation and the scale-free gradient weighting run the same on Ray as in one process."""
     from orchestrator.inputs.loader import config_from_dict

@@ -175,3 +175,26 @@ def test_nm_rejects_width_not_multiple_of_m() -> None:
     h = torch.eye(6)
     with pytest.raises(ValueError, match="multiple of 4"):
         sparsegpt_prune(torch.ones(2, 6), h, 0.5, (2, 4), blocksize=4)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_gblm_sparsegpt_follows_the_gradient_term(nm) -> None:
+    """``gblm-sparsegpt``: alpha 0 is SparseGPT bit for bit; a large gradient on some weights keeps them."""
+    out, inp = 16, 32
+    w = torch.randn(out, inp, generator=_gen(11))
+    x = _correlated_inputs(12, 256, inp)
+    st = ActivationStats(inp, with_xtx=True)
+    st.update(x.reshape(8, 32, inp))
+    grad = torch.rand(out, inp, generator=_gen(13))
+    plain = prune_weight(w, "sparsegpt", 0.5, nm, act=st, blocksize=16)
+    zero = prune_weight(w, "gblm-sparsegpt", 0.5, nm, act=st, grad=grad, alpha=0.0, blocksize=16)
+    assert torch.equal(zero.mask, plain.mask) and torch.equal(zero.weight, plain.weight)
+    hot = torch.zeros(out, inp, dtype=torch.bool)
+    hot[:, ::4] = True  # one column of every group of 4: N:M can keep all of them
+    spiked = torch.where(hot, grad + 1000.0, grad)
+    res = prune_weight(w, "gblm-sparsegpt", 0.5, nm, act=st, grad=spiked, alpha=100.0, blocksize=16)
+    assert not bool(res.mask[hot].any())  # the gradient term decided: every hot weight kept
+    assert plain.mask[hot].any()  # which plain SparseGPT would have pruned
+    assert sparsity_of(res.weight) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="gblm-sparsegpt needs gradient statistics"):
+        prune_weight(w, "gblm-sparsegpt", 0.5, nm, act=st)

@@ -91,6 +91,7 @@ def main() -> None:
                 row.update(ppl=perplexity(model, windows, progress=False), debian_cloze_acc=cloze_acc(model))
             rows.append(row)
             log.info("%s", row)
+            write_result(args.out, dense_ppl, dense_acc, cfg.eval.seq_len, rows)
             continue
         run = load_config(None, base + args.overrides + [f"pruning.method={method}", f"pruning.pattern={pattern}"]
                           + [f"pruning.{k}={v}" for k, v in options.items()])
@@ -117,16 +118,14 @@ def main() -> None:
                "prune_s": round(prune_s, 2), "phases": {k: round(v, 2) for k, v in outcome.phases.items()}}
         rows.append(row)
         log.info("%s", row)
+        write_result(args.out, dense_ppl, dense_acc, cfg.eval.seq_len, rows)  # after every row: nothing lost
         if args.keep:
             suffix = "".join(f"-{k}_{v}" for k, v in options.items())
             target = Path(args.keep) / f"{method}-{pattern.replace(':', '_')}{suffix}"
             model.save_pretrained(target, safe_serialization=True)
             tokenizer.save_pretrained(target)
         del model
-    result = {"dense_ppl": dense_ppl, "dense_debian_cloze_acc": dense_acc, "eval_seq_len": cfg.eval.seq_len,
-              "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, dense_ppl, dense_acc, cfg.eval.seq_len, rows)
     header = (f"{'method':<10} {'pattern':<13} {'options':<40} {'sparsity':>8} {'ppl@512':>9} {'cloze':>6} "
               f"{'prune s':>8}")
     dense_line = f"{'dense':<10} {'-':<13} {'-':<40} {0:>8.4f} {dense_ppl:>9.3f} {dense_acc:>6.3f} {'-':>8}"
@@ -139,6 +138,16 @@ def main() -> None:
         lines.append(f"{r['method']:<10} {r['pattern']:<13} {opts:<40} {r['sparsity']:>8.4f} {r['ppl']:>9.3f} "
                      f"{r['debian_cloze_acc']:>6.3f} {r['prune_s']:>8.1f}")
     print("\n".join(lines))  # noqa: T201 - the table is the script's output
+
+
+def write_result(out: str, dense_ppl: float, dense_acc: float, seq_len: int, rows: list[dict]) -> None:
+    """Write the JSON (atomically) with the rows measured so far."""
+    result = {"dense_ppl": dense_ppl, "dense_debian_cloze_acc": dense_acc, "eval_seq_len": seq_len, "rows": rows}
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def peer_row(args: argparse.Namespace, method: str, pattern: str, options: dict[str, str], model_path: str,

@@ -30,7 +30,7 @@ def main() -> int:
     ap.add_argument("--method", choices=["wanda", "sparsegpt"], required=True)
     ap.add_argument("--pattern", default="unstructured", help="unstructured, 2:4 or 4:8")
     ap.add_argument("--sparsity", type=float, default=0.5)
-    ap.add_argument("--owl", action="store_true", help="llm-compressor's OWL sparsity profile")
+    ap.add_argument("--owl", action="store_true", help="llm-compressor's OWL sparsity profile (M 5, lambda 0.08)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True, help="safetensors file for the pruned linear weights")
     args = ap.parse_args()
@@ -49,7 +49,7 @@ def main() -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     kind = WandaPruningModifier if args.method == "wanda" else SparseGPTModifier
-    extra = {"sparsity_profile": "owl"} if args.owl else {}
+    extra = {"sparsity_profile": "owl", "owl_m": 5, "owl_lmbda": 0.08} if args.owl else {}  # OWL's defaults
     recipe = kind(sparsity=args.sparsity, mask_structure="0:0" if args.pattern == "unstructured" else args.pattern,
                   targets=["Linear"], ignore=["lm_head"], **extra)
     t0 = time.perf_counter()

@@ -1,0 +1,76 @@
+"""Render the quality benchmark's JSON as the README's markdown table (and rewrite it in place).
+
+Every rayprune row is compared with llm-compressor's SparseGPT row of the same pattern and
+sparsity from the same run (the peer the targets name); peer rows are marked.
+
+Usage::
+
+    python tests/benchmarks/quality_table.py tests/benchmarks/results/quality-2026-12-01.json --write README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+START = "<!-- quality table:"
+END = "<!-- end of quality table -->"
+PEER = "llmc-"
+
+
+def _key(row: dict) -> tuple[str, float]:
+    return row["pattern"], round(float(row.get("options", {}).get("sparsity", 0.5)), 4)
+
+
+def _options(row: dict) -> str:
+    opts = {k: v for k, v in row.get("options", {}).items() if k != "sparsity"}
+    return ", ".join(f"{k}={v}" for k, v in opts.items()) or "-"
+
+
+def render(result: dict) -> str:
+    """The markdown table of one benchmark JSON."""
+    rows = [r for r in result["rows"] if "skipped" not in r]
+    peer = {_key(r): r for r in rows if r["method"] == f"{PEER}sparsegpt" and _options(r) == "-"}
+    lines = [
+        "| method | pattern | sparsity | options | ppl@512 | vs llm-compressor SparseGPT | debian_cloze acc "
+        "| prune s |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| dense | - | 0 | - | {result['dense_ppl']:.2f} | | {result['dense_debian_cloze_acc']:.3f} | |",
+    ]
+    for r in sorted(rows, key=lambda r: (_key(r), r["ppl"])):
+        ref = peer.get(_key(r))
+        vs = "" if ref is None or ref is r else f"{100 * (r['ppl'] / ref['ppl'] - 1):+.1f}%"
+        name = f"llm-compressor {r['method'][len(PEER):]}" if r["method"].startswith(PEER) else f"**{r['method']}**"
+        pattern, sparsity = _key(r)
+        lines.append(f"| {name} | {pattern} | {sparsity:g} | {_options(r)} | {r['ppl']:.2f} | {vs} | "
+                     f"{r['debian_cloze_acc']:.3f} | {r['prune_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def replace_block(text: str, table: str, source: str) -> str:
+    """``text`` with the block between the markers replaced by ``table``."""
+    start = text.index(START)
+    body = text.index("\n", start) + 1
+    end = text.index(END)
+    return text[:start] + f"{START} {source} -->\n" + table + text[end:] if body <= end else text
+
+
+def main() -> int:
+    """Print the table, or rewrite it in ``--write``'s file."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("json", help="quality benchmark JSON")
+    ap.add_argument("--write", help="markdown file with the table's markers to rewrite")
+    args = ap.parse_args()
+    table = render(json.loads(Path(args.json).read_text()))
+    if args.write:
+        path = Path(args.write)
+        path.write_text(replace_block(path.read_text(), table, args.json))
+    else:
+        sys.stdout.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

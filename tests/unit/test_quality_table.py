@@ -1,0 +1,47 @@
+"""The README's quality table is the quality benchmark's committed JSON, rendered."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _table_module():
+    spec = importlib.util.spec_from_file_location("quality_table", REPO / "tests" / "benchmarks" / "quality_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_readme_quality_table_is_rendered_from_the_committed_json():
+    import json
+
+    mod = _table_module()
+    text = (REPO / "README.md").read_text()
+    marker = re.search(re.escape(mod.START) + r" (\S+) -->\n", text)
+    assert marker, "README has no quality table markers"
+    source = REPO / marker.group(1)
+    assert source.is_file(), f"{source} named by the README's quality table is missing"
+    body = text[marker.end():text.index(mod.END)]
+    assert body == mod.render(json.loads(source.read_text())), (
+        "README quality table is stale: python tests/benchmarks/quality_table.py JSON --write README.md")
+
+
+def test_render_compares_with_the_peer_of_the_same_pattern_and_sparsity():
+    mod = _table_module()
+    rows = [
+        {"method": "llmc-sparsegpt", "pattern": "2:4", "options": {}, "ppl": 60.0, "debian_cloze_acc": 0.6,
+         "prune_s": 90},
+        {"method": "sparsegpt", "pattern": "2:4", "options": {"reconstruct": "layer"}, "ppl": 54.0,
+         "debian_cloze_acc": 0.62, "prune_s": 100},
+        {"method": "sparsegpt", "pattern": "unstructured", "options": {"sparsity": "0.7"}, "ppl": 80.0,
+         "debian_cloze_acc": 0.5, "prune_s": 100},
+        {"method": "llmc-wanda", "pattern": "unstructured", "options": {}, "skipped": "absent"},
+    ]
+    table = mod.render({"dense_ppl": 20.0, "dense_debian_cloze_acc": 0.8, "rows": rows})
+    assert "| **sparsegpt** | 2:4 | 0.5 | reconstruct=layer | 54.00 | -10.0% | 0.620 | 100 |" in table
+    assert "| **sparsegpt** | unstructured | 0.7 | - | 80.00 |  | 0.500 | 100 |" in table  # no peer at 0.7
+    assert "absent" not in table and "llm-compressor wanda" not in table

@@ -120,14 +120,16 @@ def test_ray_matches_local(setup, groups, method, pattern):
 
 
 @pytest.mark.parametrize("method,pattern,options", [
-    ("wanda", "unstructured", {"reconstruct": "layer"}),
+    ("wanda", "unstructured", {"reconstruct": "layer", "lstsq.rounds": 2}),
     ("magnitude", "4:8", {"reconstruct": "layer", "lstsq.solver": "exact"}),
     ("gblm", "2:4", {"reconstruct": "layer", "gblm.weighting": "normalized", "gblm.relative_alpha": 0.5}),
     ("sparsegpt", "unstructured", {"allocation": "owl", "owl.threshold": 3, "reconstruct": "layer"}),
     ("gblm-sparsegpt", "2:4", {"gblm.relative_alpha": 0.5, "reconstruct": "layer"}),
-], ids=["wanda-layer", "magnitude-layer-exact", "gblm-normalized-layer", "sparsegpt-owl-layer", "gblm-sparsegpt"])
+], ids=["wanda-layer-rounds", "magnitude-layer-exact", "gblm-normalized-layer", "sparsegpt-owl-layer",
+        "gblm-sparsegpt"])
 def test_ray_matches_local_with_quality_options(setup, groups, method, pattern, options):
-    """Reconstruction, OWL allocation and the scale-free gradient weighting run the same on Ray as in one process."""
+    """Reconstruction, OWL allocation and the gradient-aware options run the same on Ray x2 as in one process
+    (the base methods are checked on x1 and x2 above; these options only change what the scorer computes)."""
     from orchestrator.inputs.loader import config_from_dict
 
     path, calib, held_out = setup
@@ -135,16 +137,17 @@ def test_ray_matches_local_with_quality_options(setup, groups, method, pattern, 
     local_model, local = _local(cfg, path, calib)
     local_ppl = perplexity(local_model, held_out)
     local_weights = dict(local_model.named_parameters())
-    for workers, group in groups.items():
-        res = run_ray(cfg, path, calib, progress=False, group=group)
-        same = sum(int((res.outcome.masks[k] == local.masks[k]).sum()) for k in local.masks)
-        total = sum(m.numel() for m in local.masks.values())
-        assert same / total >= 0.999, f"{workers} workers: masks agree on {same / total:.5f}"
-        for name, w in res.weights.items():  # the re-solved kept weights themselves, not only the masks
-            ref = local_weights[name].detach()
-            assert float((w - ref).norm() / ref.norm()) < 1e-2, (workers, name)
-        ppl = perplexity(_with_weights(path, cfg, res.weights), held_out)
-        assert abs(ppl - local_ppl) / local_ppl < 0.005, (workers, ppl, local_ppl)
+    res = run_ray(cfg, path, calib, progress=False, group=groups[2])
+    same = sum(int((res.outcome.masks[k] == local.masks[k]).sum()) for k in local.masks)
+    total = sum(m.numel() for m in local.masks.values())
+    assert same / total >= 0.999, f"masks agree on {same / total:.5f}"
+    for name, w in res.weights.items():  # the re-solved kept weights themselves, on rows with the same mask
+        ref = local_weights[name].detach()
+        rows = (res.outcome.masks[name] == local.masks[name]).all(dim=1)  # (out,)
+        assert int(rows.sum()) >= 0.9 * rows.numel(), name
+        assert float((w[rows] - ref[rows]).norm() / ref[rows].norm()) < 1e-2, name
+    ppl = perplexity(_with_weights(path, cfg, res.weights), held_out)
+    assert abs(ppl - local_ppl) / local_ppl < 0.005, (ppl, local_ppl)
 
 
 @pytest.mark.parametrize("norm,kind", [("l1", "abs"), ("l2", "sq")])

@@ -10,12 +10,14 @@ import torch
 
 from orchestrator.pruning.masks import build_mask, nm_mask
 from orchestrator.pruning.reconstruct import reconstruct
-from orchestrator.pruning.scores import gblm_score, magnitude_score, wanda_score
+from orchestrator.pruning.scores import gblm_score, gradient_term, magnitude_score, wanda_score
 from orchestrator.pruning.sparsegpt import sparsegpt_prune
 from orchestrator.pruning.stats import ActivationStats
 
 #: methods that choose their mask inside SparseGPT's OBS update (they need ``sum x x^T``)
 OBS_METHODS = ("sparsegpt", "gblm-sparsegpt")
+#: methods that score with GBLM's per-sequence gradient statistics
+GRADIENT_METHODS = ("gblm", "gblm-sparsegpt")
 
 
 @dataclass
@@ -33,11 +35,6 @@ class LayerPruneResult:
     score_mean: float
 
 
-def needs_activations(method: str) -> bool:
-    """Whether ``method`` needs activation statistics."""
-    return method in ("wanda", "gblm", "sparsegpt", "gblm-sparsegpt")
-
-
 def needs_xtx(method: str, reconstruct: str = "none") -> bool:
     """Whether ``method`` (or the reconstruction after its mask) needs ``sum x x^T``."""
     return method in OBS_METHODS or reconstruct != "none"
@@ -45,7 +42,7 @@ def needs_xtx(method: str, reconstruct: str = "none") -> bool:
 
 def gradient_kinds(method: str, norm: str = "l1") -> tuple[str, ...]:
     """Gradient sums that ``method`` needs (empty for gradient-free methods)."""
-    if method in ("gblm", "gblm-sparsegpt"):
+    if method in GRADIENT_METHODS:
         return ("abs",) if norm == "l1" else ("sq",)
     return ()
 
@@ -110,7 +107,7 @@ def prune_weight(
         if method == "gblm-sparsegpt":
             if grad is None:
                 raise ValueError(f"{name}: gblm-sparsegpt needs gradient statistics")
-            g = grad.float() if norm == "l1" else grad.float().sqrt()
+            g = gradient_term(grad, norm)
         new_w, mask = sparsegpt_prune(weight, act.hessian(), sparsity, nm, blocksize, percdamp, name, g, alpha)
         return LayerPruneResult(new_w, mask, float("nan"))
     score = layer_score(weight, method, act, grad, alpha, norm, grad_scale, weighting, name)

@@ -23,6 +23,15 @@ def wanda_score(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
     return weight.detach().float().abs() * input_norm.float().unsqueeze(0)
 
 
+def gradient_term(grad_stat: torch.Tensor, norm: str) -> torch.Tensor:
+    """GBLM's ``(out, in)`` per-weight gradient term: ``grad_abs`` (l1) or ``sqrt(grad_sq)`` (l2), fp32."""
+    if norm == "l1":
+        return grad_stat.float()
+    if norm == "l2":
+        return grad_stat.float().sqrt()
+    raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
+
+
 def gblm_score(
     weight: torch.Tensor,
     input_norm: torch.Tensor,
@@ -60,12 +69,7 @@ def gblm_score(
     """
     if weighting not in ("raw", "normalized"):
         raise ValueError(f"weighting must be 'raw' or 'normalized', got {weighting!r}")
-    if norm == "l1":
-        g = grad_stat.float()
-    elif norm == "l2":
-        g = grad_stat.float().sqrt()
-    else:
-        raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
+    g = gradient_term(grad_stat, norm)
     a = input_norm.float()  # (in,)
     if weighting == "normalized":
         a = a / a.mean().clamp_min(1e-30)

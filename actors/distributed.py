@@ -234,7 +234,8 @@ def _attempt(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress:
     if kinds:
         t1 = time.perf_counter()
         gradient_pass(group, input_ids.shape[0], kinds, pcfg.gblm.grad_scale, progress,
-                       cfg.backend.grad_batch_size, store, cfg.backend.checkpoint_every, faults)
+                       cfg.backend.grad_batch_size, store, cfg.backend.checkpoint_every, faults,
+                       pcfg.gblm.grad_dtype)
         phases["gradient_pass"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     outcome, weights = _block_pass(group, cfg, progress, store, faults)
@@ -259,9 +260,10 @@ def load_workers(group: ActorGroup, cfg: RunConfig, model_path: str, input_ids: 
 
 def gradient_pass(group: ActorGroup, n: int, kinds: tuple[str, ...], scale: float, progress: bool,
                    batch: int = 1, store: CheckpointStore | None = None, every: int = 8,
-                   faults: Faults | None = None) -> None:
+                   faults: Faults | None = None, dtype: str = "float32") -> None:
     """Per-sequence gradient statistics on every worker; each rank runs ``ceil(N/W)`` sequences,
-    ``batch`` per forward/backward (per-sample gradients, so the sums do not depend on ``batch``).
+    ``batch`` per forward/backward (per-sample gradients, so the sums do not depend on ``batch``), under
+    autocast ``dtype``.
 
     With a ``store``, the partitions are saved every ``every`` sequences per rank and at the end,
     and a resumed pass starts after the last saved step.
@@ -276,7 +278,7 @@ def gradient_pass(group: ActorGroup, n: int, kinds: tuple[str, ...], scale: floa
         resume = [files[r] for r in range(group.workers)]
         first = store.grad_steps
         log.info("gradient pass: resuming after %d of %d sequences per rank", first, steps)
-    group.get([a.start_gradients.remote(kinds, scale, None if resume is None else resume[r])
+    group.get([a.start_gradients.remote(kinds, scale, None if resume is None else resume[r], dtype)
                for r, a in enumerate(group.actors)])
     bar = tqdm(total=n, desc="gradient pass (ray)", disable=not progress, unit="seq")
     chunk = max(batch, (max(1, steps // 8) // batch) * batch)  # whole micro-batches per call

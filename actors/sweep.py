@@ -56,7 +56,7 @@ def run_ray_sweep(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, prog
         if kinds:
             t1 = time.perf_counter()
             gradient_pass(group, input_ids.shape[0], kinds, pcfg.gblm.grad_scale, progress,
-                           cfg.backend.grad_batch_size)
+                           cfg.backend.grad_batch_size, dtype=pcfg.gblm.grad_dtype)
             out.gradient_passes += 1
             out.phases["gradient_pass"] = time.perf_counter() - t1
         t1 = time.perf_counter()

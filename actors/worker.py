@@ -129,7 +129,8 @@ class PruneWorker(GroupMember):
                 rows.append((dummy, 0.0))
         return rows
 
-    def start_gradients(self, kinds: tuple[str, ...], scale: float, resume: tuple[str, str] | None = None) -> None:
+    def start_gradients(self, kinds: tuple[str, ...], scale: float, resume: tuple[str, str] | None = None,
+                        dtype: str = "float32") -> None:
         """Create the ZeRO-3 engine and the sharded gradient statistics (collective).
 
         Only one tiny parameter (the smallest one outside the pruned set, a norm weight) is
@@ -138,7 +139,8 @@ class PruneWorker(GroupMember):
         embedding output is made to require grad so the backward reaches every block. The
         engine wraps the decoder only (:class:`~actors.zero3.Decoder`) when the head is a plain
         matmul: the loss then comes from the hidden states without logits, as in the local engine.
-        ``resume`` = ``(path, sha256)`` of this rank's saved partitions to continue from.
+        ``resume`` = ``(path, sha256)`` of this rank's saved partitions to continue from; ``dtype`` is
+        the autocast dtype of the pass's forwards (and so backwards); the statistics stay fp32.
         """
         from actors.zero3 import Decoder, ShardedGradStats, full_shape, make_engine
         from orchestrator.engine.local import logits_free, pruned_weight_names
@@ -151,7 +153,9 @@ class PruneWorker(GroupMember):
         rest = [(math.prod(full_shape(p)), n) for n, p in wrapped.named_parameters() if id(p) not in pruned]
         self.engine = make_engine(wrapped, self.ds_cfg, {min(rest)[1]})
         mods = dict(self.model.named_modules())
-        self.grads = ShardedGradStats({n: mods[n.removesuffix(".weight")] for n in names}, kinds, scale, self.device)
+        self.grad_place = Placement.of(self.device, dtype)
+        self.grads = ShardedGradStats({n: mods[n.removesuffix(".weight")] for n in names}, kinds, scale, self.device,
+                                      compute_dtype=self.grad_place.autocast_dtype or torch.float32)
         if resume is not None:
             from actors.checkpoint import load_tensors
 
@@ -178,10 +182,11 @@ class PruneWorker(GroupMember):
             ids = torch.cat([r[0] for r in part])  # (B, L)
             self.grads.set_batch(torch.tensor([r[1] for r in part], device=self.device))
             t0 = time.perf_counter()
-            if self.chunked_loss:
-                loss = head_loss(self.model, self.engine(ids), ids)  # (B, T, H) -> sum of sequence means
-            else:
-                loss = self.engine(ids, labels=ids, use_cache=False).loss * ids.shape[0]
+            with self.grad_place.autocast():
+                if self.chunked_loss:
+                    loss = head_loss(self.model, self.engine(ids), ids)  # (B, T, H) -> sum of sequence means
+                else:
+                    loss = self.engine(ids, labels=ids, use_cache=False).loss * ids.shape[0]
             t1 = time.perf_counter()
             self.engine.backward(loss)
             self.grads.flush()
@@ -307,7 +312,7 @@ class PruneWorker(GroupMember):
                 dist.broadcast(lin.weight.data, src=scorer)
 
         ctx = StepContext(pcfg, Placement.of(self.device, forward_dtype), grads=grads.get,
-                          reduce=dist.all_reduce, share=share, scorer=self.rank == scorer)
+                          reduce=dist.all_reduce, share=share, scorer=self.rank == scorer, positions=self.positions)
         step = block_step(block, self.hidden, self.kwargs, ctx)
         self.hidden = step.hidden
         linears = block_linears(block)

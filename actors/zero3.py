@@ -152,8 +152,10 @@ class ShardedGradStats:
     """
 
     def __init__(self, modules: dict[str, nn.Linear], kinds: tuple[str, ...], scale: float,
-                 device: torch.device | str = "cpu", max_pending: int = 8) -> None:
+                 device: torch.device | str = "cpu", max_pending: int = 8,
+                 compute_dtype: torch.dtype = torch.float32) -> None:
         self.kinds = kinds
+        self.compute_dtype = compute_dtype  # of the per-sample products (the pass's autocast dtype)
         self.scale = scale
         self.weights = torch.ones(1, device=device)  # (B,) per-sample weights of the current micro-batch
         self.world = dist.get_world_size()
@@ -187,7 +189,7 @@ class ShardedGradStats:
         from orchestrator.pruning.stats import per_sample_weight_grad_stats
 
         t0 = time.perf_counter()
-        stats = per_sample_weight_grad_stats(x, grad_out, self.kinds, self.weights)  # kind -> (out, in)
+        stats = per_sample_weight_grad_stats(x, grad_out, self.kinds, self.weights, self.compute_dtype)
         t1 = time.perf_counter()
         self.seconds["statistics"] += t1 - t0
         for kind, stat in stats.items():

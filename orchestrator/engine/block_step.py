@@ -9,7 +9,10 @@ For decoder block ``i`` with inputs ``hidden`` (this process's sequences):
 3. score and prune every linear with the configured method, then (``reconstruct: layer``)
    re-solve its kept weights by least squares (only where ``scorer`` is true: on Ray only rank 0
    scores; ``share`` then makes its weights everyone's);
-4. produce the next block's inputs: the pruned block's outputs (``sequential``) or the dense
+4. (``reconstruct: block``) tune the block's kept weights on every rank together, gradients
+   SUM-reduced, so the pruned block reproduces the dense block's outputs
+   (:mod:`~orchestrator.engine.block_tune`);
+5. produce the next block's inputs: the pruned block's outputs (``sequential``) or the dense
    block's (otherwise).
 
 With ``allocation: owl`` a probe pass (:func:`probe_step`) first counts every dense block's
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from orchestrator.engine.block_tune import tune_block
 from orchestrator.engine.blocks import block_linears, collect_inputs, forward_all
 from orchestrator.engine.device import Placement
 from orchestrator.inputs.config import PruningConfig
@@ -75,6 +79,7 @@ class StepContext:
         reduce: SUM of a statistic over all ranks.
         share: broadcast of the scorer's pruned weights.
         scorer: whether this process scores and prunes (rank 0 on Ray; always in one process).
+        positions: global calibration index of each local sequence (None: ``range(n)``, one process).
     """
 
     cfg: PruningConfig
@@ -83,6 +88,7 @@ class StepContext:
     reduce: Reduce = no_reduce
     share: Share = no_share
     scorer: bool = True
+    positions: list[int] | None = None
 
 
 @dataclass
@@ -173,7 +179,7 @@ def prune_linears(linears: dict[str, nn.Linear], stats: dict[str, ActivationStat
                   cfg: PruningConfig) -> dict[str, LayerPruneResult]:
     """Prune every linear of one block in place with the configured method (then reconstruct).
 
-    With ``cfg.reconstruct == "layer"`` the kept weights of each linear are re-solved from the
+    With ``cfg.reconstruct`` other than ``none`` the kept weights of each linear are re-solved from the
     dense weight, the method's mask and the statistics' ``sum x x^T``
     (:func:`~orchestrator.pruning.methods.prune_reconstructed`).
 
@@ -190,7 +196,7 @@ def prune_linears(linears: dict[str, nn.Linear], stats: dict[str, ActivationStat
                   norm=cfg.gblm.norm, grad_scale=cfg.gblm.grad_scale, weighting=cfg.gblm.weighting,
                   blocksize=cfg.sparsegpt.blocksize, percdamp=cfg.sparsegpt.percdamp, name=name)
         act = None if stats is None else stats[name]
-        if cfg.reconstruct == "layer":
+        if cfg.reconstruct != "none":
             ls = cfg.lstsq
             res = prune_reconstructed(lin.weight.data, cfg.method, cfg.target_sparsity, cfg.nm, act, ls.rounds,
                                       ls.solver, ls.percdamp, ls.iters, **kw)
@@ -199,6 +205,23 @@ def prune_linears(linears: dict[str, nn.Linear], stats: dict[str, ActivationStat
         lin.weight.data.copy_(res.weight)
         results[name] = res
     return results
+
+
+def tune(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor, dense_out: torch.Tensor,
+         kwargs: dict, ctx: StepContext, cfg: PruningConfig, results: dict[str, LayerPruneResult] | None) -> None:
+    """``reconstruct: block`` on every rank together: tune the kept weights, then share the scorer's.
+
+    The masks are the zeros of the shared weights (every rank holds them); the tuned weights are
+    copied into the scorer's ``results``.
+    """
+    masks = {name: lin.weight.data == 0 for name, lin in linears.items()}  # (out, in) True = pruned
+    bt = cfg.block_tune
+    out = tune_block(block, linears, masks, hidden, dense_out, kwargs, ctx.place, bt.epochs, bt.batch, bt.lr,
+                     ctx.positions, ctx.reduce)
+    log.debug("block tuning: loss %.4g -> %.4g over %d steps", out.loss_first, out.loss_last, out.steps)
+    ctx.share(linears)  # the scorer's bits everywhere (the all-reduced steps agree up to rounding)
+    for name, res in (results or {}).items():
+        res.weight = linears[name].weight.data.detach().clone()
 
 
 def block_step(block: nn.Module, hidden: torch.Tensor | None, kwargs: dict, ctx: StepContext,
@@ -240,6 +263,8 @@ def block_step(block: nn.Module, hidden: torch.Tensor | None, kwargs: dict, ctx:
         elif ctx.scorer:
             results.append(prune_linears(tlinears, stats, ctx.grads, tcfg))
         ctx.share(tlinears)
+        if replay is None and tcfg.reconstruct == "block" and dense_out is not None:
+            tune(tblock, tlinears, hidden, dense_out, kwargs, ctx, tcfg, results[-1] if ctx.scorer else None)
     if not active:
         return StepResult(results, hidden)
     if cfg.sequential and not targets:

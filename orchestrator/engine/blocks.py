@@ -94,7 +94,13 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[tor
 
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, place: Placement = CPU) -> torch.Tensor:
     """One block forward on ``(B, L, hidden)`` under the placement's autocast; returns the output hidden states."""
-    with torch.no_grad(), place.autocast():
+    with torch.no_grad():
+        return block_output(block, hidden, kwargs, place)
+
+
+def block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict, place: Placement = CPU) -> torch.Tensor:
+    """:func:`run_block` with autograd on (for tuning the block's weights): ``(B, L, hidden)`` out."""
+    with place.autocast():
         out = _first_tensor(block(hidden, **kwargs))
     return out.to(hidden.dtype)
 

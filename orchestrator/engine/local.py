@@ -71,7 +71,7 @@ def causal_lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def gradient_pass(model: nn.Module, input_ids: torch.Tensor, kinds: tuple[str, ...], scale: float,
-                  progress: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+                  progress: bool = True, dtype: str = "float32") -> dict[str, dict[str, torch.Tensor]]:
     """Per-sequence gradient sums for every pruned weight (batch size 1, :func:`causal_lm_loss`).
 
     Args:
@@ -80,6 +80,7 @@ def gradient_pass(model: nn.Module, input_ids: torch.Tensor, kinds: tuple[str, .
         kinds: subset of ``("abs", "sq", "sum")``.
         scale: factor applied to each per-sequence gradient before folding (GBLM: 100).
         progress: show a progress bar.
+        dtype: autocast dtype of the forward (and so of the backward); the sums stay fp32.
 
     Returns:
         weight name -> kind -> fp32 tensor shaped like the weight, on the model's device.
@@ -92,6 +93,7 @@ def gradient_pass(model: nn.Module, input_ids: torch.Tensor, kinds: tuple[str, .
         for n in names
     }
     handles = []
+    place = Placement.of(input_ids.device, dtype)
     for n, p in params.items():
         p.requires_grad_(n in names)
         if n in names:
@@ -103,7 +105,9 @@ def gradient_pass(model: nn.Module, input_ids: torch.Tensor, kinds: tuple[str, .
     try:
         for i in tqdm(range(input_ids.shape[0]), desc="gradient pass", disable=not progress, unit="seq"):
             ids = input_ids[i : i + 1]
-            causal_lm_loss(model, ids).backward()
+            with place.autocast():
+                loss = causal_lm_loss(model, ids)
+            loss.backward()
     finally:
         for h in handles:
             h.remove()
@@ -185,7 +189,7 @@ def run_local(model: nn.Module, input_ids: torch.Tensor, cfg: PruningConfig, pla
     kinds = gradient_kinds(cfg.method, cfg.gblm.norm)
     if kinds:
         t0 = time.perf_counter()
-        grads = gradient_pass(model, place.put(input_ids), kinds, cfg.gblm.grad_scale, progress)
+        grads = gradient_pass(model, place.put(input_ids), kinds, cfg.gblm.grad_scale, progress, cfg.gblm.grad_dtype)
         phases["gradient_pass"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     outcome = block_sequential(model, input_ids, cfg, grads, place, progress)

@@ -82,7 +82,7 @@ def run_sweep(model: nn.Module, input_ids: torch.Tensor, cfg: PruningConfig, pla
     kinds = gradient_kinds(cfg.method, cfg.gblm.norm)
     if kinds:
         t0 = time.perf_counter()
-        grads = gradient_pass(model, place.put(input_ids), kinds, cfg.gblm.grad_scale, progress)
+        grads = gradient_pass(model, place.put(input_ids), kinds, cfg.gblm.grad_scale, progress, cfg.gblm.grad_dtype)
         res.gradient_passes += 1
         res.phases["gradient_pass"] = time.perf_counter() - t0
     cfgs = [dataclasses.replace(cfg, sparsity=float(s), sweep=[]) for s in cfg.sweep]

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 Method = Literal["magnitude", "wanda", "sparsegpt", "gblm", "gblm-sparsegpt"]
 Pattern = Literal["unstructured", "2:4", "4:8"]
-Reconstruct = Literal["none", "layer"]
+Reconstruct = Literal["none", "layer", "block"]
 DType = Literal["float32", "bfloat16", "float16"]
 METHODS: tuple[str, ...] = typing.get_args(Method)
 PATTERNS: tuple[str, ...] = typing.get_args(Pattern)
@@ -121,6 +121,8 @@ class GblmConfig:
         "raw", help="`raw`: the paper's terms and `alpha`; `normalized`: both terms mean 1 per layer, weighed by "
                     "`relative_alpha` (the same for any N, gradient scale or model)")
     relative_alpha: float = opt(1.0, ge=0, help="weight of the mean-1 gradient term (`weighting: normalized`)")
+    grad_dtype: DType = opt("float32", help="autocast dtype of the gradient pass's forward and backward "
+                                           "(the statistics are summed in fp32)")
 
     def alpha_for(self, method: str) -> float:
         """The gradient term's weight: ``alpha`` for raw GBLM, ``relative_alpha`` for the scale-free terms."""
@@ -146,6 +148,15 @@ class LstsqConfig:
 
 
 @dataclass
+class BlockTuneConfig:
+    """Block-level tuning of the kept weights (``pruning.reconstruct: block``, METHODS.md section 2)."""
+
+    epochs: int = opt(2, gt=0, help="passes over the calibration sequences per block")
+    batch: int = opt(4, gt=0, help="sequences per Adam step (over all workers)")
+    lr: float = opt(1e-4, gt=0, help="Adam learning rate")
+
+
+@dataclass
 class OwlConfig:
     """Outlier-weighted layer-wise sparsity (``pruning.allocation: owl``, METHODS.md section 2)."""
 
@@ -165,8 +176,10 @@ class PruningConfig:
     sequential: bool = opt(True, help="re-forward each pruned block to produce the next block's inputs")
     sweep: list[float] = opt(factory=list, help="several sparsities from one statistics pass, e.g. `[0.3, 0.5, 0.7]`")
     reconstruct: Reconstruct = opt("none", help="`layer`: re-solve each layer's kept weights to match its dense "
-                                               "output on the calibration inputs (any method)")
+                                               "output on the calibration inputs (any method); `block`: then "
+                                               "tune each block's kept weights to match the dense block's output")
     lstsq: LstsqConfig = field(default_factory=LstsqConfig)
+    block_tune: BlockTuneConfig = field(default_factory=BlockTuneConfig)
     allocation: Literal["uniform", "owl"] = opt("uniform", help="per-block sparsity: the same everywhere, or by "
                                                                 "outlier share (OWL; unstructured, mean = target)")
     owl: OwlConfig = field(default_factory=OwlConfig)

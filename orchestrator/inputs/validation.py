@@ -47,4 +47,6 @@ def _sweep_problems(cfg: Any) -> list[str]:
         p.append(f"pruning.sparsity: {pr.sparsity!r} must be one of pruning.sweep {pr.sweep!r} (the saved model)")
     if cfg.structured.enabled:
         p.append("pruning.sweep: not available with structured.enabled=true")
+    if pr.reconstruct == "block":
+        p.append("pruning.reconstruct: block is not available with pruning.sweep yet (use layer)")
     return p

@@ -91,8 +91,12 @@ class PrecomputedLoss(torch.autograd.Function):
 
 def lm_loss_with_grad(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
                       bias: torch.Tensor | None = None, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """:func:`chunked_lm_loss` as a differentiable scalar: ``backward()`` flows into ``hidden``."""
-    loss, grad = chunked_lm_loss(hidden, weight, ids, bias, chunk_elements)
+    """:func:`chunked_lm_loss` as a differentiable scalar: ``backward()`` flows into ``hidden``.
+
+    The loss sweep itself stays fp32 under an enclosing autocast (a bf16 gradient pass).
+    """
+    with torch.autocast(hidden.device.type, enabled=False):
+        loss, grad = chunked_lm_loss(hidden, weight, ids, bias, chunk_elements)
     return PrecomputedLoss.apply(hidden, loss, grad)
 
 

@@ -138,7 +138,8 @@ def add_gradient(sums: dict[str, torch.Tensor], grad: torch.Tensor, scale: float
 
 
 def per_sample_weight_grad_stats(x: torch.Tensor, grad_out: torch.Tensor, kinds: tuple[str, ...],
-                                 weights: torch.Tensor) -> dict[str, torch.Tensor]:
+                                 weights: torch.Tensor, compute_dtype: torch.dtype = torch.float32
+                                 ) -> dict[str, torch.Tensor]:
     """Statistics of the per-sample weight gradients of a bias-free linear, from its input and output grad.
 
     For ``y = x @ W.T`` the gradient of sample ``b`` is ``G_b = grad_out_b.T @ x_b``; this folds
@@ -151,6 +152,8 @@ def per_sample_weight_grad_stats(x: torch.Tensor, grad_out: torch.Tensor, kinds:
             being that sequence's own mean token loss.
         kinds: subset of ``("abs", "sq", "sum")``.
         weights: ``(B,)`` per-sample factors (the GBLM scale; 0 for padding samples).
+        compute_dtype: dtype of the per-sample product (bf16 in a bf16 gradient pass, as autograd's
+            own weight gradient there); the statistics are folded in fp32.
 
     Returns:
         kind -> fp32 ``(out, in)`` sum over the batch.
@@ -158,7 +161,7 @@ def per_sample_weight_grad_stats(x: torch.Tensor, grad_out: torch.Tensor, kinds:
     bad = [k for k in kinds if k not in GRAD_KINDS]
     if bad:
         raise ValueError(f"unknown gradient statistic(s) {bad}; allowed {GRAD_KINDS}")
-    g = torch.bmm(grad_out.float().transpose(1, 2), x.float())  # (B, out, in)
+    g = torch.bmm(grad_out.to(compute_dtype).transpose(1, 2), x.to(compute_dtype)).float()  # (B, out, in)
     g.mul_(weights.to(g.dtype).view(-1, 1, 1))
     out = {}
     if "sum" in kinds:

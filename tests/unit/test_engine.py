@@ -70,6 +70,18 @@ def test_gradient_pass_equals_per_sequence_autograd(tiny, ids):
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_bf16_gradient_pass_stays_close_to_fp32(tiny, ids):
+    """``gblm.grad_dtype: bfloat16`` runs the forward/backward under bf16 autocast (the statistics stay fp32):
+    every statistic is fp32, differs from the fp32 pass (so autocast really ran) and stays within bf16 error."""
+    fp32 = gradient_pass(copy.deepcopy(tiny), ids, ("abs",), scale=100.0, progress=False)
+    bf16 = gradient_pass(copy.deepcopy(tiny), ids, ("abs",), scale=100.0, progress=False, dtype="bfloat16")
+    assert any(not torch.equal(bf16[n]["abs"], fp32[n]["abs"]) for n in fp32)
+    for n, by_kind in fp32.items():
+        got, want = bf16[n]["abs"], by_kind["abs"]
+        assert got.dtype == torch.float32, n
+        assert float((got - want).norm() / want.norm()) < 0.05, n
+
+
 def test_causal_lm_loss_skips_logits_only_for_a_plain_head(tiny, ids):
     model = copy.deepcopy(tiny)
     hf = model(ids, labels=ids, use_cache=False).loss * ids.shape[0]

@@ -153,7 +153,7 @@ class BlockTuneConfig:
 
     epochs: int = opt(2, gt=0, help="passes over the calibration sequences per block")
     batch: int = opt(4, gt=0, help="sequences per Adam step (over all workers)")
-    lr: float = opt(1e-4, gt=0, help="Adam learning rate")
+    lr: float = opt(3e-4, gt=0, help="Adam learning rate")
 
 
 @dataclass

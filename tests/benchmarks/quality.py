@@ -98,10 +98,11 @@ def main() -> None:
         kinds = gradient_kinds(method, run.pruning.gblm.norm)
         grads, grad_s = None, 0.0
         if kinds:
-            key = (kinds, run.pruning.gblm.grad_scale)
+            key = (kinds, run.pruning.gblm.grad_scale, run.pruning.gblm.grad_dtype)
             if key not in grad_cache:
                 t0 = time.perf_counter()
-                g = gradient_pass(copy.deepcopy(dense), calib, kinds, run.pruning.gblm.grad_scale, progress=False)
+                g = gradient_pass(copy.deepcopy(dense), calib, kinds, run.pruning.gblm.grad_scale, progress=False,
+                                  dtype=run.pruning.gblm.grad_dtype)
                 grad_cache[key] = (g, time.perf_counter() - t0)
             grads, grad_s = grad_cache[key]
         model = copy.deepcopy(dense)

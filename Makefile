@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rayprune-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-unit lint bench-quality bench-distributed peer-venv clean
+.PHONY: setup run test test-unit lint bench-quality bench-distributed peer-venv peer-structured clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,10 @@ peer-venv: .venv-peer/.installed
 	.venv-peer/bin/python -m pip install -q torch==2.13.0
 	.venv-peer/bin/python -m pip install -q "llmcompressor==0.14.0.1" pyarrow
 	touch $@
+
+## Torch-Pruning for the structured benchmark's peer rows (the `peer` extra, in the project's venv).
+peer-structured: setup
+	$(PY) -m pip install -q -c constraints.txt -e '.[peer]'
 
 bench-distributed: setup
 	$(PY) tests/benchmarks/distributed.py --out bench-out/distributed.json

@@ -202,7 +202,8 @@ def plan(
         grad_batch: sequences per forward/backward of the gradient pass
             (``backend.grad_batch_size``): one parameter gather and one statistic
             reduce-scatter serve all of them.
-        reconstruct: ``pruning.reconstruct``; anything but ``none`` keeps ``sum x x^T`` like SparseGPT.
+        reconstruct: ``pruning.reconstruct``; anything but ``none`` keeps ``sum x x^T`` like SparseGPT,
+            and ``block`` adds the block tuning's optimiser state and one sequence's backward.
 
     Returns:
         The :class:`Plan`.
@@ -224,6 +225,8 @@ def plan(
     stats = {k: math.ceil(linear_params * FP32 / w) for k in kinds}
     calib = math.ceil(num_samples / w) * seq_len * s.hidden * FP32 * 2
     largest = block * FP32 + len(kinds) * block_lin * FP32 + (s.xtx_bytes() if xtx else 0)
+    if reconstruct == "block":  # Adam's two moments and the gradient of the kept weights, one sequence's backward
+        largest += 3 * block_lin * FP32 + seq_len * (8 * s.hidden + 4 * s.intermediate) * FP32
     grad_pass = comm_seq = 0
     if kinds:
         per_token = 8 * s.hidden + 4 * s.intermediate  # saved activations of one block, rough (no checkpointing)

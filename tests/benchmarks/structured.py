@@ -93,6 +93,8 @@ def main() -> None:
                     help="torch thread counts of the speed runs; the first fills prefill_tps / decode_tps")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "rayprune" / "structured-bench"))
     ap.add_argument("--set", nargs="*", default=[], help="extra config overrides (structured.indicator=...)")
+    ap.add_argument("--peer", default="torch-pruning", choices=["torch-pruning", "none"],
+                    help="peer rows at each target (skipped, with the reason in the JSON, when not installed)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -137,6 +139,40 @@ def main() -> None:
     if args.recovery not in ("none", "all"):
         rec_targets = [float(x) for x in args.recovery.split(",")]
     windows = None
+
+    def add_rows(model: torch.nn.Module, target: float, alloc: str, extra: dict) -> None:
+        """The row of one pruned model, and its recovered twin where ``--recovery`` asks for it."""
+        nonlocal windows
+        name = f"{target}-{alloc}"
+        row = {"target": target, "allocation": alloc, "recovered": False, "params": decoder_params(model),
+               "total_params": sum(p.numel() for p in model.parameters()), **extra,
+               "flops_per_token": flops_per_token(model),
+               "ideal_speedup": result["dense"]["flops_per_token"] / flops_per_token(model),
+               "ppl": ppl(model, (target, alloc, False))}
+        log.info("%s: ppl %.3f, removed %.4f", name, row["ppl"], row["removed_fraction"])
+        result["rows"].append(row)
+        models[name] = model
+        if (rec_targets is None or target in rec_targets) and (target, alloc) in old_recovered:
+            o = old_recovered[(target, alloc)]
+            log.info("%s recovered: reused from %s (ppl %.3f)", name, args.ppl_from, o["ppl"])
+            result["rows"].append({**row, "recovered": True, **{k: o[k] for k in ("ppl", "closed_gap", "recovery",
+                                                                 "recovery_losses")},
+                                   "reused_from": args.ppl_from})
+        elif rec_targets is None or target in rec_targets:
+            if windows is None:
+                windows = recovery_windows(cfg, calib)  # (M, S) from the calibration source
+            rmodel, rrep = recover(copy.deepcopy(model), windows, cfg.structured.recovery, progress=True)
+            rppl = ppl(rmodel, (target, alloc, True))
+            rrow = {**row, "recovered": True, "ppl": rppl,
+                    "closed_gap": (row["ppl"] - rppl) / (row["ppl"] - result["dense"]["ppl"]),
+                    "recovery": {k: v for k, v in rrep.items() if k != "phases"},
+                    "recovery_losses": [p["losses"] for p in rrep["phases"]]}
+            log.info("%s recovered: ppl %.3f (%.0f%% of the gap closed, %.0f s)", name, rrow["ppl"],
+                     100 * rrow["closed_gap"], rrep["seconds"])
+            result["rows"].append(rrow)
+            del rmodel
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
     for target in [float(x) for x in args.targets.split(",")]:
         for alloc in args.allocations.split(","):
             s = copy.deepcopy(cfg.structured)
@@ -145,40 +181,38 @@ def main() -> None:
                 s.indicator = alloc.split(":")[1]
             model = copy.deepcopy(dense)
             rep = apply_pruning(model, imp, s)
-            name = f"{target}-{alloc}"
-            row = {"target": target, "allocation": alloc, "recovered": False, "params": decoder_params(model),
-                   "total_params": sum(p.numel() for p in model.parameters()),
-                   "removed_fraction": rep["removed_fraction"], "flops_per_token": flops_per_token(model),
-                   "ideal_speedup": result["dense"]["flops_per_token"] / flops_per_token(model),
-                   "ppl": ppl(model, (target, alloc, False)), "layer_sizes": rep["layer_sizes"]}
-            log.info("%s: ppl %.3f, removed %.4f", name, row["ppl"], row["removed_fraction"])
-            result["rows"].append(row)
-            models[name] = model
-            if (rec_targets is None or target in rec_targets) and (target, alloc) in old_recovered:
-                o = old_recovered[(target, alloc)]
-                log.info("%s recovered: reused from %s (ppl %.3f)", name, args.ppl_from, o["ppl"])
-                result["rows"].append({**row, "recovered": True, **{k: o[k] for k in ("ppl", "closed_gap", "recovery",
-                                                                     "recovery_losses")},
-                                       "reused_from": args.ppl_from})
-            elif rec_targets is None or target in rec_targets:
-                if windows is None:
-                    windows = recovery_windows(cfg, calib)  # (M, S) from the calibration source
-                rmodel, rrep = recover(copy.deepcopy(model), windows, cfg.structured.recovery, progress=True)
-                rppl = ppl(rmodel, (target, alloc, True))
-                rrow = {**row, "recovered": True, "ppl": rppl,
-                        "closed_gap": (row["ppl"] - rppl) / (row["ppl"] - result["dense"]["ppl"]),
-                        "recovery": {k: v for k, v in rrep.items() if k != "phases"},
-                        "recovery_losses": [p["losses"] for p in rrep["phases"]]}
-                log.info("%s recovered: ppl %.3f (%.0f%% of the gap closed, %.0f s)", name, rrow["ppl"],
-                         100 * rrow["closed_gap"], rrep["seconds"])
-                result["rows"].append(rrow)
-                del rmodel
-            Path(args.out).write_text(json.dumps(result, indent=1))
+            add_rows(model, target, alloc, {"removed_fraction": rep["removed_fraction"],
+                                            "layer_sizes": rep["layer_sizes"]})
+        if args.peer == "torch-pruning":
+            peer_rows(add_rows, dense, calib, cfg, result, target)
     speed_threads = [int(x) for x in args.speed_threads.split(",") if x]
     if args.repeats > 0 and speed_threads:
         speed(result, models, tok, args.repeats, speed_threads)
     Path(args.out).write_text(json.dumps(result, indent=1))
     log_table(result, speed_threads if args.repeats > 0 else [])
+
+
+def peer_rows(add_rows, dense: torch.nn.Module, calib: torch.Tensor, cfg, result: dict, target: float) -> None:
+    """The Torch-Pruning row(s) at ``target``: the same decoder parameter count as the first SAAP row there."""
+    from importlib.metadata import version
+
+    import peer_torchpruning as peer  # beside this script (its folder leads sys.path)
+
+    why = peer.available()
+    if why is not None:
+        result.setdefault("peer_skipped", why)
+        log.warning("peer rows skipped: %s", why)
+        return
+    ours = next(r for r in result["rows"] if r["target"] == target and not r["recovered"])
+    first, last = protected_blocks(cfg.structured, dense.config.num_hidden_layers)
+    depth = dense.config.num_hidden_layers
+    protected = set(range(first)) | set(range(depth - last, depth))
+    model, ratio = peer.prune_to_params(dense, calib, ours["params"], protected, cfg.structured.round_to)
+    add_rows(model, target, "torch-pruning", {
+        "removed_fraction": 1 - decoder_params(model) / result["dense"]["params"],
+        "layer_sizes": [b.mlp.gate_proj.out_features for b in model.model.layers],
+        "peer": {"package": "torch-pruning", "version": version("torch-pruning"), "importance": "taylor",
+                 "groups": "mlp channels", "ratio": ratio, "matched_to": ours["allocation"]}})
 
 
 def speed(result: dict, models: dict[str, torch.nn.Module], tok, repeats: int, threads: list[int]) -> None:

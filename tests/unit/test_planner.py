@@ -137,6 +137,17 @@ def test_sparsegpt_adds_xtx_and_no_gradients() -> None:
         assert p.grad_pass_bytes == 0 and p.comm_per_seq_bytes == 0
 
 
+def test_block_reconstruction_adds_the_tuning_state() -> None:
+    """``reconstruct: block`` keeps ``sum x x^T`` like ``layer``, plus Adam's state and the gradient of every
+    block linear (fp32) and one sequence's saved activations through one block."""
+    common = dict(workers=4, num_samples=64, seq_len=512, method="wanda")
+    layer, block = plan(LLAMA2_70B, reconstruct="layer", **common), plan(LLAMA2_70B, reconstruct="block", **common)
+    h, i, kv = 8192, 28672, 8 * 128
+    linears = 2 * h * h + 2 * h * kv + 3 * h * i  # q, o; k, v; gate, up, down
+    assert block.largest_block_bytes - layer.largest_block_bytes == 3 * linears * 4 + 512 * (8 * h + 4 * i) * 4
+    assert layer.largest_block_bytes > plan(LLAMA2_70B, **common).largest_block_bytes  # layer adds xtx
+
+
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "gblm"])
 def test_sharded_bytes_scale_as_one_over_w(method: str) -> None:
     base = plan(LLAMA2_13B, workers=1, method=method, num_samples=64, seq_len=1024)

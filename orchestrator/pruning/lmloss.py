@@ -18,6 +18,8 @@ batch-1 gradient.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 #: logits elements per chunk (fp32: 32 MiB)
@@ -95,7 +97,9 @@ def lm_loss_with_grad(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Ten
 
     The loss sweep itself stays fp32 under an enclosing autocast (a bf16 gradient pass).
     """
-    with torch.autocast(hidden.device.type, enabled=False):
+    kind = hidden.device.type
+    amp = kind in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(kind)  # other backends have no autocast
+    with torch.autocast(kind, enabled=False) if amp else contextlib.nullcontext():
         loss, grad = chunked_lm_loss(hidden, weight, ids, bias, chunk_elements)
     return PrecomputedLoss.apply(hidden, loss, grad)
 

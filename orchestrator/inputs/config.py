@@ -234,6 +234,8 @@ class StructuredConfig:
     allocation: Literal["uniform", "adaptive"] = opt("adaptive", help="per-module ratios: equal, or by indicator")
     indicator: Literal["stability", "importance", "hybrid"] = opt("importance", help="what adaptive allocation follows")
     spread: float = opt(0.5, ge=0, lt=1, help="how far adaptive ratios move from uniform")
+    modules: Literal["all", "mlp"] = opt("all", help="`all`: attention KV groups and MLP channels; `mlp`: MLP "
+                                                     "channels only (attention kept whole)")
     estimators: list[Literal["element1", "element2", "vector"]] = opt(
         factory=lambda: ["element1", "vector"], nonempty=True, help="importance estimators fused by uncertainty")
     aggregation: Literal["sum", "mean", "max", "prod"] = opt("sum", help="how a group's element scores combine")

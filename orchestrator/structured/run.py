@@ -142,6 +142,8 @@ def apply_pruning(model: nn.Module, imp: Importance, s: StructuredConfig) -> dic
         weights = [0.0 if m.protected else 1.0 for m in imp.mods]
     else:
         weights = indicator_weights(stats, s.indicator, s.spread)
+    if s.modules == "mlp":  # attention kept whole: the whole target comes from MLP channels
+        weights = [0.0 if m.kind == "attn" else w for m, w in zip(imp.mods, weights, strict=True)]
     target = round(s.target * before)
     counts = allocate(stats, target, weights, s.round_to)
     rows = []

@@ -119,6 +119,24 @@ def test_pruning_drops_the_least_important_groups():
     assert abs(rep["removed_fraction"] - 0.25) < 0.05
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "adaptive"])
+def test_mlp_only_keeps_attention_whole_and_meets_the_target(allocation):
+    """``structured.modules: mlp`` takes the whole target from MLP channels; attention shapes stay dense."""
+    model = tiny(layers=2, inter=64)
+    mods = module_groups(model)
+    fused = {m.key: torch.arange(m.num_groups, dtype=torch.float64) for m in mods}
+    imp = Importance(mods, fused, {"attn": {"element1": 1.0}, "mlp": {"element1": 1.0}}, {m.key: 0.0 for m in mods})
+    shapes = {n: p.shape for n, p in model.named_parameters() if "self_attn" in n}
+    before = decoder_params(model)
+    cfg = load_config(None, [f"structured.allocation={allocation}", "structured.target=0.25", "structured.round_to=8",
+                             "structured.modules=mlp", "structured.protect_first=0", "structured.protect_last=0"])
+    rep = apply_pruning(model, imp, cfg.structured)
+    assert {n: p.shape for n, p in model.named_parameters() if "self_attn" in n} == shapes
+    assert model.model.layers[0].mlp.gate_proj.out_features < 64
+    assert abs((before - decoder_params(model)) / before - 0.25) < 0.05
+    assert abs(rep["removed_fraction"] - 0.25) < 0.05
+
+
 def test_protected_defaults_scale_with_depth():
     s = load_config(None).structured
     assert protected_blocks(s, 30) == (3, 2) and protected_blocks(s, 2) == (0, 0)

@@ -17,17 +17,9 @@ from orchestrator.inputs.config import PruningConfig
 
 
 @pytest.fixture
-def tiny_block():
+def tiny_block(tiny_block_of):
     """Block 0 of a seeded tiny LLaMA with its inputs on 8 random sequences."""
-    from orchestrator.engine.blocks import capture_block_inputs, decoder_blocks
-    from orchestrator.inputs.config import ModelConfig
-    from orchestrator.inputs.models import load_model, materialize
-
-    cfg = ModelConfig(source="tiny")
-    model = load_model(materialize(cfg), cfg)
-    ids = torch.randint(0, model.config.vocab_size, (8, 16), generator=torch.Generator().manual_seed(0))
-    hidden, kwargs = capture_block_inputs(model, ids)
-    return decoder_blocks(model)[0], hidden, kwargs
+    return tiny_block_of(8)
 
 
 def _cfg(reconstruct: str, epochs: int = 4) -> PruningConfig:

@@ -112,17 +112,9 @@ def _input_xtx(block, hidden, kwargs):
 
 
 @pytest.fixture
-def tiny_block():
+def tiny_block(tiny_block_of):
     """Block 0 of a seeded tiny LLaMA with its inputs on 4 random sequences."""
-    from orchestrator.engine.blocks import capture_block_inputs, decoder_blocks
-    from orchestrator.inputs.config import ModelConfig
-    from orchestrator.inputs.models import load_model, materialize
-
-    cfg = ModelConfig(source="tiny")
-    model = load_model(materialize(cfg), cfg)
-    ids = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
-    hidden, kwargs = capture_block_inputs(model, ids)
-    return decoder_blocks(model)[0], hidden, kwargs
+    return tiny_block_of(4)
 
 
 def _wanda_stats(x: torch.Tensor):

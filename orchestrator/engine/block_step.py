@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from orchestrator.engine.block_tune import tune_block
+from orchestrator.engine.block_tune import Reduce, tune_block
 from orchestrator.engine.blocks import block_linears, collect_inputs, forward_all
 from orchestrator.engine.device import Placement
 from orchestrator.inputs.config import PruningConfig
@@ -47,8 +47,6 @@ from orchestrator.pruning.stats import ActivationStats
 
 log = logging.getLogger(__name__)
 
-#: in-place SUM of a tensor over all ranks (identity in one process)
-Reduce = Callable[[torch.Tensor], None]
 #: makes the scorer's weights of these linears every rank's (identity in one process)
 Share = Callable[[dict[str, nn.Linear]], None]
 #: local linear name -> the gradient statistic the method scores with (or None)

@@ -33,6 +33,9 @@ from orchestrator.engine.device import Placement
 
 log = logging.getLogger(__name__)
 
+#: in-place SUM of a tensor over all ranks (identity in one process)
+Reduce = Callable[[torch.Tensor], None]
+
 
 @dataclass
 class TuneOutcome:
@@ -57,7 +60,7 @@ def epoch_steps(total: int, batch: int) -> int:
 def tune_block(block: nn.Module, linears: dict[str, nn.Linear], masks: dict[str, torch.Tensor],
                hidden: torch.Tensor, target: torch.Tensor, kwargs: dict, place: Placement,
                epochs: int, batch: int, lr: float, positions: list[int] | None = None,
-               reduce: Callable[[torch.Tensor], None] | None = None) -> TuneOutcome:
+               reduce: Reduce | None = None) -> TuneOutcome:
     """Tune the kept weights of ``linears`` (in place) so ``block`` reproduces ``target``.
 
     Args:
@@ -107,7 +110,7 @@ def tune_block(block: nn.Module, linears: dict[str, nn.Linear], masks: dict[str,
 
 def _step(block: nn.Module, params: list[nn.Parameter], keeps: list[torch.Tensor], hidden: torch.Tensor,
           target: torch.Tensor, kwargs: dict, place: Placement, opt: torch.optim.Optimizer, rows: list[int],
-          reduce: Callable[[torch.Tensor], None] | None) -> float:
+          reduce: Reduce | None) -> float:
     """One Adam step on this rank's ``rows`` of the global minibatch; returns the minibatch's mean loss."""
     for p in params:
         p.grad = torch.zeros_like(p)

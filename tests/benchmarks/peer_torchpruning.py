@@ -36,17 +36,22 @@ def available() -> str | None:
     return None
 
 
-def taylor_gradients(model: nn.Module, calib: torch.Tensor) -> None:
-    """Accumulate the calibration loss gradients in every parameter's ``.grad`` (one window at a time).
+def taylor_gradients(dense: nn.Module, calib: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The calibration loss gradient of every parameter (summed over windows, one window at a time).
 
     Args:
-        model: the dense causal LM (its ``.grad`` fields are overwritten).
+        dense: the dense causal LM (not modified: a copy is differentiated).
         calib: ``(N, L)`` calibration windows.
+
+    Returns:
+        Parameter name -> its gradient (one pass serves every target of a run).
     """
+    model = copy.deepcopy(dense)
     model.zero_grad(set_to_none=True)
     for i in range(calib.shape[0]):
         ids = calib[i : i + 1]
         model(ids, labels=ids, use_cache=False).loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def prune_mlp_channels(model: nn.Module, ratio: float, protected: set[int], round_to: int) -> nn.Module:
@@ -80,7 +85,7 @@ def prune_mlp_channels(model: nn.Module, ratio: float, protected: set[int], roun
     return model
 
 
-def prune_to_params(dense: nn.Module, calib: torch.Tensor, target_params: int, protected: set[int],
+def prune_to_params(dense: nn.Module, grads: dict[str, torch.Tensor], target_params: int, protected: set[int],
                     round_to: int, iters: int = 12) -> tuple[nn.Module, float]:
     """The Torch-Pruning model whose decoder has the parameter count closest to ``target_params``.
 
@@ -88,7 +93,7 @@ def prune_to_params(dense: nn.Module, calib: torch.Tensor, target_params: int, p
 
     Args:
         dense: the dense model (not modified).
-        calib: ``(N, L)`` calibration windows for the Taylor importance.
+        grads: :func:`taylor_gradients` of ``dense`` (the Taylor importance).
         target_params: decoder parameters the peer keeps (those of the SAAP row it is compared with).
         protected: blocks left whole.
         round_to: kept-width rounding.
@@ -97,11 +102,6 @@ def prune_to_params(dense: nn.Module, calib: torch.Tensor, target_params: int, p
     Returns:
         The pruned model and its ratio.
     """
-    scored = copy.deepcopy(dense)
-    taylor_gradients(scored, calib)
-    grads = {n: p.grad.detach().clone() for n, p in scored.named_parameters() if p.grad is not None}
-    del scored
-
     def trial(ratio: float) -> nn.Module:
         model = copy.deepcopy(dense)
         for n, p in model.named_parameters():

@@ -173,6 +173,7 @@ def main() -> None:
             del rmodel
         Path(args.out).write_text(json.dumps(result, indent=1))
 
+    peer_cache: dict = {}
     for target in [float(x) for x in args.targets.split(",")]:
         for alloc in args.allocations.split(","):
             s = copy.deepcopy(cfg.structured)
@@ -184,7 +185,7 @@ def main() -> None:
             add_rows(model, target, alloc, {"removed_fraction": rep["removed_fraction"],
                                             "layer_sizes": rep["layer_sizes"]})
         if args.peer == "torch-pruning":
-            peer_rows(add_rows, dense, calib, cfg, result, target)
+            peer_rows(add_rows, dense, calib, cfg, result, target, peer_cache)
     speed_threads = [int(x) for x in args.speed_threads.split(",") if x]
     if args.repeats > 0 and speed_threads:
         speed(result, models, tok, args.repeats, speed_threads)
@@ -192,8 +193,10 @@ def main() -> None:
     log_table(result, speed_threads if args.repeats > 0 else [])
 
 
-def peer_rows(add_rows, dense: torch.nn.Module, calib: torch.Tensor, cfg, result: dict, target: float) -> None:
-    """The Torch-Pruning row(s) at ``target``: the same decoder parameter count as the first SAAP row there."""
+def peer_rows(add_rows, dense: torch.nn.Module, calib: torch.Tensor, cfg, result: dict, target: float,
+              cache: dict) -> None:
+    """The Torch-Pruning row(s) at ``target``: the same decoder parameter count as the first SAAP row there
+    (``cache`` keeps the Taylor gradients of the dense model for the run's other targets)."""
     from importlib.metadata import version
 
     import peer_torchpruning as peer  # beside this script (its folder leads sys.path)
@@ -207,7 +210,9 @@ def peer_rows(add_rows, dense: torch.nn.Module, calib: torch.Tensor, cfg, result
     first, last = protected_blocks(cfg.structured, dense.config.num_hidden_layers)
     depth = dense.config.num_hidden_layers
     protected = set(range(first)) | set(range(depth - last, depth))
-    model, ratio = peer.prune_to_params(dense, calib, ours["params"], protected, cfg.structured.round_to)
+    if "grads" not in cache:
+        cache["grads"] = peer.taylor_gradients(dense, calib)
+    model, ratio = peer.prune_to_params(dense, cache["grads"], ours["params"], protected, cfg.structured.round_to)
     add_rows(model, target, "torch-pruning", {
         "removed_fraction": 1 - decoder_params(model) / result["dense"]["params"],
         "layer_sizes": [b.mlp.gate_proj.out_features for b in model.model.layers],

@@ -230,12 +230,10 @@ def _attempt(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress:
                          f"not {group.workers}")
     load_workers(group, cfg, model_path, input_ids)
     phases = {"startup": time.perf_counter() - t0}
-    kinds = gradient_kinds(pcfg.method, pcfg.gblm.norm)
-    if kinds:
+    if gradient_kinds(pcfg.method, pcfg.gblm.norm):
         t1 = time.perf_counter()
-        gradient_pass(group, input_ids.shape[0], kinds, pcfg.gblm.grad_scale, progress,
-                       cfg.backend.grad_batch_size, store, cfg.backend.checkpoint_every, faults,
-                       pcfg.gblm.grad_dtype)
+        gradient_pass(group, input_ids.shape[0], gradient_spec(cfg, model_path, group), progress, store,
+                      cfg.backend.checkpoint_every, faults)
         phases["gradient_pass"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     outcome, weights = _block_pass(group, cfg, progress, store, faults)
@@ -258,19 +256,54 @@ def load_workers(group: ActorGroup, cfg: RunConfig, model_path: str, input_ids: 
     group.get([a.load.remote(model_path, cfg.model, s, seq_len) for a, s in zip(group.actors, shards, strict=True)])
 
 
-def gradient_pass(group: ActorGroup, n: int, kinds: tuple[str, ...], scale: float, progress: bool,
-                   batch: int = 1, store: CheckpointStore | None = None, every: int = 8,
-                   faults: Faults | None = None, dtype: str = "float32") -> None:
-    """Per-sequence gradient statistics on every worker; each rank runs ``ceil(N/W)`` sequences,
-    ``batch`` per forward/backward (per-sample gradients, so the sums do not depend on ``batch``), under
-    autocast ``dtype``.
+@dataclass(frozen=True)
+class GradientPassSpec:
+    """How every worker runs the gradient pass (decided here, on the driver).
+
+    Attributes:
+        kinds: statistics kept (``abs``, ``sq``, ``sum``).
+        scale: factor on each per-sequence gradient (GBLM: 100).
+        batch: sequences per forward/backward (per-sample gradients: the sums do not depend on it).
+        dtype: autocast dtype of the forwards and backwards (statistics stay fp32).
+        checkpoint: recompute each block's activations in the backward.
+        offload: keep the statistic partitions in host memory.
+    """
+
+    kinds: tuple[str, ...]
+    scale: float
+    batch: int = 1
+    dtype: str = "float32"
+    checkpoint: bool = False
+    offload: bool = False
+
+
+def gradient_spec(cfg: RunConfig, model_path: str, group: ActorGroup) -> GradientPassSpec:
+    """The run's gradient pass; activation checkpointing is ``backend.activation_checkpointing``, or where it is
+    null, the planner's answer for the group's smallest device memory."""
+    from orchestrator.inputs.models import load_model_config
+    from orchestrator.planner import choose_checkpointing
+
+    pcfg, b = cfg.pruning, cfg.backend
+    budget = min(d["memory_bytes"] for d in group.devices)
+    on = choose_checkpointing(cfg, load_model_config(model_path, cfg.model), group.workers, budget)
+    log.info("gradient pass: activation checkpointing %s (%s; %.1f GiB per worker)", "on" if on else "off",
+             "planned" if b.activation_checkpointing is None else "backend.activation_checkpointing",
+             budget / 2**30)
+    return GradientPassSpec(gradient_kinds(pcfg.method, pcfg.gblm.norm), pcfg.gblm.grad_scale, b.grad_batch_size,
+                            pcfg.gblm.grad_dtype, on, b.offload_stats)
+
+
+def gradient_pass(group: ActorGroup, n: int, spec: GradientPassSpec, progress: bool,
+                  store: CheckpointStore | None = None, every: int = 8, faults: Faults | None = None) -> None:
+    """Per-sequence gradient statistics on every worker as ``spec`` says; each rank runs ``ceil(N/W)``
+    sequences, ``spec.batch`` per forward/backward.
 
     With a ``store``, the partitions are saved every ``every`` sequences per rank and at the end,
     and a resumed pass starts after the last saved step.
     """
     import ray
 
-    steps = math.ceil(n / group.workers)
+    steps, batch = math.ceil(n / group.workers), spec.batch
     resume = None
     first = 0
     if store is not None and store.grad_steps:
@@ -278,7 +311,7 @@ def gradient_pass(group: ActorGroup, n: int, kinds: tuple[str, ...], scale: floa
         resume = [files[r] for r in range(group.workers)]
         first = store.grad_steps
         log.info("gradient pass: resuming after %d of %d sequences per rank", first, steps)
-    group.get([a.start_gradients.remote(kinds, scale, None if resume is None else resume[r], dtype)
+    group.get([a.start_gradients.remote(spec, None if resume is None else resume[r])
                for r, a in enumerate(group.actors)])
     bar = tqdm(total=n, desc="gradient pass (ray)", disable=not progress, unit="seq")
     chunk = max(batch, (max(1, steps // 8) // batch) * batch)  # whole micro-batches per call

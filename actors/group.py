@@ -35,7 +35,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.cluster import check_capacity, ensure_ray
-from orchestrator.engine.device import local_device, visible_device_index
+from orchestrator.engine.device import device_memory_bytes, local_device, visible_device_index
 from orchestrator.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class GroupMember:
         # worker would flood the driver's log (the source is the dependency, not this code)
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         quiet_worker_logs()
-        self.rank, self.world, self.local_rank = 0, 1, 0
+        self.rank, self.world, self.local_rank, self.local_world = 0, 1, 0, 1
         self.device = torch.device("cpu")
 
     def member_info(self) -> MemberInfo:
@@ -187,6 +187,7 @@ class GroupMember:
             :meth:`device_info`.
         """
         self.rank, self.world, self.local_rank = place.rank, place.world, place.local_rank
+        self.local_world = place.local_world
         ids = list(self.member_info().accelerator_ids)
         if place.visible_devices is not None:  # before anything initialises CUDA in this process
             os.environ["CUDA_VISIBLE_DEVICES"] = place.visible_devices
@@ -243,7 +244,8 @@ class GroupMember:
         return {"rank": self.rank, "world": self.world, "local_rank": self.local_rank, "node_id": info.node_id,
                 "accelerator_ids": list(info.accelerator_ids), "device": str(self.device),
                 "device_index": getattr(self, "device_index", None),
-                "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+                "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "memory_bytes": device_memory_bytes(self.device, self.local_world)}
 
     def leave(self) -> None:
         """Destroy the process group (subclasses free their resources first)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from actors.distributed import SCORER, gradient_pass, load_workers, prune_spec, start_workers
+from actors.distributed import SCORER, gradient_pass, gradient_spec, load_workers, prune_spec, start_workers
 from actors.group import ActorGroup, GroupSpec
 from orchestrator.engine.block_step import uses_activations
 from orchestrator.engine.local import PruneOutcome
@@ -55,8 +55,7 @@ def run_ray_sweep(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, prog
         kinds = gradient_kinds(pcfg.method, pcfg.gblm.norm)
         if kinds:
             t1 = time.perf_counter()
-            gradient_pass(group, input_ids.shape[0], kinds, pcfg.gblm.grad_scale, progress,
-                           cfg.backend.grad_batch_size, dtype=pcfg.gblm.grad_dtype)
+            gradient_pass(group, input_ids.shape[0], gradient_spec(cfg, model_path, group), progress)
             out.gradient_passes += 1
             out.phases["gradient_pass"] = time.perf_counter() - t1
         t1 = time.perf_counter()

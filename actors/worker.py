@@ -82,6 +82,7 @@ class PruneWorker(GroupMember):
         self.hidden = self.hidden0 = None
         self.kwargs: dict = {}
         self.prefix = ""
+        self.recomputed = 0  # block forwards the gradient pass's backward recomputed (activation checkpointing)
         gc.collect()
 
     def leave(self) -> None:
@@ -129,9 +130,8 @@ class PruneWorker(GroupMember):
                 rows.append((dummy, 0.0))
         return rows
 
-    def start_gradients(self, kinds: tuple[str, ...], scale: float, resume: tuple[str, str] | None = None,
-                        dtype: str = "float32") -> None:
-        """Create the ZeRO-3 engine and the sharded gradient statistics (collective).
+    def start_gradients(self, spec: Any, resume: tuple[str, str] | None = None) -> None:
+        """Create the ZeRO-3 engine and the sharded gradient statistics of ``spec`` (collective).
 
         Only one tiny parameter (the smallest one outside the pruned set, a norm weight) is
         trainable, because ``engine.backward`` needs an optimizer; the statistics come from
@@ -139,8 +139,11 @@ class PruneWorker(GroupMember):
         embedding output is made to require grad so the backward reaches every block. The
         engine wraps the decoder only (:class:`~actors.zero3.Decoder`) when the head is a plain
         matmul: the loss then comes from the hidden states without logits, as in the local engine.
-        ``resume`` = ``(path, sha256)`` of this rank's saved partitions to continue from; ``dtype`` is
-        the autocast dtype of the pass's forwards (and so backwards); the statistics stay fp32.
+
+        Args:
+            spec: the :class:`~actors.distributed.GradientPassSpec` the coordinator chose (statistics, scale,
+                autocast dtype, activation checkpointing, offloaded partitions).
+            resume: ``(path, sha256)`` of this rank's saved partitions to continue from.
         """
         from actors.zero3 import Decoder, ShardedGradStats, full_shape, make_engine
         from orchestrator.engine.local import logits_free, pruned_weight_names
@@ -153,9 +156,10 @@ class PruneWorker(GroupMember):
         rest = [(math.prod(full_shape(p)), n) for n, p in wrapped.named_parameters() if id(p) not in pruned]
         self.engine = make_engine(wrapped, self.ds_cfg, {min(rest)[1]})
         mods = dict(self.model.named_modules())
-        self.grad_place = Placement.of(self.device, dtype)
-        self.grads = ShardedGradStats({n: mods[n.removesuffix(".weight")] for n in names}, kinds, scale, self.device,
-                                      compute_dtype=self.grad_place.autocast_dtype or torch.float32)
+        self.grad_place = Placement.of(self.device, spec.dtype)
+        self.grads = ShardedGradStats({n: mods[n.removesuffix(".weight")] for n in names}, spec.kinds, spec.scale,
+                                      self.device, compute_dtype=self.grad_place.autocast_dtype or torch.float32,
+                                      offload=spec.offload)
         if resume is not None:
             from actors.checkpoint import load_tensors
 
@@ -163,6 +167,7 @@ class PruneWorker(GroupMember):
             for n, by_kind in self.grads.chunks.items():
                 for k, buf in by_kind.items():
                     buf.copy_(saved[f"{n}::{k}"].to(buf.device))
+        self.recompute_blocks = spec.checkpoint
         self.pass_seconds = {"forward": 0.0, "backward": 0.0}
         emb = self.model.get_input_embeddings()
         self.emb_handle = emb.register_forward_hook(lambda _m, _i, out: out.requires_grad_())
@@ -175,6 +180,7 @@ class PruneWorker(GroupMember):
         have the same length), so the per-sample gradients equal batch-1 gradients.
         """
         from actors.zero3 import head_loss
+        from orchestrator.engine.checkpointing import checkpointed_blocks
 
         rows = self._local_rows(start + count)[start:]
         for lo in range(0, len(rows), max(1, batch)):
@@ -182,14 +188,16 @@ class PruneWorker(GroupMember):
             ids = torch.cat([r[0] for r in part])  # (B, L)
             self.grads.set_batch(torch.tensor([r[1] for r in part], device=self.device))
             t0 = time.perf_counter()
-            with self.grad_place.autocast():
-                if self.chunked_loss:
-                    loss = head_loss(self.model, self.engine(ids), ids)  # (B, T, H) -> sum of sequence means
-                else:
-                    loss = self.engine(ids, labels=ids, use_cache=False).loss * ids.shape[0]
-            t1 = time.perf_counter()
-            self.engine.backward(loss)
+            with checkpointed_blocks(self.model, self.recompute_blocks) as recomputes:
+                with self.grad_place.autocast():
+                    if self.chunked_loss:
+                        loss = head_loss(self.model, self.engine(ids), ids)  # (B, T, H) -> sum of sequence means
+                    else:
+                        loss = self.engine(ids, labels=ids, use_cache=False).loss * ids.shape[0]
+                t1 = time.perf_counter()
+                self.engine.backward(loss)
             self.grads.flush()
+            self.recomputed += recomputes.count
             self.pass_seconds["forward"] += t1 - t0
             self.pass_seconds["backward"] += time.perf_counter() - t1
         return len(rows)
@@ -371,6 +379,7 @@ class PruneWorker(GroupMember):
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "model_state_bytes": partition_bytes(self.model) if self.model is not None else 0,
             "grad_stat_bytes": self.grads.nbytes() if self.grads is not None else 0,
+            "recomputed_blocks": self.recomputed,
             "rss_bytes_by_phase": {**self.rss, "end": current_rss()},
         }
 

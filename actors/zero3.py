@@ -153,8 +153,12 @@ class ShardedGradStats:
 
     def __init__(self, modules: dict[str, nn.Linear], kinds: tuple[str, ...], scale: float,
                  device: torch.device | str = "cpu", max_pending: int = 8,
-                 compute_dtype: torch.dtype = torch.float32) -> None:
+                 compute_dtype: torch.dtype = torch.float32, offload: bool = False) -> None:
         self.kinds = kinds
+        self.device = torch.device(device)
+        # where the partitions live: the rank's device, or (offload) host memory, pinned when the device is a GPU
+        self.home = torch.device("cpu") if offload else self.device
+        pin = offload and self.device.type == "cuda"
         self.compute_dtype = compute_dtype  # of the per-sample products (the pass's autocast dtype)
         self.scale = scale
         self.weights = torch.ones(1, device=device)  # (B,) per-sample weights of the current micro-batch
@@ -169,8 +173,8 @@ class ShardedGradStats:
         self.max_pending = max_pending
         for n, shape in self.shapes.items():
             c = math.ceil(math.prod(shape) / self.world)
-            # (ceil(numel/W),) on the rank's device: NCCL reduce-scatters only device tensors
-            self.chunks[n] = {k: torch.zeros(c, dtype=torch.float32, device=device) for k in kinds}
+            # (ceil(numel/W),) fp32 at home; NCCL reduce-scatters into a device tensor, which is then added here
+            self.chunks[n] = {k: torch.zeros(c, dtype=torch.float32, device=self.home, pin_memory=pin) for k in kinds}
         self.handles = [m.register_forward_hook(self._forward_hook(n)) for n, m in modules.items()]
 
     def set_batch(self, weights: torch.Tensor) -> None:
@@ -198,9 +202,9 @@ class ShardedGradStats:
             pad = buf.numel() * self.world - flat.numel()
             full = torch.nn.functional.pad(flat, (0, pad)) if pad else flat  # (W * chunk,)
             if self.world == 1:
-                buf.add_(full)
+                buf.add_(full.to(buf.device))
                 continue
-            out = torch.empty_like(buf)
+            out = torch.empty(buf.shape, dtype=buf.dtype, device=self.device)
             work = _reduce_scatter(out, full, op=dist.ReduceOp.SUM, async_op=True)
             self.pending.append((work, out, buf, full))
             while len(self.pending) > self.max_pending:
@@ -210,7 +214,7 @@ class ShardedGradStats:
     def _settle_oldest(self) -> None:
         work, out, buf, _full = self.pending.pop(0)
         work.wait()
-        buf.add_(out)
+        buf.add_(out.to(buf.device))
 
     def flush(self) -> None:
         """Wait for the reduce-scatters still in flight and fold them into the partitions."""
@@ -231,7 +235,7 @@ class ShardedGradStats:
 
     def gather_to(self, name: str, kind: str, dst: int = 0) -> torch.Tensor | None:
         """Gather one statistic into its full fp32 tensor on rank ``dst`` only (collective); None elsewhere."""
-        chunk = self.chunks[name][kind]
+        chunk = self.chunks[name][kind].to(self.device)  # a collective's tensors live on the rank's device
         parts = [torch.empty_like(chunk) for _ in range(self.world)] if self.rank == dst else None
         dist.gather(chunk, parts, dst=dst)
         if self.rank != dst:

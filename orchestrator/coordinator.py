@@ -97,13 +97,22 @@ def reached_sparsity(model, names: list[str]) -> tuple[float, int, int]:
     return zeros / max(total, 1), zeros, total
 
 
+def local_checkpointing(cfg: RunConfig, model) -> bool:
+    """Whether the single-process gradient pass checkpoints block activations (the host's memory is its budget)."""
+    from orchestrator.engine.device import device_memory_bytes
+    from orchestrator.planner import choose_checkpointing
+
+    return choose_checkpointing(cfg, model.config, 1, device_memory_bytes("cpu"))
+
+
 def prune_with_backend(cfg: RunConfig, model, model_path: str, calib: torch.Tensor, progress: bool,
                        checkpoint_dir: Path | None = None) -> tuple[PruneOutcome, list[dict]]:
     """Run the configured backend; afterwards ``model`` holds the pruned weights."""
     if cfg.backend.kind == "local":
         if cfg.backend.num_threads:
             torch.set_num_threads(cfg.backend.num_threads)
-        outcome = run_local(model, calib, cfg.pruning, Placement.of("cpu", cfg.backend.forward_dtype), progress)
+        outcome = run_local(model, calib, cfg.pruning, Placement.of("cpu", cfg.backend.forward_dtype), progress,
+                            local_checkpointing(cfg, model))
         return outcome, []
     from actors.distributed import run_ray  # Ray and DeepSpeed only load for this backend
     from orchestrator.inputs.fingerprints import checkpoint_inputs
@@ -264,7 +273,8 @@ def _prune_and_evaluate(cfg: RunConfig, timer: PhaseTimer, writer: RunWriter, ev
                                                 rs.phases)
                 memory = rs.memory
             else:
-                sweep = run_sweep(model, calib, cfg.pruning, Placement.of("cpu", cfg.backend.forward_dtype), progress)
+                sweep = run_sweep(model, calib, cfg.pruning, Placement.of("cpu", cfg.backend.forward_dtype), progress,
+                                  local_checkpointing(cfg, model))
             main = next(c for c in sweep.candidates if c.sparsity == main_sparsity(cfg.pruning))
             model, outcome = main.model, main.outcome
             outcome.phases = sweep.phases

@@ -17,6 +17,10 @@ from typing import Any
 #: repeated here so planning never imports torch)
 LOSS_CHUNK_ELEMENTS = 1 << 23
 
+#: per-sample statistics of this many linears may wait for their reduce-scatter at once
+#: (``actors.zero3.ShardedGradStats``' ``max_pending``; repeated here for the same reason)
+FOLD_PENDING = 8
+
 GIB = 1024**3
 FP32 = 4
 METHODS = ("magnitude", "wanda", "sparsegpt", "gblm", "gblm-sparsegpt")
@@ -29,6 +33,12 @@ LLAMA2_70B: dict[str, Any] = {
     "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
     "num_key_value_heads": 8, "vocab_size": 32000, "tie_word_embeddings": False,
 }  # published Llama-2-70B config
+LLAMA3_70B: dict[str, Any] = {
+    "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+    "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
+}  # published Llama-3-70B (and 3.1-70B) config
+#: ``rayprune plan --shape NAME``
+SHAPES: dict[str, dict[str, Any]] = {"llama2-13b": LLAMA2_13B, "llama2-70b": LLAMA2_70B, "llama3-70b": LLAMA3_70B}
 
 
 def grad_kinds_for(method: str, norm: str = "l1") -> tuple[str, ...]:
@@ -129,6 +139,27 @@ class ModelShape:
         head = 0 if self.tied else self.vocab * self.hidden
         return self.layers * self.block_params() + self.hidden + embed + head
 
+    def activations_per_token(self) -> int:
+        """Values autograd keeps per token of one block for its backward (SDPA/flash attention, no ``T x T``).
+
+        Counted from what a LLaMA block saves: its input, the two RMSNorms' normalised inputs and
+        outputs, the attention input, ``q`` and ``k`` after RoPE, ``v``, the attention output and its
+        log-sum-exp, the residual, and four ``intermediate``-wide MLP tensors (gate, SiLU, up, product).
+        """
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return 6 * self.hidden + 2 * q + 2 * kv + self.heads + 4 * self.intermediate + 2
+
+    def backward_bytes(self, tokens: int, dtype_bytes: int, checkpoint: bool) -> int:
+        """Bytes a backward over ``tokens`` tokens holds: every block's activations, or (``checkpoint``) every
+        block's input and one block's recomputed activations; plus the fp32 gradient of the final hidden states."""
+        one_block = tokens * self.activations_per_token() * dtype_bytes
+        kept = self.layers * tokens * self.hidden * dtype_bytes + one_block if checkpoint else self.layers * one_block
+        return kept + tokens * self.hidden * FP32
+
+    def largest_linear(self) -> int:
+        """Weights of the largest pruned linear of a block."""
+        return max(o * i for o, i in self.block_linears().values())
+
     def xtx_bytes(self) -> int:
         """fp32 ``sum x x^T`` of every linear of one block (one ``in x in`` matrix each)."""
         return sum(i * i for _, i in self.block_linears().values()) * FP32
@@ -149,12 +180,23 @@ class Plan:
         largest_block_bytes: one gathered block in fp32 plus its gathered gradient
             statistics plus (SparseGPT) its ``xtx`` matrices.
         grad_pass_bytes: gradient-pass transient: two gathered blocks' parameters in the
-            model dtype, one micro-batch's saved activations (rough) and fp32 final-hidden
-            gradient, and the loss's logits chunk (no full logits are built); 0 for
-            gradient-free methods.
-        peak_bytes: ``param + grad stats + max(grad_pass, calib + largest_block)``.
+            model dtype, one micro-batch's activations kept for the backward
+            (:meth:`ModelShape.activations_per_token` in every block, or with activation
+            checkpointing every block's input plus one block's activations), its fp32
+            final-hidden gradient, the loss's logits chunk (no full logits are built), and the
+            per-sample statistic fold (:attr:`fold_bytes`); 0 for gradient-free methods.
+        fold_bytes: the part of ``grad_pass_bytes`` the per-sample statistics take: one linear's
+            per-sample products of a micro-batch and its statistics, and (``W > 1``) up to
+            :data:`FOLD_PENDING` full fp32 statistics waiting for their reduce-scatter.
+        activation_checkpointing: whether ``grad_pass_bytes`` assumes recomputed block activations.
+        offload_stats: the gradient-statistic partitions live in (pinned) host memory, not on the
+            accelerator: they count in :attr:`host_bytes`, not in :attr:`peak_bytes`.
+        peak_bytes: accelerator memory, ``param + grad stats (unless offloaded) + max(grad_pass,
+            calib + largest_block)``.
+        host_bytes: host memory of the offloaded statistic partitions (0 without offload).
         comm_per_seq_bytes: gradient pass, per calibration sequence and worker: two
-            parameter all-gathers (forward and backward) and one fp32 reduce-scatter per
+            parameter all-gathers (forward and backward; three with activation checkpointing,
+            whose recomputed forward gathers again) and one fp32 reduce-scatter per
             gradient statistic per micro-batch of ``grad_batch`` sequences, each with the
             ring factor ``(W-1)/W``; 0 for gradient-free methods.
         comm_block_pass_bytes: block-sequential pass, whole run: one all-gather of
@@ -172,11 +214,17 @@ class Plan:
     grad_pass_bytes: int
     comm_per_seq_bytes: int
     comm_block_pass_bytes: int
+    fold_bytes: int = 0
+    activation_checkpointing: bool = False
+    offload_stats: bool = False
     peak_bytes: int = field(init=False)
+    host_bytes: int = field(init=False)
 
     def __post_init__(self) -> None:
         transient = max(self.grad_pass_bytes, self.calib_bytes + self.largest_block_bytes)
-        self.peak_bytes = self.param_bytes + sum(self.grad_stat_bytes.values()) + transient
+        stats = sum(self.grad_stat_bytes.values())
+        self.host_bytes = stats if self.offload_stats else 0
+        self.peak_bytes = self.param_bytes + stats - self.host_bytes + transient
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-ready) of every field."""
@@ -187,7 +235,8 @@ class Plan:
 
 def plan(
     model_config: Any, *, workers: int, method: str, norm: str = "l1", num_samples: int, seq_len: int,
-    dtype_bytes: int = 2, grad_batch: int = 4, reconstruct: str = "none",
+    dtype_bytes: int = 2, grad_batch: int = 4, reconstruct: str = "none", checkpoint: bool = False,
+    offload_stats: bool = False,
 ) -> Plan:
     """Predict per-worker memory and communication for one run.
 
@@ -204,6 +253,9 @@ def plan(
             reduce-scatter serve all of them.
         reconstruct: ``pruning.reconstruct``; anything but ``none`` keeps ``sum x x^T`` like SparseGPT,
             and ``block`` adds the block tuning's optimiser state and one sequence's backward.
+        checkpoint: the gradient pass recomputes each block's activations in the backward
+            (``backend.activation_checkpointing``).
+        offload_stats: the statistic partitions are kept in host memory (``backend.offload_stats``).
 
     Returns:
         The :class:`Plan`.
@@ -226,35 +278,80 @@ def plan(
     calib = math.ceil(num_samples / w) * seq_len * s.hidden * FP32 * 2
     largest = block * FP32 + len(kinds) * block_lin * FP32 + (s.xtx_bytes() if xtx else 0)
     if reconstruct == "block":  # Adam's two moments and the gradient of the kept weights, one sequence's backward
-        largest += 3 * block_lin * FP32 + seq_len * (8 * s.hidden + 4 * s.intermediate) * FP32
-    grad_pass = comm_seq = 0
+        largest += 3 * block_lin * FP32 + seq_len * s.activations_per_token() * FP32
+    grad_pass = comm_seq = fold = 0
     if kinds:
-        per_token = 8 * s.hidden + 4 * s.intermediate  # saved activations of one block, rough (no checkpointing)
-        tokens = grad_batch * seq_len
-        # saved activations + the fp32 gradient w.r.t. the final hidden states + the loss's logits chunk
-        acts = s.layers * tokens * per_token * dtype_bytes + tokens * s.hidden * FP32 + LOSS_CHUNK_ELEMENTS * FP32
-        grad_pass = 2 * block * dtype_bytes + acts
-        comm_seq = round(ring * (2 * total * dtype_bytes + len(kinds) * linear_params * FP32) / grad_batch)
+        # the activations kept for the backward, the fp32 gradient w.r.t. the final hidden states, the loss's chunk
+        acts = s.backward_bytes(grad_batch * seq_len, dtype_bytes, checkpoint) + LOSS_CHUNK_ELEMENTS * FP32
+        # one linear's (B, out, in) per-sample products (compute dtype, then fp32) and its statistics, plus the
+        # full fp32 statistics in flight to their reduce-scatter
+        fold = s.largest_linear() * (grad_batch * (dtype_bytes + FP32) + len(kinds) * FP32
+                                     + (FOLD_PENDING * FP32 if w > 1 else 0))
+        grad_pass = 2 * block * dtype_bytes + acts + fold
+        gathers = 3 if checkpoint else 2  # forward and backward; a recomputed forward gathers each block again
+        comm_seq = round(ring * (gathers * total * dtype_bytes + len(kinds) * linear_params * FP32) / grad_batch)
     act_stats = sum(FP32 * i + (FP32 * i * i if xtx else 0) for _, i in s.block_linears().values())
     act_allreduce = 2 * ring * act_stats * s.layers if method != "magnitude" or xtx else 0
     return Plan(
         workers=w, method=method, grad_kinds=kinds, total_params=total,
         param_bytes=math.ceil(total * dtype_bytes / w), grad_stat_bytes=stats, calib_bytes=calib,
         largest_block_bytes=largest, grad_pass_bytes=grad_pass, comm_per_seq_bytes=comm_seq,
-        comm_block_pass_bytes=round(ring * total * dtype_bytes + act_allreduce),
+        comm_block_pass_bytes=round(ring * total * dtype_bytes + act_allreduce), fold_bytes=fold,
+        activation_checkpointing=checkpoint and bool(kinds), offload_stats=offload_stats and bool(kinds),
     )
+
+
+def run_plan_kwargs(cfg: Any, workers: int | None = None) -> dict[str, Any]:
+    """:func:`plan`'s keyword arguments for a run config (a ``RunConfig``; read, not imported)."""
+    pr, b = cfg.pruning, cfg.backend
+    return dict(workers=workers or b.workers, method=pr.method, norm=pr.gblm.norm,
+                num_samples=cfg.calibration.num_samples, seq_len=cfg.calibration.seq_len,
+                dtype_bytes=4 if cfg.model.dtype == "float32" else 2, grad_batch=b.grad_batch_size,
+                reconstruct=pr.reconstruct, offload_stats=b.offload_stats)
+
+
+def choose_checkpointing(cfg: Any, model_config: Any, workers: int, budget_bytes: int) -> bool:
+    """``backend.activation_checkpointing`` of a run, or where it is null, :func:`needs_checkpointing`'s answer.
+
+    Args:
+        cfg: the run config.
+        model_config: the model's config (a model whose config the planner cannot read runs without).
+        workers: the workers the statistics are sharded over.
+        budget_bytes: the smallest worker device's memory.
+    """
+    if cfg.backend.activation_checkpointing is not None:
+        return bool(cfg.backend.activation_checkpointing)
+    try:
+        return needs_checkpointing(model_config, budget_bytes, **run_plan_kwargs(cfg, workers))
+    except ValueError:  # not a LLaMA-like config: nothing to predict from
+        return False
+
+
+def needs_checkpointing(model_config: Any, budget_bytes: int, *, headroom: float = 0.1, **kw: Any) -> bool:
+    """Whether the gradient pass must recompute block activations for the plan to fit ``budget_bytes``.
+
+    ``backend.activation_checkpointing: null`` asks this with each worker's device memory: on when
+    the plan without checkpointing leaves less than ``headroom`` of it free.
+
+    Args:
+        model_config: as for :func:`plan`.
+        budget_bytes: memory of one worker's device (GPU memory, or host memory per CPU worker).
+        headroom: fraction of ``budget_bytes`` left free.
+        **kw: :func:`plan`'s keyword arguments (``workers``, ``method``, ...), without ``checkpoint``.
+    """
+    return plan(model_config, checkpoint=False, **kw).peak_bytes > budget_bytes * (1 - headroom)
 
 
 def min_workers(
     model_config: Any, gpu_bytes: int, *, safety_factor: float = 1.2, method: str = "gblm", norm: str = "l1",
     num_samples: int = 128, seq_len: int = 2048, dtype_bytes: int = 2, grad_batch: int = 4, max_workers: int = 4096,
-    reconstruct: str = "none",
+    reconstruct: str = "none", checkpoint: bool = False, offload_stats: bool = False,
 ) -> int:
     """Smallest ``W`` whose predicted peak, times ``safety_factor``, fits in ``gpu_bytes``.
 
     Args:
         model_config: as for :func:`plan` (so are ``method``, ``norm``, ``num_samples``,
-            ``seq_len``, ``dtype_bytes``, ``grad_batch`` and ``reconstruct``).
+            ``seq_len``, ``dtype_bytes``, ``grad_batch``, ``reconstruct``, ``checkpoint`` and ``offload_stats``).
         gpu_bytes: memory of one GPU in bytes.
         safety_factor: multiplier (>= 1) on the predicted peak to leave headroom.
         max_workers: search limit.
@@ -271,7 +368,8 @@ def min_workers(
 
     def fits(w: int) -> bool:
         p = plan(model_config, workers=w, method=method, norm=norm, num_samples=num_samples,
-                 seq_len=seq_len, dtype_bytes=dtype_bytes, grad_batch=grad_batch, reconstruct=reconstruct)
+                 seq_len=seq_len, dtype_bytes=dtype_bytes, grad_batch=grad_batch, reconstruct=reconstruct,
+                 checkpoint=checkpoint, offload_stats=offload_stats)
         return p.peak_bytes * safety_factor <= gpu_bytes
 
     if not fits(max_workers):
@@ -293,13 +391,16 @@ def format_plan(p: Plan) -> str:
     """A readable two-column table of plan ``p``, sizes in GiB with 2 decimals."""
     kinds = ", ".join(p.grad_kinds) or "none"
     rows = [("method", p.method), ("workers", str(p.workers)), ("parameters", f"{p.total_params / 1e9:.2f} B"),
-            ("gradient statistics", kinds), ("param shard", _gib(p.param_bytes))]
-    rows += [(f"grad_{k} shard", _gib(v)) for k, v in p.grad_stat_bytes.items()]
+            ("gradient statistics", kinds), ("activation checkpointing", "on" if p.activation_checkpointing else "off"),
+            ("param shard", _gib(p.param_bytes))]
+    where = " (host)" if p.offload_stats else ""
+    rows += [(f"grad_{k} shard{where}", _gib(v)) for k, v in p.grad_stat_bytes.items()]
     rows += [
         (label, _gib(getattr(p, attr)))
         for label, attr in (
             ("calibration states", "calib_bytes"), ("largest gathered block", "largest_block_bytes"),
-            ("gradient pass transient", "grad_pass_bytes"), ("peak per worker", "peak_bytes"),
+            ("gradient pass transient", "grad_pass_bytes"), ("  of which statistic fold", "fold_bytes"),
+            ("peak per worker", "peak_bytes"),
             ("comm per sequence", "comm_per_seq_bytes"), ("comm block pass", "comm_block_pass_bytes"),
         )
     ]

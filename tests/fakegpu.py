@@ -89,5 +89,8 @@ def install() -> torch.device:
         lib = torch.library.Library("_", "IMPL")  # noqa: TOR901 - a process-wide fallback on purpose
         lib.fallback(lambda op, *a, **k: _run(op, a, k), dispatch_key="PrivateUse1")
         globals()["_lib"] = lib  # keep the registration alive
+        # autocast on this device (entered, disabled, by a reentrant checkpoint's recompute) asks its module which
+        # dtypes AMP supports: none, so autocast is never enabled here
+        torch.fakegpu.get_amp_supported_dtype = lambda: []
         _installed = True
     return torch.device(NAME, 0)

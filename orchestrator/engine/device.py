@@ -95,3 +95,16 @@ def local_device(accelerator_ids: list[str] | None = None) -> torch.device:
         return torch.device("cuda", visible_device_index(accelerator_ids, os.environ.get("CUDA_VISIBLE_DEVICES")))
     return torch.device("cpu")
 
+
+
+def device_memory_bytes(device: torch.device | str, sharers: int = 1) -> int:
+    """Memory of ``device`` one process may plan with: a GPU's total memory, or the host's physical
+    memory divided among the ``sharers`` processes of this node that use it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf: plan as if memory were ample
+        return 1 << 50
+    return host // max(1, sharers)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from orchestrator.engine.block_step import StepContext, block_configs, block_step, probe_step, uses_activations
 from orchestrator.engine.blocks import CPU, block_linears, block_prefix, capture_block_inputs, decoder_blocks
+from orchestrator.engine.checkpointing import checkpointed_blocks
 from orchestrator.engine.device import Placement
 from orchestrator.inputs.config import PruningConfig
 from orchestrator.pruning.lmloss import lm_loss_with_grad, plain_head
@@ -71,7 +72,8 @@ def causal_lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def gradient_pass(model: nn.Module, input_ids: torch.Tensor, kinds: tuple[str, ...], scale: float,
-                  progress: bool = True, dtype: str = "float32") -> dict[str, dict[str, torch.Tensor]]:
+                  progress: bool = True, dtype: str = "float32", checkpoint: bool = False
+                  ) -> dict[str, dict[str, torch.Tensor]]:
     """Per-sequence gradient sums for every pruned weight (batch size 1, :func:`causal_lm_loss`).
 
     Args:
@@ -81,6 +83,8 @@ def gradient_pass(model: nn.Module, input_ids: torch.Tensor, kinds: tuple[str, .
         scale: factor applied to each per-sequence gradient before folding (GBLM: 100).
         progress: show a progress bar.
         dtype: autocast dtype of the forward (and so of the backward); the sums stay fp32.
+        checkpoint: recompute each block's activations in the backward
+            (:func:`~orchestrator.engine.checkpointing.checkpointed_blocks`): the same sums, a fraction of the memory.
 
     Returns:
         weight name -> kind -> fp32 tensor shaped like the weight, on the model's device.
@@ -103,11 +107,12 @@ def gradient_pass(model: nn.Module, input_ids: torch.Tensor, kinds: tuple[str, .
 
             handles.append(p.register_post_accumulate_grad_hook(hook))
     try:
-        for i in tqdm(range(input_ids.shape[0]), desc="gradient pass", disable=not progress, unit="seq"):
-            ids = input_ids[i : i + 1]
-            with place.autocast():
-                loss = causal_lm_loss(model, ids)
-            loss.backward()
+        with checkpointed_blocks(model, checkpoint):
+            for i in tqdm(range(input_ids.shape[0]), desc="gradient pass", disable=not progress, unit="seq"):
+                ids = input_ids[i : i + 1]
+                with place.autocast():
+                    loss = causal_lm_loss(model, ids)
+                loss.backward()
     finally:
         for h in handles:
             h.remove()
@@ -182,14 +187,16 @@ def layer_row(full_name: str, res: LayerPruneResult) -> dict:
 
 
 def run_local(model: nn.Module, input_ids: torch.Tensor, cfg: PruningConfig, place: Placement = CPU,
-              progress: bool = True) -> PruneOutcome:
-    """The whole single-process pruning job on a loaded model on ``place.device`` (modified in place)."""
+              progress: bool = True, checkpoint: bool = False) -> PruneOutcome:
+    """The whole single-process pruning job on a loaded model on ``place.device`` (modified in place);
+    ``checkpoint``: recompute block activations in the gradient pass's backward."""
     phases: dict[str, float] = {}
     grads = None
     kinds = gradient_kinds(cfg.method, cfg.gblm.norm)
     if kinds:
         t0 = time.perf_counter()
-        grads = gradient_pass(model, place.put(input_ids), kinds, cfg.gblm.grad_scale, progress, cfg.gblm.grad_dtype)
+        grads = gradient_pass(model, place.put(input_ids), kinds, cfg.gblm.grad_scale, progress, cfg.gblm.grad_dtype,
+                              checkpoint)
         phases["gradient_pass"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     outcome = block_sequential(model, input_ids, cfg, grads, place, progress)

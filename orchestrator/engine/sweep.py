@@ -67,7 +67,7 @@ def main_sparsity(cfg: PruningConfig) -> float:
 
 
 def run_sweep(model: nn.Module, input_ids: torch.Tensor, cfg: PruningConfig, place: Placement = CPU,
-              progress: bool = True) -> SweepResult:
+              progress: bool = True, checkpoint: bool = False) -> SweepResult:
     """Prune one copy of ``model`` per sparsity in ``cfg.sweep`` (``model`` itself stays dense).
 
     Args:
@@ -76,13 +76,15 @@ def run_sweep(model: nn.Module, input_ids: torch.Tensor, cfg: PruningConfig, pla
         cfg: pruning options with a non-empty ``sweep``.
         place: device and autocast dtype of block forwards (``model`` lives on that device).
         progress: show progress bars.
+        checkpoint: recompute block activations in the gradient pass's backward.
     """
     res = SweepResult()
     grads = None
     kinds = gradient_kinds(cfg.method, cfg.gblm.norm)
     if kinds:
         t0 = time.perf_counter()
-        grads = gradient_pass(model, place.put(input_ids), kinds, cfg.gblm.grad_scale, progress, cfg.gblm.grad_dtype)
+        grads = gradient_pass(model, place.put(input_ids), kinds, cfg.gblm.grad_scale, progress, cfg.gblm.grad_dtype,
+                              checkpoint)
         res.gradient_passes += 1
         res.phases["gradient_pass"] = time.perf_counter() - t0
     cfgs = [dataclasses.replace(cfg, sparsity=float(s), sweep=[]) for s in cfg.sweep]

@@ -279,6 +279,12 @@ class BackendConfig:
     address: str | None = opt(None, role=EXECUTION, help="Ray address: `auto` joins a running cluster")
     forward_dtype: DType = opt("float32", help="autocast dtype of block forwards (statistics stay fp32)")
     grad_batch_size: int = opt(4, ge=1, help="sequences per forward/backward of the distributed gradient pass")
+    activation_checkpointing: bool | None = opt(
+        None, role=EXECUTION, help="recompute each block's activations in the gradient pass's backward (the same "
+        "statistics, a fraction of the memory); null: on where the plan without it leaves under 10% of a worker's "
+        "device memory free")
+    offload_stats: bool = opt(False, role=EXECUTION, help="keep the gradient-statistic partitions in (pinned) host "
+                              "memory instead of on the accelerator")
     num_threads: int = opt(0, ge=0, role=EXECUTION, help="torch threads per actor (0: CPUs / workers)")
     max_retries: int = opt(2, ge=0, role=EXECUTION, help="restarts of a failed worker group (resuming)")
     checkpoint_every: int = opt(8, ge=1, role=EXECUTION, hint="(sequences per rank)",

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
     pl.add_argument("--gpu-mem", type=float, default=80.0, help="GPU memory per worker in GiB (default 80)")
     pl.add_argument("--model-config", help="a model config.json to plan for instead of the run's model")
-    pl.add_argument("--shape", choices=["llama2-13b", "llama2-70b"],
+    pl.add_argument("--shape", choices=["llama2-13b", "llama2-70b", "llama3-70b"],
                     help="plan for a published model shape instead of the run's model")
     r = sub.add_parser("report", help="re-render report.md and the plots of a run from its report.json")
     r.add_argument("run_dir", help="a run directory written by 'rayprune prune'")
@@ -171,12 +171,12 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     """``rayprune plan``."""
     from orchestrator.inputs.loader import load_config
     from orchestrator.inputs.models import load_model_config, materialize
-    from orchestrator.planner import LLAMA2_13B, LLAMA2_70B, format_plan, min_workers, plan
+    from orchestrator.planner import SHAPES, choose_checkpointing, format_plan, min_workers, plan, run_plan_kwargs
 
     path, overrides = _split_args(ns.args)
     cfg = load_config(path, overrides)
     if ns.shape:
-        model_config = {"llama2-13b": LLAMA2_13B, "llama2-70b": LLAMA2_70B}[ns.shape]
+        model_config = SHAPES[ns.shape]
     elif ns.model_config:
         mc_path = Path(ns.model_config)
         if not mc_path.is_file():
@@ -189,15 +189,15 @@ def cmd_plan(ns: argparse.Namespace) -> int:
             raise UsageError(f"--model-config: {str(mc_path)!r} must hold a JSON object")
     else:
         model_config = load_model_config(materialize(cfg.model), cfg.model)
-    pr = cfg.pruning
-    kw = dict(method=pr.method, norm=pr.gblm.norm, num_samples=cfg.calibration.num_samples,
-              seq_len=cfg.calibration.seq_len, dtype_bytes=4 if cfg.model.dtype == "float32" else 2,
-              grad_batch=cfg.backend.grad_batch_size, reconstruct=pr.reconstruct)
+    gpu = int(ns.gpu_mem * 2**30)
+    kw = run_plan_kwargs(cfg)
+    workers = kw.pop("workers")
+    auto = cfg.backend.activation_checkpointing is None  # null: on where needed, so the fewest workers use it
     try:
-        need = min_workers(model_config, int(ns.gpu_mem * 2**30), **kw)
+        need = min_workers(model_config, gpu, checkpoint=auto or cfg.backend.activation_checkpointing, **kw)
     except ValueError as exc:
         need = f"none ({exc})"
-    result = plan(model_config, workers=cfg.backend.workers, **kw)
+    result = plan(model_config, workers=workers, checkpoint=choose_checkpointing(cfg, model_config, workers, gpu), **kw)
     sys.stdout.write(format_plan(result) + "\n")
     sys.stdout.write(f"workers needed with {ns.gpu_mem:g} GiB per GPU: {need}\n")
     return 0

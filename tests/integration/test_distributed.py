@@ -181,6 +181,29 @@ def test_grad_stats_sharded_and_equal_to_single_process(setup, groups, norm, kin
         assert m["model_state_bytes"] <= math.ceil(total_params / world) + 4096
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_checkpointed_zero3_pass_gives_the_same_statistics(setup, groups, workers):
+    """``backend.activation_checkpointing``: every block is recomputed in the ZeRO-3 backward (counted on each
+    rank), and each rank's statistic partitions equal those of the plain pass (rtol 1e-5)."""
+    path, calib, _ = setup
+    parts = {}
+    for on in (False, True):
+        cfg = make_cfg("gblm")
+        cfg.pruning.gblm.norm = "l2"  # grad_sq: the statistic most sensitive to a changed per-sample gradient
+        cfg.backend.activation_checkpointing = on
+        res = run_ray(cfg, path, calib, progress=False, group=groups[workers], keep_grad_partitions=True)
+        steps = math.ceil(calib.shape[0] / workers)  # micro-batches of backend.grad_batch_size (4) sequences
+        batches = math.ceil(steps / cfg.backend.grad_batch_size)
+        for m in res.memory:
+            assert m["recomputed_blocks"] == (2 * batches if on else 0), m["recomputed_blocks"]  # 2 blocks
+        parts[on] = [m["grad_partitions"] for m in res.memory]
+    for plain, ckpt in zip(parts[False], parts[True], strict=True):
+        for name, by_kind in plain.items():
+            want = by_kind["sq"]
+            torch.testing.assert_close(ckpt[name]["sq"], want, rtol=1e-5, atol=1e-6 * float(want.abs().max()),
+                                       msg=name)
+
+
 @pytest.mark.parametrize("method", ["wanda", "gblm"])
 def test_fewer_samples_than_workers(setup, groups, method):
     """One sequence on two workers: rank 1 holds no data but still takes part in every collective."""

@@ -64,6 +64,10 @@ g_dev = gradient_pass(on(dev), ids.to(dev), ("abs", "sq", "sum"), 100.0, progres
 out["grad_on_device"] = all_on(g_dev, "fakegpu")
 out["grad_max_rel"] = max(float(((g_dev[n][k].cpu() - g_cpu[n][k]).abs().max() / g_cpu[n][k].abs().max()))
                           for n in g_cpu for k in g_cpu[n])
+g_ckpt = gradient_pass(on(dev), ids.to(dev), ("abs", "sq", "sum"), 100.0, progress=False, checkpoint=True)
+out["grad_ckpt_on_device"] = all_on(g_ckpt, "fakegpu")
+out["grad_ckpt_max_rel"] = max(float(((g_ckpt[n][k].cpu() - g_cpu[n][k]).abs().max() / g_cpu[n][k].abs().max()))
+                               for n in g_cpu for k in g_cpu[n])
 
 # the block step through the local engine, every method and pattern (ids arrive on the CPU)
 out["block"] = {}
@@ -142,18 +146,25 @@ from actors.zero3 import ShardedGradStats
 model = on(dev)
 mods = dict(model.named_modules())
 names = pruned_weight_names(model)
-stats = ShardedGradStats({n: mods[n.removesuffix(".weight")] for n in names}, ("abs",), 100.0, dev)
-emb = model.get_input_embeddings().register_forward_hook(lambda _m, _i, o: o.requires_grad_())
-for i in range(ids.shape[0]):
-    stats.set_batch(torch.ones(1, device=dev))
-    x = ids[i : i + 1].to(dev)
-    model(x, labels=x, use_cache=False).loss.backward()
-    stats.flush()
-emb.remove()
-out["sharded_on_device"] = all_on(stats.chunks, "fakegpu")
-out["sharded_max_rel"] = max(float(((stats.chunks[n]["abs"].cpu()[: g_cpu[n]["abs"].numel()]
-                                      - g_cpu[n]["abs"].reshape(-1)).abs().max() / g_cpu[n]["abs"].abs().max()))
-                             for n in names)
+for offload in (False, True):  # partitions on the device, or in host memory
+    stats = ShardedGradStats({n: mods[n.removesuffix(".weight")] for n in names}, ("abs",), 100.0, dev,
+                             offload=offload)
+    emb = model.get_input_embeddings().register_forward_hook(lambda _m, _i, o: o.requires_grad_())
+    for i in range(ids.shape[0]):
+        stats.set_batch(torch.ones(1, device=dev))
+        x = ids[i : i + 1].to(dev)
+        model(x, labels=x, use_cache=False).loss.backward()
+        stats.flush()
+    emb.remove()
+    stats.remove()
+    key = "offloaded" if offload else "sharded"
+    out[f"{key}_on_device"] = all_on(stats.chunks, "fakegpu")
+    out[f"{key}_on_cpu"] = all_on(stats.chunks, "cpu")
+    out[f"{key}_max_rel"] = max(float(((stats.chunks[n]["abs"].cpu()[: g_cpu[n]["abs"].numel()]
+                                        - g_cpu[n]["abs"].reshape(-1)).abs().max() / g_cpu[n]["abs"].abs().max()))
+                                for n in names)
+    gathered = stats.gather_to(names[0], "abs")  # the scorer's collective runs on the device either way
+    out[f"{key}_gathered_on_device"] = gathered.device.type == "fakegpu"
 dist.destroy_process_group()
 print("RESULT " + json.dumps(out))
 '''
@@ -178,6 +189,11 @@ def test_negative_controls_fail_like_a_gpu(result):
 def test_gradient_pass_on_device(result):
     assert result["grad_on_device"]
     assert result["grad_max_rel"] < 1e-5
+
+
+def test_checkpointed_gradient_pass_on_device(result):
+    assert result["grad_ckpt_on_device"]
+    assert result["grad_ckpt_max_rel"] < 1e-5
 
 
 @pytest.mark.parametrize("case", [f"{m}/{p}" for m in ("magnitude", "wanda", "sparsegpt", "gblm")
@@ -214,5 +230,13 @@ def test_structured_importance_and_recovery_on_device(result):
 
 
 def test_worker_gradient_statistics_on_device(result):
-    assert result["sharded_on_device"]
+    assert result["sharded_on_device"] and not result["sharded_on_cpu"]
     assert result["sharded_max_rel"] < 1e-5
+    assert result["sharded_gathered_on_device"]
+
+
+def test_offloaded_worker_statistics_stay_in_host_memory(result):
+    """``backend.offload_stats``: the partitions live on the CPU while every collective sees device tensors."""
+    assert result["offloaded_on_cpu"] and not result["offloaded_on_device"]
+    assert result["offloaded_max_rel"] < 1e-5
+    assert result["offloaded_gathered_on_device"]

@@ -277,9 +277,11 @@ class GradientPassSpec:
     offload: bool = False
 
 
-def gradient_spec(cfg: RunConfig, model_path: str, group: ActorGroup) -> GradientPassSpec:
+def gradient_spec(cfg: RunConfig, model_path: str, group: ActorGroup, kinds: tuple[str, ...] | None = None,
+                  scale: float | None = None) -> GradientPassSpec:
     """The run's gradient pass; activation checkpointing is ``backend.activation_checkpointing``, or where it is
-    null, the planner's answer for the group's smallest device memory."""
+    null, the planner's answer for the group's smallest device memory. ``kinds`` and ``scale`` default to the
+    pruning method's (GBLM's); structured pruning names its own."""
     from orchestrator.inputs.models import load_model_config
     from orchestrator.planner import choose_checkpointing
 
@@ -289,8 +291,9 @@ def gradient_spec(cfg: RunConfig, model_path: str, group: ActorGroup) -> Gradien
     log.info("gradient pass: activation checkpointing %s (%s; %.1f GiB per worker)", "on" if on else "off",
              "planned" if b.activation_checkpointing is None else "backend.activation_checkpointing",
              budget / 2**30)
-    return GradientPassSpec(gradient_kinds(pcfg.method, pcfg.gblm.norm), pcfg.gblm.grad_scale, b.grad_batch_size,
-                            pcfg.gblm.grad_dtype, on, b.offload_stats)
+    kinds = kinds if kinds is not None else gradient_kinds(pcfg.method, pcfg.gblm.norm)
+    scale = scale if scale is not None else pcfg.gblm.grad_scale
+    return GradientPassSpec(kinds, scale, b.grad_batch_size, pcfg.gblm.grad_dtype, on, b.offload_stats)
 
 
 def gradient_pass(group: ActorGroup, n: int, spec: GradientPassSpec, progress: bool,

@@ -118,17 +118,14 @@ class PruneWorker(GroupMember):
         self.rss = {"loaded": current_rss()}
         return {"samples": int(self.ids.shape[0])}
 
-    def _local_rows(self, steps: int) -> list[tuple[torch.Tensor, float]]:
-        """``steps`` sequences ``(1, L)`` with weight 1 (own data) or 0 (padding dummies)."""
-        rows = []
-        for j in range(steps):
-            if j < self.ids.shape[0]:
-                rows.append((self.ids[j : j + 1], 1.0))
-            else:
-                dummy = (self.ids[:1] if self.ids.shape[0]
-                         else torch.zeros((1, self.seq_len), dtype=torch.int64, device=self.device))
-                rows.append((dummy, 0.0))
-        return rows
+    def _local_rows(self, steps: int, first: int = 0, count: int | None = None) -> list[tuple[torch.Tensor, float]]:
+        """``steps`` sequences ``(1, L)``: own sequences ``first .. first+count`` (default: all) with weight 1,
+        then padding dummies with weight 0."""
+        own = range(first, min(self.ids.shape[0], first + count if count is not None else self.ids.shape[0]))
+        rows = [(self.ids[j : j + 1], 1.0) for j in own][:steps]
+        dummy = (self.ids[:1] if self.ids.shape[0]
+                 else torch.zeros((1, self.seq_len), dtype=torch.int64, device=self.device))
+        return rows + [(dummy, 0.0)] * (steps - len(rows))
 
     def start_gradients(self, spec: Any, resume: tuple[str, str] | None = None) -> None:
         """Create the ZeRO-3 engine and the sharded gradient statistics of ``spec`` (collective).
@@ -179,10 +176,19 @@ class PruneWorker(GroupMember):
         Each sequence's loss is its own mean token loss (the batch loss times ``B``: all windows
         have the same length), so the per-sample gradients equal batch-1 gradients.
         """
+        return self._step_rows(self._local_rows(start + count)[start:], batch)
+
+    def gradient_range(self, lo: int, hi: int, steps: int, batch: int = 1) -> int:
+        """Forward/backward this rank's sequences at global positions ``[lo, hi)``, padded with dummies to
+        ``steps`` (every rank runs the same number of backwards), ``batch`` at a time."""
+        mine = [j for j, p in enumerate(self.positions) if lo <= p < hi]  # contiguous: the shard is
+        return self._step_rows(self._local_rows(steps, mine[0] if mine else 0, len(mine)), batch)
+
+    def _step_rows(self, rows: list[tuple[torch.Tensor, float]], batch: int) -> int:
+        """Forward/backward ``rows`` (weight 0: a padding dummy) ``batch`` at a time; returns how many."""
         from actors.zero3 import head_loss
         from orchestrator.engine.checkpointing import checkpointed_blocks
 
-        rows = self._local_rows(start + count)[start:]
         for lo in range(0, len(rows), max(1, batch)):
             part = rows[lo : lo + max(1, batch)]
             ids = torch.cat([r[0] for r in part])  # (B, L)
@@ -201,6 +207,17 @@ class PruneWorker(GroupMember):
             self.pass_seconds["forward"] += t1 - t0
             self.pass_seconds["backward"] += time.perf_counter() - t1
         return len(rows)
+
+    def group_scores(self, table: list, estimators: list[str], minibatch: bool) -> list[torch.Tensor]:
+        """SAAP group scores of ``table``'s tensors (:func:`actors.importance.rank_group_sums`, collective):
+        of the mini-batch since the last call (``minibatch``; then folded into the totals), or of the totals."""
+        from actors.importance import rank_group_sums
+
+        stats = self.grads.chunks if minibatch else self.grads.totals
+        out = rank_group_sums(dict(self.model.named_parameters()), stats, table, estimators, self.device)
+        if minibatch:
+            self.grads.end_minibatch()
+        return out
 
     def save_gradients(self, path: str, exit_after: bool = False) -> str:
         """Atomically save this rank's statistic partitions; returns the file's SHA-256.

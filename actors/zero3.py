@@ -166,6 +166,7 @@ class ShardedGradStats:
         self.rank = dist.get_rank()
         self.shapes = {n: full_shape(m.weight) for n, m in modules.items()}
         self.chunks: dict[str, dict[str, torch.Tensor]] = {}
+        self.totals: dict[str, dict[str, torch.Tensor]] | None = None  # mini-batch mode: see end_minibatch
         self.seconds = {"statistics": 0.0, "reduce_scatter": 0.0}  # time spent in the gradient hooks
         # reduce-scatters run asynchronously, overlapping the backward of earlier layers; at most
         # ``max_pending`` padded full-size statistics wait for their collective at any time
@@ -222,6 +223,18 @@ class ShardedGradStats:
         while self.pending:
             self._settle_oldest()
         self.seconds["reduce_scatter"] += time.perf_counter() - t0
+
+    def end_minibatch(self) -> None:
+        """Add the partitions to :attr:`totals` (the statistics of all finished mini-batches) and zero them."""
+        if self.totals is None:
+            self.totals = {n: {k: t.clone() for k, t in d.items()} for n, d in self.chunks.items()}
+        else:
+            for n, d in self.chunks.items():
+                for k, t in d.items():
+                    self.totals[n][k].add_(t)
+        for d in self.chunks.values():
+            for t in d.values():
+                t.zero_()
 
     def remove(self) -> None:
         """Remove the gradient hooks (the partitions stay)."""

@@ -186,7 +186,7 @@ def run_prune(cfg: RunConfig, progress: bool = True, on_event: EventHook | None 
     timer = PhaseTimer(on_event)
     with output_lock(cfg.output.dir):  # one run per output.dir: its checkpoints and temp dir are its own
         ckpt = _prepare_checkpoints(cfg, resume)
-        if cfg.backend.kind == "ray" and not cfg.structured.enabled:
+        if cfg.backend.kind == "ray":
             groups.check_prune_capacity(cfg)  # before any model work: a bad address or too few workers fails now
         try:
             final = _run(cfg, timer, progress, run_key, ckpt, run_tag)
@@ -256,7 +256,8 @@ def _prune_and_evaluate(cfg: RunConfig, timer: PhaseTimer, writer: RunWriter, ev
             from orchestrator.structured.run import run_structured
 
             dense_params = sum(p.numel() for p in model.parameters())
-            model, structured = run_structured(cfg, model, calib, progress, groups.distributed_recovery(cfg))
+            model, structured = run_structured(cfg, model, calib, progress, groups.distributed_recovery(cfg),
+                                               groups.sharded_importance(cfg, model_path, progress))
             structured["parameters_before"] = dense_params
             structured["parameters_after"] = sum(p.numel() for p in model.parameters())
             outcome, memory, sweep = PruneOutcome(), [], None

@@ -91,3 +91,16 @@ def distributed_recovery(cfg: RunConfig) -> Callable[[nn.Module, torch.Tensor, S
         return recover_distributed(model, windows, r, recovery_spec(r, address, use_gpu=has_gpus()))
 
     return recover
+
+
+def sharded_importance(cfg: RunConfig, model_path: str, progress: bool) -> Callable[..., Any] | None:
+    """SAAP's importance on the ``backend.workers`` ZeRO-3 workers (``backend.kind: ray``; None: in-process)."""
+    if cfg.backend.kind != "ray":
+        return None
+
+    def score(mods: list, shapes: dict, calib_ids: torch.Tensor) -> Any:
+        from actors.importance import run_ray_importance
+
+        return run_ray_importance(cfg, model_path, calib_ids, mods, shapes, prune_spec(cfg), progress)
+
+    return score

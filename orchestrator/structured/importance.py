@@ -40,21 +40,73 @@ def tensor_group_scores(weight: torch.Tensor, grad_sum: torch.Tensor, grad_sq: t
     Returns:
         ``(G,)`` fp32, ``G = weight.shape[dim] / width``.
     """
+    elem = element_scores(weight, grad_sum, grad_sq, estimator).movedim(dim, 0)  # (G * width, ...)
+    per_group = elem.reshape(elem.shape[0] // width, -1).sum(dim=1)  # (G,)
+    return per_group.abs() if estimator == "vector" else per_group
+
+
+def element_scores(weight: torch.Tensor, grad_sum: torch.Tensor, grad_sq: torch.Tensor | None,
+                   estimator: str) -> torch.Tensor:
+    """One estimator's per-element term (fp32, shaped like ``weight``), summed per group afterwards.
+
+    ``vector``'s term is signed (its group score is the absolute value of the group's sum).
+    """
     w = weight.float()
     wg = w * grad_sum.float()
     if estimator == "element1":
-        elem = wg.abs()
-    elif estimator == "element2":
+        return wg.abs()
+    if estimator == "element2":
         if grad_sq is None:
             raise ValueError("element2 needs grad_sq")
-        elem = (wg - 0.5 * w.pow(2) * grad_sq.float()).abs()
-    elif estimator == "vector":
-        elem = wg
-    else:
-        raise ValueError(f"unknown estimator {estimator!r}")
-    elem = elem.movedim(dim, 0)  # (G * width, ...)
-    per_group = elem.reshape(elem.shape[0] // width, -1).sum(dim=1)  # (G,)
-    return per_group.abs() if estimator == "vector" else per_group
+        return (wg - 0.5 * w.pow(2) * grad_sq.float()).abs()
+    if estimator == "vector":
+        return wg
+    raise ValueError(f"unknown estimator {estimator!r}")
+
+
+def partition_group_sums(weight: torch.Tensor, grad_sum: torch.Tensor, grad_sq: torch.Tensor | None,
+                         estimator: str, start: int, shape: tuple[int, int], dim: int, width: int,
+                         offset: int, groups: int, chunk: int = 1 << 22) -> torch.Tensor:
+    """A partition's share of every group's sum of :func:`element_scores` (before ``vector``'s absolute value).
+
+    A ZeRO-3 rank holds elements ``[start, start + P)`` of a 2-D parameter flattened row-major (padded at the
+    end); a group's elements are spread over several ranks' partitions, so each rank sums the elements it
+    holds and the ranks add their ``(G,)`` vectors (:func:`finish_group_scores` then gives the group scores).
+
+    Args:
+        weight: ``(P,)`` the rank's partition of the parameter.
+        grad_sum: ``(P,)`` its partition of ``sum_n g_n``.
+        grad_sq: ``(P,)`` its partition of ``sum_n g_n ** 2`` (``element2`` only).
+        estimator: one of :data:`ESTIMATORS`.
+        start: flat index of the partition's first element.
+        shape: ``(rows, cols)`` of the full parameter.
+        dim: group axis (0: rows, 1: columns).
+        width: entries per group along ``dim``.
+        offset: where the slice's segment starts along ``dim``.
+        groups: ``G``.
+        chunk: elements processed at once (bounds the index temporaries).
+
+    Returns:
+        ``(G,)`` float64 partial sums.
+    """
+    rows, cols = shape
+    out = torch.zeros(groups, dtype=torch.float64, device=weight.device)
+    valid = max(0, min(weight.numel(), rows * cols - start))  # the padding past the parameter holds nothing
+    for lo in range(0, valid, chunk):
+        hi = min(valid, lo + chunk)
+        sq = None if grad_sq is None else grad_sq[lo:hi]
+        elem = element_scores(weight[lo:hi], grad_sum[lo:hi], sq, estimator)  # (c,)
+        flat = torch.arange(start + lo, start + hi, device=weight.device)  # (c,)
+        along = (flat // cols if dim == 0 else flat % cols) - offset  # index along the group axis, in the segment
+        inside = (along >= 0) & (along < groups * width)
+        out.scatter_add_(0, along[inside] // width, elem[inside].double())
+    return out
+
+
+def finish_group_scores(sums: torch.Tensor, estimator: str) -> torch.Tensor:
+    """``(G,)`` group scores (fp32) from the ranks' added :func:`partition_group_sums`."""
+    sums = sums.float()
+    return sums.abs() if estimator == "vector" else sums
 
 
 def aggregate(scores: list[torch.Tensor], how: str = "sum") -> torch.Tensor:

@@ -204,6 +204,48 @@ def test_checkpointed_zero3_pass_gives_the_same_statistics(setup, groups, worker
                                        msg=name)
 
 
+@pytest.mark.parametrize("estimators", ["element1,vector", "element2"])
+def test_saap_importance_on_ray_matches_one_process(setup, groups, estimators):
+    """SAAP's group importance from ZeRO-3 workers (x1, x2): fused importance and stability within rtol 1e-4
+    of the single-process path, the same groups kept, the same shrunk weights; each worker holds 1/N of the
+    model and of the statistics."""
+    import copy
+
+    from actors.importance import run_ray_importance
+    from orchestrator.inputs.loader import config_from_dict
+    from orchestrator.structured.run import apply_pruning, compute_importance, distributed_importance
+
+    path, calib, _ = setup
+    cfg = config_from_dict(make_cfg().to_dict(), [
+        "structured.enabled=true", "structured.target=0.3", "structured.minibatches=3", "structured.round_to=1",
+        "structured.protect_first=0", "structured.protect_last=0", f"structured.estimators=[{estimators}]"])
+    s = cfg.structured
+    model = load_model(path, cfg.model)
+    local = compute_importance(copy.deepcopy(model), calib, s)
+    want = copy.deepcopy(model)
+    want_report = apply_pruning(want, local, s)
+    for workers, group in groups.items():
+        def score(mods, shapes, ids, group=group):
+            return run_ray_importance(cfg, path, ids, mods, shapes, group=group)
+
+        imp, memory = distributed_importance(model, calib, s, score)
+        assert set(imp.fused) == set(local.fused)
+        for key, ref in local.fused.items():
+            torch.testing.assert_close(imp.fused[key], ref, rtol=1e-4, atol=0, msg=f"{workers} workers: {key}")
+            assert imp.cv[key] == pytest.approx(local.cv[key], rel=1e-4, abs=1e-9)
+        got = copy.deepcopy(model)
+        report = apply_pruning(got, imp, s)
+        assert [r["removed"] for r in report["modules"]] == [r["removed"] for r in want_report["modules"]]
+        for (name, a), (_, b) in zip(want.named_parameters(), got.named_parameters(), strict=True):
+            assert torch.equal(a, b), name  # the same groups kept: the same shrunk weights
+        total = sum(p.numel() * p.element_size() for p in model.parameters())
+        kinds = 2 if estimators == "element2" else 1  # grad_sum (and grad_sq)
+        linear = sum(p.numel() for n, p in model.named_parameters() if n.endswith("_proj.weight"))
+        for m in memory:
+            assert m["model_state_bytes"] <= math.ceil(total / workers) + 4096
+            assert m["grad_stat_bytes"] <= kinds * (math.ceil(linear / workers) + 7 * 2 * workers) * 4
+
+
 @pytest.mark.parametrize("method", ["wanda", "gblm"])
 def test_fewer_samples_than_workers(setup, groups, method):
     """One sequence on two workers: rank 1 holds no data but still takes part in every collective."""

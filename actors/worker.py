@@ -211,7 +211,7 @@ class PruneWorker(GroupMember):
     def group_scores(self, table: list, estimators: list[str], minibatch: bool) -> list[torch.Tensor]:
         """SAAP group scores of ``table``'s tensors (:func:`actors.importance.rank_group_sums`, collective):
         of the mini-batch since the last call (``minibatch``; then folded into the totals), or of the totals."""
-        from actors.importance import rank_group_sums
+        from actors.zero3 import rank_group_sums
 
         stats = self.grads.chunks if minibatch else self.grads.totals
         out = rank_group_sums(dict(self.model.named_parameters()), stats, table, estimators, self.device)

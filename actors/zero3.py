@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -302,3 +303,60 @@ def gather_embedding_into(zero_model: nn.Module, plain_model: nn.Module) -> None
     src = zero_model.get_input_embeddings().weight
     with deepspeed.zero.GatheredParameters([src]), torch.no_grad():
         plain_model.get_input_embeddings().weight.data.copy_(src.data)
+
+
+@dataclass(frozen=True)
+class ScoredTensor:
+    """One grouped weight tensor as the ranks score it.
+
+    Attributes:
+        name: full parameter name.
+        shape: ``(rows, cols)`` of the whole weight.
+        dim: group axis.
+        width: entries per group along ``dim``.
+        offset: start of the module's segment along ``dim``.
+        groups: ``G``, the module's groups.
+    """
+
+    name: str
+    shape: tuple[int, int]
+    dim: int
+    width: int
+    offset: int
+    groups: int
+
+
+def rank_group_sums(params: dict[str, torch.nn.Parameter], stats: dict[str, dict[str, torch.Tensor]],
+                    table: list[ScoredTensor], estimators: list[str], device: torch.device) -> list[torch.Tensor]:
+    """Group scores of every tensor of ``table`` for each estimator, added over the ranks (collective).
+
+    Args:
+        params: the ZeRO-3 parameters by full name (their ``ds_tensor`` is this rank's partition).
+        stats: name -> kind -> this rank's statistic partition (``sum``, maybe ``sq``).
+        table: what to score, the same on every rank.
+        estimators: SAAP's estimators.
+        device: the rank's device (the all-reduce's tensor lives there).
+
+    Returns:
+        Per estimator (in order), the concatenation of every tensor's ``(G,)`` scores (fp32, on the CPU).
+    """
+    from orchestrator.structured.importance import finish_group_scores, partition_group_sums
+
+    rank = dist.get_rank()
+    parts = []
+    for est in estimators:
+        for t in table:
+            part = params[t.name].ds_tensor  # (ceil(numel / W),)
+            by_kind = stats[t.name]
+            sq = by_kind.get("sq")
+            parts.append(partition_group_sums(
+                part.to(device), by_kind["sum"].to(device), None if sq is None else sq.to(device), est,
+                rank * part.numel(), t.shape, t.dim, t.width, t.offset, t.groups))
+    flat = torch.cat(parts)  # float64, one collective for everything
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    out, i = [], 0
+    per_est = sum(t.groups for t in table)
+    for est in estimators:
+        out.append(finish_group_scores(flat[i : i + per_est], est).cpu())
+        i += per_est
+    return out

@@ -260,7 +260,7 @@ def _prune_and_evaluate(cfg: RunConfig, timer: PhaseTimer, writer: RunWriter, ev
                                                groups.sharded_importance(cfg, model_path, progress))
             structured["parameters_before"] = dense_params
             structured["parameters_after"] = sum(p.numel() for p in model.parameters())
-            outcome, memory, sweep = PruneOutcome(), [], None
+            outcome, memory, sweep = PruneOutcome(), structured.pop("importance_workers"), None
         elif cfg.pruning.sweep:
             from orchestrator.engine.sweep import main_sparsity, run_sweep
 

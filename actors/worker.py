@@ -101,6 +101,7 @@ class PruneWorker(GroupMember):
         from orchestrator.inputs.models import TORCH_DTYPES
 
         self.finish()
+        start = current_rss()  # before this run's model: what the planner's bytes are measured from
         ids, self.positions = read_shard(shard)
         self.ids = ids.to(self.device)  # (n, L)
         self.seq_len = seq_len
@@ -115,7 +116,7 @@ class PruneWorker(GroupMember):
         self.model, self.dschf = load_partitioned(model_path, model_cfg, self.ds_cfg)
         self.config = self.model.config
         self.prefix = block_prefix(self.model)
-        self.rss = {"loaded": current_rss()}
+        self.rss = {"start": start, "loaded": current_rss()}
         return {"samples": int(self.ids.shape[0])}
 
     def _local_rows(self, steps: int, first: int = 0, count: int | None = None) -> list[tuple[torch.Tensor, float]]:

@@ -244,8 +244,9 @@ class ShardedGradStats:
         self.handles = []
 
     def nbytes(self) -> int:
-        """Bytes of the partitions this rank holds."""
-        return sum(t.numel() * t.element_size() for d in self.chunks.values() for t in d.values())
+        """Bytes of the partitions this rank holds (with the mini-batch totals, when kept)."""
+        held = [self.chunks] + ([self.totals] if self.totals is not None else [])
+        return sum(t.numel() * t.element_size() for c in held for d in c.values() for t in d.values())
 
     def gather_to(self, name: str, kind: str, dst: int = 0) -> torch.Tensor | None:
         """Gather one statistic into its full fp32 tensor on rank ``dst`` only (collective); None elsewhere."""

@@ -23,7 +23,7 @@ FOLD_PENDING = 8
 
 GIB = 1024**3
 FP32 = 4
-METHODS = ("magnitude", "wanda", "sparsegpt", "gblm", "gblm-sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "gblm", "gblm-sparsegpt", "saap")  # saap: structured.enabled
 
 LLAMA2_13B: dict[str, Any] = {
     "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40,
@@ -41,10 +41,12 @@ LLAMA3_70B: dict[str, Any] = {
 SHAPES: dict[str, dict[str, Any]] = {"llama2-13b": LLAMA2_13B, "llama2-70b": LLAMA2_70B, "llama3-70b": LLAMA3_70B}
 
 
-def grad_kinds_for(method: str, norm: str = "l1") -> tuple[str, ...]:
-    """Gradient statistics ``method`` keeps: GBLM ``abs`` (l1) or ``sq`` (l2), else none.
+def grad_kinds_for(method: str, norm: str = "l1", second_order: bool = False) -> tuple[str, ...]:
+    """Gradient statistics ``method`` keeps: GBLM ``abs`` (l1) or ``sq`` (l2), SAAP ``sum`` (and ``sq`` for
+    the ``second_order`` estimator ``element2``), else none.
 
-    Mirrors ``pruning.methods.gradient_kinds`` without importing torch.
+    Mirrors ``pruning.methods.gradient_kinds`` (and SAAP's ``structured.run.statistic_kinds``) without
+    importing torch.
 
     Raises:
         ValueError: unknown method or norm.
@@ -55,6 +57,8 @@ def grad_kinds_for(method: str, norm: str = "l1") -> tuple[str, ...]:
         raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
     if method in ("gblm", "gblm-sparsegpt"):
         return ("abs",) if norm == "l1" else ("sq",)
+    if method == "saap":
+        return ("sum", "sq") if second_order else ("sum",)
     return ()
 
 
@@ -236,7 +240,7 @@ class Plan:
 def plan(
     model_config: Any, *, workers: int, method: str, norm: str = "l1", num_samples: int, seq_len: int,
     dtype_bytes: int = 2, grad_batch: int = 4, reconstruct: str = "none", checkpoint: bool = False,
-    offload_stats: bool = False,
+    offload_stats: bool = False, second_order: bool = False,
 ) -> Plan:
     """Predict per-worker memory and communication for one run.
 
@@ -256,6 +260,10 @@ def plan(
         checkpoint: the gradient pass recomputes each block's activations in the backward
             (``backend.activation_checkpointing``).
         offload_stats: the statistic partitions are kept in host memory (``backend.offload_stats``).
+        second_order: SAAP with the ``element2`` estimator (it also keeps ``grad_sq``).
+
+    ``method="saap"`` plans structured pruning on the workers: the gradient pass keeps each statistic
+    twice (the current mini-batch's and the total) and there is no block pass (the coordinator shrinks).
 
     Returns:
         The :class:`Plan`.
@@ -268,15 +276,17 @@ def plan(
     for name, val in sizes.items():
         if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
             raise ValueError(f"{name} must be a positive integer, got {val!r}")
-    kinds = grad_kinds_for(method, norm)
+    kinds = grad_kinds_for(method, norm, second_order)
+    saap = method == "saap"
     xtx = method in ("sparsegpt", "gblm-sparsegpt") or reconstruct != "none"
     s = ModelShape.from_config(model_config)
     w, total, block, block_lin = workers, s.total_params(), s.block_params(), s.block_linear_params()
     linear_params = s.layers * block_lin
     ring = (w - 1) / w  # ring all-gather / reduce-scatter: each worker moves (W-1)/W of the tensor
-    stats = {k: math.ceil(linear_params * FP32 / w) for k in kinds}
-    calib = math.ceil(num_samples / w) * seq_len * s.hidden * FP32 * 2
-    largest = block * FP32 + len(kinds) * block_lin * FP32 + (s.xtx_bytes() if xtx else 0)
+    held = [*kinds, *(f"{k}_total" for k in kinds)] if saap else kinds  # SAAP: the mini-batch's and the total
+    stats = {k: math.ceil(linear_params * FP32 / w) for k in held}
+    calib = 0 if saap else math.ceil(num_samples / w) * seq_len * s.hidden * FP32 * 2
+    largest = 0 if saap else block * FP32 + len(kinds) * block_lin * FP32 + (s.xtx_bytes() if xtx else 0)
     if reconstruct == "block":  # Adam's two moments and the gradient of the kept weights, one sequence's backward
         largest += 3 * block_lin * FP32 + seq_len * s.activations_per_token() * FP32
     grad_pass = comm_seq = fold = 0
@@ -291,23 +301,24 @@ def plan(
         gathers = 3 if checkpoint else 2  # forward and backward; a recomputed forward gathers each block again
         comm_seq = round(ring * (gathers * total * dtype_bytes + len(kinds) * linear_params * FP32) / grad_batch)
     act_stats = sum(FP32 * i + (FP32 * i * i if xtx else 0) for _, i in s.block_linears().values())
-    act_allreduce = 2 * ring * act_stats * s.layers if method != "magnitude" or xtx else 0
+    act_allreduce = 2 * ring * act_stats * s.layers if method not in ("magnitude", "saap") or xtx else 0
     return Plan(
         workers=w, method=method, grad_kinds=kinds, total_params=total,
         param_bytes=math.ceil(total * dtype_bytes / w), grad_stat_bytes=stats, calib_bytes=calib,
         largest_block_bytes=largest, grad_pass_bytes=grad_pass, comm_per_seq_bytes=comm_seq,
-        comm_block_pass_bytes=round(ring * total * dtype_bytes + act_allreduce), fold_bytes=fold,
+        comm_block_pass_bytes=0 if saap else round(ring * total * dtype_bytes + act_allreduce), fold_bytes=fold,
         activation_checkpointing=checkpoint and bool(kinds), offload_stats=offload_stats and bool(kinds),
     )
 
 
 def run_plan_kwargs(cfg: Any, workers: int | None = None) -> dict[str, Any]:
     """:func:`plan`'s keyword arguments for a run config (a ``RunConfig``; read, not imported)."""
-    pr, b = cfg.pruning, cfg.backend
-    return dict(workers=workers or b.workers, method=pr.method, norm=pr.gblm.norm,
+    pr, b, st = cfg.pruning, cfg.backend, cfg.structured
+    return dict(workers=workers or b.workers, method="saap" if st.enabled else pr.method, norm=pr.gblm.norm,
                 num_samples=cfg.calibration.num_samples, seq_len=cfg.calibration.seq_len,
                 dtype_bytes=4 if cfg.model.dtype == "float32" else 2, grad_batch=b.grad_batch_size,
-                reconstruct=pr.reconstruct, offload_stats=b.offload_stats)
+                reconstruct=pr.reconstruct, offload_stats=b.offload_stats,
+                second_order="element2" in st.estimators)
 
 
 def choose_checkpointing(cfg: Any, model_config: Any, workers: int, budget_bytes: int) -> bool:
@@ -345,13 +356,14 @@ def needs_checkpointing(model_config: Any, budget_bytes: int, *, headroom: float
 def min_workers(
     model_config: Any, gpu_bytes: int, *, safety_factor: float = 1.2, method: str = "gblm", norm: str = "l1",
     num_samples: int = 128, seq_len: int = 2048, dtype_bytes: int = 2, grad_batch: int = 4, max_workers: int = 4096,
-    reconstruct: str = "none", checkpoint: bool = False, offload_stats: bool = False,
+    reconstruct: str = "none", checkpoint: bool = False, offload_stats: bool = False, second_order: bool = False,
 ) -> int:
     """Smallest ``W`` whose predicted peak, times ``safety_factor``, fits in ``gpu_bytes``.
 
     Args:
         model_config: as for :func:`plan` (so are ``method``, ``norm``, ``num_samples``,
-            ``seq_len``, ``dtype_bytes``, ``grad_batch``, ``reconstruct``, ``checkpoint`` and ``offload_stats``).
+            ``seq_len``, ``dtype_bytes``, ``grad_batch``, ``reconstruct``, ``checkpoint``, ``offload_stats`` and
+            ``second_order``).
         gpu_bytes: memory of one GPU in bytes.
         safety_factor: multiplier (>= 1) on the predicted peak to leave headroom.
         max_workers: search limit.
@@ -369,7 +381,7 @@ def min_workers(
     def fits(w: int) -> bool:
         p = plan(model_config, workers=w, method=method, norm=norm, num_samples=num_samples,
                  seq_len=seq_len, dtype_bytes=dtype_bytes, grad_batch=grad_batch, reconstruct=reconstruct,
-                 checkpoint=checkpoint, offload_stats=offload_stats)
+                 checkpoint=checkpoint, offload_stats=offload_stats, second_order=second_order)
         return p.peak_bytes * safety_factor <= gpu_bytes
 
     if not fits(max_workers):

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
     pl.add_argument("--gpu-mem", type=float, default=80.0, help="GPU memory per worker in GiB (default 80)")
     pl.add_argument("--model-config", help="a model config.json to plan for instead of the run's model")
+    pl.add_argument("--accelerator", choices=["h100", "h200", "a100", "cpu"], default="h100",
+                    help="predict phase times on this accelerator (cpu: measure this machine; default h100)")
     pl.add_argument("--shape", choices=["llama2-13b", "llama2-70b", "llama3-70b"],
                     help="plan for a published model shape instead of the run's model")
     r = sub.add_parser("report", help="re-render report.md and the plots of a run from its report.json")
@@ -172,6 +174,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     from orchestrator.inputs.loader import load_config
     from orchestrator.inputs.models import load_model_config, materialize
     from orchestrator.planner import SHAPES, choose_checkpointing, format_plan, min_workers, plan, run_plan_kwargs
+    from orchestrator.timing import PROFILES, format_times, predict_run
 
     path, overrides = _split_args(ns.args)
     cfg = load_config(path, overrides)
@@ -197,9 +200,17 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         need = min_workers(model_config, gpu, checkpoint=auto or cfg.backend.activation_checkpointing, **kw)
     except ValueError as exc:
         need = f"none ({exc})"
-    result = plan(model_config, workers=workers, checkpoint=choose_checkpointing(cfg, model_config, workers, gpu), **kw)
+    checkpoint = choose_checkpointing(cfg, model_config, workers, gpu)
+    result = plan(model_config, workers=workers, checkpoint=checkpoint, **kw)
     sys.stdout.write(format_plan(result) + "\n")
     sys.stdout.write(f"workers needed with {ns.gpu_mem:g} GiB per GPU: {need}\n")
+    if ns.accelerator == "cpu":
+        from orchestrator.engine.profile import measure_cpu
+
+        acc = measure_cpu(max(1, (os.cpu_count() or 1) // workers))
+    else:
+        acc = PROFILES[ns.accelerator]
+    sys.stdout.write(format_times(predict_run(cfg, model_config, acc, checkpoint), acc) + "\n")
     return 0
 
 

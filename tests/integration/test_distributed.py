@@ -239,11 +239,12 @@ def test_saap_importance_on_ray_matches_one_process(setup, groups, estimators):
         for (name, a), (_, b) in zip(want.named_parameters(), got.named_parameters(), strict=True):
             assert torch.equal(a, b), name  # the same groups kept: the same shrunk weights
         total = sum(p.numel() * p.element_size() for p in model.parameters())
-        kinds = 2 if estimators == "element2" else 1  # grad_sum (and grad_sq)
-        linear = sum(p.numel() for n, p in model.named_parameters() if n.endswith("_proj.weight"))
+        kinds = 2 if estimators == "element2" else 1  # grad_sum (and grad_sq), each for the mini-batch and the total
+        partitions = sum(math.ceil(p.numel() / workers) for n, p in model.named_parameters()
+                         if n.endswith("_proj.weight"))
         for m in memory:
             assert m["model_state_bytes"] <= math.ceil(total / workers) + 4096
-            assert m["grad_stat_bytes"] <= kinds * (math.ceil(linear / workers) + 7 * 2 * workers) * 4
+            assert m["grad_stat_bytes"] == 2 * kinds * partitions * 4
 
 
 @pytest.mark.parametrize("method", ["wanda", "gblm"])

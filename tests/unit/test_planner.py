@@ -352,3 +352,19 @@ def test_backward_bytes_within_15_percent_of_measured(shape: dict, checkpoint: b
     predicted = ModelShape.from_config(cfg).backward_bytes(128, 4, checkpoint)
     measured = _measured_backward_bytes(shape, 128, checkpoint)
     assert measured == pytest.approx(predicted, rel=0.15), (measured, predicted)
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_saap_plan_keeps_each_statistic_twice_and_no_block_pass(second_order: bool) -> None:
+    """Structured pruning on the workers: ``grad_sum`` (and ``grad_sq`` for element2) for the current mini-batch
+    and for all of them, sharded; the same gradient pass as GBLM's; no calibration states or gathered block."""
+    kw = dict(workers=8, num_samples=128, seq_len=2048, grad_batch=1)
+    saap = plan(LLAMA2_13B, method="saap", second_order=second_order, **kw)
+    gblm = plan(LLAMA2_13B, method="gblm", **kw)
+    kinds = ["sum", "sq"] if second_order else ["sum"]
+    assert list(saap.grad_stat_bytes) == kinds + [f"{k}_total" for k in kinds]
+    assert set(saap.grad_stat_bytes.values()) == {gblm.grad_stat_bytes["abs"]}
+    assert saap.calib_bytes == saap.largest_block_bytes == saap.comm_block_pass_bytes == 0
+    if not second_order:
+        assert saap.grad_pass_bytes == gblm.grad_pass_bytes
+    assert grad_kinds_for("saap", second_order=second_order) == tuple(kinds)

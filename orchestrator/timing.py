@@ -1,0 +1,159 @@
+"""Wall time of a run's phases, predicted from the work the planner counts (pure Python: no torch, no Ray).
+
+Each phase is modelled per worker as matmul FLOPs at the accelerator's matmul rate, plus the bytes the
+elementwise work and the per-sample statistic fold move at its memory bandwidth, plus the collective
+volume of :func:`orchestrator.planner.plan` at its link bandwidth. The workers run in lock-step, so a
+phase takes as long as one worker's share. Profiles of published accelerators use their dense peak
+times an achieved fraction; the CPU profile is measured on the machine itself
+(:func:`orchestrator.engine.profile.measure_cpu`), which is what the predictions are checked against.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from orchestrator.planner import FP32, ModelShape, plan
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """What one worker's device sustains.
+
+    Attributes:
+        name: what it is.
+        fp32_flops: matmul FLOP/s in fp32 (torch's default precision: no TF32).
+        bf16_flops: matmul FLOP/s in bf16.
+        mem_bw: bytes/s of elementwise work.
+        link_bw: bytes/s each worker moves in a ring collective (NVLink within a node; gloo on a CPU).
+    """
+
+    name: str
+    fp32_flops: float
+    bf16_flops: float
+    mem_bw: float
+    link_bw: float
+
+    def flops(self, dtype: str) -> float:
+        """Matmul FLOP/s of ``dtype`` (fp16 runs at the bf16 rate)."""
+        return self.fp32_flops if dtype == "float32" else self.bf16_flops
+
+
+#: achieved fraction of the dense peak in a transformer's matmuls (a typical model FLOPs utilisation)
+GPU_MFU = 0.45
+#: published dense peaks (FLOP/s: fp32 without TF32, bf16), HBM and NVLink bandwidths, bytes/s; 8 per node
+PROFILES: dict[str, Accelerator] = {
+    "h100": Accelerator("H100 SXM 80 GB, NVLink 4", 67e12 * GPU_MFU, 989e12 * GPU_MFU, 3.35e12 * 0.7, 450e9 * 0.7),
+    "h200": Accelerator("H200 SXM 141 GB, NVLink 4", 67e12 * GPU_MFU, 989e12 * GPU_MFU, 4.8e12 * 0.7, 450e9 * 0.7),
+    "a100": Accelerator("A100 SXM 80 GB, NVLink 3", 19.5e12 * GPU_MFU, 312e12 * GPU_MFU, 2.0e12 * 0.7, 300e9 * 0.7),
+}
+
+
+def _attention_flops(s: ModelShape, seq_len: int) -> float:
+    """Forward FLOPs per token of the attention products (``QK^T`` and ``AV``, causal: half the square)."""
+    return s.layers * 2 * seq_len * s.heads * s.head_dim
+
+
+def _head_flops(s: ModelShape) -> float:
+    return 2 * s.vocab * s.hidden
+
+
+def predict_phases(model_config: Any, acc: Accelerator, *, workers: int, method: str, num_samples: int,
+                   seq_len: int, grad_batch: int = 4, dtype_bytes: int = 4, forward_dtype: str = "float32",
+                   grad_dtype: str = "float32", checkpoint: bool = False, sequential: bool = True,
+                   reconstruct: str = "none", eval_windows: int = 0, eval_seq_len: int = 512,
+                   eval_workers: int = 1) -> dict[str, float]:
+    """Predicted seconds of the gradient pass, the block pass and one model's evaluation.
+
+    Args:
+        model_config: as for :func:`orchestrator.planner.plan`.
+        acc: the workers' accelerator.
+        workers: pruning workers (the statistics and the sequences are split over them).
+        method: the pruning method (``saap``: the structured importance pass only).
+        num_samples: calibration sequences.
+        seq_len: their length.
+        grad_batch: sequences per forward/backward of the gradient pass.
+        dtype_bytes: bytes per parameter.
+        forward_dtype: autocast dtype of the block pass.
+        grad_dtype: autocast dtype of the gradient pass.
+        checkpoint: activation checkpointing in the gradient pass.
+        sequential: the block pass re-forwards each pruned block.
+        reconstruct: ``pruning.reconstruct`` (``layer`` and ``block`` solve per layer; ``block`` is not modelled
+            beyond that).
+        eval_windows: perplexity windows of one evaluation (0: no evaluation phase).
+        eval_seq_len: their length.
+        eval_workers: evaluation actors (windows split over them).
+
+    Returns:
+        phase -> seconds (``gradient_pass`` for gradient methods and SAAP, ``block_pass`` for one-shot methods,
+        ``eval`` when ``eval_windows``).
+    """
+    p = plan(model_config, workers=workers, method=method, num_samples=num_samples, seq_len=seq_len,
+             dtype_bytes=dtype_bytes, grad_batch=grad_batch, reconstruct=reconstruct, checkpoint=checkpoint)
+    s = ModelShape.from_config(model_config)
+    lin = s.layers * s.block_linear_params()
+    seqs = math.ceil(num_samples / workers)  # every worker runs as many sequences (padding included)
+    tokens = seqs * seq_len
+    act_bytes = s.activations_per_token() * s.layers * (4 if forward_dtype == "float32" else 2)
+    out: dict[str, float] = {}
+    if p.grad_kinds:
+        # forward 2P, backward 4P (input gradients and the per-sample weight gradients), a recompute 2P more
+        per_token = (8 if checkpoint else 6) * lin + 3 * _attention_flops(s, seq_len) + 2 * _head_flops(s)
+        compute = tokens * per_token / acc.flops(grad_dtype)
+        # elementwise: every activation written and read in the forward, twice in the backward; the fold reads
+        # and writes each micro-batch's per-sample products and statistics about six times in fp32
+        batches = math.ceil(seqs / grad_batch)
+        memory = (tokens * act_bytes * 4 + batches * lin * FP32 * (6 * grad_batch + 2 * len(p.grad_kinds))) / acc.mem_bw
+        comm = p.comm_per_seq_bytes * seqs / acc.link_bw if workers > 1 else 0.0
+        out["gradient_pass"] = compute + memory + comm
+    if method != "saap":
+        passes = 2 if sequential else 1
+        flops = tokens * passes * (2 * lin + _attention_flops(s, seq_len))
+        xtx = method in ("sparsegpt", "gblm-sparsegpt") or reconstruct != "none"
+        ins = [i for _, i in s.block_linears().values()]
+        if xtx:  # sum x x^T of every linear, and the scorer's per-layer solves (rank 0, not split)
+            flops += tokens * s.layers * sum(2 * i * i for i in ins)
+            solve = s.layers * sum(2 * o * i * i + i**3 for o, i in s.block_linears().values())
+            flops += solve  # on the scorer (rank 0) while the others wait
+        compute = flops / acc.flops(forward_dtype)
+        memory = tokens * passes * act_bytes * 2 / acc.mem_bw
+        comm = p.comm_block_pass_bytes / acc.link_bw if workers > 1 else 0.0
+        out["block_pass"] = compute + memory + comm
+    if eval_windows:
+        eval_tokens = math.ceil(eval_windows / eval_workers) * eval_seq_len
+        per_token = 2 * lin + _head_flops(s) + _attention_flops(s, eval_seq_len)
+        out["eval"] = eval_tokens * per_token / acc.flops(forward_dtype) + eval_tokens * act_bytes / acc.mem_bw
+    return out
+
+
+def predict_run(cfg: Any, model_config: Any, acc: Accelerator, checkpoint: bool) -> dict[str, float]:
+    """:func:`predict_phases` for a run config (a ``RunConfig``; read, not imported)."""
+    from orchestrator.planner import run_plan_kwargs
+
+    kw = run_plan_kwargs(cfg)
+    kw.pop("norm"), kw.pop("offload_stats"), kw.pop("second_order")
+    ev = cfg.eval
+    return predict_phases(model_config, acc, **kw, forward_dtype=cfg.backend.forward_dtype,
+                          grad_dtype=cfg.pruning.gblm.grad_dtype, checkpoint=checkpoint,
+                          sequential=cfg.pruning.sequential, eval_windows=ev.num_windows if ev.enabled else 0,
+                          eval_seq_len=ev.seq_len, eval_workers=max(1, ev.workers))
+
+
+def format_times(times: dict[str, float], acc: Accelerator) -> str:
+    """One line: the predicted seconds of each phase on ``acc``."""
+    parts = ", ".join(f"{k.replace('_', ' ')} {_dur(v)}" for k, v in times.items())
+    return f"predicted time on {acc.name}: {parts}"
+
+
+def _dur(sec: float) -> str:
+    if sec < 120:
+        return f"{sec:.1f} s"
+    if sec < 7200:
+        return f"{sec / 60:.1f} min"
+    return f"{sec / 3600:.1f} h"
+
+
+def profile_dict(acc: Accelerator) -> dict[str, Any]:
+    """The profile as JSON-ready numbers."""
+    return asdict(acc)

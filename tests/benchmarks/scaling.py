@@ -1,0 +1,203 @@
+"""Benchmark: how the distributed engine's costs grow with model size and workers, against the planner.
+
+Seeded random LLaMA shapes from about 20M to about 1B parameters (byte vocabulary, so the blocks hold
+nearly all of them), GBLM on ``backend: ray`` with 1, 2 and 4 ZeRO-3 workers, a few short calibration
+sequences. Per run: each worker's parameter partition, statistic partitions and peak RSS above its
+start (measured) against the planner's parameter shard, statistic shards and peak; gradient-pass and
+block-pass seconds per calibration token against :func:`orchestrator.timing.predict_phases` on the
+measured CPU profile. Fits the exponent of each cost against parameters (log-log least squares)
+and against workers; prints a table, writes JSON (after every run) and a PNG::
+
+    python tests/benchmarks/scaling.py --out bench-out/scaling.json
+    python tests/benchmarks/scaling.py --shapes s20m,s100m --workers 1,2 --out /tmp/scaling.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from actors.distributed import run_ray
+from orchestrator.engine.profile import measure_cpu
+from orchestrator.inputs.config import RunConfig
+from orchestrator.inputs.data import calibration_windows
+from orchestrator.inputs.models import load_tokenizer, materialize
+from orchestrator.planner import ModelShape, plan
+from orchestrator.timing import predict_phases, profile_dict
+
+log = logging.getLogger("bench.scaling")
+
+#: (layers, hidden, heads, kv_heads, intermediate) of each shape; vocabulary 257 (bytes)
+SHAPES = {
+    "s20m": (6, 512, 8, 4, 1408),
+    "s100m": (12, 768, 12, 4, 2048),
+    "s300m": (20, 1024, 16, 8, 2816),
+    "s1b": (16, 2048, 16, 8, 5632),
+}
+
+
+def make_cfg(shape: str, workers: int, args: argparse.Namespace) -> RunConfig:
+    """GBLM on ``workers`` ZeRO-3 workers for one shape, calibrated on text Python ships."""
+    layers, hidden, heads, kv, inter = SHAPES[shape]
+    cfg = RunConfig()
+    cfg.model.source = "tiny"
+    t = cfg.model.tiny
+    t.layers, t.hidden, t.heads, t.kv_heads, t.intermediate, t.max_positions = layers, hidden, heads, kv, inter, 512
+    cfg.calibration.source = "builtin:python-topics-calibration"
+    cfg.calibration.num_samples = args.samples
+    cfg.calibration.seq_len = args.seq_len
+    cfg.pruning.method = "gblm"
+    cfg.backend.kind = "ray"
+    cfg.backend.workers = workers
+    cfg.backend.grad_batch_size = args.grad_batch
+    cfg.backend.activation_checkpointing = False
+    cfg.eval.enabled = False
+    return cfg
+
+
+def model_config(cfg: RunConfig) -> dict:
+    t = cfg.model.tiny
+    return {"hidden_size": t.hidden, "intermediate_size": t.intermediate, "num_hidden_layers": t.layers,
+            "num_attention_heads": t.heads, "num_key_value_heads": t.kv_heads, "vocab_size": 257,
+            "tie_word_embeddings": False}
+
+
+def one_run(shape: str, workers: int, args: argparse.Namespace) -> dict:
+    """Prune one shape on ``workers`` workers; measured and predicted costs."""
+    cfg = make_cfg(shape, workers, args)
+    path = materialize(cfg.model)
+    calib = calibration_windows(cfg.calibration, load_tokenizer(path, cfg.model))  # (N, L)
+    t0 = time.perf_counter()
+    res = run_ray(cfg, path, calib, progress=False)
+    wall = time.perf_counter() - t0
+    mc = model_config(cfg)
+    p = plan(mc, workers=workers, method="gblm", num_samples=args.samples, seq_len=args.seq_len, dtype_bytes=4,
+             grad_batch=args.grad_batch)
+    acc = measure_cpu(max(1, (os.cpu_count() or 1) // workers))
+    predicted = predict_phases(mc, acc, workers=workers, method="gblm", num_samples=args.samples,
+                               seq_len=args.seq_len, grad_batch=args.grad_batch)
+    tokens = args.samples * args.seq_len
+    worst = max(res.memory, key=lambda m: m["peak_rss_bytes"])
+    row = {
+        "shape": shape, "params": ModelShape.from_config(mc).total_params(), "workers": workers, "wall_s": wall,
+        "measured": {
+            "param_bytes": max(m["model_state_bytes"] for m in res.memory),
+            "grad_stat_bytes": max(m["grad_stat_bytes"] for m in res.memory),
+            "peak_above_start_bytes": worst["peak_rss_bytes"] - worst["rss_bytes_by_phase"]["start"],
+            "gradient_pass_s_per_token": res.outcome.phases["gradient_pass"] / tokens,
+            "block_pass_s_per_token": res.outcome.phases["block_pass"] / tokens,
+        },
+        "predicted": {
+            "param_bytes": p.param_bytes, "grad_stat_bytes": sum(p.grad_stat_bytes.values()),
+            "peak_bytes": p.peak_bytes,
+            "gradient_pass_s_per_token": predicted["gradient_pass"] / tokens,
+            "block_pass_s_per_token": predicted["block_pass"] / tokens,
+        },
+        "profile": profile_dict(acc),
+    }
+    return row
+
+
+def exponent(xs: list[float], ys: list[float]) -> float | None:
+    """Slope of ``log y`` against ``log x`` (least squares); None with fewer than two points."""
+    if len(xs) < 2:
+        return None
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    den = sum((a - mx) ** 2 for a in lx)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / den if den else None
+
+
+COSTS = ("param_bytes", "grad_stat_bytes", "gradient_pass_s_per_token", "block_pass_s_per_token")
+
+
+def fits(rows: list[dict]) -> dict:
+    """Exponents of every measured cost against parameters (per worker count) and against workers (per shape)."""
+    out: dict = {"vs_params": {}, "vs_workers": {}}
+    for w in sorted({r["workers"] for r in rows}):
+        sel = sorted((r for r in rows if r["workers"] == w), key=lambda r: r["params"])
+        out["vs_params"][str(w)] = {c: exponent([r["params"] for r in sel], [r["measured"][c] for r in sel])
+                                    for c in COSTS}
+    for s in sorted({r["shape"] for r in rows}):
+        sel = sorted((r for r in rows if r["shape"] == s), key=lambda r: r["workers"])
+        out["vs_workers"][s] = {c: exponent([r["workers"] for r in sel], [r["measured"][c] for r in sel])
+                                for c in COSTS}
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Cost against parameters (one line per worker count), measured (solid) and predicted (dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    for ax, cost in zip(axes, COSTS, strict=True):
+        for w in sorted({r["workers"] for r in rows}):
+            sel = sorted((r for r in rows if r["workers"] == w), key=lambda r: r["params"])
+            xs = [r["params"] for r in sel]
+            line, = ax.plot(xs, [r["measured"][cost] for r in sel], "o-", label=f"{w} worker(s)")
+            ax.plot(xs, [r["predicted"][cost] for r in sel], "--", color=line.get_color())
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("parameters")
+        ax.set_title(cost.replace("_", " "))
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("rayprune scaling: measured (solid) vs planner (dashed), per worker")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| shape | params | W | param MiB meas/plan | stats MiB meas/plan | peak MiB meas/plan | "
+            "grad us/tok meas/pred | block us/tok meas/pred |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    mib = 2**20
+    for r in rows:
+        m, p = r["measured"], r["predicted"]
+        lines.append(
+            f"| {r['shape']} | {r['params'] / 1e6:.0f}M | {r['workers']} | {m['param_bytes'] / mib:.0f} / "
+            f"{p['param_bytes'] / mib:.0f} | {m['grad_stat_bytes'] / mib:.0f} / {p['grad_stat_bytes'] / mib:.0f} | "
+            f"{m['peak_above_start_bytes'] / mib:.0f} / {p['peak_bytes'] / mib:.0f} | "
+            f"{1e6 * m['gradient_pass_s_per_token']:.0f} / {1e6 * p['gradient_pass_s_per_token']:.0f} | "
+            f"{1e6 * m['block_pass_s_per_token']:.0f} / {1e6 * p['block_pass_s_per_token']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="JSON path (the PNG goes next to it)")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--workers", default="1,2,4")
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--grad-batch", type=int, default=1)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    for shape in args.shapes.split(","):
+        for w in (int(x) for x in args.workers.split(",")):
+            rows.append(one_run(shape, w, args))
+            log.info("%s x%d done: %s", shape, w, json.dumps(rows[-1]["measured"]))
+            result = {"rows": rows, "fits": fits(rows), "samples": args.samples, "seq_len": args.seq_len,
+                      "grad_batch": args.grad_batch, "torch": torch.__version__}
+            out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(rows, out.with_suffix(".png"))
+    print(table(rows))
+    print(json.dumps(fits(rows), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Phase-time predictions (orchestrator/timing.py) against their formulas, and the measured CPU profile."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.planner import LLAMA2_13B, LLAMA3_70B, ModelShape, plan
+from orchestrator.timing import PROFILES, Accelerator, predict_phases
+
+#: round numbers, so each term is easy to check by hand
+FLAT = Accelerator("test", fp32_flops=1e12, bf16_flops=4e12, mem_bw=1e11, link_bw=1e10)
+KW = dict(method="gblm", num_samples=64, seq_len=1024, grad_batch=1, dtype_bytes=2)
+
+
+def test_gradient_pass_is_compute_plus_memory_plus_communication() -> None:
+    s = ModelShape.from_config(LLAMA2_13B)
+    lin = s.layers * s.block_linear_params()
+    tokens = 8 * 1024  # 64 sequences over 8 workers
+    got = predict_phases(LLAMA2_13B, FLAT, workers=8, **KW)["gradient_pass"]
+    attention = s.layers * 2 * 1024 * s.heads * s.head_dim
+    compute = tokens * (6 * lin + 3 * attention + 2 * 2 * s.vocab * s.hidden) / 1e12
+    memory = (tokens * s.activations_per_token() * s.layers * 4 * 4 + 8 * lin * 4 * (6 + 2)) / 1e11
+    comm = plan(LLAMA2_13B, workers=8, **KW).comm_per_seq_bytes * 8 / 1e10
+    assert got == pytest.approx(compute + memory + comm, rel=1e-9)
+
+
+def test_checkpointing_bf16_and_workers_move_the_gradient_pass_as_they_should() -> None:
+    base = predict_phases(LLAMA2_13B, FLAT, workers=8, **KW)["gradient_pass"]
+    ckpt = predict_phases(LLAMA2_13B, FLAT, workers=8, checkpoint=True, **KW)["gradient_pass"]
+    bf16 = predict_phases(LLAMA2_13B, FLAT, workers=8, grad_dtype="bfloat16", **KW)["gradient_pass"]
+    assert base < ckpt < 1.5 * base  # one more forward (2P of 6P) and a third gather
+    assert bf16 < base
+    one = predict_phases(LLAMA2_13B, FLAT, workers=1, **KW)
+    eight = predict_phases(LLAMA2_13B, FLAT, workers=8, **KW)
+    assert eight["block_pass"] < one["block_pass"] / 4  # sequences split 8 ways, a block gather added
+
+
+def test_block_pass_adds_the_solves_for_sparsegpt_and_eval_splits_over_actors() -> None:
+    kw = dict(KW, method="wanda")
+    wanda = predict_phases(LLAMA2_13B, FLAT, workers=4, **kw)
+    sgpt = predict_phases(LLAMA2_13B, FLAT, workers=4, **(kw | {"method": "sparsegpt"}))
+    assert "gradient_pass" not in wanda and sgpt["block_pass"] > wanda["block_pass"]
+    one = predict_phases(LLAMA2_13B, FLAT, workers=4, eval_windows=40, **kw)["eval"]
+    four = predict_phases(LLAMA2_13B, FLAT, workers=4, eval_windows=40, eval_workers=4, **kw)["eval"]
+    assert four == pytest.approx(one / 4, rel=1e-9)
+
+
+def test_70b_on_one_h100_node_takes_minutes_not_hours() -> None:
+    t = predict_phases(LLAMA3_70B, PROFILES["h100"], workers=8, checkpoint=True, grad_dtype="bfloat16",
+                       forward_dtype="bfloat16", **KW | {"num_samples": 128, "seq_len": 2048})
+    assert 30 < t["gradient_pass"] < 1800 and 5 < t["block_pass"] < 900
+
+
+def test_measured_cpu_profile_is_sane() -> None:
+    from orchestrator.engine.profile import measure_cpu
+
+    acc = measure_cpu(1, tokens=64, hidden=128, inter=256)
+    assert acc.fp32_flops > 1e8 and acc.bf16_flops > 1e7 and acc.mem_bw > 1e8
+    assert "measured" in acc.name

@@ -278,10 +278,10 @@ class GradientPassSpec:
 
 
 def gradient_spec(cfg: RunConfig, model_path: str, group: ActorGroup, kinds: tuple[str, ...] | None = None,
-                  scale: float | None = None) -> GradientPassSpec:
+                  scale: float | None = None, dtype: str | None = None) -> GradientPassSpec:
     """The run's gradient pass; activation checkpointing is ``backend.activation_checkpointing``, or where it is
-    null, the planner's answer for the group's smallest device memory. ``kinds`` and ``scale`` default to the
-    pruning method's (GBLM's); structured pruning names its own."""
+    null, the planner's answer for the group's smallest device memory. ``kinds``, ``scale`` and ``dtype``
+    default to the pruning method's (GBLM's); structured pruning names its own."""
     from orchestrator.inputs.models import load_model_config
     from orchestrator.planner import choose_checkpointing
 
@@ -293,7 +293,7 @@ def gradient_spec(cfg: RunConfig, model_path: str, group: ActorGroup, kinds: tup
              budget / 2**30)
     kinds = kinds if kinds is not None else gradient_kinds(pcfg.method, pcfg.gblm.norm)
     scale = scale if scale is not None else pcfg.gblm.grad_scale
-    return GradientPassSpec(kinds, scale, b.grad_batch_size, pcfg.gblm.grad_dtype, on, b.offload_stats)
+    return GradientPassSpec(kinds, scale, b.grad_batch_size, dtype or pcfg.gblm.grad_dtype, on, b.offload_stats)
 
 
 def gradient_pass(group: ActorGroup, n: int, spec: GradientPassSpec, progress: bool,

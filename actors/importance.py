@@ -71,7 +71,8 @@ def run_ray_importance(cfg: RunConfig, model_path: str, calib_ids: torch.Tensor,
     group = group or start_workers(spec or prune_spec(cfg))
     try:
         load_workers(group, cfg, model_path, calib_ids)
-        gspec = gradient_spec(cfg, model_path, group, kinds=statistic_kinds(s), scale=s.grad_scale)
+        # fp32 forwards, as the single-process importance pass
+        gspec = gradient_spec(cfg, model_path, group, kinds=statistic_kinds(s), scale=s.grad_scale, dtype="float32")
         group.get([a.start_gradients.remote(gspec) for a in group.actors])
         shards = shard_bounds(n, group.workers)
         batches = []

@@ -72,7 +72,15 @@ def eval_actors(cfg: RunConfig, progress: bool) -> Callable[[], Any] | None:
         from actors.evaluator import EvalGroup
         from actors.group import GroupSpec
 
-        spec = GroupSpec(cfg.eval.workers, use_gpu=cluster_uses_gpus(cfg), backend=None, field="eval.workers",
+        gpus = cluster_uses_gpus(cfg)
+        if cfg.eval.shard:  # one model over all the actors: a process group, packed for its collectives
+            from actors.sharded_eval import ShardedEvalGroup
+
+            spec = GroupSpec(cfg.eval.workers, use_gpu=gpus, backend="nccl" if gpus else "gloo", deepspeed=True,
+                             field="eval.workers", address=cfg.backend.address, strategy="PACK",
+                             collective_timeout_s=cfg.backend.collective_timeout_s)
+            return ShardedEvalGroup(spec, cfg.model, progress)
+        spec = GroupSpec(cfg.eval.workers, use_gpu=gpus, backend=None, field="eval.workers",
                          address=cfg.backend.address, strategy="SPREAD")
         return EvalGroup(spec, cfg.model, progress)
 

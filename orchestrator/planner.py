@@ -9,9 +9,14 @@ no Ray, no DeepSpeed.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from orchestrator.shapes import FP32, LLAMA2_13B, LLAMA2_70B, LLAMA3_70B, SHAPES, ModelShape
+
+__all__ = ["FP32", "GIB", "LLAMA2_13B", "LLAMA2_70B", "LLAMA3_70B", "SHAPES", "ModelShape", "Plan", "plan",
+           "min_workers", "needs_checkpointing", "choose_checkpointing", "run_plan_kwargs", "format_plan",
+           "grad_kinds_for", "eval_bytes", "eval_workers_needed"]
 
 #: logits elements of one chunk of the gradient pass's loss (``orchestrator.pruning.lmloss.CHUNK_ELEMENTS``;
 #: repeated here so planning never imports torch)
@@ -22,23 +27,7 @@ LOSS_CHUNK_ELEMENTS = 1 << 23
 FOLD_PENDING = 8
 
 GIB = 1024**3
-FP32 = 4
 METHODS = ("magnitude", "wanda", "sparsegpt", "gblm", "gblm-sparsegpt", "saap")  # saap: structured.enabled
-
-LLAMA2_13B: dict[str, Any] = {
-    "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40,
-    "num_key_value_heads": 40, "vocab_size": 32000, "tie_word_embeddings": False,
-}  # published Llama-2-13B config
-LLAMA2_70B: dict[str, Any] = {
-    "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
-    "num_key_value_heads": 8, "vocab_size": 32000, "tie_word_embeddings": False,
-}  # published Llama-2-70B config
-LLAMA3_70B: dict[str, Any] = {
-    "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
-    "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
-}  # published Llama-3-70B (and 3.1-70B) config
-#: ``rayprune plan --shape NAME``
-SHAPES: dict[str, dict[str, Any]] = {"llama2-13b": LLAMA2_13B, "llama2-70b": LLAMA2_70B, "llama3-70b": LLAMA3_70B}
 
 
 def grad_kinds_for(method: str, norm: str = "l1", second_order: bool = False) -> tuple[str, ...]:
@@ -60,113 +49,6 @@ def grad_kinds_for(method: str, norm: str = "l1", second_order: bool = False) ->
     if method == "saap":
         return ("sum", "sq") if second_order else ("sum",)
     return ()
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The parts of a LLaMA-style config the planner needs."""
-
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    head_dim: int
-    tied: bool
-    attention_bias: bool = False
-    mlp_bias: bool = False
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> ModelShape:
-        """Read a ``PretrainedConfig``-like object or a dict.
-
-        Args:
-            cfg: has ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``,
-                ``num_attention_heads``, ``vocab_size``; optional ``num_key_value_heads``
-                (default: heads), ``head_dim`` (default: hidden / heads),
-                ``tie_word_embeddings`` (default False), ``attention_bias``, ``mlp_bias``.
-
-        Raises:
-            ValueError: a required field is missing or not a positive integer.
-        """
-
-        def get(name: str, default: Any = None) -> Any:
-            val = cfg.get(name, default) if isinstance(cfg, Mapping) else getattr(cfg, name, default)
-            return default if val is None else val
-
-        required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-        missing = [n for n in required if get(n) is None]
-        if missing:
-            raise ValueError(f"model config lacks {', '.join(missing)}")
-        heads = int(get("num_attention_heads"))
-        hidden = int(get("hidden_size"))
-        shape = cls(
-            hidden=hidden,
-            intermediate=int(get("intermediate_size")),
-            layers=int(get("num_hidden_layers")),
-            heads=heads,
-            kv_heads=int(get("num_key_value_heads", heads)),
-            vocab=int(get("vocab_size")),
-            head_dim=int(get("head_dim", hidden // heads if heads else 0)),
-            tied=bool(get("tie_word_embeddings", False)),
-            attention_bias=bool(get("attention_bias", False)),
-            mlp_bias=bool(get("mlp_bias", False)),
-        )
-        bad = [k for k, v in asdict(shape).items() if isinstance(v, int) and not isinstance(v, bool) and v <= 0]
-        if bad:
-            raise ValueError(f"model config fields must be > 0: {', '.join(bad)}")
-        return shape
-
-    def block_linears(self) -> dict[str, tuple[int, int]]:
-        """``name -> (out, in)`` of the pruned linears of one decoder block."""
-        q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
-        return {
-            "q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i),
-        }
-
-    def block_linear_params(self) -> int:
-        """Weights (no biases) of one block's linears: what gradient statistics cover."""
-        return sum(o * i for o, i in self.block_linears().values())
-
-    def block_params(self) -> int:
-        """All parameters of one decoder block (linears, biases, two RMSNorms)."""
-        outs = {n: o for n, (o, _) in self.block_linears().items()}
-        bias = self.attention_bias * sum(outs[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        bias += self.mlp_bias * sum(outs[n] for n in ("gate_proj", "up_proj", "down_proj"))
-        return self.block_linear_params() + bias + 2 * self.hidden
-
-    def total_params(self) -> int:
-        """Parameter count exactly as ``LlamaForCausalLM(cfg).parameters()``."""
-        embed = self.vocab * self.hidden
-        head = 0 if self.tied else self.vocab * self.hidden
-        return self.layers * self.block_params() + self.hidden + embed + head
-
-    def activations_per_token(self) -> int:
-        """Values autograd keeps per token of one block for its backward (SDPA/flash attention, no ``T x T``).
-
-        Counted from what a LLaMA block saves: its input, the two RMSNorms' normalised inputs and
-        outputs, the attention input, ``q`` and ``k`` after RoPE, ``v``, the attention output and its
-        log-sum-exp, the residual, and four ``intermediate``-wide MLP tensors (gate, SiLU, up, product).
-        """
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return 6 * self.hidden + 2 * q + 2 * kv + self.heads + 4 * self.intermediate + 2
-
-    def backward_bytes(self, tokens: int, dtype_bytes: int, checkpoint: bool) -> int:
-        """Bytes a backward over ``tokens`` tokens holds: every block's activations, or (``checkpoint``) every
-        block's input and one block's recomputed activations; plus the fp32 gradient of the final hidden states."""
-        one_block = tokens * self.activations_per_token() * dtype_bytes
-        kept = self.layers * tokens * self.hidden * dtype_bytes + one_block if checkpoint else self.layers * one_block
-        return kept + tokens * self.hidden * FP32
-
-    def largest_linear(self) -> int:
-        """Weights of the largest pruned linear of a block."""
-        return max(o * i for o, i in self.block_linears().values())
-
-    def xtx_bytes(self) -> int:
-        """fp32 ``sum x x^T`` of every linear of one block (one ``in x in`` matrix each)."""
-        return sum(i * i for _, i in self.block_linears().values()) * FP32
 
 
 @dataclass
@@ -420,6 +302,32 @@ def format_plan(p: Plan) -> str:
     lines = [f"{'item':<{width}}  value", f"{'-' * width}  {'-' * 12}"]
     lines += [f"{k:<{width}}  {v}" for k, v in rows]
     return "\n".join(lines)
+
+
+def eval_bytes(model_config: Any, *, seq_len: int, dtype_bytes: int = 2, workers: int = 1) -> int:
+    """Device memory of one evaluation actor scoring one window of ``seq_len`` tokens.
+
+    Its parameters (all of them, or with ``eval.shard`` its ``1/W`` partition plus two gathered blocks),
+    one block's activations (inference keeps none across blocks) and the window's logits (model dtype and
+    an fp32 copy for the loss).
+    """
+    s = ModelShape.from_config(model_config)
+    params = math.ceil(s.total_params() * dtype_bytes / workers) + (2 * s.block_params() * dtype_bytes
+                                                                    if workers > 1 else 0)
+    return params + seq_len * s.activations_per_token() * dtype_bytes + seq_len * s.vocab * (dtype_bytes + FP32)
+
+
+def eval_workers_needed(model_config: Any, gpu_bytes: int, *, seq_len: int, dtype_bytes: int = 2,
+                        headroom: float = 0.1, max_workers: int = 64) -> int:
+    """Evaluation actors one model needs: 1 where it fits one device, else the fewest sharing it (``eval.shard``).
+
+    Raises:
+        ValueError: not even ``max_workers`` actors hold it.
+    """
+    for w in range(1, max_workers + 1):
+        if eval_bytes(model_config, seq_len=seq_len, dtype_bytes=dtype_bytes, workers=w) <= gpu_bytes * (1 - headroom):
+            return w
+    raise ValueError(f"no evaluation group up to {max_workers} actors holds the model in {gpu_bytes / GIB:.2f} GiB")
 
 
 def _gib(n: int) -> str:

@@ -14,7 +14,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from orchestrator.planner import FP32, ModelShape, plan
+from orchestrator.planner import plan
+from orchestrator.shapes import FP32, ModelShape
 
 
 @dataclass(frozen=True)

@@ -259,6 +259,8 @@ class EvalConfig:
     dense_baseline: bool = opt(True, role=MEASURE, help="evaluate the dense model too")
     workers: int = opt(0, ge=0, role=EXECUTION, hint="(0: in the coordinator process)",
                        help="evaluation actors (one GPU each where there are GPUs); 0: in the coordinator process")
+    shard: bool = opt(False, role=EXECUTION, help="the evaluation actors share each model under ZeRO-3 (1/N of it "
+                      "each), for a model larger than one actor's device (`rayprune plan` says when)")
     tasks: list[str] = opt(factory=list, role=MEASURE,
                            help="zero-shot tasks: builtin (`debian_cloze`), JSONL files, or `lm_eval:<task>`")
     task_limit: int | None = opt(None, gt=0, role=MEASURE, help="examples per task (null: all)")

@@ -27,6 +27,8 @@ def validate(cfg: Any) -> list[str]:
                  f"got {pr.pattern!r}")
     if pr.allocation == "owl" and pr.sweep:
         p.append("pruning.allocation: owl is not available with pruning.sweep yet")
+    if e.shard and e.workers < 1:
+        p.append(f"eval.shard: needs evaluation actors to shard over (eval.workers >= 1), got eval.workers={e.workers}")
     if not e.speed_batch_sizes or any(x < 1 for x in e.speed_batch_sizes):
         p.append(f"eval.speed_batch_sizes: must be positive integers, got {e.speed_batch_sizes!r}")
     return p

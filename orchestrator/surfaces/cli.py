@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from orchestrator.errors import RayPruneError, UsageError
 
@@ -204,6 +205,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     result = plan(model_config, workers=workers, checkpoint=checkpoint, **kw)
     sys.stdout.write(format_plan(result) + "\n")
     sys.stdout.write(f"workers needed with {ns.gpu_mem:g} GiB per GPU: {need}\n")
+    sys.stdout.write(_eval_line(model_config, cfg, gpu, ns.gpu_mem) + "\n")
     if ns.accelerator == "cpu":
         from orchestrator.engine.profile import measure_cpu
 
@@ -212,6 +214,23 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         acc = PROFILES[ns.accelerator]
     sys.stdout.write(format_times(predict_run(cfg, model_config, acc, checkpoint), acc) + "\n")
     return 0
+
+
+def _eval_line(model_config: Any, cfg: Any, gpu: int, gpu_mem: float) -> str:
+    """What evaluating one model takes: one actor, or ``eval.shard`` over how many."""
+    from orchestrator.planner import GIB, eval_bytes, eval_workers_needed
+
+    kw = dict(seq_len=cfg.eval.seq_len, dtype_bytes=4 if cfg.model.dtype == "float32" else 2)
+    whole = eval_bytes(model_config, **kw)
+    try:
+        n = eval_workers_needed(model_config, gpu, **kw)
+    except ValueError as exc:
+        return f"evaluation: {whole / GIB:.2f} GiB per actor; {exc}"
+    if n == 1:
+        return f"evaluation: {whole / GIB:.2f} GiB per actor: one {gpu_mem:g} GiB GPU holds the model"
+    each = eval_bytes(model_config, workers=n, **kw)
+    return (f"evaluation: {whole / GIB:.2f} GiB per actor does not fit {gpu_mem:g} GiB: eval.shard=true "
+            f"eval.workers={n} ({each / GIB:.2f} GiB each)")
 
 
 def cmd_report(ns: argparse.Namespace) -> int:

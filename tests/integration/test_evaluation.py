@@ -63,6 +63,42 @@ def test_split_covers_range_in_order():
     assert [i for lo, hi in split(17, 4) for i in range(lo, hi)] == list(range(17))
 
 
+def test_sharded_evaluation_on_two_actors_equals_one_process(cluster, tiny, task_file):
+    """ZeRO-3 inference partitioning across 2 actors: perplexity (5 windows: 3 + 2, so the ranks even out their
+    forwards) and every per-example log-likelihood equal one process (rtol 1e-4), with a pruned overlay too;
+    each actor holds half of the model."""
+    from actors.sharded_eval import ShardedEvalGroup
+    from orchestrator.evaluation.zeroshot import load_task
+
+    cfg, path, tok, model, windows = tiny
+    examples = load_task(task_file)
+    params = dict(model.named_parameters())
+    name = "model.layers.1.self_attn.o_proj.weight"
+    pruned = params[name].detach().clone()
+    pruned[::3] = 0
+    group = ShardedEvalGroup(GroupSpec(2, backend="gloo", deepspeed=True, field="eval.workers"), cfg)
+    try:
+        dense = group.ref("dense", path)
+        ppl = group.perplexity(dense, windows)
+        mc = group.multiple_choice(dense, examples)
+        state = group.memory()
+        ppl2 = group.perplexity(group.ref("pruned", path, {name: pruned}), windows)
+    finally:
+        group.shutdown()
+    assert math.isclose(ppl, perplexity(model, windows), rel_tol=1e-4)
+    for a, b in zip(mc, score_examples(model, tok, examples), strict=True):
+        assert a["loglik"] == pytest.approx(b["loglik"], rel=1e-4)
+        assert (a["acc"], a["acc_norm"]) == (b["acc"], b["acc_norm"])
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert len(state) == 2 and all(m["model_state_bytes"] <= math.ceil(total / 2) + 4096 for m in state)
+    with torch.no_grad():
+        saved = params[name].detach().clone()
+        params[name].copy_(pruned)
+        want2 = perplexity(model, windows)
+        params[name].copy_(saved)
+    assert math.isclose(ppl2, want2, rel_tol=1e-4) and not math.isclose(ppl2, ppl, rel_tol=1e-4)
+
+
 def test_two_actors_equal_single_process(cluster, tiny, task_file):
     from orchestrator.evaluation.zeroshot import load_task
 
@@ -143,12 +179,16 @@ def test_sweep_three_candidates_from_one_statistics_pass(cluster, tmp_path, corp
     assert (out / "sweep_ppl.png").stat().st_size > 5000
 
 
-def test_ray_run_with_eval_actors_shares_the_cluster(cluster, tmp_path, corpus_parquet, eval_parquet, task_file):
-    """Evaluation actors and pruning workers take turns on a 2-CPU cluster; numbers match in-process ones."""
+@pytest.mark.parametrize("shard", [False, True])
+def test_ray_run_with_eval_actors_shares_the_cluster(cluster, tmp_path, corpus_parquet, eval_parquet, task_file,
+                                                     shard):
+    """Evaluation actors (each with a whole model, or ``eval.shard``: one model under ZeRO-3 across them) and
+    pruning workers take turns on a 2-CPU cluster; numbers match in-process ones."""
     out = tmp_path / "ray"
     argv = ["-q", "prune", *tiny_overrides(out, corpus_parquet, **{
         "eval.enabled": True, "eval.source": str(eval_parquet), "eval.num_windows": 4, "eval.seq_len": 32,
-        "eval.workers": 2, "eval.tasks": f"[{task_file}]", "backend.kind": "ray", "backend.workers": 2})]
+        "eval.workers": 2, "eval.shard": shard, "eval.tasks": f"[{task_file}]", "backend.kind": "ray",
+        "backend.workers": 2})]
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     cfg = ModelConfig(source=str(out / "model"))

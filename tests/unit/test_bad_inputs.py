@@ -91,6 +91,8 @@ CASES: dict[str, Case] = {
     "zero_eval_windows": (lambda t, m: ["eval.num_windows=0"], ("eval.num_windows: must be > 0, got 0",)),
     "zero_workers": (lambda t, m: ["backend.workers=0"], ("backend.workers: must be > 0, got 0",)),
     "negative_workers": (lambda t, m: ["backend.workers=-2"], ("backend.workers: must be > 0, got -2",)),
+    "shard_without_eval_actors": (lambda t, m: ["eval.shard=true", "eval.workers=0"],
+                                  ("eval.shard: needs evaluation actors to shard over", "eval.workers=0")),
     # model files
     "model_dir_without_config": (
         lambda t, m: [f"model.source={m['no_config']}"], ("model.source: directory", "has no config.json")),

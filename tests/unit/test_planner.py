@@ -368,3 +368,19 @@ def test_saap_plan_keeps_each_statistic_twice_and_no_block_pass(second_order: bo
     if not second_order:
         assert saap.grad_pass_bytes == gblm.grad_pass_bytes
     assert grad_kinds_for("saap", second_order=second_order) == tuple(kinds)
+
+
+def test_evaluation_shards_only_where_one_device_cannot_hold_the_model() -> None:
+    from orchestrator.planner import eval_bytes, eval_workers_needed
+
+    kw = dict(seq_len=512, dtype_bytes=2)
+    s = ModelShape.from_config(LLAMA3_70B)
+    whole = eval_bytes(LLAMA3_70B, **kw)
+    assert whole == s.total_params() * 2 + 512 * s.activations_per_token() * 2 + 512 * s.vocab * (2 + 4)
+    two = eval_bytes(LLAMA3_70B, workers=2, **kw)
+    assert two == math.ceil(s.total_params() * 2 / 2) + 2 * s.block_params() * 2 + (whole - s.total_params() * 2)
+    assert eval_workers_needed(LLAMA3_70B, 80 * GIB, **kw) == 2  # 140 GB of bf16 weights: two 80 GiB GPUs
+    assert eval_workers_needed(LLAMA3_70B, 141 * GIB, **kw) == 2  # an H200 holds them, not with 10% free
+    assert eval_workers_needed(LLAMA2_13B, 80 * GIB, **kw) == 1
+    with pytest.raises(ValueError, match="no evaluation group"):
+        eval_workers_needed(LLAMA3_70B, 1 * GIB, max_workers=8, **kw)

@@ -182,7 +182,7 @@ class PruneWorker(GroupMember):
     def gradient_range(self, lo: int, hi: int, steps: int, batch: int = 1) -> int:
         """Forward/backward this rank's sequences at global positions ``[lo, hi)``, padded with dummies to
         ``steps`` (every rank runs the same number of backwards), ``batch`` at a time."""
-        mine = [j for j, p in enumerate(self.positions) if lo <= p < hi]  # contiguous: the shard is
+        mine = [j for j, p in enumerate(self.positions) if lo <= p < hi]  # contiguous, as the shard is
         return self._step_rows(self._local_rows(steps, mine[0] if mine else 0, len(mine)), batch)
 
     def _step_rows(self, rows: list[tuple[torch.Tensor, float]], batch: int) -> int:
@@ -210,7 +210,7 @@ class PruneWorker(GroupMember):
         return len(rows)
 
     def group_scores(self, table: list, estimators: list[str], minibatch: bool) -> list[torch.Tensor]:
-        """SAAP group scores of ``table``'s tensors (:func:`actors.importance.rank_group_sums`, collective):
+        """SAAP group scores of ``table``'s tensors (:func:`actors.zero3.rank_group_sums`, collective):
         of the mini-batch since the last call (``minibatch``; then folded into the totals), or of the totals."""
         from actors.zero3 import rank_group_sums
 

@@ -51,8 +51,11 @@ log = logging.getLogger("structured-bench")
 DATA = Path("/work/shared/data")
 
 
-def get_importance(dense, calib, s, cache: Path | None, refresh: bool = False) -> Importance:
+def get_importance(dense, calib, s, cache: Path | None, refresh: bool = False, ray_workers: int = 0,
+                   cfg=None, path: str | None = None) -> Importance:
+    """SAAP's importance of the dense model (cached); ``ray_workers``: from that many ZeRO-3 workers."""
     key = f"{'+'.join(s.estimators)}-{s.aggregation}-k{s.minibatches}-n{calib.shape[0]}x{calib.shape[1]}"
+    key += f"-ray{ray_workers}" if ray_workers else ""
     first, last = protected_blocks(s, dense.config.num_hidden_layers)
     if cache is not None:
         f = cache / f"importance-{key}.pt"
@@ -63,7 +66,20 @@ def get_importance(dense, calib, s, cache: Path | None, refresh: bool = False) -
                 log.warning("cache predates the shift-free stability indicator: cv values are stale")
             return Importance(module_groups(dense, first, last), d["fused"], d["sigmas"], d["cv"], d.get("means", {}),
                               d["seconds"])
-    imp = compute_importance(dense, calib, s, progress=True)
+    if ray_workers:
+        from actors.importance import run_ray_importance
+        from orchestrator.structured.run import distributed_importance
+
+        cfg.backend.kind, cfg.backend.workers = "ray", ray_workers
+
+        def score(mods, shapes, ids):
+            return run_ray_importance(cfg, path, ids, mods, shapes, progress=True)
+
+        imp, memory = distributed_importance(dense, calib, s, score)
+        log.info("importance on ray x%d: %.0f s; per worker %s", ray_workers, imp.seconds,
+                 [{k: m[k] for k in ("model_state_bytes", "grad_stat_bytes", "peak_rss_bytes")} for m in memory])
+    else:
+        imp = compute_importance(dense, calib, s, progress=True)
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         torch.save({"fused": imp.fused, "sigmas": imp.sigmas, "cv": imp.cv, "means": imp.means,
@@ -93,6 +109,8 @@ def main() -> None:
                     help="torch thread counts of the speed runs; the first fills prefill_tps / decode_tps")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "rayprune" / "structured-bench"))
     ap.add_argument("--set", nargs="*", default=[], help="extra config overrides (structured.indicator=...)")
+    ap.add_argument("--ray-workers", type=int, default=0,
+                    help="> 0: importance from that many ZeRO-3 workers (backend: ray) instead of one process")
     ap.add_argument("--peer", default="torch-pruning", choices=["torch-pruning", "none"],
                     help="peer rows at each target (skipped, with the reason in the JSON, when not installed)")
     args = ap.parse_args()
@@ -127,11 +145,11 @@ def main() -> None:
             return perplexity(m, evals)
 
     imp = get_importance(dense, calib, cfg.structured, Path(args.cache) if args.cache else None,
-                         args.refresh_importance)
+                         args.refresh_importance, args.ray_workers, cfg, path)
     result = {"dense": {"ppl": ppl(dense, ("dense",)), "params": decoder_params(dense),
                         "total_params": sum(p.numel() for p in dense.parameters()),
                         "flops_per_token": flops_per_token(dense)},
-              "rows": [], "sigmas": imp.sigmas, "importance_seconds": imp.seconds,
+              "rows": [], "sigmas": imp.sigmas, "importance_seconds": imp.seconds, "ray_workers": args.ray_workers,
               "config": cfg.to_dict()["structured"]}
     log.info("dense ppl %.3f", result["dense"]["ppl"])
     models = {"dense": dense}

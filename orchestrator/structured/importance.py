@@ -72,6 +72,8 @@ def partition_group_sums(weight: torch.Tensor, grad_sum: torch.Tensor, grad_sq: 
     A ZeRO-3 rank holds elements ``[start, start + P)`` of a 2-D parameter flattened row-major (padded at the
     end); a group's elements are spread over several ranks' partitions, so each rank sums the elements it
     holds and the ranks add their ``(G,)`` vectors (:func:`finish_group_scores` then gives the group scores).
+    The partition is laid out as whole rows (zeros before its first element and after its last), summed per
+    row (row groups) or per column (column groups), and the row or column sums are added per group.
 
     Args:
         weight: ``(P,)`` the rank's partition of the parameter.
@@ -84,7 +86,7 @@ def partition_group_sums(weight: torch.Tensor, grad_sum: torch.Tensor, grad_sq: 
         width: entries per group along ``dim``.
         offset: where the slice's segment starts along ``dim``.
         groups: ``G``.
-        chunk: elements processed at once (bounds the index temporaries).
+        chunk: elements laid out at once (bounds the temporaries).
 
     Returns:
         ``(G,)`` float64 partial sums.
@@ -92,14 +94,26 @@ def partition_group_sums(weight: torch.Tensor, grad_sum: torch.Tensor, grad_sq: 
     rows, cols = shape
     out = torch.zeros(groups, dtype=torch.float64, device=weight.device)
     valid = max(0, min(weight.numel(), rows * cols - start))  # the padding past the parameter holds nothing
-    for lo in range(0, valid, chunk):
-        hi = min(valid, lo + chunk)
+    if not valid:
+        return out
+    step = max(cols, chunk // cols * cols)  # whole rows per piece
+    lo = 0
+    while lo < valid:
+        first_row = (start + lo) // cols
+        lead = (start + lo) - first_row * cols  # elements of the piece's first row held by the previous piece
+        hi = min(valid, lo + step - lead)
         sq = None if grad_sq is None else grad_sq[lo:hi]
         elem = element_scores(weight[lo:hi], grad_sum[lo:hi], sq, estimator)  # (c,)
-        flat = torch.arange(start + lo, start + hi, device=weight.device)  # (c,)
-        along = (flat // cols if dim == 0 else flat % cols) - offset  # index along the group axis, in the segment
-        inside = (along >= 0) & (along < groups * width)
-        out.scatter_add_(0, along[inside] // width, elem[inside].double())
+        tail = -(lead + hi - lo) % cols
+        grid = torch.nn.functional.pad(elem, (lead, tail)).view(-1, cols)  # (r, cols) whole rows
+        if dim == 0:
+            sums, index = grid.sum(1), torch.arange(first_row, first_row + grid.shape[0], device=elem.device)
+        else:
+            sums, index = grid.sum(0), torch.arange(cols, device=elem.device)
+        rel = index - offset  # position in the module's segment
+        inside = (rel >= 0) & (rel < groups * width)
+        out.scatter_add_(0, rel[inside] // width, sums[inside].double())
+        lo = hi
     return out
 
 

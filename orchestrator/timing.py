@@ -28,6 +28,7 @@ class Accelerator:
         bf16_flops: matmul FLOP/s in bf16.
         mem_bw: bytes/s of elementwise work.
         link_bw: bytes/s each worker moves in a ring collective (NVLink within a node; gloo on a CPU).
+        score_rate: weights/s the scorer scores and ranks (a Wanda score, a stable row-wise sort, the mask).
     """
 
     name: str
@@ -35,6 +36,7 @@ class Accelerator:
     bf16_flops: float
     mem_bw: float
     link_bw: float
+    score_rate: float
 
     def flops(self, dtype: str) -> float:
         """Matmul FLOP/s of ``dtype`` (fp16 runs at the bf16 rate)."""
@@ -44,10 +46,15 @@ class Accelerator:
 #: achieved fraction of the dense peak in a transformer's matmuls (a typical model FLOPs utilisation)
 GPU_MFU = 0.45
 #: published dense peaks (FLOP/s: fp32 without TF32, bf16), HBM and NVLink bandwidths, bytes/s; 8 per node
+#: scoring and a row-wise (segmented radix) sort move each weight through memory about this many times
+SORT_PASSES = 16
 PROFILES: dict[str, Accelerator] = {
-    "h100": Accelerator("H100 SXM 80 GB, NVLink 4", 67e12 * GPU_MFU, 989e12 * GPU_MFU, 3.35e12 * 0.7, 450e9 * 0.7),
-    "h200": Accelerator("H200 SXM 141 GB, NVLink 4", 67e12 * GPU_MFU, 989e12 * GPU_MFU, 4.8e12 * 0.7, 450e9 * 0.7),
-    "a100": Accelerator("A100 SXM 80 GB, NVLink 3", 19.5e12 * GPU_MFU, 312e12 * GPU_MFU, 2.0e12 * 0.7, 300e9 * 0.7),
+    name: Accelerator(label, fp32 * GPU_MFU, bf16 * GPU_MFU, hbm * 0.7, link * 0.7, hbm * 0.7 / (4 * SORT_PASSES))
+    for name, label, fp32, bf16, hbm, link in (
+        ("h100", "H100 SXM 80 GB, NVLink 4", 67e12, 989e12, 3.35e12, 450e9),
+        ("h200", "H200 SXM 141 GB, NVLink 4", 67e12, 989e12, 4.8e12, 450e9),
+        ("a100", "A100 SXM 80 GB, NVLink 3", 19.5e12, 312e12, 2.0e12, 300e9),
+    )
 }
 
 
@@ -118,8 +125,11 @@ def predict_phases(model_config: Any, acc: Accelerator, *, workers: int, method:
             solve = s.layers * sum(2 * o * i * i + i**3 for o, i in s.block_linears().values())
             flops += solve  # on the scorer (rank 0) while the others wait
         compute = flops / acc.flops(forward_dtype)
+        if method in ("magnitude", "wanda", "gblm"):  # the scorer ranks every row of every weight (rank 0)
+            compute += lin / acc.score_rate
         memory = tokens * passes * act_bytes * 2 / acc.mem_bw
-        comm = p.comm_block_pass_bytes / acc.link_bw if workers > 1 else 0.0
+        # the block gathers, and every pruned weight and its mask on their way to the coordinator
+        comm = (p.comm_block_pass_bytes if workers > 1 else 0.0) / acc.link_bw + lin * (dtype_bytes + 1) / acc.link_bw
         out["block_pass"] = compute + memory + comm
     if eval_windows:
         eval_tokens = math.ceil(eval_windows / eval_workers) * eval_seq_len

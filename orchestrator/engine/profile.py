@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from orchestrator.pruning.masks import row_mask
+from orchestrator.pruning.scores import wanda_score
 from orchestrator.timing import Accelerator
 
 #: bytes/s a CPU worker moves in a gloo collective (measured here: a 538 MB all-gather of SmolLM2's
@@ -30,8 +32,10 @@ def _rate(fn, work: float, repeats: int = 5) -> float:
 
 def measure_cpu(threads: int | None = None, tokens: int = 512, hidden: int = 1024, inter: int = 2816
                 ) -> Accelerator:
-    """This CPU as an accelerator: matmuls of a ``(tokens, hidden) @ (hidden, inter)`` block shape, fp32 and
-    bf16, and the bandwidth of an elementwise add over 64 MiB tensors, with ``threads`` torch threads."""
+    """This CPU as an accelerator, with ``threads`` torch threads: matmuls of the run's block shape
+    ``(tokens, hidden) @ (hidden, inter)`` (``tokens``: one micro-batch's) in fp32 and bf16, the bandwidth
+    of an elementwise add over 64 MiB tensors, and the scorer (a Wanda score, a stable row-wise sort, the mask)
+    on an ``(inter, hidden)`` weight."""
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -44,8 +48,10 @@ def measure_cpu(threads: int | None = None, tokens: int = 512, hidden: int = 102
             rates[dtype] = _rate(lambda x=x, w=w: x @ w, 2.0 * tokens * hidden * inter)
         a, b = torch.randn(1 << 24, generator=g), torch.randn(1 << 24, generator=g)
         bw = _rate(lambda: torch.add(a, b, out=a), 3 * a.numel() * 4.0)  # read two, write one
+        w, norm = torch.randn(inter, hidden, generator=g), torch.rand(hidden, generator=g)
+        score = _rate(lambda: row_mask(wanda_score(w, norm), 0.5), float(w.numel()), repeats=3)
     finally:
         torch.set_num_threads(before)
     n = threads or before
     return Accelerator(f"this CPU, {n} thread{'s' if n > 1 else ''} (measured)", rates[torch.float32],
-                       rates[torch.bfloat16], bw, CPU_LINK_BW)
+                       rates[torch.bfloat16], bw, CPU_LINK_BW, score)

@@ -175,6 +175,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     from orchestrator.inputs.loader import load_config
     from orchestrator.inputs.models import load_model_config, materialize
     from orchestrator.planner import SHAPES, choose_checkpointing, format_plan, min_workers, plan, run_plan_kwargs
+    from orchestrator.shapes import ModelShape
     from orchestrator.timing import PROFILES, format_times, predict_run
 
     path, overrides = _split_args(ns.args)
@@ -209,7 +210,9 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     if ns.accelerator == "cpu":
         from orchestrator.engine.profile import measure_cpu
 
-        acc = measure_cpu(max(1, (os.cpu_count() or 1) // workers))
+        shape = ModelShape.from_config(model_config)  # measured at the run's matmul shape
+        tokens = cfg.backend.grad_batch_size * cfg.calibration.seq_len
+        acc = measure_cpu(max(1, (os.cpu_count() or 1) // workers), tokens, shape.hidden, shape.intermediate)
     else:
         acc = PROFILES[ns.accelerator]
     sys.stdout.write(format_times(predict_run(cfg, model_config, acc, checkpoint), acc) + "\n")

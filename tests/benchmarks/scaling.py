@@ -57,6 +57,7 @@ def make_cfg(shape: str, workers: int, args: argparse.Namespace) -> RunConfig:
     cfg.backend.kind = "ray"
     cfg.backend.workers = workers
     cfg.backend.grad_batch_size = args.grad_batch
+    cfg.backend.num_threads = max(1, (os.cpu_count() or 1) // workers)  # 4 workers on 2 cores: one thread each
     cfg.backend.activation_checkpointing = False
     cfg.eval.enabled = False
     return cfg
@@ -73,14 +74,15 @@ def one_run(shape: str, workers: int, args: argparse.Namespace) -> dict:
     """Prune one shape on ``workers`` workers; measured and predicted costs."""
     cfg = make_cfg(shape, workers, args)
     path = materialize(cfg.model)
-    calib = calibration_windows(cfg.calibration, load_tokenizer(path, cfg.model))  # (N, L)
+    calib = calibration_windows(cfg, path, load_tokenizer(path, cfg.model))  # (N, L)
     t0 = time.perf_counter()
     res = run_ray(cfg, path, calib, progress=False)
     wall = time.perf_counter() - t0
     mc = model_config(cfg)
     p = plan(mc, workers=workers, method="gblm", num_samples=args.samples, seq_len=args.seq_len, dtype_bytes=4,
              grad_batch=args.grad_batch)
-    acc = measure_cpu(max(1, (os.cpu_count() or 1) // workers))
+    t = cfg.model.tiny  # the CPU measured at the run's matmul shape (one micro-batch's tokens)
+    acc = measure_cpu(cfg.backend.num_threads, args.grad_batch * args.seq_len, t.hidden, t.intermediate)
     predicted = predict_phases(mc, acc, workers=workers, method="gblm", num_samples=args.samples,
                                seq_len=args.seq_len, grad_batch=args.grad_batch)
     tokens = args.samples * args.seq_len
@@ -139,17 +141,18 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
-    for ax, cost in zip(axes, COSTS, strict=True):
+    panels = [(c, c, c) for c in COSTS] + [("peak bytes above start", "peak_above_start_bytes", "peak_bytes")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(22, 4.2))
+    for ax, (title, meas, pred) in zip(axes, panels, strict=True):
         for w in sorted({r["workers"] for r in rows}):
             sel = sorted((r for r in rows if r["workers"] == w), key=lambda r: r["params"])
             xs = [r["params"] for r in sel]
-            line, = ax.plot(xs, [r["measured"][cost] for r in sel], "o-", label=f"{w} worker(s)")
-            ax.plot(xs, [r["predicted"][cost] for r in sel], "--", color=line.get_color())
+            line, = ax.plot(xs, [r["measured"][meas] for r in sel], "o-", label=f"{w} worker(s)")
+            ax.plot(xs, [r["predicted"][pred] for r in sel], "--", color=line.get_color())
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("parameters")
-        ax.set_title(cost.replace("_", " "))
+        ax.set_title(title.replace("_", " "))
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend()
     fig.suptitle("rayprune scaling: measured (solid) vs planner (dashed), per worker")
@@ -182,10 +185,21 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--grad-batch", type=int, default=1)
+    ap.add_argument("--replot", action="store_true", help="only redraw the PNG and the table from --out")
     args = ap.parse_args()
+    if args.replot:
+        rows = json.loads(Path(args.out).read_text())["rows"]
+        plot(rows, Path(args.out).with_suffix(".png"))
+        print(table(rows))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    import ray
+
+    # more workers than cores is allowed here on purpose (the cost against W is what is measured)
+    ray.init(num_cpus=max(max(int(x) for x in args.workers.split(",")), os.cpu_count() or 1),
+             include_dashboard=False, log_to_driver=False)
     rows: list[dict] = []
     for shape in args.shapes.split(","):
         for w in (int(x) for x in args.workers.split(",")):

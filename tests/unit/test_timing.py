@@ -8,7 +8,7 @@ from orchestrator.planner import LLAMA2_13B, LLAMA3_70B, ModelShape, plan
 from orchestrator.timing import PROFILES, Accelerator, predict_phases
 
 #: round numbers, so each term is easy to check by hand
-FLAT = Accelerator("test", fp32_flops=1e12, bf16_flops=4e12, mem_bw=1e11, link_bw=1e10)
+FLAT = Accelerator("test", fp32_flops=1e12, bf16_flops=4e12, mem_bw=1e11, link_bw=1e10, score_rate=1e9)
 KW = dict(method="gblm", num_samples=64, seq_len=1024, grad_batch=1, dtype_bytes=2)
 
 
@@ -55,5 +55,5 @@ def test_measured_cpu_profile_is_sane() -> None:
     from orchestrator.engine.profile import measure_cpu
 
     acc = measure_cpu(1, tokens=64, hidden=128, inter=256)
-    assert acc.fp32_flops > 1e8 and acc.bf16_flops > 1e7 and acc.mem_bw > 1e8
+    assert acc.fp32_flops > 1e8 and acc.bf16_flops > 1e7 and acc.mem_bw > 1e8 and acc.score_rate > 1e5
     assert "measured" in acc.name

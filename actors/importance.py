@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def scored_tensors(mods: list[ModuleGroups], shapes: dict[str, tuple[int, int]]) -> list[ScoredTensor]:
     """Every module's scored tensors in module order (the layout of the ranks' answers)."""
-    return [ScoredTensor(sl.name, shapes[sl.name], sl.dim, sl.width, sl.offset, m.num_groups)
+    return [ScoredTensor(m.key, sl.name, shapes[sl.name], sl.dim, sl.width, sl.offset, m.num_groups)
             for m in mods for sl in scored_slices(m, set(shapes))]
 
 
@@ -37,11 +37,10 @@ def _to_slice_scores(mods: list[ModuleGroups], table: list[ScoredTensor], estima
                      answer: list[torch.Tensor]) -> SliceScores:
     """The ranks' concatenated answer as module key -> estimator -> per-tensor ``(G,)`` scores."""
     out: SliceScores = {m.key: {e: [] for e in estimators} for m in mods}
-    owners = [m for m in mods for _ in scored_slices(m, {t.name for t in table})]
     for est, flat in zip(estimators, answer, strict=True):
         i = 0
-        for mod, t in zip(owners, table, strict=True):
-            out[mod.key][est].append(flat[i : i + t.groups])
+        for t in table:
+            out[t.module][est].append(flat[i : i + t.groups])
             i += t.groups
     return out
 

@@ -311,6 +311,7 @@ class ScoredTensor:
     """One grouped weight tensor as the ranks score it.
 
     Attributes:
+        module: key of the module whose groups these are (``"3.mlp"``).
         name: full parameter name.
         shape: ``(rows, cols)`` of the whole weight.
         dim: group axis.
@@ -319,6 +320,7 @@ class ScoredTensor:
         groups: ``G``, the module's groups.
     """
 
+    module: str
     name: str
     shape: tuple[int, int]
     dim: int

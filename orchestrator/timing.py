@@ -142,8 +142,7 @@ def predict_run(cfg: Any, model_config: Any, acc: Accelerator, checkpoint: bool)
     """:func:`predict_phases` for a run config (a ``RunConfig``; read, not imported)."""
     from orchestrator.planner import run_plan_kwargs
 
-    kw = run_plan_kwargs(cfg)
-    kw.pop("norm"), kw.pop("offload_stats"), kw.pop("second_order")
+    kw = {k: v for k, v in run_plan_kwargs(cfg).items() if k not in ("norm", "offload_stats", "second_order")}
     ev = cfg.eval
     return predict_phases(model_config, acc, **kw, forward_dtype=cfg.backend.forward_dtype,
                           grad_dtype=cfg.pruning.gblm.grad_dtype, checkpoint=checkpoint,

@@ -224,6 +224,7 @@ def open_store(cfg: RunConfig, root: Path, input_ids: torch.Tensor, inputs: dict
 def _attempt(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress: bool, group: ActorGroup,
              keep_grad_partitions: bool, store: CheckpointStore | None, faults: Faults | None, t0: float) -> RayResult:
     """One attempt on a live group, continuing from ``store``'s progress."""
+    cfg = cfg.with_compute_dtypes(group.native_bf16)
     pcfg = cfg.pruning
     if store is not None and not store.world_matches(group.workers):
         raise ValueError(f"checkpoint {store.root} was written by {store.progress['world']} workers, "
@@ -239,6 +240,7 @@ def _attempt(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress:
     outcome, weights = _block_pass(group, cfg, progress, store, faults)
     phases["block_pass"] = time.perf_counter() - t1
     outcome.phases = phases
+    outcome.dtypes = cfg.compute_dtypes()
     memory = group.execute("memory")
     if keep_grad_partitions:
         for m, parts in zip(memory, group.execute("grad_partitions"), strict=True):

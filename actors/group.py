@@ -35,7 +35,13 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.cluster import check_capacity, ensure_ray
-from orchestrator.engine.device import device_memory_bytes, local_device, visible_device_index
+from orchestrator.engine.device import (
+    NATIVE_BF16_ENV,
+    device_memory_bytes,
+    local_device,
+    native_bf16,
+    visible_device_index,
+)
 from orchestrator.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -245,7 +251,8 @@ class GroupMember:
                 "accelerator_ids": list(info.accelerator_ids), "device": str(self.device),
                 "device_index": getattr(self, "device_index", None),
                 "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                "memory_bytes": device_memory_bytes(self.device, self.local_world)}
+                "memory_bytes": device_memory_bytes(self.device, self.local_world),
+                "native_bf16": native_bf16(self.device)}
 
     def leave(self) -> None:
         """Destroy the process group (subclasses free their resources first)."""
@@ -291,6 +298,8 @@ class ActorGroup:
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         if not spec.use_gpu:
             env["DS_ACCELERATOR"] = "cpu"
+        if os.environ.get(NATIVE_BF16_ENV):  # the driver's override reaches actors on every node
+            env[NATIVE_BF16_ENV] = os.environ[NATIVE_BF16_ENV]
         remote = ray.remote(actor_cls)
         actors = [
             remote.options(
@@ -315,6 +324,11 @@ class ActorGroup:
             raise
         log.info("%s: %d %s actors (%s) on %d node(s)", spec.field, spec.workers, actor_cls.__name__,
                  spec.backend or "no process group", len({i.node_id for i in self.infos}))
+
+    @property
+    def native_bf16(self) -> bool:
+        """Whether every member's device computes bf16 natively (what ``auto`` compute dtypes resolve with)."""
+        return all(d.get("native_bf16", False) for d in self.devices)
 
     def get(self, refs: list) -> list:
         """``ray.get`` that fails fast: the first actor error kills the whole group and is raised."""

@@ -43,12 +43,13 @@ def run_ray_sweep(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, prog
     """
     import dataclasses
 
-    pcfg = cfg.pruning
-    cfgs = [dataclasses.replace(pcfg, sparsity=float(s), sweep=[]) for s in pcfg.sweep]
     own = group is None
     t0 = time.perf_counter()
     group = group or start_workers(spec or prune_spec(cfg))
     try:
+        cfg = cfg.with_compute_dtypes(group.native_bf16)
+        pcfg = cfg.pruning
+        cfgs = [dataclasses.replace(pcfg, sparsity=float(s), sweep=[]) for s in pcfg.sweep]
         out = RaySweep()
         load_workers(group, cfg, model_path, input_ids)
         out.phases["startup"] = time.perf_counter() - t0
@@ -63,6 +64,8 @@ def run_ray_sweep(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, prog
         out.activation_passes = (0 if not uses_activations(pcfg) else len(cfgs) if pcfg.sequential else 1)
         out.phases["block_pass"] = time.perf_counter() - t1
         out.candidates = [(c.target_sparsity, o, w) for c, (o, w) in zip(cfgs, results, strict=True)]
+        for o, _ in results:
+            o.dtypes = cfg.compute_dtypes()
         out.memory = group.execute("memory")
         group.execute("finish")
         return out

@@ -37,6 +37,27 @@ def current_rss() -> int:
         return 0
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux resets ``VmHWM`` when 5 is written to ``/proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> int:
+    """Peak resident set size in bytes since the last :func:`reset_peak_rss` (``VmHWM``; 0 where unknown)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def _answer(results: dict, linears: dict, full: dict[str, str]) -> dict:
     """The scorer's answer for one pruned block: masks, weights and report rows under full names, on the CPU."""
     from orchestrator.engine.local import layer_row
@@ -69,6 +90,9 @@ class PruneWorker(GroupMember):
     def __init__(self, num_threads: int = 1) -> None:
         super().__init__(num_threads)
         self.rss: dict[str, int] = {}
+        self.peaks: dict[str, int] = {}  # peak RSS within each phase (absolute bytes)
+        self.seconds: dict[str, float] = {}  # where the last gradient pass spent its time
+        self.lifetime_peak = 0  # peak RSS of the windows before the current one
         self._reset()
 
     def _reset(self) -> None:
@@ -102,6 +126,7 @@ class PruneWorker(GroupMember):
 
         self.finish()
         start = current_rss()  # before this run's model: what the planner's bytes are measured from
+        self._new_peak_window()
         ids, self.positions = read_shard(shard)
         self.ids = ids.to(self.device)  # (n, L)
         self.seq_len = seq_len
@@ -117,6 +142,7 @@ class PruneWorker(GroupMember):
         self.config = self.model.config
         self.prefix = block_prefix(self.model)
         self.rss = {"start": start, "loaded": current_rss()}
+        self.peaks = {"load": peak_rss()}
         return {"samples": int(self.ids.shape[0])}
 
     def _local_rows(self, steps: int, first: int = 0, count: int | None = None) -> list[tuple[torch.Tensor, float]]:
@@ -146,6 +172,7 @@ class PruneWorker(GroupMember):
         from actors.zero3 import Decoder, ShardedGradStats, full_shape, make_engine
         from orchestrator.engine.local import logits_free, pruned_weight_names
 
+        self._new_peak_window()
         names = pruned_weight_names(self.model)
         # the loss without logits (as the local engine computes it) unless the head is more than a matmul
         self.chunked_loss = logits_free(self.model)
@@ -252,6 +279,8 @@ class PruneWorker(GroupMember):
             self.emb_handle.remove()
             self.emb_handle = None
         self.rss["gradient_pass"] = current_rss()
+        self.peaks["gradient_pass"] = peak_rss()
+        self.seconds = {**self.pass_seconds, **self.grads.seconds}
         for p in self.model.parameters():
             p.requires_grad_(False)
         self._drop_engine()  # its optimizer partitions and buckets are not needed any more
@@ -277,6 +306,7 @@ class PruneWorker(GroupMember):
         from actors.zero3 import gather_embedding_into
         from orchestrator.engine.blocks import capture_block_inputs
 
+        self._new_peak_window()  # the block pass's window: from here to :meth:`memory`
         gather_embedding_into(self.model, self.shell)
         ids = self.ids if self.ids.shape[0] else torch.zeros((1, self.seq_len), dtype=torch.int64, device=self.device)
         hidden, self.kwargs = capture_block_inputs(self.shell, ids)  # (n, L, H)
@@ -388,17 +418,28 @@ class PruneWorker(GroupMember):
 
         return len(decoder_blocks(self.model))
 
+    def _new_peak_window(self) -> None:
+        """Fold the current window's peak into the lifetime peak and start a new window."""
+        self.lifetime_peak = max(self.lifetime_peak, peak_rss(), *self.peaks.values())
+        reset_peak_rss()
+
     def memory(self) -> dict[str, int]:
         """Peak RSS, parameter-partition bytes and gradient-statistic bytes of this rank."""
         from actors.zero3 import partition_bytes
 
+        # the peak within each phase (load, gradient pass, block pass: capture to now), absolute
+        peaks = {**self.peaks, **({"block_pass": peak_rss()} if "captured" in self.rss else {})}
         return {
             "rank": self.rank,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            # ru_maxrss restarts with the peak windows on Linux: the lifetime peak is kept across them
+            "peak_rss_bytes": max(self.lifetime_peak, *peaks.values(),
+                                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
             "model_state_bytes": partition_bytes(self.model) if self.model is not None else 0,
             "grad_stat_bytes": self.grads.nbytes() if self.grads is not None else 0,
             "recomputed_blocks": self.recomputed,
             "rss_bytes_by_phase": {**self.rss, "end": current_rss()},
+            "peak_rss_bytes_by_phase": peaks,
+            "gradient_pass_seconds": dict(self.seconds),
         }
 
     def grad_partitions(self) -> dict[str, dict[str, torch.Tensor]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from orchestrator import __version__, groups
-from orchestrator.engine.device import Placement
+from orchestrator.engine.device import Placement, native_bf16
 from orchestrator.engine.local import PruneOutcome, pruned_weight_names, run_local
 from orchestrator.errors import UsageError
 from orchestrator.inputs.config import RunConfig
@@ -111,8 +111,10 @@ def prune_with_backend(cfg: RunConfig, model, model_path: str, calib: torch.Tens
     if cfg.backend.kind == "local":
         if cfg.backend.num_threads:
             torch.set_num_threads(cfg.backend.num_threads)
+        cfg = cfg.with_compute_dtypes(native_bf16("cpu"))
         outcome = run_local(model, calib, cfg.pruning, Placement.of("cpu", cfg.backend.forward_dtype), progress,
                             local_checkpointing(cfg, model))
+        outcome.dtypes = cfg.compute_dtypes()
         return outcome, []
     from actors.distributed import run_ray  # Ray and DeepSpeed only load for this backend
     from orchestrator.inputs.fingerprints import checkpoint_inputs
@@ -274,8 +276,11 @@ def _prune_and_evaluate(cfg: RunConfig, timer: PhaseTimer, writer: RunWriter, ev
                                                 rs.phases)
                 memory = rs.memory
             else:
-                sweep = run_sweep(model, calib, cfg.pruning, Placement.of("cpu", cfg.backend.forward_dtype), progress,
-                                  local_checkpointing(cfg, model))
+                run_cfg = cfg.with_compute_dtypes(native_bf16("cpu"))
+                sweep = run_sweep(model, calib, run_cfg.pruning, Placement.of("cpu", run_cfg.backend.forward_dtype),
+                                  progress, local_checkpointing(cfg, model))
+                for c in sweep.candidates:
+                    c.outcome.dtypes = run_cfg.compute_dtypes()
             main = next(c for c in sweep.candidates if c.sparsity == main_sparsity(cfg.pruning))
             model, outcome = main.model, main.outcome
             outcome.phases = sweep.phases
@@ -326,6 +331,7 @@ def _prune_and_evaluate(cfg: RunConfig, timer: PhaseTimer, writer: RunWriter, ev
                      main_sparsity(cfg.pruning), "reached": frac, "zeros": zeros, "pruned_weights_total": total},
         "metrics": metrics,
         "phases": {f"prune.{k}": round(v, 3) for k, v in outcome.phases.items()},
+        "compute_dtypes": outcome.dtypes or None,
         "memory_per_worker": memory,
         "structured": structured,
         "layers": outcome.layers,

@@ -29,6 +29,7 @@ class Accelerator:
         mem_bw: bytes/s of elementwise work.
         link_bw: bytes/s each worker moves in a ring collective (NVLink within a node; gloo on a CPU).
         score_rate: weights/s the scorer scores and ranks (a Wanda score, a stable row-wise sort, the mask).
+        native_bf16: whether it computes bf16 natively (what an ``auto`` compute dtype resolves with).
     """
 
     name: str
@@ -37,10 +38,17 @@ class Accelerator:
     mem_bw: float
     link_bw: float
     score_rate: float
+    native_bf16: bool = True
+
+    def dtype(self, name: str) -> str:
+        """A config compute dtype with ``auto`` resolved for this accelerator."""
+        if name != "auto":
+            return name
+        return "bfloat16" if self.native_bf16 else "float32"
 
     def flops(self, dtype: str) -> float:
-        """Matmul FLOP/s of ``dtype`` (fp16 runs at the bf16 rate)."""
-        return self.fp32_flops if dtype == "float32" else self.bf16_flops
+        """Matmul FLOP/s of ``dtype`` (fp16 runs at the bf16 rate; ``auto`` as :meth:`dtype` resolves it)."""
+        return self.fp32_flops if self.dtype(dtype) == "float32" else self.bf16_flops
 
 
 #: achieved fraction of the dense peak in a transformer's matmuls (a typical model FLOPs utilisation)
@@ -103,7 +111,7 @@ def predict_phases(model_config: Any, acc: Accelerator, *, workers: int, method:
     lin = s.layers * s.block_linear_params()
     seqs = math.ceil(num_samples / workers)  # every worker runs as many sequences (padding included)
     tokens = seqs * seq_len
-    act_bytes = s.activations_per_token() * s.layers * (4 if forward_dtype == "float32" else 2)
+    act_bytes = s.activations_per_token() * s.layers * (4 if acc.dtype(forward_dtype) == "float32" else 2)
     out: dict[str, float] = {}
     if p.grad_kinds:
         # forward 2P, backward 4P (input gradients and the per-sample weight gradients), a recompute 2P more

@@ -10,6 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `auto` compute dtypes resolve to fp32 in every test process and every actor it starts (Ray workers inherit
+# the environment), so results and their fp32 references are the same on machines with and without native
+# bf16; the bf16 paths are tested with explicit dtypes and by overriding this
+os.environ.setdefault("RAYPRUNE_NATIVE_BF16", "0")
 
 TINY = {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "intermediate": 128, "max_positions": 256, "seed": 0}
 

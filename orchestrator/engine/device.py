@@ -19,6 +19,7 @@ import torch
 from orchestrator.inputs.models import TORCH_DTYPES
 
 _AUTOCAST_TYPES = ("cpu", "cuda", "xpu")  # device types torch.autocast serves
+NATIVE_BF16_ENV = "RAYPRUNE_NATIVE_BF16"  # 0/1: what ``auto`` compute dtypes resolve with (tests pin 0)
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,10 @@ class Placement:
 
     @classmethod
     def of(cls, device: str | torch.device = "cpu", forward_dtype: str = "float32") -> Placement:
-        """A placement from a device and a config dtype name (``float32`` = no autocast)."""
+        """A placement from a device and a config dtype name (``float32`` = no autocast; ``auto`` resolved for
+        ``device`` by :func:`native_bf16`)."""
+        if forward_dtype == "auto":
+            forward_dtype = "bfloat16" if native_bf16(device) else "float32"
         amp = None if forward_dtype == "float32" else TORCH_DTYPES[forward_dtype]
         return cls(torch.device(device), amp)
 
@@ -95,6 +99,25 @@ def local_device(accelerator_ids: list[str] | None = None) -> torch.device:
         return torch.device("cuda", visible_device_index(accelerator_ids, os.environ.get("CUDA_VISIBLE_DEVICES")))
     return torch.device("cpu")
 
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bf16 matmuls natively, so bf16 autocast is faster than fp32 there.
+
+    True for CUDA GPUs of compute capability 8.0 or later (Ampere on) and for CPUs with AVX512-BF16
+    or AMX tiles (oneDNN's bf16 kernels; other CPUs emulate bf16, slower than fp32). The environment
+    variable ``RAYPRUNE_NATIVE_BF16`` (``0`` or ``1``) overrides the answer for every device of the process.
+    """
+    forced = os.environ.get(NATIVE_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type == "cpu":
+        probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        return any(bool(probe()) for probe in probes if probe is not None)
+    return False
 
 
 def device_memory_bytes(device: torch.device | str, sharers: int = 1) -> int:

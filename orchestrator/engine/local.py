@@ -36,11 +36,13 @@ class PruneOutcome:
         masks: full weight name (``model.layers.0.mlp.up_proj.weight``) -> bool mask, True = pruned.
         layers: one report row per pruned linear.
         phases: wall-clock seconds per phase.
+        dtypes: the autocast dtypes the pass ran with (:meth:`RunConfig.compute_dtypes`).
     """
 
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     layers: list[dict] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)
+    dtypes: dict[str, str] = field(default_factory=dict)
 
 
 def pruned_weight_names(model: nn.Module) -> list[str]:

@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from orchestrator.engine.device import native_bf16
 from orchestrator.pruning.masks import row_mask
 from orchestrator.pruning.scores import wanda_score
 from orchestrator.timing import Accelerator
@@ -54,4 +55,4 @@ def measure_cpu(threads: int | None = None, tokens: int = 512, hidden: int = 102
         torch.set_num_threads(before)
     n = threads or before
     return Accelerator(f"this CPU, {n} thread{'s' if n > 1 else ''} (measured)", rates[torch.float32],
-                       rates[torch.bfloat16], bw, CPU_LINK_BW, score)
+                       rates[torch.bfloat16], bw, CPU_LINK_BW, score, native_bf16("cpu"))

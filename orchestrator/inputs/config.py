@@ -6,6 +6,7 @@ naming the dotted field and the offending value.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -17,6 +18,7 @@ Method = Literal["magnitude", "wanda", "sparsegpt", "gblm", "gblm-sparsegpt"]
 Pattern = Literal["unstructured", "2:4", "4:8"]
 Reconstruct = Literal["none", "layer", "block"]
 DType = Literal["float32", "bfloat16", "float16"]
+ComputeDType = Literal["auto", "float32", "bfloat16", "float16"]  # ``auto``: resolved on the hardware that computes
 METHODS: tuple[str, ...] = typing.get_args(Method)
 PATTERNS: tuple[str, ...] = typing.get_args(Pattern)
 DTYPES: tuple[str, ...] = typing.get_args(DType)
@@ -121,8 +123,9 @@ class GblmConfig:
         "raw", help="`raw`: the paper's terms and `alpha`; `normalized`: both terms mean 1 per layer, weighed by "
                     "`relative_alpha` (the same for any N, gradient scale or model)")
     relative_alpha: float = opt(1.0, ge=0, help="weight of the mean-1 gradient term (`weighting: normalized`)")
-    grad_dtype: DType = opt("float32", help="autocast dtype of the gradient pass's forward and backward "
-                                           "(the statistics are summed in fp32)")
+    grad_dtype: ComputeDType = opt("auto", help="autocast dtype of the gradient pass's forward and backward (the "
+                                   "statistics are summed in fp32); `auto`: bfloat16 where every worker's device "
+                                   "computes bf16 natively, else float32")
 
     def alpha_for(self, method: str) -> float:
         """The gradient term's weight: ``alpha`` for raw GBLM, ``relative_alpha`` for the scale-free terms."""
@@ -220,7 +223,8 @@ class StructuredRecoveryConfig:
     seq_len: int = opt(512, gt=0, help="tokens per training window")
     source: str | None = opt(None, help="training text (null: `calibration.source`; `calibration`: its windows)")
     num_samples: int = opt(1024, gt=0, help="training windows drawn from the source")
-    forward_dtype: DType = opt("bfloat16", help="autocast dtype of the frozen base (adapters stay fp32)")
+    forward_dtype: ComputeDType = opt("auto", help="autocast dtype of the frozen base (adapters stay fp32); `auto`: "
+                                      "bfloat16 where the device computes bf16 natively, else float32")
     workers: int = opt(1, gt=0, role=EXECUTION, help="> 1: data-parallel on Ray actors")
     seed: int = opt(0, help="adapter init and dropout seed")
 
@@ -279,7 +283,9 @@ class BackendConfig:
     kind: Literal["local", "ray"] = opt("ray", role=EXECUTION, help="`local` (one process) or `ray` (ZeRO-3 actors)")
     workers: int = opt(2, gt=0, role=EXECUTION, help="pruning workers (one GPU each where there are GPUs)")
     address: str | None = opt(None, role=EXECUTION, help="Ray address: `auto` joins a running cluster")
-    forward_dtype: DType = opt("float32", help="autocast dtype of block forwards (statistics stay fp32)")
+    forward_dtype: ComputeDType = opt("auto", help="autocast dtype of block forwards (statistics stay fp32); `auto`: "
+                                      "bfloat16 where every worker's device computes bf16 natively (GPUs of compute "
+                                      "capability >= 8.0, CPUs with AVX512-BF16 or AMX), else float32")
     grad_batch_size: int = opt(4, ge=1, help="sequences per forward/backward of the distributed gradient pass")
     activation_checkpointing: bool | None = opt(
         None, role=EXECUTION, help="recompute each block's activations in the gradient pass's backward (the same "
@@ -334,9 +340,32 @@ class RunConfig:
         """
         return _sha(self.by_role(RESULT))
 
+    def with_compute_dtypes(self, native_bf16: bool) -> RunConfig:
+        """A copy with every ``auto`` compute dtype resolved (``backend.forward_dtype``, ``pruning.gblm.grad_dtype``).
+
+        Args:
+            native_bf16: whether every device that computes the run does bf16 natively
+                (:func:`orchestrator.engine.device.native_bf16`).
+        """
+        out = copy.deepcopy(self)
+        out.backend.forward_dtype = resolve_compute_dtype(out.backend.forward_dtype, native_bf16)
+        out.pruning.gblm.grad_dtype = resolve_compute_dtype(out.pruning.gblm.grad_dtype, native_bf16)
+        return out
+
+    def compute_dtypes(self) -> dict[str, str]:
+        """The autocast dtypes of the block pass and the gradient pass (for reports)."""
+        return {"forward_dtype": self.backend.forward_dtype, "grad_dtype": self.pruning.gblm.grad_dtype}
+
     def by_role(self, *roles: str) -> dict[str, Any]:
         """The resolved config as a nested dict holding only fields of the given roles."""
         return _select(self, set(roles))
+
+
+def resolve_compute_dtype(name: str, native_bf16: bool) -> str:
+    """``name``, or for ``auto`` bfloat16 where the hardware computes bf16 natively and float32 elsewhere."""
+    if name != "auto":
+        return name
+    return "bfloat16" if native_bf16 else "float32"
 
 
 def _select(obj: Any, roles: set[str]) -> dict[str, Any]:

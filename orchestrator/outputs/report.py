@@ -66,6 +66,10 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {block} | {len(vals)} | {sum(vals) / len(vals):.4f} |")
     lines += ["", "## Phases", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in report["phases"].items()]
+    if report.get("compute_dtypes"):
+        d = report["compute_dtypes"]
+        lines += ["", f"Autocast: block forwards {d['forward_dtype']}, gradient pass {d['grad_dtype']} "
+                      "(statistics in fp32)."]
     if report.get("memory_per_worker"):
         lines += ["", "## Memory per worker", "", "| worker | peak RSS (MiB) | model state (MiB) |", "|---|---|---|"]
         for i, m in enumerate(report["memory_per_worker"]):

@@ -6,7 +6,7 @@ Prints a table and writes JSON to ``--out``:
 ``debian_cloze`` task, log-likelihood, unnormalised).
 
 Rows are ``--methods`` x ``--patterns``, or the ``--rows`` given as
-``METHOD/PATTERN[/KEY=VALUE,KEY=VALUE...]`` (pruning keys, e.g. ``reconstruct=layer``); the
+``METHOD/PATTERN[/KEY=VALUE,KEY=VALUE...]`` (pruning keys, e.g. ``reconstruct=layer``, or ``backend.*`` keys); the
 gradient pass is shared by every row with the same gradient settings.
 
 Example:
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from orchestrator.coordinator import eval_windows, reached_sparsity
-from orchestrator.engine.device import Placement
+from orchestrator.engine.device import Placement, native_bf16
 from orchestrator.engine.local import block_sequential, gradient_pass, pruned_weight_names
 from orchestrator.evaluation.perplexity import perplexity
 from orchestrator.evaluation.zeroshot import aggregate, load_task, score_examples, task_path
@@ -94,7 +94,9 @@ def main() -> None:
             write_result(args.out, dense_ppl, dense_acc, cfg.eval.seq_len, rows)
             continue
         run = load_config(None, base + args.overrides + [f"pruning.method={method}", f"pruning.pattern={pattern}"]
-                          + [f"pruning.{k}={v}" for k, v in options.items()])
+                          + [f"{k}={v}" if k.startswith("backend.") else f"pruning.{k}={v}"
+                             for k, v in options.items()])
+        run = run.with_compute_dtypes(native_bf16("cpu"))  # `auto` as a run on this machine resolves it
         kinds = gradient_kinds(method, run.pruning.gblm.norm)
         grads, grad_s = None, 0.0
         if kinds:
@@ -115,7 +117,7 @@ def main() -> None:
         frac, _, _ = reached_sparsity(model, pruned_weight_names(model))
         ppl = perplexity(model, windows, progress=False)
         row = {"method": method, "pattern": pattern, "options": options, "sparsity": round(frac, 6), "ppl": ppl,
-               "debian_cloze_acc": cloze_acc(model),
+               "debian_cloze_acc": cloze_acc(model), "compute_dtypes": run.compute_dtypes(),
                "prune_s": round(prune_s, 2), "phases": {k: round(v, 2) for k, v in outcome.phases.items()}}
         rows.append(row)
         log.info("%s", row)

@@ -59,6 +59,7 @@ def make_cfg(shape: str, workers: int, args: argparse.Namespace) -> RunConfig:
     cfg.backend.grad_batch_size = args.grad_batch
     cfg.backend.num_threads = max(1, (os.cpu_count() or 1) // workers)  # 4 workers on 2 cores: one thread each
     cfg.backend.activation_checkpointing = False
+    cfg.backend.forward_dtype = cfg.pruning.gblm.grad_dtype = "float32"  # the profile's fp32 rate on any machine
     cfg.eval.enabled = False
     return cfg
 
@@ -93,6 +94,9 @@ def one_run(shape: str, workers: int, args: argparse.Namespace) -> dict:
             "param_bytes": max(m["model_state_bytes"] for m in res.memory),
             "grad_stat_bytes": max(m["grad_stat_bytes"] for m in res.memory),
             "peak_above_start_bytes": worst["peak_rss_bytes"] - worst["rss_bytes_by_phase"]["start"],
+            "peak_above_start_by_phase": {k: v - worst["rss_bytes_by_phase"]["start"]
+                                          for k, v in worst.get("peak_rss_bytes_by_phase", {}).items()},
+            "gradient_pass_seconds": worst.get("gradient_pass_seconds", {}),
             "gradient_pass_s_per_token": res.outcome.phases["gradient_pass"] / tokens,
             "block_pass_s_per_token": res.outcome.phases["block_pass"] / tokens,
         },

@@ -13,6 +13,7 @@ pytest.importorskip("deepspeed")
 
 from actors.distributed import run_ray, start_workers  # noqa: E402
 from actors.group import GroupSpec  # noqa: E402
+from orchestrator.engine.device import Placement  # noqa: E402
 from orchestrator.engine.local import gradient_pass, run_local  # noqa: E402
 from orchestrator.errors import UsageError  # noqa: E402
 from orchestrator.evaluation.perplexity import perplexity  # noqa: E402
@@ -117,6 +118,11 @@ def test_ray_matches_local(setup, groups, method, pattern):
         assert len(res.memory) == workers
         for m in res.memory:
             assert m["peak_rss_bytes"] > 0 and m["model_state_bytes"] > 0
+            peaks = m["peak_rss_bytes_by_phase"]  # each phase's own peak: never above the lifetime peak
+            assert "load" in peaks and ("gradient_pass" in peaks) == (method == "gblm")
+            assert ("block_pass" in peaks) == (method != "magnitude")  # from the captured block inputs on
+            assert all(0 < v <= m["peak_rss_bytes"] for v in peaks.values()), (peaks, m["peak_rss_bytes"])
+        assert res.outcome.dtypes == {"forward_dtype": "float32", "grad_dtype": "float32"}  # `auto`, pinned fp32
 
 
 @pytest.mark.parametrize("method,pattern,options", [
@@ -342,3 +348,27 @@ def test_ray_sweep_uses_one_gradient_pass_and_matches_the_local_sweep(setup, gro
         assert same >= 0.999, (sparsity, same)
         for name, w in weights.items():  # the returned weights are the masked weights
             assert int((w[masks[name]] != 0).sum()) == 0, name
+
+
+def test_auto_dtypes_resolve_on_the_workers_and_match_local_bf16(setup, cluster, monkeypatch):
+    """``auto`` becomes bf16 where the workers compute it natively (forced here through the driver's
+    environment, which the group hands to its actors): the run is a bf16 run, equal to the local bf16 run."""
+    path, calib, _ = setup
+    monkeypatch.setenv("RAYPRUNE_NATIVE_BF16", "1")
+    cfg = make_cfg("gblm", "unstructured")
+    group = start_workers(GroupSpec(1, num_threads=1, deepspeed=True))
+    try:
+        assert group.native_bf16
+        res = run_ray(cfg, path, calib, progress=False, group=group)
+    finally:
+        group.shutdown()
+    assert res.outcome.dtypes == {"forward_dtype": "bfloat16", "grad_dtype": "bfloat16"}
+    explicit = make_cfg("gblm", "unstructured")
+    explicit.pruning.gblm.grad_dtype = "bfloat16"
+    local = run_local(load_model(path, cfg.model), calib, explicit.pruning, Placement.of("cpu", "bfloat16"),
+                      progress=False)
+    fp32 = run_local(load_model(path, cfg.model), calib, make_cfg("gblm").pruning, progress=False)
+    total = sum(m.numel() for m in local.masks.values())
+    agree = sum(int((res.outcome.masks[k] == local.masks[k]).sum()) for k in local.masks) / total
+    vs_fp32 = sum(int((fp32.masks[k] == local.masks[k]).sum()) for k in local.masks) / total
+    assert agree >= 0.999 and agree > vs_fp32, (agree, vs_fp32)  # the bf16 run, not the fp32 one

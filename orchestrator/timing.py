@@ -11,7 +11,7 @@ times an achieved fraction; the CPU profile is measured on the machine itself
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from orchestrator.planner import plan
@@ -30,6 +30,16 @@ class Accelerator:
         link_bw: bytes/s each worker moves in a ring collective (NVLink within a node; gloo on a CPU).
         score_rate: weights/s the scorer scores and ranks (a Wanda score, a stable row-wise sort, the mask).
         native_bf16: whether it computes bf16 natively (what an ``auto`` compute dtype resolves with).
+        fp32_efficiency: ``(forward, forward + backward)`` of a real block in fp32 against
+            :func:`block_model_seconds` (1.0: as modelled; measured for a CPU,
+            :func:`orchestrator.engine.profile.block_efficiency`; the GPU profiles' matmul rates already carry
+            their achieved fraction).
+        bf16_efficiency: the same under bf16 autocast.
+        module_s: seconds ZeRO-3 spends per module and parameter gather beyond the copy (hooks, fetch, release).
+        startup_s: seconds to start a ZeRO-3 engine for the gradient pass.
+        block_call_s: seconds of driver round trip per block of the block pass.
+        block_copy_bw: bytes/s of the block pass's per-block copies (the gathered block into a plain one, the
+            statistics and results), counted over the block's linear weights in fp32 (0: not modelled).
     """
 
     name: str
@@ -39,12 +49,33 @@ class Accelerator:
     link_bw: float
     score_rate: float
     native_bf16: bool = True
+    fp32_efficiency: tuple[float, float] = (1.0, 1.0)
+    bf16_efficiency: tuple[float, float] = (1.0, 1.0)
+    module_s: float = 0.0
+    startup_s: float = 0.0
+    block_call_s: float = 0.0
+    block_copy_bw: float = 0.0
 
     def dtype(self, name: str) -> str:
         """A config compute dtype with ``auto`` resolved for this accelerator."""
         if name != "auto":
             return name
         return "bfloat16" if self.native_bf16 else "float32"
+
+    def efficiency(self, dtype: str) -> tuple[float, float]:
+        """``(forward, forward + backward)`` efficiency of a block under ``dtype``."""
+        return self.fp32_efficiency if self.dtype(dtype) == "float32" else self.bf16_efficiency
+
+    def shared(self, factor: float) -> Accelerator:
+        """This accelerator as each of ``factor`` processes sees it when they share it (more CPU workers x threads
+        than cores): every rate divided by ``factor``, every fixed cost multiplied."""
+        if factor <= 1:
+            return self
+        return replace(self, name=f"{self.name}, shared by {factor:g}", fp32_flops=self.fp32_flops / factor,
+                       bf16_flops=self.bf16_flops / factor, mem_bw=self.mem_bw / factor,
+                       score_rate=self.score_rate / factor, module_s=self.module_s * factor,
+                       startup_s=self.startup_s * factor, block_call_s=self.block_call_s * factor,
+                       block_copy_bw=self.block_copy_bw / factor)
 
     def flops(self, dtype: str) -> float:
         """Matmul FLOP/s of ``dtype`` (fp16 runs at the bf16 rate; ``auto`` as :meth:`dtype` resolves it)."""
@@ -73,6 +104,30 @@ def _attention_flops(s: ModelShape, seq_len: int) -> float:
 
 def _head_flops(s: ModelShape) -> float:
     return 2 * s.vocab * s.hidden
+
+
+def block_model_seconds(acc: Accelerator, s: ModelShape, seq_len: int, dtype: str, sequences: int = 1
+                        ) -> tuple[float, float]:
+    """Modelled seconds of one block on ``sequences`` sequences of ``seq_len`` tokens: ``(forward, forward +
+    backward)``.
+
+    Forward: ``2 x`` the block's linear parameters plus the causal attention products per token, at the matmul
+    rate, and every saved activation written and read once; the backward adds input and weight gradients
+    (``4 x``) and reads the activations twice more.
+    """
+    tokens = sequences * seq_len
+    lin = s.block_linear_params()
+    attn = _attention_flops(s, seq_len) / s.layers
+    act = s.activations_per_token() * (4 if acc.dtype(dtype) == "float32" else 2)  # bytes per token and block
+    fwd = tokens * (2 * lin + attn) / acc.flops(dtype) + tokens * act * 2 / acc.mem_bw
+    fwd_bwd = tokens * (6 * lin + 3 * attn) / acc.flops(dtype) + tokens * act * 4 / acc.mem_bw
+    return fwd, fwd_bwd
+
+
+def zero3_modules(s: ModelShape) -> int:
+    """Parameter-holding modules ZeRO-3 gathers one by one: each block's linears and two norms, the embedding,
+    the final norm and (untied) the head."""
+    return s.layers * (len(s.block_linears()) + 2) + 2 + (0 if s.tied else 1)
 
 
 def predict_phases(model_config: Any, acc: Accelerator, *, workers: int, method: str, num_samples: int,
@@ -114,35 +169,38 @@ def predict_phases(model_config: Any, acc: Accelerator, *, workers: int, method:
     act_bytes = s.activations_per_token() * s.layers * (4 if acc.dtype(forward_dtype) == "float32" else 2)
     out: dict[str, float] = {}
     if p.grad_kinds:
-        # forward 2P, backward 4P (input gradients and the per-sample weight gradients), a recompute 2P more
-        per_token = (8 if checkpoint else 6) * lin + 3 * _attention_flops(s, seq_len) + 2 * _head_flops(s)
-        compute = tokens * per_token / acc.flops(grad_dtype)
-        # elementwise: every activation written and read in the forward, twice in the backward; the fold reads
-        # and writes each micro-batch's per-sample products and statistics about six times in fp32
         batches = math.ceil(seqs / grad_batch)
-        memory = (tokens * act_bytes * 4 + batches * lin * FP32 * (6 * grad_batch + 2 * len(p.grad_kinds))) / acc.mem_bw
+        fwd, fwd_bwd = block_model_seconds(acc, s, seq_len, grad_dtype, grad_batch)
+        # every block forward and backward (a recompute: one forward more), input and per-sample weight gradients
+        eff_fwd, eff_fwd_bwd = acc.efficiency(grad_dtype)
+        blocks = batches * s.layers * (fwd_bwd / eff_fwd_bwd + (fwd / eff_fwd if checkpoint else 0.0))
+        head = tokens * 2 * _head_flops(s) / acc.flops(grad_dtype)
+        # the fold reads and writes each micro-batch's per-sample products and statistics about six times in fp32
+        fold = batches * lin * FP32 * (6 * grad_batch + 2 * len(p.grad_kinds)) / acc.mem_bw
+        zero3 = acc.startup_s + batches * zero3_modules(s) * (3 if checkpoint else 2) * acc.module_s
         comm = p.comm_per_seq_bytes * seqs / acc.link_bw if workers > 1 else 0.0
-        out["gradient_pass"] = compute + memory + comm
+        out["gradient_pass"] = blocks + head + fold + zero3 + comm
     if method != "saap":
         passes = 2 if sequential else 1
-        flops = tokens * passes * (2 * lin + _attention_flops(s, seq_len))
+        fwd, _ = block_model_seconds(acc, s, seq_len, forward_dtype)
+        compute = seqs * passes * s.layers * fwd / acc.efficiency(forward_dtype)[0]
         xtx = method in ("sparsegpt", "gblm-sparsegpt") or reconstruct != "none"
         ins = [i for _, i in s.block_linears().values()]
         if xtx:  # sum x x^T of every linear, and the scorer's per-layer solves (rank 0, not split)
-            flops += tokens * s.layers * sum(2 * i * i for i in ins)
-            solve = s.layers * sum(2 * o * i * i + i**3 for o, i in s.block_linears().values())
-            flops += solve  # on the scorer (rank 0) while the others wait
-        compute = flops / acc.flops(forward_dtype)
+            flops = tokens * s.layers * sum(2 * i * i for i in ins)
+            flops += s.layers * sum(2 * o * i * i + i**3 for o, i in s.block_linears().values())
+            compute += flops / acc.flops(forward_dtype)  # the solves on the scorer (rank 0) while the others wait
         if method in ("magnitude", "wanda", "gblm"):  # the scorer ranks every row of every weight (rank 0)
             compute += lin / acc.score_rate
-        memory = tokens * passes * act_bytes * 2 / acc.mem_bw
         # the block gathers, and every pruned weight and its mask on their way to the coordinator
         comm = (p.comm_block_pass_bytes if workers > 1 else 0.0) / acc.link_bw + lin * (dtype_bytes + 1) / acc.link_bw
-        out["block_pass"] = compute + memory + comm
+        copies = lin * FP32 / acc.block_copy_bw if acc.block_copy_bw else 0.0
+        out["block_pass"] = compute + s.layers * acc.block_call_s + copies + comm
     if eval_windows:
         eval_tokens = math.ceil(eval_windows / eval_workers) * eval_seq_len
         per_token = 2 * lin + _head_flops(s) + _attention_flops(s, eval_seq_len)
-        out["eval"] = eval_tokens * per_token / acc.flops(forward_dtype) + eval_tokens * act_bytes / acc.mem_bw
+        out["eval"] = (eval_tokens * per_token / acc.flops(forward_dtype)
+                       + eval_tokens * act_bytes / acc.mem_bw) / acc.efficiency(forward_dtype)[0]
     return out
 
 

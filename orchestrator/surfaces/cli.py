@@ -212,7 +212,9 @@ def cmd_plan(ns: argparse.Namespace) -> int:
 
         shape = ModelShape.from_config(model_config)  # measured at the run's matmul shape
         tokens = cfg.backend.grad_batch_size * cfg.calibration.seq_len
-        acc = measure_cpu(max(1, (os.cpu_count() or 1) // workers), tokens, shape.hidden, shape.intermediate)
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        acc = measure_cpu(threads, tokens, shape.hidden, shape.intermediate, shape=shape)
+        acc = acc.shared(workers * threads / (os.cpu_count() or 1))  # more workers than cores share them
     else:
         acc = PROFILES[ns.accelerator]
     sys.stdout.write(format_times(predict_run(cfg, model_config, acc, checkpoint), acc) + "\n")

@@ -71,44 +71,62 @@ def model_config(cfg: RunConfig) -> dict:
             "tie_word_embeddings": False}
 
 
+_PROFILES: dict[tuple[str, int], object] = {}
+
+
+def predict(shape: str, workers: int, args: argparse.Namespace) -> tuple[dict, dict]:
+    """The planner's and the timing model's prediction for one run, and the CPU profile it used (measured once
+    per shape and thread count, while nothing else runs)."""
+    cfg = make_cfg(shape, workers, args)
+    mc = model_config(cfg)
+    key = (shape, cfg.backend.num_threads)
+    if key not in _PROFILES:
+        t = cfg.model.tiny  # the CPU measured at the run's matmul shape (one micro-batch's tokens)
+        _PROFILES[key] = measure_cpu(cfg.backend.num_threads, args.grad_batch * args.seq_len, t.hidden,
+                                     t.intermediate, shape=ModelShape.from_config(mc))
+    # workers x threads beyond the cores: each worker gets its share of them
+    acc = _PROFILES[key].shared(workers * cfg.backend.num_threads / (os.cpu_count() or 1))
+    p = plan(mc, workers=workers, method="gblm", num_samples=args.samples, seq_len=args.seq_len, dtype_bytes=4,
+             grad_batch=args.grad_batch)
+    predicted = predict_phases(mc, acc, workers=workers, method="gblm", num_samples=args.samples,
+                               seq_len=args.seq_len, grad_batch=args.grad_batch)
+    tokens = args.samples * args.seq_len
+    return {
+        "param_bytes": p.param_bytes, "grad_stat_bytes": sum(p.grad_stat_bytes.values()),
+        "peak_bytes": p.peak_bytes,
+        "gradient_pass_s_per_token": predicted["gradient_pass"] / tokens,
+        "block_pass_s_per_token": predicted["block_pass"] / tokens,
+    }, profile_dict(acc)
+
+
 def one_run(shape: str, workers: int, args: argparse.Namespace) -> dict:
     """Prune one shape on ``workers`` workers; measured and predicted costs."""
+    predicted, profile = predict(shape, workers, args)  # before the run: the profile on a quiet machine
     cfg = make_cfg(shape, workers, args)
     path = materialize(cfg.model)
     calib = calibration_windows(cfg, path, load_tokenizer(path, cfg.model))  # (N, L)
     t0 = time.perf_counter()
     res = run_ray(cfg, path, calib, progress=False)
     wall = time.perf_counter() - t0
-    mc = model_config(cfg)
-    p = plan(mc, workers=workers, method="gblm", num_samples=args.samples, seq_len=args.seq_len, dtype_bytes=4,
-             grad_batch=args.grad_batch)
-    t = cfg.model.tiny  # the CPU measured at the run's matmul shape (one micro-batch's tokens)
-    acc = measure_cpu(cfg.backend.num_threads, args.grad_batch * args.seq_len, t.hidden, t.intermediate)
-    predicted = predict_phases(mc, acc, workers=workers, method="gblm", num_samples=args.samples,
-                               seq_len=args.seq_len, grad_batch=args.grad_batch)
     tokens = args.samples * args.seq_len
     worst = max(res.memory, key=lambda m: m["peak_rss_bytes"])
-    row = {
-        "shape": shape, "params": ModelShape.from_config(mc).total_params(), "workers": workers, "wall_s": wall,
+    start = worst["rss_bytes_by_phase"]["start"]
+    return {
+        "shape": shape, "params": ModelShape.from_config(model_config(cfg)).total_params(), "workers": workers,
+        "wall_s": wall,
         "measured": {
             "param_bytes": max(m["model_state_bytes"] for m in res.memory),
             "grad_stat_bytes": max(m["grad_stat_bytes"] for m in res.memory),
-            "peak_above_start_bytes": worst["peak_rss_bytes"] - worst["rss_bytes_by_phase"]["start"],
-            "peak_above_start_by_phase": {k: v - worst["rss_bytes_by_phase"]["start"]
-                                          for k, v in worst.get("peak_rss_bytes_by_phase", {}).items()},
+            "peak_above_start_bytes": worst["peak_rss_bytes"] - start,
+            "peak_above_start_by_phase": {k: v - start for k, v in worst.get("peak_rss_bytes_by_phase", {}).items()},
+            "rss_above_start_by_phase": {k: v - start for k, v in worst["rss_bytes_by_phase"].items()},
             "gradient_pass_seconds": worst.get("gradient_pass_seconds", {}),
             "gradient_pass_s_per_token": res.outcome.phases["gradient_pass"] / tokens,
             "block_pass_s_per_token": res.outcome.phases["block_pass"] / tokens,
         },
-        "predicted": {
-            "param_bytes": p.param_bytes, "grad_stat_bytes": sum(p.grad_stat_bytes.values()),
-            "peak_bytes": p.peak_bytes,
-            "gradient_pass_s_per_token": predicted["gradient_pass"] / tokens,
-            "block_pass_s_per_token": predicted["block_pass"] / tokens,
-        },
-        "profile": profile_dict(acc),
+        "predicted": predicted,
+        "profile": profile,
     }
-    return row
 
 
 def exponent(xs: list[float], ys: list[float]) -> float | None:
@@ -165,19 +183,29 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+#: the rows the CPU overhead constants were fitted on (``orchestrator.engine.profile.CPU_OVERHEADS``)
+FITTED = {("s20m", 1), ("s100m", 1), ("s300m", 1), ("s20m", 2), ("s100m", 2), ("s300m", 2)}
+
+
 def table(rows: list[dict]) -> str:
-    head = ("| shape | params | W | param MiB meas/plan | stats MiB meas/plan | peak MiB meas/plan | "
-            "grad us/tok meas/pred | block us/tok meas/pred |")
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    head = ("| shape | params | W | param MiB meas/plan | stats MiB meas/plan | peak MiB meas/plan (ratio) | "
+            "peak MiB by phase: load / grad / block | grad ms/tok meas/pred (ratio) | "
+            "block ms/tok meas/pred (ratio) | overheads |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     mib = 2**20
     for r in rows:
         m, p = r["measured"], r["predicted"]
+        by = m.get("peak_above_start_by_phase", {})
+        phases = " / ".join(f"{by[k] / mib:.0f}" if k in by else "-" for k in ("load", "gradient_pass", "block_pass"))
+        g, b = m["gradient_pass_s_per_token"], m["block_pass_s_per_token"]
+        pg, pb = p["gradient_pass_s_per_token"], p["block_pass_s_per_token"]
         lines.append(
             f"| {r['shape']} | {r['params'] / 1e6:.0f}M | {r['workers']} | {m['param_bytes'] / mib:.0f} / "
             f"{p['param_bytes'] / mib:.0f} | {m['grad_stat_bytes'] / mib:.0f} / {p['grad_stat_bytes'] / mib:.0f} | "
-            f"{m['peak_above_start_bytes'] / mib:.0f} / {p['peak_bytes'] / mib:.0f} | "
-            f"{1e6 * m['gradient_pass_s_per_token']:.0f} / {1e6 * p['gradient_pass_s_per_token']:.0f} | "
-            f"{1e6 * m['block_pass_s_per_token']:.0f} / {1e6 * p['block_pass_s_per_token']:.0f} |")
+            f"{m['peak_above_start_bytes'] / mib:.0f} / {p['peak_bytes'] / mib:.0f} "
+            f"({m['peak_above_start_bytes'] / p['peak_bytes']:.2f}) | {phases} | "
+            f"{1e3 * g:.2f} / {1e3 * pg:.2f} ({g / pg:.2f}) | {1e3 * b:.2f} / {1e3 * pb:.2f} ({b / pb:.2f}) | "
+            f"{'fitted' if (r['shape'], r['workers']) in FITTED else 'held out'} |")
     return "\n".join(lines)
 
 
@@ -190,11 +218,21 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--grad-batch", type=int, default=1)
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG and the table from --out")
+    ap.add_argument("--repredict", action="store_true",
+                    help="recompute every row's prediction of --out with the current planner and timing model "
+                         "(the CPU profiled anew), keep the measurements, rewrite JSON and PNG")
     args = ap.parse_args()
-    if args.replot:
-        rows = json.loads(Path(args.out).read_text())["rows"]
-        plot(rows, Path(args.out).with_suffix(".png"))
-        print(table(rows))
+    if args.replot or args.repredict:
+        out = Path(args.out)
+        result = json.loads(out.read_text())
+        if args.repredict:
+            run_args = argparse.Namespace(samples=result["samples"], seq_len=result["seq_len"],
+                                          grad_batch=result["grad_batch"])
+            for row in result["rows"]:
+                row["predicted"], row["profile"] = predict(row["shape"], row["workers"], run_args)
+            out.write_text(json.dumps(result, indent=2) + "\n")
+        plot(result["rows"], out.with_suffix(".png"))
+        print(table(result["rows"]))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)

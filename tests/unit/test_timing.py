@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from orchestrator.planner import LLAMA2_13B, LLAMA3_70B, ModelShape, plan
-from orchestrator.timing import PROFILES, Accelerator, predict_phases
+from orchestrator.timing import PROFILES, Accelerator, predict_phases, zero3_modules
 
 #: round numbers, so each term is easy to check by hand
 FLAT = Accelerator("test", fp32_flops=1e12, bf16_flops=4e12, mem_bw=1e11, link_bw=1e10, score_rate=1e9)
@@ -51,9 +53,36 @@ def test_70b_on_one_h100_node_takes_minutes_not_hours() -> None:
     assert 30 < t["gradient_pass"] < 1800 and 5 < t["block_pass"] < 900
 
 
+def test_overheads_add_exactly_their_terms() -> None:
+    """ZeRO-3's per-module and start costs on the gradient pass, the per-block round trip and copies on the
+    block pass; a block running at half the modelled speed doubles the block part of a phase."""
+    s = ModelShape.from_config(LLAMA2_13B)
+    lin = s.layers * s.block_linear_params()
+    kw = dict(KW, grad_batch=2)  # 64 sequences over 8 workers: 4 micro-batches each
+    base = predict_phases(LLAMA2_13B, FLAT, workers=8, **kw)
+    over = dataclasses.replace(FLAT, module_s=1e-3, startup_s=2.0, block_call_s=0.5, block_copy_bw=1e9)
+    got = predict_phases(LLAMA2_13B, over, workers=8, **kw)
+    assert zero3_modules(s) == 40 * 9 + 3
+    assert got["gradient_pass"] - base["gradient_pass"] == pytest.approx(2.0 + 4 * 363 * 2 * 1e-3, rel=1e-9)
+    assert got["block_pass"] - base["block_pass"] == pytest.approx(40 * 0.5 + lin * 4 / 1e9, rel=1e-9)
+    ckpt = predict_phases(LLAMA2_13B, over, workers=8, checkpoint=True, **kw)
+    ckpt_base = predict_phases(LLAMA2_13B, FLAT, workers=8, checkpoint=True, **kw)
+    assert ckpt["gradient_pass"] - ckpt_base["gradient_pass"] == pytest.approx(2.0 + 4 * 363 * 3 * 1e-3, rel=1e-9)
+    one = dict(KW, method="wanda")
+    slow = dataclasses.replace(FLAT, fp32_efficiency=(0.5, 0.25))
+    fast_wanda = predict_phases(LLAMA2_13B, FLAT, workers=1, **one)["block_pass"]
+    slow_wanda = predict_phases(LLAMA2_13B, slow, workers=1, **one)["block_pass"]
+    blocks = fast_wanda - lin / FLAT.score_rate - lin * 3 / FLAT.link_bw  # the forwards alone
+    assert slow_wanda - fast_wanda == pytest.approx(blocks, rel=1e-9)
+    assert predict_phases(LLAMA2_13B, slow, workers=1, forward_dtype="bfloat16", **one)["block_pass"] < fast_wanda
+
+
 def test_measured_cpu_profile_is_sane() -> None:
     from orchestrator.engine.profile import measure_cpu
 
     acc = measure_cpu(1, tokens=64, hidden=128, inter=256)
     assert acc.fp32_flops > 1e8 and acc.bf16_flops > 1e7 and acc.mem_bw > 1e8 and acc.score_rate > 1e5
-    assert "measured" in acc.name
+    assert "measured" in acc.name and acc.fp32_efficiency == (1.0, 1.0)  # no shape: nothing timed
+    shaped = measure_cpu(1, tokens=32, hidden=64, inter=128, shape=ModelShape(64, 128, 2, 4, 2, 256, 16, False))
+    assert all(0 < e < 10 for e in shaped.fp32_efficiency + shaped.bf16_efficiency)
+    assert shaped.module_s > 0 and shaped.startup_s > 0

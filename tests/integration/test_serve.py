@@ -282,6 +282,32 @@ def test_a_job_over_its_time_limit_is_cancelled_and_cleaned_up(service):
     ray.kill(registry)
 
 
+class _DroppingRegistry(jobs_mod.JobRegistry.__ray_actor_class__):
+    """A registry whose every ``ray.cancel`` is lost, as Ray loses a forced cancel that follows a graceful one."""
+
+    @staticmethod
+    def _cancel_task(job, force: bool) -> None:
+        pass
+
+
+def test_a_cancel_ray_drops_still_stops_the_job_by_killing_its_process(service):
+    from orchestrator.surfaces.serve.submission import validate_submission
+
+    _, root, _, _ = service
+    registry = ray.remote(num_cpus=0)(_DroppingRegistry).remote(root=str(root), cancel_grace_s=0)
+    cfg = validate_submission(json.dumps({**TINY_JOB, "output": {"dir": "dropped/held"}}).encode(),
+                              "application/json", root, "dropped-job")
+    hold, arrived = _hold("held", "data")
+    code, body = ray.get(registry.submit.remote("dropped-job", cfg.to_dict(), cfg.output.dir))
+    assert code == 202, body
+    assert arrived.wait(timeout=180)  # the job holds at its data phase: only a kill can end it now
+    code, body = ray.get(registry.cancel.remote("dropped-job"), timeout=600)  # a bound on a hang
+    hold.unlink()
+    assert code == 200 and body["state"] == "cancelled", body
+    assert not (root / "dropped").exists()
+    ray.kill(registry)
+
+
 def test_placement_groups_of_a_killed_job_are_freed_by_name(service):
     """Finding 7: a force-killed job's placement group outlived it (it belongs to the Serve job)."""
     import asyncio

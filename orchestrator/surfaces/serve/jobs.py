@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -28,6 +29,9 @@ from ray.exceptions import RayError, TaskCancelledError
 from orchestrator.surfaces.serve.ownership import JobPaths, claim, overlap, release
 
 log = logging.getLogger(__name__)
+
+#: seconds between repeated forced cancels of a job whose task has not stopped
+CANCEL_RETRY_S = 2.0
 
 STATES = ("pending", "running", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -76,6 +80,27 @@ def placement_prefix(job_id: str) -> str:
     return f"rayprune-job-{job_id}-"
 
 
+@ray.remote(num_cpus=0, max_retries=0)
+def _signal_process(pid: int) -> bool:
+    """SIGKILL ``pid`` on this node; False when it had already gone."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def _kill_process(node_id: str, pid: int) -> None:
+    """Kill process ``pid`` on Ray node ``node_id`` (a zero-CPU task pinned to that node)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    try:
+        await _signal_process.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(pid)
+    except RayError:  # the node is gone, and the job's task with it
+        log.debug("could not signal %d on %s", pid, node_id, exc_info=True)
+
+
 @ray.remote(max_retries=0)
 def run_job(job_id: str, cfg_data: dict[str, Any], registry) -> dict[str, Any]:
     """Run one job: ``run_prune`` with phase events forwarded to ``registry``.
@@ -90,7 +115,8 @@ def run_job(job_id: str, cfg_data: dict[str, Any], registry) -> dict[str, Any]:
     from orchestrator.groups import named_placement
     from orchestrator.inputs.loader import config_from_dict
 
-    registry.event.remote(job_id, "started", {})
+    registry.event.remote(job_id, "started", {"node_id": ray.get_runtime_context().get_node_id(),
+                                               "pid": os.getpid()})
     phases: dict[str, float] = {}
 
     def hook(event: str, fields: dict) -> None:
@@ -158,6 +184,7 @@ class _Job:
     done: asyncio.Event = field(default_factory=asyncio.Event)  # terminal, cleaned up, placement freed
     cancelling: bool = False
     cancel_reason: str | None = None
+    worker: tuple[str, int] | None = None  # (node id, pid) of the process running the job's task
     version: int = 0  # the registry's change counter at this job's last change
 
     def view(self) -> dict[str, Any]:
@@ -262,6 +289,8 @@ class JobRegistry:
             return
         if event == "started":
             job.state, job.started_at = "running", time.time()
+            if fields.get("node_id") and fields.get("pid"):
+                job.worker = (str(fields["node_id"]), int(fields["pid"]))
             job.running.set()
         elif event == "phase_start":
             job.state, job.phase = "running", fields.get("phase")
@@ -322,10 +351,20 @@ class JobRegistry:
             return 404, {"error": f"job_id: no job {job_id!r}"}
         if not (job.state in TERMINAL or job.cancelling):
             job.cancelling, job.cancel_reason = True, reason
-            self._cancel_task(job, force=False)
-            if not await self._wait(job.settled, self.cancel_grace_s):
+            graceful = self.cancel_grace_s > 0  # no grace: no graceful attempt (it would only delay the force)
+            self._cancel_task(job, force=not graceful)
+            if graceful and not await self._wait(job.settled, self.cancel_grace_s):
                 log.warning("job %s did not stop within %.1f s: killing its worker", job_id, self.cancel_grace_s)
                 self._cancel_task(job, force=True)
+            # Ray can drop a forced cancel that follows a graceful one (the task is already "being
+            # cancelled"; a task blocked in a sleep or a wait never sees the interrupt): then the
+            # process that runs the task is killed, which fails the task like a forced cancel
+            while not await self._wait(job.settled, CANCEL_RETRY_S):
+                log.warning("job %s still running after a forced cancel: killing its process %s", job_id,
+                            job.worker)
+                self._cancel_task(job, force=True)
+                if job.worker is not None:
+                    await _kill_process(*job.worker)
         await job.done.wait()
         if job.state == "cancelled":
             return 200, job.view()

@@ -174,7 +174,7 @@ def predict_phases(model_config: Any, acc: Accelerator, *, workers: int, method:
         # every block forward and backward (a recompute: one forward more), input and per-sample weight gradients
         eff_fwd, eff_fwd_bwd = acc.efficiency(grad_dtype)
         blocks = batches * s.layers * (fwd_bwd / eff_fwd_bwd + (fwd / eff_fwd if checkpoint else 0.0))
-        head = tokens * 2 * _head_flops(s) / acc.flops(grad_dtype)
+        head = tokens * 2 * _head_flops(s) / acc.flops("float32")  # the logits-free loss runs in fp32 on purpose
         # the fold reads and writes each micro-batch's per-sample products and statistics about six times in fp32
         fold = batches * lin * FP32 * (6 * grad_batch + 2 * len(p.grad_kinds)) / acc.mem_bw
         zero3 = acc.startup_s + batches * zero3_modules(s) * (3 if checkpoint else 2) * acc.module_s

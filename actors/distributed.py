@@ -25,7 +25,7 @@ from actors.worker import PruneWorker
 from orchestrator.engine.block_step import block_configs, uses_activations
 from orchestrator.engine.local import PruneOutcome
 from orchestrator.inputs.config import RunConfig
-from orchestrator.pruning.methods import gradient_kinds
+from orchestrator.pruning.methods import gradient_kinds, gradient_rows, gradient_sum_scale
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,8 @@ def _attempt(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress:
     phases = {"startup": time.perf_counter() - t0}
     if gradient_kinds(pcfg.method, pcfg.gblm.norm):
         t1 = time.perf_counter()
-        gradient_pass(group, input_ids.shape[0], gradient_spec(cfg, model_path, group), progress, store,
+        n = int(input_ids.shape[0])
+        gradient_pass(group, n, gradient_spec(cfg, model_path, group, n=n), progress, store,
                       cfg.backend.checkpoint_every, faults)
         phases["gradient_pass"] = time.perf_counter() - t1
     t1 = time.perf_counter()
@@ -269,6 +270,7 @@ class GradientPassSpec:
         dtype: autocast dtype of the forwards and backwards (statistics stay fp32).
         checkpoint: recompute each block's activations in the backward.
         offload: keep the statistic partitions in host memory.
+        rows: global positions of the windows the pass uses (``gblm.grad_samples``; None: all).
     """
 
     kinds: tuple[str, ...]
@@ -277,13 +279,15 @@ class GradientPassSpec:
     dtype: str = "float32"
     checkpoint: bool = False
     offload: bool = False
+    rows: tuple[int, ...] | None = None
 
 
 def gradient_spec(cfg: RunConfig, model_path: str, group: ActorGroup, kinds: tuple[str, ...] | None = None,
-                  scale: float | None = None, dtype: str | None = None) -> GradientPassSpec:
+                  scale: float | None = None, dtype: str | None = None, n: int = 0) -> GradientPassSpec:
     """The run's gradient pass; activation checkpointing is ``backend.activation_checkpointing``, or where it is
     null, the planner's answer for the group's smallest device memory. ``kinds``, ``scale`` and ``dtype``
-    default to the pruning method's (GBLM's); structured pruning names its own."""
+    default to the pruning method's (GBLM's, over the ``n`` calibration windows ``gblm.grad_samples`` selects);
+    structured pruning names its own."""
     from orchestrator.inputs.models import load_model_config
     from orchestrator.planner import choose_checkpointing
 
@@ -293,9 +297,14 @@ def gradient_spec(cfg: RunConfig, model_path: str, group: ActorGroup, kinds: tup
     log.info("gradient pass: activation checkpointing %s (%s; %.1f GiB per worker)", "on" if on else "off",
              "planned" if b.activation_checkpointing is None else "backend.activation_checkpointing",
              budget / 2**30)
-    kinds = kinds if kinds is not None else gradient_kinds(pcfg.method, pcfg.gblm.norm)
-    scale = scale if scale is not None else pcfg.gblm.grad_scale
-    return GradientPassSpec(kinds, scale, b.grad_batch_size, dtype or pcfg.gblm.grad_dtype, on, b.offload_stats)
+    rows = None
+    if kinds is None:  # the pruning method's statistics, over the windows gblm.grad_samples selects
+        kinds = gradient_kinds(pcfg.method, pcfg.gblm.norm)
+        rows = gradient_rows(n, pcfg.gblm.grad_samples)
+    if scale is None:
+        scale = pcfg.gblm.grad_scale * gradient_sum_scale(pcfg.gblm.norm, n, rows)
+    return GradientPassSpec(kinds, scale, b.grad_batch_size, dtype or pcfg.gblm.grad_dtype, on, b.offload_stats,
+                            rows)
 
 
 def gradient_pass(group: ActorGroup, n: int, spec: GradientPassSpec, progress: bool,
@@ -308,7 +317,8 @@ def gradient_pass(group: ActorGroup, n: int, spec: GradientPassSpec, progress: b
     """
     import ray
 
-    steps, batch = math.ceil(n / group.workers), spec.batch
+    per_rank = rank_gradient_counts(n, group.workers, spec.rows)  # real sequences each rank runs
+    steps, batch = max(per_rank), spec.batch
     resume = None
     first = 0
     if store is not None and store.grad_steps:
@@ -318,11 +328,11 @@ def gradient_pass(group: ActorGroup, n: int, spec: GradientPassSpec, progress: b
         log.info("gradient pass: resuming after %d of %d sequences per rank", first, steps)
     group.get([a.start_gradients.remote(spec, None if resume is None else resume[r])
                for r, a in enumerate(group.actors)])
-    bar = tqdm(total=n, desc="gradient pass (ray)", disable=not progress, unit="seq")
+    bar = tqdm(total=sum(per_rank), desc="gradient pass (ray)", disable=not progress, unit="seq")
     chunk = max(batch, (max(1, steps // 8) // batch) * batch)  # whole micro-batches per call
     if store is not None:
         chunk = min(chunk, max(batch, (every // batch) * batch))
-    bar.update(_seqs_done(n, group.workers, first))
+    bar.update(_seqs_done(per_rank, first))
     since = 0
     for call, start in enumerate(range(first, steps, chunk)):
         if store is not None and store.grad_done:
@@ -331,7 +341,7 @@ def gradient_pass(group: ActorGroup, n: int, spec: GradientPassSpec, progress: b
             ray.kill(group.actors[-1])
         count = min(chunk, steps - start)
         group.execute("gradient_steps", start, count, batch)
-        bar.update(_seqs_done(n, group.workers, start + count) - _seqs_done(n, group.workers, start))
+        bar.update(_seqs_done(per_rank, start + count) - _seqs_done(per_rank, start))
         since += count
         if store is not None and (since >= every or start + count >= steps):
             _save_grads(group, store, start + count, start + count >= steps, faults)
@@ -341,9 +351,17 @@ def gradient_pass(group: ActorGroup, n: int, spec: GradientPassSpec, progress: b
     log.info("gradient statistics: %s bytes per worker", sizes)
 
 
-def _seqs_done(n: int, workers: int, steps: int) -> int:
+def rank_gradient_counts(n: int, workers: int, rows: tuple[int, ...] | None) -> list[int]:
+    """Sequences of the gradient pass on each rank: those of its contiguous shard that are among ``rows``
+    (global positions; None: all of them)."""
+    if rows is None:
+        return [hi - lo for lo, hi in shard_bounds(n, workers)]
+    return [sum(lo <= r < hi for r in rows) for lo, hi in shard_bounds(n, workers)]
+
+
+def _seqs_done(per_rank: list[int], steps: int) -> int:
     """Real sequences covered after each rank ran ``steps`` local steps."""
-    return sum(min(hi - lo, steps) for lo, hi in shard_bounds(n, workers))
+    return sum(min(c, steps) for c in per_rank)
 
 
 def _save_grads(group: ActorGroup, store: CheckpointStore, steps: int, done: bool,

@@ -56,7 +56,8 @@ def run_ray_sweep(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, prog
         kinds = gradient_kinds(pcfg.method, pcfg.gblm.norm)
         if kinds:
             t1 = time.perf_counter()
-            gradient_pass(group, input_ids.shape[0], gradient_spec(cfg, model_path, group), progress)
+            n = int(input_ids.shape[0])
+            gradient_pass(group, n, gradient_spec(cfg, model_path, group, n=n), progress)
             out.gradient_passes += 1
             out.phases["gradient_pass"] = time.perf_counter() - t1
         t1 = time.perf_counter()

@@ -23,39 +23,10 @@ from typing import Any
 import torch
 
 from actors.group import GroupMember
+from actors.rss import current_rss, peak_rss, reset_peak_rss
 from orchestrator.engine.device import Placement, to_cpu
 
 log = logging.getLogger(__name__)
-
-
-def current_rss() -> int:
-    """Resident set size of this process in bytes (0 where /proc is missing)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
-
-
-def reset_peak_rss() -> None:
-    """Start a new peak-RSS window (Linux resets ``VmHWM`` when 5 is written to ``/proc/self/clear_refs``)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss() -> int:
-    """Peak resident set size in bytes since the last :func:`reset_peak_rss` (``VmHWM``; 0 where unknown)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
 
 
 def _answer(results: dict, linears: dict, full: dict[str, str]) -> dict:
@@ -107,6 +78,7 @@ class PruneWorker(GroupMember):
         self.kwargs: dict = {}
         self.prefix = ""
         self.recomputed = 0  # block forwards the gradient pass's backward recomputed (activation checkpointing)
+        self.grad_local: list[int] = []  # local indices of the gradient pass's sequences
         gc.collect()
 
     def leave(self) -> None:
@@ -146,9 +118,10 @@ class PruneWorker(GroupMember):
         return {"samples": int(self.ids.shape[0])}
 
     def _local_rows(self, steps: int, first: int = 0, count: int | None = None) -> list[tuple[torch.Tensor, float]]:
-        """``steps`` sequences ``(1, L)``: own sequences ``first .. first+count`` (default: all) with weight 1,
-        then padding dummies with weight 0."""
-        own = range(first, min(self.ids.shape[0], first + count if count is not None else self.ids.shape[0]))
+        """``steps`` sequences ``(1, L)``: the gradient pass's own sequences ``first .. first+count`` (default: all;
+        of the whole shard, or of the rows ``spec.rows`` selects) with weight 1, then padding dummies with weight 0."""
+        mine = self.grad_local
+        own = mine[first : len(mine) if count is None else first + count]
         rows = [(self.ids[j : j + 1], 1.0) for j in own][:steps]
         dummy = (self.ids[:1] if self.ids.shape[0]
                  else torch.zeros((1, self.seq_len), dtype=torch.int64, device=self.device))
@@ -193,6 +166,8 @@ class PruneWorker(GroupMember):
                 for k, buf in by_kind.items():
                     buf.copy_(saved[f"{n}::{k}"].to(buf.device))
         self.recompute_blocks = spec.checkpoint
+        rows = None if spec.rows is None else set(spec.rows)
+        self.grad_local = [j for j, p in enumerate(self.positions) if rows is None or p in rows]  # local indices
         self.pass_seconds = {"forward": 0.0, "backward": 0.0}
         emb = self.model.get_input_embeddings()
         self.emb_handle = emb.register_forward_hook(lambda _m, _i, out: out.requires_grad_())

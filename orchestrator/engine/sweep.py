@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from orchestrator.engine.block_step import StepContext, block_step, uses_activations
 from orchestrator.engine.blocks import CPU, block_prefix, capture_block_inputs, decoder_blocks
 from orchestrator.engine.device import Placement
-from orchestrator.engine.local import PruneOutcome, add_results, block_grads, block_sequential, gradient_pass
+from orchestrator.engine.local import PruneOutcome, add_results, block_grads, block_sequential, method_gradients
 from orchestrator.inputs.config import PruningConfig
 from orchestrator.pruning.methods import gradient_kinds
 
@@ -83,8 +83,7 @@ def run_sweep(model: nn.Module, input_ids: torch.Tensor, cfg: PruningConfig, pla
     kinds = gradient_kinds(cfg.method, cfg.gblm.norm)
     if kinds:
         t0 = time.perf_counter()
-        grads = gradient_pass(model, place.put(input_ids), kinds, cfg.gblm.grad_scale, progress, cfg.gblm.grad_dtype,
-                              checkpoint)
+        grads = method_gradients(model, input_ids, cfg, place, progress, checkpoint)
         res.gradient_passes += 1
         res.phases["gradient_pass"] = time.perf_counter() - t0
     cfgs = [dataclasses.replace(cfg, sparsity=float(s), sweep=[]) for s in cfg.sweep]

@@ -123,6 +123,8 @@ class GblmConfig:
         "raw", help="`raw`: the paper's terms and `alpha`; `normalized`: both terms mean 1 per layer, weighed by "
                     "`relative_alpha` (the same for any N, gradient scale or model)")
     relative_alpha: float = opt(1.0, ge=0, help="weight of the mean-1 gradient term (`weighting: normalized`)")
+    grad_samples: int | None = opt(None, gt=0, help="calibration windows the gradient pass uses, evenly spaced "
+                                   "over the N sampled (null, or N and more: all N); the sums are scaled to N")
     grad_dtype: ComputeDType = opt("auto", help="autocast dtype of the gradient pass's forward and backward (the "
                                    "statistics are summed in fp32); `auto`: bfloat16 where every worker's device "
                                    "computes bf16 natively, else float32")

@@ -47,6 +47,23 @@ def gradient_kinds(method: str, norm: str = "l1") -> tuple[str, ...]:
     return ()
 
 
+def gradient_rows(n: int, k: int | None) -> tuple[int, ...] | None:
+    """The calibration windows the gradient pass uses: ``k`` of ``n``, evenly spaced (``floor(i * n / k)``;
+    the same on every backend, and spread over contiguous worker shards); None: all of them."""
+    if k is None or k >= n:
+        return None
+    return tuple(i * n // k for i in range(k))
+
+
+def gradient_sum_scale(norm: str, n: int, rows: tuple[int, ...] | None) -> float:
+    """Factor on each per-sample gradient that makes sums over ``rows`` estimate the sums over all ``n``
+    windows: ``n / k`` for ``l1`` (``sum |g|``), ``sqrt(n / k)`` for ``l2`` (``sum g^2``); 1 for all rows."""
+    if rows is None:
+        return 1.0
+    ratio = n / len(rows)
+    return ratio if norm == "l1" else math.sqrt(ratio)
+
+
 def layer_score(weight: torch.Tensor, method: str, act: ActivationStats | None = None,
                 grad: torch.Tensor | None = None, alpha: float = 100.0, norm: str = "l1", grad_scale: float = 1.0,
                 weighting: str = "raw", name: str = "layer") -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 
 from orchestrator.coordinator import eval_windows, reached_sparsity
 from orchestrator.engine.device import Placement, native_bf16
-from orchestrator.engine.local import block_sequential, gradient_pass, pruned_weight_names
+from orchestrator.engine.local import block_sequential, method_gradients, pruned_weight_names
 from orchestrator.evaluation.perplexity import perplexity
 from orchestrator.evaluation.zeroshot import aggregate, load_task, score_examples, task_path
 from orchestrator.inputs.data import calibration_windows
@@ -100,11 +100,11 @@ def main() -> None:
         kinds = gradient_kinds(method, run.pruning.gblm.norm)
         grads, grad_s = None, 0.0
         if kinds:
-            key = (kinds, run.pruning.gblm.grad_scale, run.pruning.gblm.grad_dtype)
+            g_cfg = run.pruning.gblm
+            key = (kinds, g_cfg.grad_scale, g_cfg.grad_dtype, g_cfg.grad_samples)
             if key not in grad_cache:
                 t0 = time.perf_counter()
-                g = gradient_pass(copy.deepcopy(dense), calib, kinds, run.pruning.gblm.grad_scale, progress=False,
-                                  dtype=run.pruning.gblm.grad_dtype)
+                g = method_gradients(copy.deepcopy(dense), calib, run.pruning, progress=False)
                 grad_cache[key] = (g, time.perf_counter() - t0)
             grads, grad_s = grad_cache[key]
         model = copy.deepcopy(dense)

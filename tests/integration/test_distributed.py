@@ -131,8 +131,10 @@ def test_ray_matches_local(setup, groups, method, pattern):
     ("gblm", "2:4", {"reconstruct": "layer", "gblm.weighting": "normalized", "gblm.relative_alpha": 0.5}),
     ("sparsegpt", "unstructured", {"allocation": "owl", "owl.threshold": 3, "reconstruct": "layer"}),
     ("gblm-sparsegpt", "2:4", {"gblm.relative_alpha": 0.5, "reconstruct": "layer"}),
+    ("gblm", "unstructured", {"gblm.grad_samples": 3}),
+    ("gblm-sparsegpt", "unstructured", {"gblm.grad_samples": 3, "gblm.relative_alpha": 0.5, "gblm.norm": "l2"}),
 ], ids=["wanda-layer-rounds", "magnitude-block-exact", "gblm-normalized-layer", "sparsegpt-owl-layer",
-        "gblm-sparsegpt"])
+        "gblm-sparsegpt", "gblm-grad-samples", "gblm-sparsegpt-grad-samples-l2"])
 def test_ray_matches_local_with_quality_options(setup, groups, method, pattern, options):
     """Reconstruction (layer and block), OWL allocation and the gradient-aware options run the same on Ray x2 as
     in one process

@@ -18,6 +18,7 @@ from orchestrator.errors import ConfigError, UsageError
 from orchestrator.surfaces.serve import app as job_app
 from orchestrator.surfaces.serve import generate as gen_app
 from orchestrator.surfaces.serve import jobs as jobs_mod
+from orchestrator.surfaces.serve import teardown
 from orchestrator.surfaces.serve.auth import TOKEN_ENV, TOKEN_FILE_ENV
 from orchestrator.surfaces.serve.client import ServeClient
 from tests.conftest import TINY
@@ -318,16 +319,16 @@ def test_placement_groups_of_a_killed_job_are_freed_by_name(service):
     from actors.group import PLACEMENT_PREFIX_ENV
     from orchestrator.groups import named_placement
 
-    prefix = jobs_mod.placement_prefix("killed")
+    prefix = teardown.placement_prefix("killed")
     with named_placement(prefix):
         assert os.environ[PLACEMENT_PREFIX_ENV] == prefix  # what ActorGroup names its group after
     assert PLACEMENT_PREFIX_ENV not in os.environ
     mine = placement_group([{"CPU": 0.01}], name=prefix + "a")
-    other = placement_group([{"CPU": 0.01}], name=jobs_mod.placement_prefix("alive") + "b")
+    other = placement_group([{"CPU": 0.01}], name=teardown.placement_prefix("alive") + "b")
     ray.get([mine.ready(), other.ready()], timeout=60)
-    assert asyncio.run(jobs_mod.free_placement_groups(prefix)) == [prefix + "a"]
+    assert asyncio.run(teardown.free_placement_groups(prefix)) == [prefix + "a"]
     states = {info["name"]: info["state"] for info in placement_group_table().values()}
-    assert states[prefix + "a"] == "REMOVED" and states[jobs_mod.placement_prefix("alive") + "b"] == "CREATED"
+    assert states[prefix + "a"] == "REMOVED" and states[teardown.placement_prefix("alive") + "b"] == "CREATED"
     ray.util.remove_placement_group(other)
 
 

@@ -242,3 +242,35 @@ def test_self_generated_calibration_is_deterministic(tiny):
     assert a.shape == (2, 12) and torch.equal(a, b) and not torch.equal(a, c)
     # each sequence depends only on its own seed: the 2nd of seed 5 is the 1st of seed 6
     assert torch.equal(a[1], c[0])
+
+
+def test_gradient_rows_are_evenly_spaced_and_scaled_to_all_windows():
+    from orchestrator.pruning.methods import gradient_rows, gradient_sum_scale
+
+    assert gradient_rows(32, 8) == (0, 4, 8, 12, 16, 20, 24, 28)
+    assert gradient_rows(7, 3) == (0, 2, 4)
+    assert gradient_rows(7, None) is None and gradient_rows(7, 7) is None and gradient_rows(7, 9) is None
+    assert gradient_sum_scale("l1", 32, gradient_rows(32, 8)) == 4.0
+    assert gradient_sum_scale("l2", 32, gradient_rows(32, 8)) == 2.0  # sums of squares: sqrt(4) on each gradient
+    assert gradient_sum_scale("l1", 32, None) == 1.0
+
+
+@pytest.mark.parametrize("norm,kind", [("l1", "abs"), ("l2", "sq")])
+def test_grad_samples_use_the_selected_windows_scaled_to_n(tiny, ids, norm, kind):
+    """``gblm.grad_samples``: the statistics of the selected windows, times N/K (l1) or per gradient
+    sqrt(N/K) (l2), so the sums estimate those over all N; with K = N the plain pass."""
+    from orchestrator.engine.local import method_gradients
+
+    n = ids.shape[0]
+    k = max(1, n // 2)
+    cfg = _pcfg(method="gblm", **{"gblm.norm": norm, "gblm.grad_samples": k, "gblm.grad_dtype": "float32"})
+    got = method_gradients(copy.deepcopy(tiny), ids, cfg, progress=False)
+    rows = [i * n // k for i in range(k)]
+    plain = gradient_pass(copy.deepcopy(tiny), ids[rows], (kind,), scale=cfg.gblm.grad_scale, progress=False)
+    for name, stats in plain.items():
+        torch.testing.assert_close(got[name][kind], stats[kind] * (n / k), rtol=1e-5, atol=1e-6)
+    full = _pcfg(method="gblm", **{"gblm.norm": norm, "gblm.grad_samples": n, "gblm.grad_dtype": "float32"})
+    every = method_gradients(copy.deepcopy(tiny), ids, full, progress=False)
+    ref = gradient_pass(copy.deepcopy(tiny), ids, (kind,), scale=cfg.gblm.grad_scale, progress=False)
+    for name in ref:
+        torch.testing.assert_close(every[name][kind], ref[name][kind])

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -27,6 +26,7 @@ import ray
 from ray.exceptions import RayError, TaskCancelledError
 
 from orchestrator.surfaces.serve.ownership import JobPaths, claim, overlap, release
+from orchestrator.surfaces.serve.teardown import free_placement_groups, kill_process, placement_prefix
 
 log = logging.getLogger(__name__)
 
@@ -74,33 +74,6 @@ def hold_at_phase(output_dir: str, phase: str, before: Callable[[], Any] | None 
         time.sleep(0.02)
 
 
-def placement_prefix(job_id: str) -> str:
-    """The name prefix of the placement groups of job ``job_id`` (a killed task's placement groups
-    outlive it: they belong to the Serve job, so the registry frees them by name)."""
-    return f"rayprune-job-{job_id}-"
-
-
-@ray.remote(num_cpus=0, max_retries=0)
-def _signal_process(pid: int) -> bool:
-    """SIGKILL ``pid`` on this node; False when it had already gone."""
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-async def _kill_process(node_id: str, pid: int) -> None:
-    """Kill process ``pid`` on Ray node ``node_id`` (a zero-CPU task pinned to that node)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    try:
-        await _signal_process.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(pid)
-    except RayError:  # the node is gone, and the job's task with it
-        log.debug("could not signal %d on %s", pid, node_id, exc_info=True)
-
-
 @ray.remote(max_retries=0)
 def run_job(job_id: str, cfg_data: dict[str, Any], registry) -> dict[str, Any]:
     """Run one job: ``run_prune`` with phase events forwarded to ``registry``.
@@ -134,34 +107,6 @@ def run_job(job_id: str, cfg_data: dict[str, Any], registry) -> dict[str, Any]:
         log.exception("job %s failed", job_id)
         return {"error": describe_error(exc)}
     return {"run_dir": str(run_dir), "phases": phases}
-
-
-async def free_placement_groups(prefix: str, timeout_s: float = 60.0) -> list[str]:
-    """Remove the placement groups whose name starts with ``prefix`` and wait until they are gone.
-
-    Returns:
-        The names of the groups removed.
-    """
-    from ray.util import placement_group_table
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-    def alive() -> dict[str, str]:
-        return {pg_id: info.get("name", "") for pg_id, info in placement_group_table().items()
-                if info.get("name", "").startswith(prefix) and info.get("state") != "REMOVED"}
-
-    groups = await asyncio.to_thread(alive)
-    for pg_id in groups:
-        try:
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
-        except Exception:  # noqa: BLE001 - removed meanwhile
-            log.debug("placement group %s already gone", pg_id, exc_info=True)
-    deadline = time.monotonic() + timeout_s
-    while groups and await asyncio.to_thread(alive):
-        if time.monotonic() > deadline:
-            log.warning("placement groups %s were not removed within %.0f s", sorted(groups.values()), timeout_s)
-            break
-        await asyncio.sleep(0.1)  # GCS state, not a test: polled until it reports the removal
-    return sorted(groups.values())
 
 
 @dataclass
@@ -364,7 +309,7 @@ class JobRegistry:
                             job.worker)
                 self._cancel_task(job, force=True)
                 if job.worker is not None:
-                    await _kill_process(*job.worker)
+                    await kill_process(*job.worker)
         await job.done.wait()
         if job.state == "cancelled":
             return 200, job.view()

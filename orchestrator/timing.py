@@ -134,7 +134,7 @@ def predict_phases(model_config: Any, acc: Accelerator, *, workers: int, method:
                    seq_len: int, grad_batch: int = 4, dtype_bytes: int = 4, forward_dtype: str = "float32",
                    grad_dtype: str = "float32", checkpoint: bool = False, sequential: bool = True,
                    reconstruct: str = "none", eval_windows: int = 0, eval_seq_len: int = 512,
-                   eval_workers: int = 1) -> dict[str, float]:
+                   eval_workers: int = 1, grad_samples: int | None = None) -> dict[str, float]:
     """Predicted seconds of the gradient pass, the block pass and one model's evaluation.
 
     Args:
@@ -155,6 +155,7 @@ def predict_phases(model_config: Any, acc: Accelerator, *, workers: int, method:
         eval_windows: perplexity windows of one evaluation (0: no evaluation phase).
         eval_seq_len: their length.
         eval_workers: evaluation actors (windows split over them).
+        grad_samples: windows of the gradient pass (``gblm.grad_samples``; None: all ``num_samples``).
 
     Returns:
         phase -> seconds (``gradient_pass`` for gradient methods and SAAP, ``block_pass`` for one-shot methods,
@@ -169,16 +170,19 @@ def predict_phases(model_config: Any, acc: Accelerator, *, workers: int, method:
     act_bytes = s.activations_per_token() * s.layers * (4 if acc.dtype(forward_dtype) == "float32" else 2)
     out: dict[str, float] = {}
     if p.grad_kinds:
-        batches = math.ceil(seqs / grad_batch)
+        # gblm.grad_samples: the gradient pass runs on K evenly spaced windows, spread over the shards
+        g_seqs = math.ceil(min(grad_samples or num_samples, num_samples) / workers)
+        g_tokens = g_seqs * seq_len
+        batches = math.ceil(g_seqs / grad_batch)
         fwd, fwd_bwd = block_model_seconds(acc, s, seq_len, grad_dtype, grad_batch)
         # every block forward and backward (a recompute: one forward more), input and per-sample weight gradients
         eff_fwd, eff_fwd_bwd = acc.efficiency(grad_dtype)
         blocks = batches * s.layers * (fwd_bwd / eff_fwd_bwd + (fwd / eff_fwd if checkpoint else 0.0))
-        head = tokens * 2 * _head_flops(s) / acc.flops("float32")  # the logits-free loss runs in fp32 on purpose
+        head = g_tokens * 2 * _head_flops(s) / acc.flops("float32")  # the logits-free loss runs in fp32 on purpose
         # the fold reads and writes each micro-batch's per-sample products and statistics about six times in fp32
         fold = batches * lin * FP32 * (6 * grad_batch + 2 * len(p.grad_kinds)) / acc.mem_bw
         zero3 = acc.startup_s + batches * zero3_modules(s) * (3 if checkpoint else 2) * acc.module_s
-        comm = p.comm_per_seq_bytes * seqs / acc.link_bw if workers > 1 else 0.0
+        comm = p.comm_per_seq_bytes * g_seqs / acc.link_bw if workers > 1 else 0.0
         out["gradient_pass"] = blocks + head + fold + zero3 + comm
     if method != "saap":
         passes = 2 if sequential else 1
@@ -213,7 +217,8 @@ def predict_run(cfg: Any, model_config: Any, acc: Accelerator, checkpoint: bool)
     return predict_phases(model_config, acc, **kw, forward_dtype=cfg.backend.forward_dtype,
                           grad_dtype=cfg.pruning.gblm.grad_dtype, checkpoint=checkpoint,
                           sequential=cfg.pruning.sequential, eval_windows=ev.num_windows if ev.enabled else 0,
-                          eval_seq_len=ev.seq_len, eval_workers=max(1, ev.workers))
+                          eval_seq_len=ev.seq_len, eval_workers=max(1, ev.workers),
+                          grad_samples=cfg.pruning.gblm.grad_samples)
 
 
 def format_times(times: dict[str, float], acc: Accelerator) -> str:

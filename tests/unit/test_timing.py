@@ -86,3 +86,14 @@ def test_measured_cpu_profile_is_sane() -> None:
     shaped = measure_cpu(1, tokens=32, hidden=64, inter=128, shape=ModelShape(64, 128, 2, 4, 2, 256, 16, False))
     assert all(0 < e < 10 for e in shaped.fp32_efficiency + shaped.bf16_efficiency)
     assert shaped.module_s > 0 and shaped.startup_s > 0
+
+
+def test_grad_samples_shrink_only_the_gradient_pass() -> None:
+    """A quarter of the windows: a quarter of the per-sequence work of the gradient pass (its start stays)."""
+    over = dataclasses.replace(FLAT, startup_s=3.0)
+    kw = dict(KW, num_samples=64, grad_batch=1)
+    full = predict_phases(LLAMA2_13B, over, workers=8, **kw)
+    part = predict_phases(LLAMA2_13B, over, workers=8, grad_samples=16, **kw)
+    assert part["gradient_pass"] - 3.0 == pytest.approx((full["gradient_pass"] - 3.0) / 4, rel=1e-9)
+    assert part["block_pass"] == full["block_pass"]
+    assert predict_phases(LLAMA2_13B, over, workers=8, grad_samples=640, **kw) == full  # K >= N: all of them

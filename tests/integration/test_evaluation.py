@@ -140,16 +140,16 @@ def test_two_actors_equal_single_process(cluster, tiny, task_file):
 
 def test_sweep_three_candidates_from_one_statistics_pass(cluster, tmp_path, corpus_parquet, eval_parquet, task_file,
                                                          monkeypatch):
-    import orchestrator.engine.sweep as sweep_mod
+    import orchestrator.engine.local as local_mod
 
     calls = {"gradient": 0}
-    real = sweep_mod.gradient_pass
+    real = local_mod.gradient_pass
 
     def counting(*a, **k):
         calls["gradient"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(sweep_mod, "gradient_pass", counting)
+    monkeypatch.setattr(local_mod, "gradient_pass", counting)  # what the sweep's method_gradients runs
     out = tmp_path / "sweep"
     argv = ["-q", "prune", *tiny_overrides(out, corpus_parquet, **{
         "eval.enabled": True, "eval.source": str(eval_parquet), "eval.num_windows": 4, "eval.seq_len": 32,

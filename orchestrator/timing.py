@@ -14,6 +14,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from orchestrator.inputs.config import resolve_compute_dtype
 from orchestrator.planner import plan
 from orchestrator.shapes import FP32, ModelShape
 
@@ -58,9 +59,7 @@ class Accelerator:
 
     def dtype(self, name: str) -> str:
         """A config compute dtype with ``auto`` resolved for this accelerator."""
-        if name != "auto":
-            return name
-        return "bfloat16" if self.native_bf16 else "float32"
+        return resolve_compute_dtype(name, self.native_bf16)
 
     def efficiency(self, dtype: str) -> tuple[float, float]:
         """``(forward, forward + backward)`` efficiency of a block under ``dtype``."""

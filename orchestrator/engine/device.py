@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from orchestrator.inputs.config import resolve_compute_dtype
 from orchestrator.inputs.models import TORCH_DTYPES
 
 _AUTOCAST_TYPES = ("cpu", "cuda", "xpu")  # device types torch.autocast serves
@@ -39,7 +40,7 @@ class Placement:
         """A placement from a device and a config dtype name (``float32`` = no autocast; ``auto`` resolved for
         ``device`` by :func:`native_bf16`)."""
         if forward_dtype == "auto":
-            forward_dtype = "bfloat16" if native_bf16(device) else "float32"
+            forward_dtype = resolve_compute_dtype(forward_dtype, native_bf16(device))
         amp = None if forward_dtype == "float32" else TORCH_DTYPES[forward_dtype]
         return cls(torch.device(device), amp)
 

@@ -241,7 +241,8 @@ class JobRegistry:
             job.state, job.phase = "running", fields.get("phase")
         elif event == "phase_end":
             job.phases[fields.get("phase")] = fields.get("seconds")
-            job.phase = None
+            if job.phase == fields.get("phase"):  # an async actor may run a phase's end after the next start
+                job.phase = None
         elif event == "done":
             job.run_dir = fields.get("run_dir")
         else:

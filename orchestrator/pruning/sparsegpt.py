@@ -45,8 +45,9 @@ def sparsegpt_prune(
 
     With ``grad_term`` (GBLM's per-weight gradient statistic ``G``) the mask follows a
     gradient-aware saliency instead of OBS's alone: ``w^2 / d^2`` and ``|w| * G`` (``w`` the
-    current, OBS-updated weight) each divided by their mean over the candidates, summed with
-    weight ``grad_alpha`` on the gradient term (scale-free, like ``gblm.weighting: normalized``).
+    current, OBS-updated weight) each divided by its mean over the column block (taken when the
+    block starts, so every N:M group of a block weighs the two terms alike), summed with weight
+    ``grad_alpha`` on the gradient term (scale-free, like ``gblm.weighting: normalized``).
 
     Args:
         weight: ``(out, in)``, left untouched.
@@ -78,13 +79,20 @@ def sparsegpt_prune(
     mask = torch.zeros_like(w, dtype=torch.bool)
     g = None if grad_term is None or grad_alpha == 0 else grad_term.detach().float()  # (out, in)
 
-    def saliency(wc: torch.Tensor, dc: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """OBS's ``w^2 / d^2`` of columns ``lo:hi`` (plus the normalised gradient term)."""
+    def saliency(wc: torch.Tensor, dc: torch.Tensor, lo: int, hi: int, means: tuple[float, float]) -> torch.Tensor:
+        """OBS's ``w^2 / d^2`` of columns ``lo:hi`` (plus the gradient term, both over their block ``means``)."""
         obs = wc.pow(2) / dc.pow(2).unsqueeze(0)
         if g is None:
             return obs
         grad = wc.abs() * g[:, lo:hi]
-        return obs / obs.mean().clamp_min(1e-30) + grad_alpha * grad / grad.mean().clamp_min(1e-30)
+        return obs / means[0] + grad_alpha * grad / means[1]
+
+    def block_means(wc: torch.Tensor, dc: torch.Tensor, lo: int, hi: int) -> tuple[float, float]:
+        """The means of OBS's term and of the gradient term over columns ``lo:hi`` (1 without gradients)."""
+        if g is None:
+            return 1.0, 1.0
+        obs = (wc.pow(2) / dc.pow(2).unsqueeze(0)).mean().clamp_min(1e-30).item()
+        return obs, (wc.abs() * g[:, lo:hi]).mean().clamp_min(1e-30).item()
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -94,8 +102,9 @@ def sparsegpt_prune(
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]  # (count, count)
         d1 = torch.diag(hinv1)  # (count,)
+        means = block_means(w1, d1, i1, i2)
         if nm is None:
-            tmp = saliency(w1, d1, i1, i2)
+            tmp = saliency(w1, d1, i1, i2, means)
             k = int(tmp.numel() * sparsity)
             mask1 = torch.zeros(tmp.numel(), dtype=torch.bool, device=tmp.device)
             if k:
@@ -108,7 +117,7 @@ def sparsegpt_prune(
             d = hinv1[i, i]
             if nm is not None and i % nm[1] == 0:
                 n, m = nm
-                tmp = saliency(w1[:, i : i + m], d1[i : i + m], i1 + i, i1 + i + m)
+                tmp = saliency(w1[:, i : i + m], d1[i : i + m], i1 + i, i1 + i + m, means)
                 idx = torch.sort(tmp, dim=1, stable=True).indices[:, :n]
                 mask1.scatter_(1, i + idx, True)
             q = col.clone()

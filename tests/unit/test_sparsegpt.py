@@ -198,3 +198,22 @@ def test_gblm_sparsegpt_follows_the_gradient_term(nm) -> None:
     assert sparsity_of(res.weight) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="gblm-sparsegpt needs gradient statistics"):
         prune_weight(w, "gblm-sparsegpt", 0.5, nm, act=st)
+
+
+def test_gblm_sparsegpt_nm_weighs_the_gradient_term_by_its_block() -> None:
+    """N:M: both saliency terms are normalised over the column block, not over each group of M columns.
+
+    The first group of the first block carries gradients a million times smaller than the rest of the
+    block: against the block's mean they are nothing, so OBS's saliency alone decides that group, as in
+    plain SparseGPT (normalised per group, the same tiny gradients would be mean-1 and decide it).
+    """
+    out, inp = 16, 32
+    w = torch.randn(out, inp, generator=_gen(21))
+    st = ActivationStats(inp, with_xtx=True)
+    st.update(_correlated_inputs(22, 256, inp).reshape(8, 32, inp))
+    grad = torch.rand(out, inp, generator=_gen(23)) + 0.5
+    grad[:, :4] *= 1e-6
+    plain = prune_weight(w, "sparsegpt", 0.5, (2, 4), act=st, blocksize=16)
+    res = prune_weight(w, "gblm-sparsegpt", 0.5, (2, 4), act=st, grad=grad, alpha=100.0, blocksize=16)
+    assert torch.equal(res.mask[:, :4], plain.mask[:, :4])
+    assert not torch.equal(res.mask[:, 4:16], plain.mask[:, 4:16])  # where the gradients count, they decide

@@ -16,7 +16,8 @@ from orchestrator.shapes import FP32, LLAMA2_13B, LLAMA2_70B, LLAMA3_70B, SHAPES
 
 __all__ = ["FP32", "GIB", "LLAMA2_13B", "LLAMA2_70B", "LLAMA3_70B", "SHAPES", "ModelShape", "Plan", "plan",
            "min_workers", "needs_checkpointing", "choose_checkpointing", "run_plan_kwargs", "format_plan",
-           "grad_kinds_for", "eval_bytes", "eval_workers_needed"]
+           "grad_kinds_for", "eval_bytes", "eval_workers_needed",
+           "recovery_bytes", "recovery_workers_needed"]
 
 #: logits elements of one chunk of the gradient pass's loss (``orchestrator.pruning.lmloss.CHUNK_ELEMENTS``;
 #: repeated here so planning never imports torch)
@@ -328,6 +329,46 @@ def eval_workers_needed(model_config: Any, gpu_bytes: int, *, seq_len: int, dtyp
         if eval_bytes(model_config, seq_len=seq_len, dtype_bytes=dtype_bytes, workers=w) <= gpu_bytes * (1 - headroom):
             return w
     raise ValueError(f"no evaluation group up to {max_workers} actors holds the model in {gpu_bytes / GIB:.2f} GiB")
+
+
+def recovery_bytes(model_config: Any, *, removed: float, rank: int, seq_len: int, dtype_bytes: int = 2,
+                   workers: int = 1) -> int:
+    """Device memory of one LoRA recovery rank after SAAP removed ``removed`` of the decoder's linear weights.
+
+    The shrunk model's parameters (all of them; with ``structured.recovery.zero3`` its ``1/W`` partition plus
+    two gathered blocks), the adapters (rank ``rank`` on the seven projections of every block) with their
+    gradients and Adam's two moments in fp32 (``1/W`` under ZeRO-3), one window's activations kept for the
+    backward and its logits (model dtype, an fp32 copy and its gradient). Adapters and activations are
+    counted at the dense widths: an upper bound.
+    """
+    s = ModelShape.from_config(model_config)
+    if not 0 <= removed < 1:
+        raise ValueError(f"removed must be in [0, 1), got {removed!r}")
+    params = s.total_params() - round(removed * s.layers * s.block_linear_params())
+    adapters = s.layers * sum(rank * (o + i) for o, i in s.block_linears().values())
+    sharded = math.ceil(params * dtype_bytes / workers) + (2 * s.block_params() * dtype_bytes if workers > 1 else 0)
+    window = s.backward_bytes(seq_len, dtype_bytes, checkpoint=False) + seq_len * s.vocab * (dtype_bytes + 2 * FP32)
+    return sharded + math.ceil(4 * adapters * FP32 / workers) + window
+
+
+def recovery_workers_needed(model_config: Any, gpu_bytes: int, *, headroom: float = 0.1, max_workers: int = 64,
+                            **kw: Any) -> int:
+    """Recovery ranks the shrunk model needs: 1 where it fits one device, else the fewest under ZeRO-3.
+
+    Args:
+        model_config: as for :func:`plan`.
+        gpu_bytes: memory of one device.
+        headroom: fraction of ``gpu_bytes`` left free.
+        max_workers: search limit.
+        **kw: :func:`recovery_bytes`'s keyword arguments (``removed``, ``rank``, ``seq_len``, ``dtype_bytes``).
+
+    Raises:
+        ValueError: not even ``max_workers`` ranks hold it.
+    """
+    for w in range(1, max_workers + 1):
+        if recovery_bytes(model_config, workers=w, **kw) <= gpu_bytes * (1 - headroom):
+            return w
+    raise ValueError(f"no recovery group up to {max_workers} ranks holds the shrunk model in {gpu_bytes / GIB:.2f} GiB")
 
 
 def _gib(n: int) -> str:

@@ -228,6 +228,8 @@ class StructuredRecoveryConfig:
     forward_dtype: ComputeDType = opt("auto", help="autocast dtype of the frozen base (adapters stay fp32); `auto`: "
                                       "bfloat16 where the device computes bf16 natively, else float32")
     workers: int = opt(1, gt=0, role=EXECUTION, help="> 1: data-parallel on Ray actors")
+    zero3: bool = opt(False, role=EXECUTION, help="partition the pruned model and adapters over the `workers` with "
+                      "DeepSpeed ZeRO-3 (a model that does not fit one accelerator; `rayprune plan` says when)")
     seed: int = opt(0, help="adapter init and dropout seed")
 
 

@@ -29,6 +29,10 @@ def validate(cfg: Any) -> list[str]:
         p.append("pruning.allocation: owl is not available with pruning.sweep yet")
     if e.shard and e.workers < 1:
         p.append(f"eval.shard: needs evaluation actors to shard over (eval.workers >= 1), got eval.workers={e.workers}")
+    rec = cfg.structured.recovery
+    if rec.zero3 and rec.schedule != "joint":
+        p.append(f"structured.recovery.zero3: needs schedule joint (one adapter phase on the partitioned model), "
+                 f"got structured.recovery.schedule={rec.schedule!r}")
     if not e.speed_batch_sizes or any(x < 1 for x in e.speed_batch_sizes):
         p.append(f"eval.speed_batch_sizes: must be positive integers, got {e.speed_batch_sizes!r}")
     return p

@@ -120,7 +120,7 @@ def lora_config(model: nn.Module, blocks: list[int], r: StructuredRecoveryConfig
 
 
 @torch.no_grad()
-def _init_adapters(peft_model: nn.Module, seed: int) -> None:
+def init_adapters(peft_model: nn.Module, seed: int) -> None:
     """peft's initialisation (A: kaiming-uniform, a = sqrt(5), i.e. U(+-1/sqrt(in)); B: 0), from a local generator."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in sorted(peft_model.named_parameters()):
@@ -160,7 +160,8 @@ def _restore_base(peft_model: nn.Module, saved: dict[str, torch.Tensor]) -> None
             base.weight.data = saved[name]
 
 
-def _dropout_seed(seed: int, step: int, pos: int) -> int:
+def dropout_seed(seed: int, step: int, pos: int) -> int:
+    """The dropout seed of the window at batch position ``pos`` of optimiser step ``step``."""
     return (seed * 1_000_003 + step) * 65_537 + pos
 
 
@@ -197,7 +198,7 @@ def train(model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryConfig, 
         for p_no, (groups, steps) in enumerate(plan):
             blocks = [b for g in groups for b in g]
             peft_model = get_peft_model(model, lora_config(model, blocks, r))
-            _init_adapters(peft_model, r.seed + p_no)  # same initial adapters on every worker
+            init_adapters(peft_model, r.seed + p_no)  # same initial adapters on every worker
             fp32_base = _cast_base(peft_model, place.autocast_dtype)
             params = [p for p in peft_model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=r.lr)
@@ -207,7 +208,7 @@ def train(model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryConfig, 
                 batch = batches[step]  # (B,)
                 loss_sum = torch.zeros((), device=place.device)
                 for pos in range(rank, batch.numel(), world):
-                    torch.manual_seed(_dropout_seed(r.seed, step, pos))
+                    torch.manual_seed(dropout_seed(r.seed, step, pos))
                     ids = windows[batch[pos]][None]  # (1, S)
                     with place.autocast():  # adapters, optimiser stay fp32
                         loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -283,16 +284,16 @@ def recover(model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryConfig
     Args:
         model: the pruned model (trained in place; the merged model is returned).
         windows: ``(M, S)`` int64 training windows (see :func:`recovery_windows`).
-        r: recovery options; ``workers > 1`` trains data-parallel through ``distributed``.
+        r: recovery options; ``workers > 1`` or ``zero3`` trains on actors through ``distributed``.
         progress: show progress bars.
-        distributed: the coordinator's data-parallel recovery (required when ``r.workers > 1``).
+        distributed: the coordinator's data-parallel recovery (required when ``r.workers > 1`` or ``r.zero3``).
 
     Returns:
         ``(model, report)``: the merged plain model and the loss curves, steps and times.
     """
-    if r.workers > 1:
+    if r.workers > 1 or r.zero3:
         if distributed is None:
-            raise ValueError("recover: structured.recovery.workers > 1 needs a distributed recovery")
+            raise ValueError("recover: structured.recovery.workers > 1 or zero3 needs a distributed recovery")
         return distributed(model, windows, r)
     model, _, report = train(model, windows, r, progress=progress)
     return model, report

@@ -222,7 +222,7 @@ def run_structured(cfg: RunConfig, model: nn.Module, calib_ids: torch.Tensor, pr
         model: dense causal LM of a supported architecture.
         calib_ids: ``(N, L)`` int64 calibration sequences.
         progress: show progress bars.
-        distributed_recovery: the coordinator's data-parallel recovery (``structured.recovery.workers > 1``).
+        distributed_recovery: the coordinator's recovery on actors (``structured.recovery.workers > 1`` or ``zero3``).
         sharded_importance: the coordinator's ZeRO-3 scorer (``backend.kind: ray``); None: one process.
 
     Returns:

@@ -207,6 +207,8 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     sys.stdout.write(format_plan(result) + "\n")
     sys.stdout.write(f"workers needed with {ns.gpu_mem:g} GiB per GPU: {need}\n")
     sys.stdout.write(_eval_line(model_config, cfg, gpu, ns.gpu_mem) + "\n")
+    if cfg.structured.enabled and cfg.structured.recovery.enabled:
+        sys.stdout.write(_recovery_line(model_config, cfg, gpu, ns.gpu_mem) + "\n")
     if ns.accelerator == "cpu":
         from orchestrator.engine.profile import measure_cpu
 
@@ -236,6 +238,25 @@ def _eval_line(model_config: Any, cfg: Any, gpu: int, gpu_mem: float) -> str:
     each = eval_bytes(model_config, workers=n, **kw)
     return (f"evaluation: {whole / GIB:.2f} GiB per actor does not fit {gpu_mem:g} GiB: eval.shard=true "
             f"eval.workers={n} ({each / GIB:.2f} GiB each)")
+
+
+def _recovery_line(model_config: Any, cfg: Any, gpu: int, gpu_mem: float) -> str:
+    """What SAAP's LoRA recovery takes: one rank per replica, or ``structured.recovery.zero3`` over how many."""
+    from orchestrator.planner import GIB, recovery_bytes, recovery_workers_needed
+
+    r = cfg.structured.recovery
+    kw = dict(removed=cfg.structured.target, rank=r.rank, seq_len=r.seq_len,
+              dtype_bytes=4 if cfg.model.dtype == "float32" else 2)
+    whole = recovery_bytes(model_config, **kw)
+    try:
+        n = recovery_workers_needed(model_config, gpu, **kw)
+    except ValueError as exc:
+        return f"recovery: {whole / GIB:.2f} GiB per rank; {exc}"
+    if n == 1:
+        return f"recovery: {whole / GIB:.2f} GiB per rank: one {gpu_mem:g} GiB GPU holds the shrunk model"
+    each = recovery_bytes(model_config, workers=n, **kw)
+    return (f"recovery: {whole / GIB:.2f} GiB per rank does not fit {gpu_mem:g} GiB: structured.recovery.zero3=true "
+            f"structured.recovery.workers={n} or more ({each / GIB:.2f} GiB each)")
 
 
 def cmd_report(ns: argparse.Namespace) -> int:

@@ -384,3 +384,41 @@ def test_evaluation_shards_only_where_one_device_cannot_hold_the_model() -> None
     assert eval_workers_needed(LLAMA2_13B, 80 * GIB, **kw) == 1
     with pytest.raises(ValueError, match="no evaluation group"):
         eval_workers_needed(LLAMA3_70B, 1 * GIB, max_workers=8, **kw)
+
+
+def test_recovery_adapter_and_parameter_terms_match_peft_and_the_shrunk_model() -> None:
+    """The recovery plan's adapters are peft's trainable parameters; its parameters the model's (nothing removed)."""
+    from peft import get_peft_model
+
+    from orchestrator.inputs.config import StructuredRecoveryConfig
+    from orchestrator.planner import recovery_bytes
+    from orchestrator.structured.recovery import lora_config
+
+    count, cfg = _hf_count(**TINY)
+    r = StructuredRecoveryConfig(rank=8)
+    model = LlamaForCausalLM(cfg)
+    peft_model = get_peft_model(model, lora_config(model, list(range(TINY["num_hidden_layers"])), r))
+    adapters = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    s = ModelShape.from_config(TINY)
+    kw = dict(rank=8, seq_len=64, dtype_bytes=2)
+    window = s.backward_bytes(64, 2, checkpoint=False) + 64 * s.vocab * (2 + 2 * 4)
+    assert recovery_bytes(TINY, removed=0.0, **kw) == count * 2 + 4 * adapters * 4 + window
+    # SAAP removing 20% of the decoder's linear weights removes them from the parameter term only
+    cut = recovery_bytes(TINY, removed=0.0, **kw) - recovery_bytes(TINY, removed=0.2, **kw)
+    assert cut == round(0.2 * s.layers * s.block_linear_params()) * 2
+    two = recovery_bytes(TINY, removed=0.0, workers=2, **kw)
+    assert two == math.ceil(count * 2 / 2) + 2 * s.block_params() * 2 + math.ceil(4 * adapters * 4 / 2) + window
+
+
+def test_recovery_goes_zero3_only_where_one_device_cannot_hold_the_shrunk_model() -> None:
+    from orchestrator.planner import recovery_bytes, recovery_workers_needed
+
+    kw = dict(removed=0.2, rank=8, seq_len=512, dtype_bytes=2)
+    assert recovery_workers_needed(LLAMA2_13B, 80 * GIB, **kw) == 1
+    n = recovery_workers_needed(LLAMA2_70B, 80 * GIB, **kw)
+    assert n == 2 and recovery_bytes(LLAMA2_70B, workers=n, **kw) <= 0.9 * 80 * GIB
+    assert recovery_bytes(LLAMA2_70B, workers=1, **kw) > 0.9 * 80 * GIB
+    with pytest.raises(ValueError, match="no recovery group"):
+        recovery_workers_needed(LLAMA2_70B, 1 * GIB, max_workers=4, **kw)
+    with pytest.raises(ValueError, match="removed must be"):
+        recovery_bytes(TINY, removed=1.0, rank=8, seq_len=8)

@@ -1,7 +1,8 @@
 """Render the quality benchmark's JSON as the README's markdown table (and rewrite it in place).
 
 Every rayprune row is compared with llm-compressor's SparseGPT row of the same pattern and
-sparsity from the same run (the peer the targets name); peer rows are marked.
+sparsity from the same run (the peer the targets name) on perplexity, and with our own plain
+SparseGPT row of the same pattern and sparsity on pruning time; peer rows are marked.
 
 Usage::
 
@@ -33,19 +34,21 @@ def render(result: dict) -> str:
     """The markdown table of one benchmark JSON."""
     rows = [r for r in result["rows"] if "skipped" not in r]
     peer = {_key(r): r for r in rows if r["method"] == f"{PEER}sparsegpt" and _options(r) == "-"}
+    ours = {_key(r): r for r in rows if r["method"] == "sparsegpt" and _options(r) == "-"}
     lines = [
         "| method | pattern | sparsity | options | ppl@512 | vs llm-compressor SparseGPT | debian_cloze acc "
-        "| prune s |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| dense | - | 0 | - | {result['dense_ppl']:.2f} | | {result['dense_debian_cloze_acc']:.3f} | |",
+        "| prune s | x our SparseGPT's time |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| dense | - | 0 | - | {result['dense_ppl']:.2f} | | {result['dense_debian_cloze_acc']:.3f} | | |",
     ]
     for r in sorted(rows, key=lambda r: (_key(r), r["ppl"])):
-        ref = peer.get(_key(r))
+        ref, base = peer.get(_key(r)), ours.get(_key(r))
         vs = "" if ref is None or ref is r else f"{100 * (r['ppl'] / ref['ppl'] - 1):+.1f}%"
+        times = "" if base is None else f"{r['prune_s'] / base['prune_s']:.2f}"
         name = f"llm-compressor {r['method'][len(PEER):]}" if r["method"].startswith(PEER) else f"**{r['method']}**"
         pattern, sparsity = _key(r)
         lines.append(f"| {name} | {pattern} | {sparsity:g} | {_options(r)} | {r['ppl']:.2f} | {vs} | "
-                     f"{r['debian_cloze_acc']:.3f} | {r['prune_s']:.0f} |")
+                     f"{r['debian_cloze_acc']:.3f} | {r['prune_s']:.0f} | {times} |")
     return "\n".join(lines) + "\n"
 
 

@@ -11,6 +11,8 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -223,40 +225,46 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_line(what: str, per: str, holds: str, size: Callable[..., int], needed: Callable[..., int],
+              gpu: int, gpu_mem: float, fix: str) -> str:
+    """One planner line: the bytes one ``per`` needs, and whether one GPU ``holds`` it or how many share it.
+
+    ``size(workers=N)`` gives the bytes per member of N; ``needed(gpu)`` the fewest members (ValueError: none);
+    ``fix`` is the settings line, formatted with ``n``.
+    """
+    from orchestrator.planner import GIB
+
+    whole = size(workers=1)
+    try:
+        n = needed(gpu)
+    except ValueError as exc:
+        return f"{what}: {whole / GIB:.2f} GiB per {per}; {exc}"
+    if n == 1:
+        return f"{what}: {whole / GIB:.2f} GiB per {per}: one {gpu_mem:g} GiB GPU holds {holds}"
+    return (f"{what}: {whole / GIB:.2f} GiB per {per} does not fit {gpu_mem:g} GiB: {fix.format(n=n)} "
+            f"({size(workers=n) / GIB:.2f} GiB each)")
+
+
 def _eval_line(model_config: Any, cfg: Any, gpu: int, gpu_mem: float) -> str:
     """What evaluating one model takes: one actor, or ``eval.shard`` over how many."""
-    from orchestrator.planner import GIB, eval_bytes, eval_workers_needed
+    from orchestrator.planner import eval_bytes, eval_workers_needed
 
     kw = dict(seq_len=cfg.eval.seq_len, dtype_bytes=4 if cfg.model.dtype == "float32" else 2)
-    whole = eval_bytes(model_config, **kw)
-    try:
-        n = eval_workers_needed(model_config, gpu, **kw)
-    except ValueError as exc:
-        return f"evaluation: {whole / GIB:.2f} GiB per actor; {exc}"
-    if n == 1:
-        return f"evaluation: {whole / GIB:.2f} GiB per actor: one {gpu_mem:g} GiB GPU holds the model"
-    each = eval_bytes(model_config, workers=n, **kw)
-    return (f"evaluation: {whole / GIB:.2f} GiB per actor does not fit {gpu_mem:g} GiB: eval.shard=true "
-            f"eval.workers={n} ({each / GIB:.2f} GiB each)")
+    return _fit_line("evaluation", "actor", "the model", partial(eval_bytes, model_config, **kw),
+                     partial(eval_workers_needed, model_config, **kw), gpu, gpu_mem,
+                     "eval.shard=true eval.workers={n}")
 
 
 def _recovery_line(model_config: Any, cfg: Any, gpu: int, gpu_mem: float) -> str:
     """What SAAP's LoRA recovery takes: one rank per replica, or ``structured.recovery.zero3`` over how many."""
-    from orchestrator.planner import GIB, recovery_bytes, recovery_workers_needed
+    from orchestrator.planner import recovery_bytes, recovery_workers_needed
 
     r = cfg.structured.recovery
     kw = dict(removed=cfg.structured.target, rank=r.rank, seq_len=r.seq_len,
               dtype_bytes=4 if cfg.model.dtype == "float32" else 2)
-    whole = recovery_bytes(model_config, **kw)
-    try:
-        n = recovery_workers_needed(model_config, gpu, **kw)
-    except ValueError as exc:
-        return f"recovery: {whole / GIB:.2f} GiB per rank; {exc}"
-    if n == 1:
-        return f"recovery: {whole / GIB:.2f} GiB per rank: one {gpu_mem:g} GiB GPU holds the shrunk model"
-    each = recovery_bytes(model_config, workers=n, **kw)
-    return (f"recovery: {whole / GIB:.2f} GiB per rank does not fit {gpu_mem:g} GiB: structured.recovery.zero3=true "
-            f"structured.recovery.workers={n} or more ({each / GIB:.2f} GiB each)")
+    return _fit_line("recovery", "rank", "the shrunk model", partial(recovery_bytes, model_config, **kw),
+                     partial(recovery_workers_needed, model_config, **kw), gpu, gpu_mem,
+                     "structured.recovery.zero3=true structured.recovery.workers={n} or more")
 
 
 def cmd_report(ns: argparse.Namespace) -> int:

@@ -422,3 +422,21 @@ def test_recovery_goes_zero3_only_where_one_device_cannot_hold_the_shrunk_model(
         recovery_workers_needed(LLAMA2_70B, 1 * GIB, max_workers=4, **kw)
     with pytest.raises(ValueError, match="removed must be"):
         recovery_bytes(TINY, removed=1.0, rank=8, seq_len=8)
+
+
+def test_plan_command_says_when_evaluation_and_recovery_must_be_sharded(capsys) -> None:
+    from pathlib import Path
+
+    from orchestrator.surfaces.cli import main
+
+    saap = str(Path(__file__).resolve().parents[2] / "configs" / "saap.yaml")
+    argv = ["plan", "--gpu-mem", "80", saap, "model.dtype=bfloat16", "structured.recovery.enabled=true"]
+    assert main([*argv[:1], "--shape", "llama2-70b", *argv[1:]]) == 0
+    out = capsys.readouterr().out
+    assert "eval.shard=true eval.workers=2 (67.69 GiB each)" in out
+    assert "recovery: 118.60 GiB per rank does not fit 80 GiB: structured.recovery.zero3=true " \
+           "structured.recovery.workers=2 or more (69.53 GiB each)" in out
+    assert main([*argv[:1], "--shape", "llama2-13b", *argv[1:]]) == 0
+    out = capsys.readouterr().out
+    assert "recovery: 24.21 GiB per rank: one 80 GiB GPU holds the shrunk model" in out
+    assert "evaluation: 24.44 GiB per actor: one 80 GiB GPU holds the model" in out

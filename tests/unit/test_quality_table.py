@@ -39,9 +39,12 @@ def test_render_compares_with_the_peer_of_the_same_pattern_and_sparsity():
          "debian_cloze_acc": 0.62, "prune_s": 100},
         {"method": "sparsegpt", "pattern": "unstructured", "options": {"sparsity": "0.7"}, "ppl": 80.0,
          "debian_cloze_acc": 0.5, "prune_s": 100},
+        {"method": "sparsegpt", "pattern": "2:4", "options": {}, "ppl": 62.0, "debian_cloze_acc": 0.6, "prune_s": 80},
         {"method": "llmc-wanda", "pattern": "unstructured", "options": {}, "skipped": "absent"},
     ]
     table = mod.render({"dense_ppl": 20.0, "dense_debian_cloze_acc": 0.8, "rows": rows})
-    assert "| **sparsegpt** | 2:4 | 0.5 | reconstruct=layer | 54.00 | -10.0% | 0.620 | 100 |" in table
-    assert "| **sparsegpt** | unstructured | 0.7 | - | 80.00 |  | 0.500 | 100 |" in table  # no peer at 0.7
+    assert "| **sparsegpt** | 2:4 | 0.5 | reconstruct=layer | 54.00 | -10.0% | 0.620 | 100 | 1.25 |" in table
+    assert "| **sparsegpt** | 2:4 | 0.5 | - | 62.00 | +3.3% | 0.600 | 80 | 1.00 |" in table
+    assert "| llm-compressor sparsegpt | 2:4 | 0.5 | - | 60.00 |  | 0.600 | 90 | 1.12 |" in table
+    assert "| **sparsegpt** | unstructured | 0.7 | - | 80.00 |  | 0.500 | 100 | 1.00 |" in table  # no peer at 0.7
     assert "absent" not in table and "llm-compressor wanda" not in table

@@ -58,13 +58,12 @@ class RecoveryWorker(GroupMember):
                                     all_reduce)
         return to_cpu((adapters, report)) if self.rank == 0 else None
 
-
     def train_zero3(self, model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryConfig) -> Any:
         """Train the adapters with the model partitioned by ZeRO-3 (collective).
 
         Returns:
-            On rank 0 ``(adapters, report)`` as :meth:`train` (the adapters gathered whole, on the CPU);
-            on every rank the memory figures are in the report's ``memory`` list entry of this rank.
+            Rank 0: ``(adapters, report)`` as :meth:`train` (the adapters gathered whole, on the CPU; the
+            report's ``memory`` holds this rank's partition bytes); the other ranks: ``{"memory": ...}``.
         """
         from orchestrator.engine.device import to_cpu
 

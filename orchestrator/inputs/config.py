@@ -147,8 +147,8 @@ class LstsqConfig:
     """The least-squares re-solve of kept weights (``pruning.reconstruct: layer``, METHODS.md section 2)."""
 
     solver: Literal["cg", "exact"] = opt("cg", help="`cg`: all rows at once, iterative; `exact`: Cholesky per row")
-    iters: int = opt(10, gt=0, help="conjugate-gradient iterations (stopping early regularises: 10 beat 30 on every "
-                     "SmolLM2 row measured, docs/benchmarks.md)")
+    iters: int = opt(30, gt=0, help="conjugate-gradient iterations (10 measured better and faster on SmolLM2, "
+                     "docs/benchmarks.md; not yet the default: ray and local agree less there)")
     percdamp: float = opt(0.01, gt=0, help="damping as a fraction of mean(diag X^T X)")
     rounds: int = opt(1, gt=0, help="> 1: grow the mask in rounds, re-scoring the re-solved weights (not SparseGPT)")
 

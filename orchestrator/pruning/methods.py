@@ -144,7 +144,7 @@ def prune_reconstructed(
     rounds: int = 1,
     solver: str = "cg",
     lstsq_damp: float = 0.01,
-    iters: int = 10,
+    iters: int = 30,
     **method_kw: Any,
 ) -> LayerPruneResult:
     """Prune one weight, then re-solve its kept weights by least squares (``reconstruct: layer``).

@@ -25,7 +25,7 @@ from actors.worker import PruneWorker
 from orchestrator.engine.block_step import block_configs, uses_activations
 from orchestrator.engine.local import PruneOutcome
 from orchestrator.inputs.config import RunConfig
-from orchestrator.pruning.methods import gradient_kinds, gradient_rows, gradient_sum_scale
+from orchestrator.pruning.methods import gradient_kinds, gradient_sampling
 
 log = logging.getLogger(__name__)
 
@@ -300,9 +300,10 @@ def gradient_spec(cfg: RunConfig, model_path: str, group: ActorGroup, kinds: tup
     rows = None
     if kinds is None:  # the pruning method's statistics, over the windows gblm.grad_samples selects
         kinds = gradient_kinds(pcfg.method, pcfg.gblm.norm)
-        rows = gradient_rows(n, pcfg.gblm.grad_samples)
+        rows, method_scale = gradient_sampling(n, pcfg.gblm.grad_samples, pcfg.gblm.norm, pcfg.gblm.grad_scale)
+        scale = method_scale if scale is None else scale
     if scale is None:
-        scale = pcfg.gblm.grad_scale * gradient_sum_scale(pcfg.gblm.norm, n, rows)
+        scale = pcfg.gblm.grad_scale
     return GradientPassSpec(kinds, scale, b.grad_batch_size, dtype or pcfg.gblm.grad_dtype, on, b.offload_stats,
                             rows)
 

@@ -22,7 +22,7 @@ from orchestrator.engine.checkpointing import checkpointed_blocks
 from orchestrator.engine.device import Placement
 from orchestrator.inputs.config import PruningConfig
 from orchestrator.pruning.lmloss import lm_loss_with_grad, plain_head
-from orchestrator.pruning.methods import LayerPruneResult, gradient_kinds, gradient_rows, gradient_sum_scale
+from orchestrator.pruning.methods import LayerPruneResult, gradient_kinds, gradient_sampling
 from orchestrator.pruning.stats import add_gradient
 
 log = logging.getLogger(__name__)
@@ -191,11 +191,10 @@ def layer_row(full_name: str, res: LayerPruneResult) -> dict:
 def method_gradients(model: nn.Module, input_ids: torch.Tensor, cfg: PruningConfig, place: Placement = CPU,
                      progress: bool = True, checkpoint: bool = False) -> dict[str, dict[str, torch.Tensor]]:
     """The pruning method's gradient statistics: :func:`gradient_pass` over the windows ``gblm.grad_samples``
-    selects (:func:`~orchestrator.pruning.methods.gradient_rows`), scaled to estimate the sums over all of
+    selects (:func:`~orchestrator.pruning.methods.gradient_sampling`), scaled to estimate the sums over all of
     ``input_ids`` ``(N, L)``."""
     kinds = gradient_kinds(cfg.method, cfg.gblm.norm)
-    rows = gradient_rows(int(input_ids.shape[0]), cfg.gblm.grad_samples)
-    scale = cfg.gblm.grad_scale * gradient_sum_scale(cfg.gblm.norm, int(input_ids.shape[0]), rows)
+    rows, scale = gradient_sampling(int(input_ids.shape[0]), cfg.gblm.grad_samples, cfg.gblm.norm, cfg.gblm.grad_scale)
     ids = input_ids if rows is None else input_ids[list(rows)]  # (K, L)
     return gradient_pass(model, place.put(ids), kinds, scale, progress, cfg.gblm.grad_dtype, checkpoint)
 

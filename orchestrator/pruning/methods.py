@@ -64,6 +64,14 @@ def gradient_sum_scale(norm: str, n: int, rows: tuple[int, ...] | None) -> float
     return ratio if norm == "l1" else math.sqrt(ratio)
 
 
+def gradient_sampling(n: int, k: int | None, norm: str, grad_scale: float) -> tuple[tuple[int, ...] | None, float]:
+    """The gradient pass of a method's statistics over ``n`` windows with ``gblm.grad_samples = k``: the rows
+    it runs (:func:`gradient_rows`) and the factor on each per-sample gradient (``grad_scale`` times
+    :func:`gradient_sum_scale`). One answer for every backend."""
+    rows = gradient_rows(n, k)
+    return rows, grad_scale * gradient_sum_scale(norm, n, rows)
+
+
 def layer_score(weight: torch.Tensor, method: str, act: ActivationStats | None = None,
                 grad: torch.Tensor | None = None, alpha: float = 100.0, norm: str = "l1", grad_scale: float = 1.0,
                 weighting: str = "raw", name: str = "layer") -> torch.Tensor:

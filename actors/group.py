@@ -35,6 +35,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.cluster import check_capacity, ensure_ray
+from actors.memory import TRACE_MEMORY_ENV
 from orchestrator.engine.device import (
     NATIVE_BF16_ENV,
     device_memory_bytes,
@@ -298,8 +299,9 @@ class ActorGroup:
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         if not spec.use_gpu:
             env["DS_ACCELERATOR"] = "cpu"
-        if os.environ.get(NATIVE_BF16_ENV):  # the driver's override reaches actors on every node
-            env[NATIVE_BF16_ENV] = os.environ[NATIVE_BF16_ENV]
+        for name in (NATIVE_BF16_ENV, TRACE_MEMORY_ENV):  # the driver's settings reach actors on every node
+            if os.environ.get(name):
+                env[name] = os.environ[name]
         remote = ray.remote(actor_cls)
         actors = [
             remote.options(

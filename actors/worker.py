@@ -9,13 +9,13 @@ back to the driver is on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import gc
 import logging
 import math
 import os
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from actors.group import GroupMember
-from actors.rss import current_rss, peak_rss, reset_peak_rss
+from actors.memory import PhaseMemory
 from orchestrator.engine.device import Placement, to_cpu
 
 log = logging.getLogger(__name__)
@@ -60,17 +60,14 @@ class PruneWorker(GroupMember):
 
     def __init__(self, num_threads: int = 1) -> None:
         super().__init__(num_threads)
-        self.rss: dict[str, int] = {}
-        self.peaks: dict[str, int] = {}  # peak RSS within each phase (absolute bytes)
+        self.mem = PhaseMemory(self.device)  # resident and allocated bytes per phase: load, gradient and block pass
         self.seconds: dict[str, float] = {}  # where the last gradient pass spent its time
-        self.lifetime_peak = 0  # peak RSS of the windows before the current one
         self._reset()
 
     def _reset(self) -> None:
         self.model = None
         self.engine = None
         self.dschf = None
-        self.shell = None
         self.grads = None
         self.emb_handle = None
         self.ids = torch.zeros((0, 0), dtype=torch.int64)
@@ -84,37 +81,39 @@ class PruneWorker(GroupMember):
     def leave(self) -> None:
         """Free the model and destroy the process group."""
         self.finish()
+        self.mem.close()
         super().leave()
 
     # ------------------------------------------------------------ one run
 
     def load(self, model_path: str, model_cfg: Any, shard: bytes, seq_len: int) -> dict[str, int]:
         """Load the model partitioned under ZeRO-3 and this rank's calibration shard (collective)."""
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-        from actors.zero3 import ds_config, load_partitioned
+        from actors.zero3 import STATS_REDUCE_BUCKET, ds_config, load_partitioned
         from orchestrator.engine.blocks import block_prefix
-        from orchestrator.inputs.models import TORCH_DTYPES
 
         self.finish()
-        start = current_rss()  # before this run's model: what the planner's bytes are measured from
-        self._new_peak_window()
+        if self.mem.device != self.device:  # the rank's device is known once it joined its group
+            self.mem.close()
+            self.mem = PhaseMemory(self.device)
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
+        with contextlib.suppress(KeyError):  # imports the model's code before "start" (remote code: at load)
+            MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        self.mem.clear()
+        self.mem.mark("start")  # before this run's tensors: what the planner's bytes are measured from
+        self.mem.begin("load")
         ids, self.positions = read_shard(shard)
         self.ids = ids.to(self.device)  # (n, L)
         self.seq_len = seq_len
-        config = AutoConfig.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
-        shell_cfg = copy.deepcopy(config)
-        shell_cfg.num_hidden_layers = 1
-        # built before HfDeepSpeedConfig exists, so it is a plain model: embeddings + 1 block
-        self.shell = AutoModelForCausalLM.from_config(shell_cfg, dtype=TORCH_DTYPES[model_cfg.dtype]).eval()
-        self.shell.to(self.device)
-        self.shell.lm_head = torch.nn.Identity()
-        self.ds_cfg = ds_config(self.world)
+        self.model_cfg = model_cfg
+        self.ds_cfg = ds_config(self.world, STATS_REDUCE_BUCKET)
         self.model, self.dschf = load_partitioned(model_path, model_cfg, self.ds_cfg)
         self.config = self.model.config
         self.prefix = block_prefix(self.model)
-        self.rss = {"start": start, "loaded": current_rss()}
-        self.peaks = {"load": peak_rss()}
+        self.mem.end("load")
+        self.mem.mark("loaded")
         return {"samples": int(self.ids.shape[0])}
 
     def _local_rows(self, steps: int, first: int = 0, count: int | None = None) -> list[tuple[torch.Tensor, float]]:
@@ -145,7 +144,8 @@ class PruneWorker(GroupMember):
         from actors.zero3 import Decoder, ShardedGradStats, full_shape, make_engine
         from orchestrator.engine.local import logits_free, pruned_weight_names
 
-        self._new_peak_window()
+        self.mem.begin("gradient_pass")
+        t0 = time.perf_counter()
         names = pruned_weight_names(self.model)
         # the loss without logits (as the local engine computes it) unless the head is more than a matmul
         self.chunked_loss = logits_free(self.model)
@@ -157,7 +157,7 @@ class PruneWorker(GroupMember):
         self.grad_place = Placement.of(self.device, spec.dtype)
         self.grads = ShardedGradStats({n: mods[n.removesuffix(".weight")] for n in names}, spec.kinds, spec.scale,
                                       self.device, compute_dtype=self.grad_place.autocast_dtype or torch.float32,
-                                      offload=spec.offload)
+                                      offload=spec.offload, probe=self.mem.sample)
         if resume is not None:
             from actors.checkpoint import load_tensors
 
@@ -168,10 +168,10 @@ class PruneWorker(GroupMember):
         self.recompute_blocks = spec.checkpoint
         rows = None if spec.rows is None else set(spec.rows)
         self.grad_local = [j for j, p in enumerate(self.positions) if rows is None or p in rows]  # local indices
-        self.pass_seconds = {"forward": 0.0, "backward": 0.0}
+        self.pass_seconds = {"forward": 0.0, "backward": 0.0, "start": time.perf_counter() - t0}
         emb = self.model.get_input_embeddings()
         self.emb_handle = emb.register_forward_hook(lambda _m, _i, out: out.requires_grad_())
-        self.rss["engine"] = current_rss()
+        self.mem.mark("engine")
 
     def gradient_steps(self, start: int, count: int, batch: int = 1) -> int:
         """Forward/backward local sequences ``start .. start+count`` (padded with dummies), ``batch`` at a time.
@@ -246,6 +246,7 @@ class PruneWorker(GroupMember):
 
     def end_gradients(self) -> int:
         """Remove the hooks; returns the bytes of this rank's statistic partitions."""
+        t0 = time.perf_counter()
         self.grads.remove()
         log.info("rank %d gradient pass: forward %.1f s, backward %.1f s (of which hooks: %.1f s per-sample "
                  "statistics, %.1f s reduce-scatter)", self.rank, self.pass_seconds["forward"],
@@ -253,13 +254,14 @@ class PruneWorker(GroupMember):
         if self.emb_handle is not None:
             self.emb_handle.remove()
             self.emb_handle = None
-        self.rss["gradient_pass"] = current_rss()
-        self.peaks["gradient_pass"] = peak_rss()
-        self.seconds = {**self.pass_seconds, **self.grads.seconds}
+        self.mem.mark("gradient_pass")
+        self.mem.end("gradient_pass")
         for p in self.model.parameters():
             p.requires_grad_(False)
         self._drop_engine()  # its optimizer partitions and buckets are not needed any more
-        self.rss["engine_freed"] = current_rss()
+        self.mem.mark("engine_freed")
+        self.seconds = {**self.pass_seconds, **self.grads.seconds, "end": time.perf_counter() - t0,
+                        "sampling": self.mem.sampling_seconds}  # the memory sampler's time so far
         return self.grads.nbytes()
 
     def _drop_engine(self) -> None:
@@ -278,17 +280,26 @@ class PruneWorker(GroupMember):
 
     def capture(self) -> int:
         """Block-0 inputs of this rank's sequences (local: a plain embedding shell, no ZeRO forwards)."""
-        from actors.zero3 import gather_embedding_into
-        from orchestrator.engine.blocks import capture_block_inputs
+        from transformers import AutoModelForCausalLM
 
-        self._new_peak_window()  # the block pass's window: from here to :meth:`memory`
-        gather_embedding_into(self.model, self.shell)
+        from actors.zero3 import gather_embedding_into, plain_construction
+        from orchestrator.engine.blocks import capture_block_inputs
+        from orchestrator.inputs.models import TORCH_DTYPES
+
+        self.mem.begin("block_pass")  # open until :meth:`memory`
+        shell_cfg = copy.deepcopy(self.config)
+        shell_cfg.num_hidden_layers = 1  # the embeddings and one block, whose inputs are captured
+        with plain_construction(self.dschf):
+            shell = AutoModelForCausalLM.from_config(shell_cfg, dtype=TORCH_DTYPES[self.model_cfg.dtype]).eval()
+        shell.lm_head = torch.nn.Identity()
+        shell.to(self.device)
+        gather_embedding_into(self.model, shell)
         ids = self.ids if self.ids.shape[0] else torch.zeros((1, self.seq_len), dtype=torch.int64, device=self.device)
-        hidden, self.kwargs = capture_block_inputs(self.shell, ids)  # (n, L, H)
+        hidden, self.kwargs = capture_block_inputs(shell, ids)  # (n, L, H)
         self.hidden = self.hidden0 = hidden[: self.ids.shape[0]]  # hidden0: a sequential sweep restarts from it
-        self.shell = None
+        del shell
         gc.collect()
-        self.rss["captured"] = current_rss()
+        self.mem.mark("captured")
         return int(self.hidden.shape[0])
 
     def restart_hidden(self) -> None:
@@ -393,27 +404,17 @@ class PruneWorker(GroupMember):
 
         return len(decoder_blocks(self.model))
 
-    def _new_peak_window(self) -> None:
-        """Fold the current window's peak into the lifetime peak and start a new window."""
-        self.lifetime_peak = max(self.lifetime_peak, peak_rss(), *self.peaks.values())
-        reset_peak_rss()
-
     def memory(self) -> dict[str, int]:
-        """Peak RSS, parameter-partition bytes and gradient-statistic bytes of this rank."""
+        """This rank's parameter-partition and gradient-statistic bytes, and its memory by phase
+        (:meth:`actors.memory.PhaseMemory.report`: resident set and allocated bytes, absolute)."""
         from actors.zero3 import partition_bytes
 
-        # the peak within each phase (load, gradient pass, block pass: capture to now), absolute
-        peaks = {**self.peaks, **({"block_pass": peak_rss()} if "captured" in self.rss else {})}
         return {
             "rank": self.rank,
-            # ru_maxrss restarts with the peak windows on Linux: the lifetime peak is kept across them
-            "peak_rss_bytes": max(self.lifetime_peak, *peaks.values(),
-                                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
             "model_state_bytes": partition_bytes(self.model) if self.model is not None else 0,
             "grad_stat_bytes": self.grads.nbytes() if self.grads is not None else 0,
             "recomputed_blocks": self.recomputed,
-            "rss_bytes_by_phase": {**self.rss, "end": current_rss()},
-            "peak_rss_bytes_by_phase": peaks,
+            **self.mem.report(),
             "gradient_pass_seconds": dict(self.seconds),
         }
 

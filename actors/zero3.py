@@ -11,9 +11,11 @@ Everything here is collective: every rank must call the same functions in the sa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +25,7 @@ from torch import nn
 
 from orchestrator.inputs.config import ModelConfig
 from orchestrator.inputs.models import TORCH_DTYPES
+from orchestrator.planner import FOLD_PENDING, ZERO3_MAX_LIVE_PARAMETERS, ZERO3_PREFETCH_BUCKET
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +33,19 @@ log = logging.getLogger(__name__)
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def ds_config(world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config of a ZeRO-3 gradient-statistics engine (never steps)."""
+#: the statistics engine's reduction bucket: it trains one norm weight, so 20M elements would be idle memory
+STATS_REDUCE_BUCKET = 1_000_000
+
+
+def ds_config(world_size: int, reduce_bucket_size: int = 20_000_000) -> dict[str, Any]:
+    """The DeepSpeed config of a ZeRO-3 engine.
+
+    Args:
+        world_size: ranks.
+        reduce_bucket_size: elements of the gradient-reduction bucket DeepSpeed allocates when the engine starts
+            (in the model dtype); the statistics engine trains one norm weight and passes
+            :data:`STATS_REDUCE_BUCKET`.
+    """
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
@@ -41,15 +55,28 @@ def ds_config(world_size: int) -> dict[str, Any]:
             "stage": 3,
             "stage3_param_persistence_threshold": 0,
             # the defaults (5e8-element buckets, 1e9 sub-groups) allocate GiBs of fp32 scratch per rank
-            "reduce_bucket_size": 20_000_000,
-            "stage3_prefetch_bucket_size": 5_000_000,
-            "stage3_max_live_parameters": 10_000_000,
+            "reduce_bucket_size": reduce_bucket_size,
+            "stage3_prefetch_bucket_size": ZERO3_PREFETCH_BUCKET,
+            "stage3_max_live_parameters": ZERO3_MAX_LIVE_PARAMETERS,
             "stage3_max_reuse_distance": 10_000_000,
             "sub_group_size": 100_000_000,
         },
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+@contextlib.contextmanager
+def plain_construction(dschf: Any):
+    """Models built inside are plain ones, although ``dschf`` (a live ``HfDeepSpeedConfig``) would make
+    transformers build them partitioned; it is live again afterwards."""
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(dschf)
 
 
 def load_partitioned(model_path: str, model_cfg: ModelConfig, config: dict[str, Any]) -> tuple[nn.Module, Any]:
@@ -153,14 +180,16 @@ class ShardedGradStats:
     """
 
     def __init__(self, modules: dict[str, nn.Linear], kinds: tuple[str, ...], scale: float,
-                 device: torch.device | str = "cpu", max_pending: int = 8,
-                 compute_dtype: torch.dtype = torch.float32, offload: bool = False) -> None:
+                 device: torch.device | str = "cpu", max_pending: int = FOLD_PENDING,
+                 compute_dtype: torch.dtype = torch.float32, offload: bool = False,
+                 probe: Callable[[], None] | None = None) -> None:
         self.kinds = kinds
         self.device = torch.device(device)
         # where the partitions live: the rank's device, or (offload) host memory, pinned when the device is a GPU
         self.home = torch.device("cpu") if offload else self.device
         pin = offload and self.device.type == "cuda"
         self.compute_dtype = compute_dtype  # of the per-sample products (the pass's autocast dtype)
+        self.probe = probe  # called while the per-sample products are live (a memory peak sampler)
         self.scale = scale
         self.weights = torch.ones(1, device=device)  # (B,) per-sample weights of the current micro-batch
         self.world = dist.get_world_size()
@@ -211,6 +240,8 @@ class ShardedGradStats:
             self.pending.append((work, out, buf, full))
             while len(self.pending) > self.max_pending:
                 self._settle_oldest()
+        if self.probe is not None:  # the statistics and the reduce-scatters in flight are live now
+            self.probe()
         self.seconds["reduce_scatter"] += time.perf_counter() - t1
 
     def _settle_oldest(self) -> None:

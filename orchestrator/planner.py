@@ -24,8 +24,18 @@ __all__ = ["FP32", "GIB", "LLAMA2_13B", "LLAMA2_70B", "LLAMA3_70B", "SHAPES", "M
 LOSS_CHUNK_ELEMENTS = 1 << 23
 
 #: per-sample statistics of this many linears may wait for their reduce-scatter at once
-#: (``actors.zero3.ShardedGradStats``' ``max_pending``; repeated here for the same reason)
-FOLD_PENDING = 8
+#: (``actors.zero3.ShardedGradStats``' ``max_pending``): two overlap the backward of the next linear
+FOLD_PENDING = 2
+
+#: ZeRO-3 keeps at most this many gathered parameter elements live beyond the module it runs, and prefetches
+#: up to this many more (the engines' ``stage3_max_live_parameters`` / ``stage3_prefetch_bucket_size``,
+#: ``actors.zero3.ds_config``)
+ZERO3_MAX_LIVE_PARAMETERS = 10_000_000
+ZERO3_PREFETCH_BUCKET = 5_000_000
+
+#: bytes per weight the scorer holds for the linear it scores: the fp32 score, a row-wise sort's fp32 values
+#: and int64 indices, the bool mask
+SCORE_BYTES_PER_WEIGHT = FP32 + FP32 + 8 + 1
 
 GIB = 1024**3
 METHODS = ("magnitude", "wanda", "sparsegpt", "gblm", "gblm-sparsegpt", "saap")  # saap: structured.enabled
@@ -65,16 +75,20 @@ class Plan:
         grad_stat_bytes: per kind, this worker's fp32 shard of decoder linear weights.
         calib_bytes: calibration hidden states held, ``ceil(N/W) * L * hidden * 4 * 2``.
         largest_block_bytes: one gathered block in fp32 plus its gathered gradient
-            statistics plus (SparseGPT) its ``xtx`` matrices.
-        grad_pass_bytes: gradient-pass transient: two gathered blocks' parameters in the
-            model dtype, one micro-batch's activations kept for the backward
+            statistics plus (SparseGPT) its ``xtx`` matrices, plus the scorer's transients for its
+            largest linear (:data:`SCORE_BYTES_PER_WEIGHT`).
+        grad_pass_bytes: gradient-pass transient: the parameters ZeRO-3 holds gathered (``W > 1``:
+            the module it runs, up to :data:`ZERO3_MAX_LIVE_PARAMETERS` live and
+            :data:`ZERO3_PREFETCH_BUCKET` prefetched, at most two blocks; one rank keeps its parameters
+            whole and gathers nothing), one micro-batch's activations kept for the backward
             (:meth:`ModelShape.activations_per_token` in every block, or with activation
             checkpointing every block's input plus one block's activations), its fp32
             final-hidden gradient, the loss's logits chunk (no full logits are built), and the
             per-sample statistic fold (:attr:`fold_bytes`); 0 for gradient-free methods.
         fold_bytes: the part of ``grad_pass_bytes`` the per-sample statistics take: one linear's
-            per-sample products of a micro-batch and its statistics, and (``W > 1``) up to
-            :data:`FOLD_PENDING` full fp32 statistics waiting for their reduce-scatter.
+            per-sample products of a micro-batch and its statistics, and (``W > 1``) the full fp32
+            statistics of the :data:`FOLD_PENDING` largest consecutive linears waiting for their
+            reduce-scatter (twice with ``host_collectives``: gloo reduce-scatters a copy).
         activation_checkpointing: whether ``grad_pass_bytes`` assumes recomputed block activations.
         offload_stats: the gradient-statistic partitions live in (pinned) host memory, not on the
             accelerator: they count in :attr:`host_bytes`, not in :attr:`peak_bytes`.
@@ -123,7 +137,8 @@ class Plan:
 def plan(
     model_config: Any, *, workers: int, method: str, norm: str = "l1", num_samples: int, seq_len: int,
     dtype_bytes: int = 2, grad_batch: int = 4, reconstruct: str = "none", checkpoint: bool = False,
-    offload_stats: bool = False, second_order: bool = False,
+    offload_stats: bool = False, second_order: bool = False, host_collectives: bool = False,
+    compute_bytes: int | None = None,
 ) -> Plan:
     """Predict per-worker memory and communication for one run.
 
@@ -144,6 +159,10 @@ def plan(
             (``backend.activation_checkpointing``).
         offload_stats: the statistic partitions are kept in host memory (``backend.offload_stats``).
         second_order: SAAP with the ``element2`` estimator (it also keeps ``grad_sq``).
+        host_collectives: the workers are CPU processes on gloo, whose reduce-scatter works on a copy of
+            its input (NCCL's does not).
+        compute_bytes: bytes per element of the gradient pass's autocast dtype (None: the model's): an fp32
+            model under bf16 autocast keeps most activations in bf16.
 
     ``method="saap"`` plans structured pruning on the workers: the gradient pass keeps each statistic
     twice (the current mini-batch's and the total) and there is no block pass (the coordinator shrinks).
@@ -169,18 +188,21 @@ def plan(
     held = [*kinds, *(f"{k}_total" for k in kinds)] if saap else kinds  # SAAP: the mini-batch's and the total
     stats = {k: math.ceil(linear_params * FP32 / w) for k in held}
     calib = 0 if saap else math.ceil(num_samples / w) * seq_len * s.hidden * FP32 * 2
-    largest = 0 if saap else block * FP32 + len(kinds) * block_lin * FP32 + (s.xtx_bytes() if xtx else 0)
+    largest = 0 if saap else (block * FP32 + len(kinds) * block_lin * FP32 + (s.xtx_bytes() if xtx else 0)
+                              + s.largest_linear() * SCORE_BYTES_PER_WEIGHT)
     if reconstruct == "block":  # Adam's two moments and the gradient of the kept weights, one sequence's backward
         largest += 3 * block_lin * FP32 + seq_len * s.activations_per_token() * FP32
     grad_pass = comm_seq = fold = 0
     if kinds:
         # the activations kept for the backward, the fp32 gradient w.r.t. the final hidden states, the loss's chunk
-        acts = s.backward_bytes(grad_batch * seq_len, dtype_bytes, checkpoint) + LOSS_CHUNK_ELEMENTS * FP32
-        # one linear's (B, out, in) per-sample products (compute dtype, then fp32) and its statistics, plus the
-        # full fp32 statistics in flight to their reduce-scatter
-        fold = s.largest_linear() * (grad_batch * (dtype_bytes + FP32) + len(kinds) * FP32
-                                     + (FOLD_PENDING * FP32 if w > 1 else 0))
-        grad_pass = 2 * block * dtype_bytes + acts + fold
+        acts = (s.backward_bytes(grad_batch * seq_len, dtype_bytes, checkpoint, compute_bytes)
+                + LOSS_CHUNK_ELEMENTS * FP32)
+        # one linear's (B, out, in) per-sample products (in a 16-bit dtype, then fp32) and its statistics, plus
+        # the full fp32 statistics in flight to their reduce-scatter
+        product = FP32 + (dtype_bytes if dtype_bytes < FP32 else 0)
+        in_flight = s.consecutive_linears(FOLD_PENDING) * FP32 * (2 if host_collectives else 1) if w > 1 else 0
+        fold = s.largest_linear() * (grad_batch * product + len(kinds) * FP32) + in_flight
+        grad_pass = gathered_bytes(s, w, dtype_bytes) + acts + fold
         gathers = 3 if checkpoint else 2  # forward and backward; a recomputed forward gathers each block again
         comm_seq = round(ring * (gathers * total * dtype_bytes + len(kinds) * linear_params * FP32) / grad_batch)
     act_stats = sum(FP32 * i + (FP32 * i * i if xtx else 0) for _, i in s.block_linears().values())
@@ -194,14 +216,31 @@ def plan(
     )
 
 
-def run_plan_kwargs(cfg: Any, workers: int | None = None) -> dict[str, Any]:
-    """:func:`plan`'s keyword arguments for a run config (a ``RunConfig``; read, not imported)."""
+def gathered_bytes(s: ModelShape, workers: int, dtype_bytes: int) -> int:
+    """Parameters ZeRO-3 holds gathered at once in a forward or backward: the module it runs (a block linear,
+    or the embedding or head) plus its live and prefetch limits, at most two blocks; none on one rank."""
+    if workers == 1:
+        return 0
+    largest = max(s.largest_linear(), s.vocab * s.hidden)
+    return min(2 * s.block_params(), largest + ZERO3_MAX_LIVE_PARAMETERS + ZERO3_PREFETCH_BUCKET) * dtype_bytes
+
+
+def run_plan_kwargs(cfg: Any, workers: int | None = None, native_bf16: bool | None = None) -> dict[str, Any]:
+    """:func:`plan`'s keyword arguments for a run config (a ``RunConfig``; read, not imported).
+
+    ``native_bf16``: whether the workers compute bf16 natively, which resolves an ``auto`` gradient-pass dtype
+    (None: unknown, and ``auto`` is planned in the model dtype).
+    """
+    from orchestrator.inputs.config import resolve_compute_dtype
+
     pr, b, st = cfg.pruning, cfg.backend, cfg.structured
+    grad_dtype = pr.gblm.grad_dtype if native_bf16 is None else resolve_compute_dtype(pr.gblm.grad_dtype, native_bf16)
+    compute = {"float32": 4, "bfloat16": 2, "float16": 2}.get(grad_dtype)
     return dict(workers=workers or b.workers, method="saap" if st.enabled else pr.method, norm=pr.gblm.norm,
                 num_samples=cfg.calibration.num_samples, seq_len=cfg.calibration.seq_len,
                 dtype_bytes=4 if cfg.model.dtype == "float32" else 2, grad_batch=b.grad_batch_size,
                 reconstruct=pr.reconstruct, offload_stats=b.offload_stats,
-                second_order="element2" in st.estimators)
+                second_order="element2" in st.estimators, compute_bytes=compute)
 
 
 def choose_checkpointing(cfg: Any, model_config: Any, workers: int, budget_bytes: int) -> bool:
@@ -240,13 +279,14 @@ def min_workers(
     model_config: Any, gpu_bytes: int, *, safety_factor: float = 1.2, method: str = "gblm", norm: str = "l1",
     num_samples: int = 128, seq_len: int = 2048, dtype_bytes: int = 2, grad_batch: int = 4, max_workers: int = 4096,
     reconstruct: str = "none", checkpoint: bool = False, offload_stats: bool = False, second_order: bool = False,
+    compute_bytes: int | None = None,
 ) -> int:
     """Smallest ``W`` whose predicted peak, times ``safety_factor``, fits in ``gpu_bytes``.
 
     Args:
         model_config: as for :func:`plan` (so are ``method``, ``norm``, ``num_samples``,
-            ``seq_len``, ``dtype_bytes``, ``grad_batch``, ``reconstruct``, ``checkpoint``, ``offload_stats`` and
-            ``second_order``).
+            ``seq_len``, ``dtype_bytes``, ``grad_batch``, ``reconstruct``, ``checkpoint``, ``offload_stats``,
+            ``second_order`` and ``compute_bytes``).
         gpu_bytes: memory of one GPU in bytes.
         safety_factor: multiplier (>= 1) on the predicted peak to leave headroom.
         max_workers: search limit.
@@ -264,7 +304,8 @@ def min_workers(
     def fits(w: int) -> bool:
         p = plan(model_config, workers=w, method=method, norm=norm, num_samples=num_samples,
                  seq_len=seq_len, dtype_bytes=dtype_bytes, grad_batch=grad_batch, reconstruct=reconstruct,
-                 checkpoint=checkpoint, offload_stats=offload_stats, second_order=second_order)
+                 checkpoint=checkpoint, offload_stats=offload_stats, second_order=second_order,
+                 compute_bytes=compute_bytes)
         return p.peak_bytes * safety_factor <= gpu_bytes
 
     if not fits(max_workers):

@@ -119,16 +119,28 @@ class ModelShape:
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         return 6 * self.hidden + 2 * q + 2 * kv + self.heads + 4 * self.intermediate + 2
 
-    def backward_bytes(self, tokens: int, dtype_bytes: int, checkpoint: bool) -> int:
+    def backward_bytes(self, tokens: int, dtype_bytes: int, checkpoint: bool, compute_bytes: int | None = None
+                       ) -> int:
         """Bytes a backward over ``tokens`` tokens holds: every block's activations, or (``checkpoint``) every
-        block's input and one block's recomputed activations; plus the fp32 gradient of the final hidden states."""
-        one_block = tokens * self.activations_per_token() * dtype_bytes
+        block's input and one block's recomputed activations; plus the fp32 gradient of the final hidden states.
+
+        Under autocast to a narrower ``compute_bytes`` dtype the two RMSNorms' inputs and normalised outputs
+        and the attention's log-sum-exp stay in the model dtype; the rest is kept in the compute dtype."""
+        narrow = compute_bytes if compute_bytes is not None and compute_bytes < dtype_bytes else dtype_bytes
+        wide = 4 * self.hidden + self.heads  # per token and block, in the model dtype
+        one_block = tokens * (wide * dtype_bytes + (self.activations_per_token() - wide) * narrow)
         kept = self.layers * tokens * self.hidden * dtype_bytes + one_block if checkpoint else self.layers * one_block
         return kept + tokens * self.hidden * FP32
 
     def largest_linear(self) -> int:
         """Weights of the largest pruned linear of a block."""
         return max(o * i for o, i in self.block_linears().values())
+
+    def consecutive_linears(self, count: int) -> int:
+        """Most weights of ``count`` pruned linears in a row, in backward order across blocks."""
+        sizes = [o * i for o, i in self.block_linears().values()][::-1]
+        ring = sizes * (count // len(sizes) + 2)
+        return max(sum(ring[j : j + count]) for j in range(len(sizes)))
 
     def xtx_bytes(self) -> int:
         """fp32 ``sum x x^T`` of every linear of one block (one ``in x in`` matrix each)."""

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from orchestrator.inputs.config import resolve_compute_dtype
-from orchestrator.planner import plan
+from orchestrator.planner import SCORE_BYTES_PER_WEIGHT, plan
 from orchestrator.shapes import FP32, ModelShape
 
 
@@ -41,6 +41,11 @@ class Accelerator:
         block_call_s: seconds of driver round trip per block of the block pass.
         block_copy_bw: bytes/s of the block pass's per-block copies (the gathered block into a plain one, the
             statistics and results), counted over the block's linear weights in fp32 (0: not modelled).
+        alloc_bw: bytes/s written into memory just allocated (0: not modelled). A CPU's allocator hands big
+            blocks back to the kernel at every free, so each ZeRO-3 gather writes fresh pages the kernel first
+            zeroes and maps; a GPU's caching allocator reuses its blocks and the collective's own write is in
+            :attr:`link_bw`.
+        sharers: how many processes share the device (:meth:`shared`); :meth:`alone` undoes it.
     """
 
     name: str
@@ -56,6 +61,8 @@ class Accelerator:
     startup_s: float = 0.0
     block_call_s: float = 0.0
     block_copy_bw: float = 0.0
+    alloc_bw: float = 0.0
+    sharers: float = 1.0
 
     def dtype(self, name: str) -> str:
         """A config compute dtype with ``auto`` resolved for this accelerator."""
@@ -67,14 +74,27 @@ class Accelerator:
 
     def shared(self, factor: float) -> Accelerator:
         """This accelerator as each of ``factor`` processes sees it when they share it (more CPU workers x threads
-        than cores): every rate divided by ``factor``, every fixed cost multiplied."""
+        than cores): every rate divided by ``factor``, every fixed cost multiplied. The link too: a CPU's
+        collectives (gloo over loopback) are copies the same cores make."""
         if factor <= 1:
             return self
-        return replace(self, name=f"{self.name}, shared by {factor:g}", fp32_flops=self.fp32_flops / factor,
-                       bf16_flops=self.bf16_flops / factor, mem_bw=self.mem_bw / factor,
+        return self._scaled(factor, f"{self.name}, shared by {factor:g}")
+
+    def alone(self) -> Accelerator:
+        """This accelerator unshared: what one process gets while the others wait (the block pass's scorer)."""
+        return self if self.sharers == 1 else self._scaled(1 / self.sharers, self.name.split(", shared by")[0])
+
+    def _scaled(self, factor: float, name: str) -> Accelerator:
+        return replace(self, name=name, fp32_flops=self.fp32_flops / factor, bf16_flops=self.bf16_flops / factor,
+                       mem_bw=self.mem_bw / factor, link_bw=self.link_bw / factor,
                        score_rate=self.score_rate / factor, module_s=self.module_s * factor,
                        startup_s=self.startup_s * factor, block_call_s=self.block_call_s * factor,
-                       block_copy_bw=self.block_copy_bw / factor)
+                       block_copy_bw=self.block_copy_bw / factor, alloc_bw=self.alloc_bw / factor,
+                       sharers=self.sharers * factor)
+
+    def fresh_seconds(self, nbytes: float) -> float:
+        """Seconds to write ``nbytes`` into newly allocated memory (0 where :attr:`alloc_bw` is not modelled)."""
+        return nbytes / self.alloc_bw if self.alloc_bw else 0.0
 
     def flops(self, dtype: str) -> float:
         """Matmul FLOP/s of ``dtype`` (fp16 runs at the bf16 rate; ``auto`` as :meth:`dtype` resolves it)."""
@@ -180,7 +200,10 @@ def predict_phases(model_config: Any, acc: Accelerator, *, workers: int, method:
         head = g_tokens * 2 * _head_flops(s) / acc.flops("float32")  # the logits-free loss runs in fp32 on purpose
         # the fold reads and writes each micro-batch's per-sample products and statistics about six times in fp32
         fold = batches * lin * FP32 * (6 * grad_batch + 2 * len(p.grad_kinds)) / acc.mem_bw
-        zero3 = acc.startup_s + batches * zero3_modules(s) * (3 if checkpoint else 2) * acc.module_s
+        gathers = batches * (3 if checkpoint else 2)  # every block's parameters, forward and backward (and recompute)
+        # each gather materialises the full parameters in fresh memory; the engine starts by zeroing the statistics
+        zero3 = (acc.startup_s + gathers * zero3_modules(s) * acc.module_s
+                 + acc.fresh_seconds(gathers * s.total_params() * dtype_bytes + sum(p.grad_stat_bytes.values())))
         comm = p.comm_per_seq_bytes * g_seqs / acc.link_bw if workers > 1 else 0.0
         out["gradient_pass"] = blocks + head + fold + zero3 + comm
     if method != "saap":
@@ -189,15 +212,19 @@ def predict_phases(model_config: Any, acc: Accelerator, *, workers: int, method:
         compute = seqs * passes * s.layers * fwd / acc.efficiency(forward_dtype)[0]
         xtx = method in ("sparsegpt", "gblm-sparsegpt") or reconstruct != "none"
         ins = [i for _, i in s.block_linears().values()]
-        if xtx:  # sum x x^T of every linear, and the scorer's per-layer solves (rank 0, not split)
-            flops = tokens * s.layers * sum(2 * i * i for i in ins)
-            flops += s.layers * sum(2 * o * i * i + i**3 for o, i in s.block_linears().values())
-            compute += flops / acc.flops(forward_dtype)  # the solves on the scorer (rank 0) while the others wait
-        if method in ("magnitude", "wanda", "gblm"):  # the scorer ranks every row of every weight (rank 0)
-            compute += lin / acc.score_rate
+        if xtx:  # sum x x^T of every linear on every rank, then the scorer's per-layer solves (rank 0, not split)
+            compute += tokens * s.layers * sum(2 * i * i for i in ins) / acc.flops(forward_dtype)
+            solves = s.layers * sum(2 * o * i * i + i**3 for o, i in s.block_linears().values())
+            compute += solves / acc.alone().flops(forward_dtype)  # while the others wait: the scorer has the machine
+        if method in ("magnitude", "wanda", "gblm"):  # the scorer ranks every row of every weight (rank 0, alone)
+            compute += lin / acc.alone().score_rate
         # the block gathers, and every pruned weight and its mask on their way to the coordinator
         comm = (p.comm_block_pass_bytes if workers > 1 else 0.0) / acc.link_bw + lin * (dtype_bytes + 1) / acc.link_bw
         copies = lin * FP32 / acc.block_copy_bw if acc.block_copy_bw else 0.0
+        # fresh memory per block: every rank's plain copy of the gathered block, and on the scorer (alone) the
+        # gathered statistics and the scoring transients of every weight
+        copies += acc.fresh_seconds(s.layers * s.block_params() * FP32)
+        copies += acc.alone().fresh_seconds(lin * (len(p.grad_kinds) * FP32 + SCORE_BYTES_PER_WEIGHT))
         out["block_pass"] = compute + s.layers * acc.block_call_s + copies + comm
     if eval_windows:
         eval_tokens = math.ceil(eval_windows / eval_workers) * eval_seq_len
@@ -211,7 +238,8 @@ def predict_run(cfg: Any, model_config: Any, acc: Accelerator, checkpoint: bool)
     """:func:`predict_phases` for a run config (a ``RunConfig``; read, not imported)."""
     from orchestrator.planner import run_plan_kwargs
 
-    kw = {k: v for k, v in run_plan_kwargs(cfg).items() if k not in ("norm", "offload_stats", "second_order")}
+    kw = {k: v for k, v in run_plan_kwargs(cfg).items()
+          if k not in ("norm", "offload_stats", "second_order", "compute_bytes")}
     ev = cfg.eval
     return predict_phases(model_config, acc, **kw, forward_dtype=cfg.backend.forward_dtype,
                           grad_dtype=cfg.pruning.gblm.grad_dtype, checkpoint=checkpoint,

@@ -27,7 +27,7 @@ CPU_LINK_BW = 0.5e9
 #: engine start, the block pass's per-block round trip and copies), fitted by least squares to the measured
 #: minus the block-measured prediction of the 2026-12-06 scaling runs of 20M-300M parameters (gradient pass:
 #: 1 worker; block pass: 1 and 2 workers); held out: the 1B shape, 4 workers and SmolLM2 (docs/benchmarks.md)
-CPU_OVERHEADS = {"module_s": 1.95e-3, "startup_s": 0.75, "block_call_s": 0.093, "block_copy_bw": 2.2e8}
+CPU_OVERHEADS = {"module_s": 0.61e-3, "startup_s": 1.41, "block_call_s": 0.116, "block_copy_bw": 4.49e8}
 
 #: blocks with more parameters are not timed by :func:`block_efficiency` (a 70B block takes minutes here)
 MAX_MEASURED_BLOCK = 400_000_000
@@ -99,8 +99,9 @@ def measure_cpu(threads: int | None = None, tokens: int = 512, hidden: int = 102
                 shape: ModelShape | None = None) -> Accelerator:
     """This CPU as an accelerator, with ``threads`` torch threads: matmuls of the run's block shape
     ``(tokens, hidden) @ (hidden, inter)`` (``tokens``: one micro-batch's) in fp32 and bf16, the bandwidth
-    of an elementwise add over 64 MiB tensors, the scorer (a Wanda score, a stable row-wise sort, the mask)
-    on an ``(inter, hidden)`` weight, and with a ``shape`` how fast a real block of it runs against the model
+    of an elementwise add over 64 MiB tensors and of writing 64 MiB just allocated, the scorer (a Wanda score,
+    a stable row-wise sort, the mask) on an ``(inter, hidden)`` weight, and with a ``shape`` how fast a real
+    block of it runs against the model
     (:func:`block_efficiency`; the CPU's ZeRO-3 overheads are :data:`CPU_OVERHEADS`)."""
     before = torch.get_num_threads()
     if threads:
@@ -114,11 +115,13 @@ def measure_cpu(threads: int | None = None, tokens: int = 512, hidden: int = 102
             rates[dtype] = _rate(lambda x=x, w=w: x @ w, 2.0 * tokens * hidden * inter)
         a, b = torch.randn(1 << 24, generator=g), torch.randn(1 << 24, generator=g)
         bw = _rate(lambda: torch.add(a, b, out=a), 3 * a.numel() * 4.0)  # read two, write one
+        fresh = _rate(lambda: torch.ones(1 << 24), (1 << 24) * 4.0)  # 64 MiB: mmapped anew by glibc at every call
         w, norm = torch.randn(inter, hidden, generator=g), torch.rand(hidden, generator=g)
         score = _rate(lambda: row_mask(wanda_score(w, norm), 0.5), float(w.numel()), repeats=3)
         n = threads or before
         acc = Accelerator(f"this CPU, {n} thread{'s' if n > 1 else ''} (measured)", rates[torch.float32],
-                          rates[torch.bfloat16], bw, CPU_LINK_BW, score, native_bf16("cpu"), **CPU_OVERHEADS)
+                          rates[torch.bfloat16], bw, CPU_LINK_BW, score, native_bf16("cpu"), alloc_bw=fresh,
+                          **CPU_OVERHEADS)
         if shape is not None:  # bf16 only where it is native (emulated bf16 is not what a run would choose)
             acc = dataclasses.replace(acc, fp32_efficiency=block_efficiency(acc, shape, tokens, "float32"),
                                       bf16_efficiency=block_efficiency(acc, shape, tokens, "bfloat16")

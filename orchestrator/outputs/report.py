@@ -71,10 +71,12 @@ def render_markdown(report: dict) -> str:
         lines += ["", f"Autocast: block forwards {d['forward_dtype']}, gradient pass {d['grad_dtype']} "
                       "(statistics in fp32)."]
     if report.get("memory_per_worker"):
-        lines += ["", "## Memory per worker", "", "| worker | peak RSS (MiB) | model state (MiB) |", "|---|---|---|"]
+        lines += ["", "## Memory per worker", "",
+                  "| worker | peak allocated (MiB; the plan's peak) | peak RSS (MiB) | model state (MiB) |",
+                  "|---|---|---|---|"]
         for i, m in enumerate(report["memory_per_worker"]):
-            lines.append(f"| {i} | {m.get('peak_rss_bytes', 0) / 2**20:.1f} | "
-                         f"{m.get('model_state_bytes', 0) / 2**20:.1f} |")
+            lines.append(f"| {i} | {m.get('peak_allocated_above_start_bytes', 0) / 2**20:.1f} | "
+                         f"{m.get('peak_rss_bytes', 0) / 2**20:.1f} | {m.get('model_state_bytes', 0) / 2**20:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -197,6 +197,13 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     else:
         model_config = load_model_config(materialize(cfg.model), cfg.model)
     gpu = int(ns.gpu_mem * 2**30)
+    if ns.accelerator == "cpu":
+        from orchestrator.engine.device import native_bf16
+
+        native = native_bf16("cpu")
+    else:
+        native = PROFILES[ns.accelerator].native_bf16
+    cfg = cfg.with_compute_dtypes(native)  # `auto` compute dtypes as that accelerator resolves them
     kw = run_plan_kwargs(cfg)
     workers = kw.pop("workers")
     auto = cfg.backend.activation_checkpointing is None  # null: on where needed, so the fewest workers use it
@@ -205,7 +212,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     except ValueError as exc:
         need = f"none ({exc})"
     checkpoint = choose_checkpointing(cfg, model_config, workers, gpu)
-    result = plan(model_config, workers=workers, checkpoint=checkpoint, **kw)
+    result = plan(model_config, workers=workers, checkpoint=checkpoint, host_collectives=ns.accelerator == "cpu", **kw)
     sys.stdout.write(format_plan(result) + "\n")
     sys.stdout.write(f"workers needed with {ns.gpu_mem:g} GiB per GPU: {need}\n")
     sys.stdout.write(_eval_line(model_config, cfg, gpu, ns.gpu_mem) + "\n")

@@ -2,14 +2,17 @@
 
 Seeded random LLaMA shapes from about 20M to about 1B parameters (byte vocabulary, so the blocks hold
 nearly all of them), GBLM on ``backend: ray`` with 1, 2 and 4 ZeRO-3 workers, a few short calibration
-sequences. Per run: each worker's parameter partition, statistic partitions and peak RSS above its
-start (measured) against the planner's parameter shard, statistic shards and peak; gradient-pass and
-block-pass seconds per calibration token against :func:`orchestrator.timing.predict_phases` on the
-measured CPU profile. Fits the exponent of each cost against parameters (log-log least squares)
-and against workers; prints a table, writes JSON (after every run) and a PNG::
+sequences. Per run: each worker's parameter partition, statistic partitions and peak allocated bytes
+above its start (measured: live tensors, what ``torch.cuda.max_memory_allocated`` counts on a GPU; the
+peak RSS is kept too) against the planner's parameter shard, statistic shards and peak; gradient-pass
+and block-pass seconds per calibration token against :func:`orchestrator.timing.predict_phases` on the
+measured CPU profile. Each shape and worker count runs ``--repeats`` times and keeps the medians. Fits
+the exponent of each cost against parameters (log-log least squares) and against workers; prints a
+table, writes JSON (after every row) and a PNG; ``--fit`` solves the CPU overhead constants::
 
     python tests/benchmarks/scaling.py --out bench-out/scaling.json
-    python tests/benchmarks/scaling.py --shapes s20m,s100m --workers 1,2 --out /tmp/scaling.json
+    python tests/benchmarks/scaling.py --shapes s20m,s100m --workers 1,2 --repeats 1 --out /tmp/scaling.json
+    python tests/benchmarks/scaling.py --fit --out bench-out/scaling.json
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from orchestrator.inputs.config import RunConfig
 from orchestrator.inputs.data import calibration_windows
 from orchestrator.inputs.models import load_tokenizer, materialize
 from orchestrator.planner import ModelShape, plan
-from orchestrator.timing import predict_phases, profile_dict
+from orchestrator.timing import Accelerator, predict_phases, profile_dict
 
 log = logging.getLogger("bench.scaling")
 
@@ -87,7 +90,7 @@ def predict(shape: str, workers: int, args: argparse.Namespace) -> tuple[dict, d
     # workers x threads beyond the cores: each worker gets its share of them
     acc = _PROFILES[key].shared(workers * cfg.backend.num_threads / (os.cpu_count() or 1))
     p = plan(mc, workers=workers, method="gblm", num_samples=args.samples, seq_len=args.seq_len, dtype_bytes=4,
-             grad_batch=args.grad_batch)
+             grad_batch=args.grad_batch, host_collectives=True)
     predicted = predict_phases(mc, acc, workers=workers, method="gblm", num_samples=args.samples,
                                seq_len=args.seq_len, grad_batch=args.grad_batch)
     tokens = args.samples * args.seq_len
@@ -111,6 +114,15 @@ def one_run(shape: str, workers: int, args: argparse.Namespace) -> dict:
     tokens = args.samples * args.seq_len
     worst = max(res.memory, key=lambda m: m["peak_rss_bytes"])
     start = worst["rss_bytes_by_phase"]["start"]
+
+    def allocated(m: dict) -> dict:  # live bytes above the rank's start, per phase
+        base = m["allocated_bytes_by_phase"]["start"]
+        return {k: v - base for k, v in m["peak_allocated_bytes_by_phase"].items()}
+
+    by_rank = [allocated(m) for m in res.memory]
+    sampled = max(m.get("allocation_sampling_seconds", 0.0) for m in res.memory)
+    grad_sampled = max(m.get("gradient_pass_seconds", {}).get("sampling", 0.0) for m in res.memory)
+    alloc = max(by_rank, key=lambda a: max(v for k, v in a.items() if k != "load"))
     return {
         "shape": shape, "params": ModelShape.from_config(model_config(cfg)).total_params(), "workers": workers,
         "wall_s": wall,
@@ -120,13 +132,33 @@ def one_run(shape: str, workers: int, args: argparse.Namespace) -> dict:
             "peak_above_start_bytes": worst["peak_rss_bytes"] - start,
             "peak_above_start_by_phase": {k: v - start for k, v in worst.get("peak_rss_bytes_by_phase", {}).items()},
             "rss_above_start_by_phase": {k: v - start for k, v in worst["rss_bytes_by_phase"].items()},
+            # what the plan's peak is: live bytes (the allocator's count; torch.cuda.max_memory_allocated on a GPU)
+            # after loading, which stages the checkpoint through host memory
+            "allocated_peak_bytes": max(v for k, v in alloc.items() if k != "load"),
+            "allocated_peak_by_phase": alloc,
+            "allocated_by_phase": {k: v - worst["allocated_bytes_by_phase"]["start"]
+                                   for k, v in worst["allocated_bytes_by_phase"].items()},
             "gradient_pass_seconds": worst.get("gradient_pass_seconds", {}),
-            "gradient_pass_s_per_token": res.outcome.phases["gradient_pass"] / tokens,
-            "block_pass_s_per_token": res.outcome.phases["block_pass"] / tokens,
+            # the phases less what the memory sampler took in them (the slowest worker's, bounding both phases)
+            "allocation_sampling_seconds": sampled,
+            "gradient_pass_s_per_token": (res.outcome.phases["gradient_pass"] - grad_sampled) / tokens,
+            "block_pass_s_per_token": (res.outcome.phases["block_pass"] - (sampled - grad_sampled)) / tokens,
         },
         "predicted": predicted,
         "profile": profile,
     }
+
+
+def median_run(runs: list[dict]) -> dict:
+    """One row from repeated runs of a shape and worker count: every measured number the median over the runs
+    (the machine is noisy), the runs' own measurements kept under ``runs``."""
+    def med(values: list):
+        if isinstance(values[0], dict):
+            return {k: med([v[k] for v in values]) for k in values[0] if all(k in v for v in values)}
+        return sorted(values)[len(values) // 2] if isinstance(values[0], (int, float)) else values[0]
+
+    return {**runs[0], "wall_s": med([r["wall_s"] for r in runs]), "measured": med([r["measured"] for r in runs]),
+            "runs": [r["measured"] for r in runs]}
 
 
 def exponent(xs: list[float], ys: list[float]) -> float | None:
@@ -163,7 +195,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(c, c, c) for c in COSTS] + [("peak bytes above start", "peak_above_start_bytes", "peak_bytes")]
+    panels = [(c, c, c) for c in COSTS] + [("peak allocated bytes", "allocated_peak_bytes", "peak_bytes")]
     fig, axes = plt.subplots(1, len(panels), figsize=(22, 4.2))
     for ax, (title, meas, pred) in zip(axes, panels, strict=True):
         for w in sorted({r["workers"] for r in rows}):
@@ -187,23 +219,62 @@ def plot(rows: list[dict], path: Path) -> None:
 FITTED = {("s20m", 1), ("s100m", 1), ("s300m", 1), ("s20m", 2), ("s100m", 2), ("s300m", 2)}
 
 
+#: the constants of ``CPU_OVERHEADS`` each phase's fit solves for (the prediction is linear in each)
+OVERHEAD_TERMS = {"gradient_pass": ("module_s", "startup_s"), "block_pass": ("block_call_s", "block_copy_s")}
+
+
+def _with(profile: dict, **values: float) -> Accelerator:
+    """The row's profile with overhead constants replaced (``block_copy_s``: seconds per byte, 1 / bandwidth)."""
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in profile.items()}
+    if "block_copy_s" in values:
+        per_byte = values.pop("block_copy_s")
+        values["block_copy_bw"] = 1 / per_byte if per_byte else 0.0
+    return Accelerator(**{**fields, **values})
+
+
+def fit_overheads(rows: list[dict], args: argparse.Namespace) -> dict[str, float]:
+    """Least squares, in relative error, of the overhead constants on the :data:`FITTED` rows: each phase's
+    prediction is its overhead-free part plus each constant times its own (linear) term."""
+    import numpy as np
+
+    out: dict[str, float] = {}
+    tokens = args.samples * args.seq_len
+    for phase, names in OVERHEAD_TERMS.items():
+        lhs, rhs = [], []
+        for r in (r for r in rows if (r["shape"], r["workers"]) in FITTED):
+            cfg = make_cfg(r["shape"], r["workers"], args)
+
+            def predicted(acc: Accelerator, r: dict = r, cfg: RunConfig = cfg, phase: str = phase) -> float:
+                return predict_phases(model_config(cfg), acc, workers=r["workers"], method="gblm",
+                                      num_samples=args.samples, seq_len=args.seq_len,
+                                      grad_batch=args.grad_batch)[phase]
+
+            zero = {n: 0.0 for n in names}
+            base = predicted(_with(r["profile"], **zero))
+            measured = r["measured"][f"{phase}_s_per_token"] * tokens
+            lhs.append([(predicted(_with(r["profile"], **{**zero, n: 1.0})) - base) / measured for n in names])
+            rhs.append((measured - base) / measured)
+        sol = np.linalg.lstsq(np.array(lhs), np.array(rhs), rcond=None)[0]
+        out.update(zip(names, (float(x) for x in sol), strict=True))
+    out["block_copy_bw"] = 1 / out.pop("block_copy_s")
+    return out
+
+
 def table(rows: list[dict]) -> str:
-    head = ("| shape | params | W | param MiB meas/plan | stats MiB meas/plan | peak MiB meas/plan (ratio) | "
-            "peak MiB by phase: load / grad / block | grad ms/tok meas/pred (ratio) | "
-            "block ms/tok meas/pred (ratio) | overheads |")
+    head = ("| shape | params | W | param MiB meas/plan | stats MiB meas/plan | peak allocated MiB meas/plan (ratio) | "
+            "peak RSS MiB (host) | grad ms/tok meas/pred (ratio) | block ms/tok meas/pred (ratio) | overheads |")
     lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     mib = 2**20
     for r in rows:
         m, p = r["measured"], r["predicted"]
-        by = m.get("peak_above_start_by_phase", {})
-        phases = " / ".join(f"{by[k] / mib:.0f}" if k in by else "-" for k in ("load", "gradient_pass", "block_pass"))
         g, b = m["gradient_pass_s_per_token"], m["block_pass_s_per_token"]
         pg, pb = p["gradient_pass_s_per_token"], p["block_pass_s_per_token"]
+        peak = m.get("allocated_peak_bytes", m["peak_above_start_bytes"])
         lines.append(
             f"| {r['shape']} | {r['params'] / 1e6:.0f}M | {r['workers']} | {m['param_bytes'] / mib:.0f} / "
             f"{p['param_bytes'] / mib:.0f} | {m['grad_stat_bytes'] / mib:.0f} / {p['grad_stat_bytes'] / mib:.0f} | "
-            f"{m['peak_above_start_bytes'] / mib:.0f} / {p['peak_bytes'] / mib:.0f} "
-            f"({m['peak_above_start_bytes'] / p['peak_bytes']:.2f}) | {phases} | "
+            f"{peak / mib:.0f} / {p['peak_bytes'] / mib:.0f} ({peak / p['peak_bytes']:.2f}) | "
+            f"{m['peak_above_start_bytes'] / mib:.0f} | "
             f"{1e3 * g:.2f} / {1e3 * pg:.2f} ({g / pg:.2f}) | {1e3 * b:.2f} / {1e3 * pb:.2f} ({b / pb:.2f}) | "
             f"{'fitted' if (r['shape'], r['workers']) in FITTED else 'held out'} |")
     return "\n".join(lines)
@@ -217,14 +288,22 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--grad-batch", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per shape and worker count (their median is kept)")
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG and the table from --out")
+    ap.add_argument("--fit", action="store_true",
+                    help="print the least-squares CPU overhead constants (CPU_OVERHEADS) of --out's fitted rows")
     ap.add_argument("--repredict", action="store_true",
                     help="recompute every row's prediction of --out with the current planner and timing model "
                          "(the CPU profiled anew), keep the measurements, rewrite JSON and PNG")
     args = ap.parse_args()
-    if args.replot or args.repredict:
+    if args.replot or args.repredict or args.fit:
         out = Path(args.out)
         result = json.loads(out.read_text())
+        if args.fit:
+            run_args = argparse.Namespace(samples=result["samples"], seq_len=result["seq_len"],
+                                          grad_batch=result["grad_batch"])
+            print(json.dumps(fit_overheads(result["rows"], run_args), indent=2))
+            return
         if args.repredict:
             run_args = argparse.Namespace(samples=result["samples"], seq_len=result["seq_len"],
                                           grad_batch=result["grad_batch"])
@@ -239,15 +318,19 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     import ray
 
+    from actors.memory import TRACE_MEMORY_ENV
+
+    os.environ[TRACE_MEMORY_ENV] = "1"  # the workers sample their allocated bytes around every module
     # more workers than cores is allowed here on purpose (the cost against W is what is measured)
     ray.init(num_cpus=max(max(int(x) for x in args.workers.split(",")), os.cpu_count() or 1),
              include_dashboard=False, log_to_driver=False)
     rows: list[dict] = []
     for shape in args.shapes.split(","):
         for w in (int(x) for x in args.workers.split(",")):
-            rows.append(one_run(shape, w, args))
+            rows.append(median_run([one_run(shape, w, args) for _ in range(args.repeats)]))
             log.info("%s x%d done: %s", shape, w, json.dumps(rows[-1]["measured"]))
             result = {"rows": rows, "fits": fits(rows), "samples": args.samples, "seq_len": args.seq_len,
+                      "repeats": args.repeats,
                       "grad_batch": args.grad_batch, "torch": torch.__version__}
             out.write_text(json.dumps(result, indent=2) + "\n")
     plot(rows, out.with_suffix(".png"))

@@ -122,6 +122,9 @@ def test_ray_matches_local(setup, groups, method, pattern):
             assert "load" in peaks and ("gradient_pass" in peaks) == (method == "gblm")
             assert ("block_pass" in peaks) == (method != "magnitude")  # from the captured block inputs on
             assert all(0 < v <= m["peak_rss_bytes"] for v in peaks.values()), (peaks, m["peak_rss_bytes"])
+            # the allocated bytes (what the plan predicts) per phase too; their peaks are not below their start
+            assert set(m["peak_allocated_bytes_by_phase"]) == set(peaks)
+            assert m["peak_allocated_above_start_bytes"] > 0
         assert res.outcome.dtypes == {"forward_dtype": "float32", "grad_dtype": "float32"}  # `auto`, pinned fp32
 
 

@@ -15,9 +15,13 @@ from orchestrator.planner import (
     LLAMA2_70B,
     LLAMA3_70B,
     LOSS_CHUNK_ELEMENTS,
+    SCORE_BYTES_PER_WEIGHT,
+    ZERO3_MAX_LIVE_PARAMETERS,
+    ZERO3_PREFETCH_BUCKET,
     ModelShape,
     Plan,
     format_plan,
+    gathered_bytes,
     grad_kinds_for,
     min_workers,
     needs_checkpointing,
@@ -101,7 +105,7 @@ def test_sizes_match_formulas_llama2_13b() -> None:
     assert p.grad_stat_bytes == {"sq": math.ceil(lin * 4 / w)}
     assert p.calib_bytes == math.ceil(n / w) * seq * 5120 * 4 * 2
     block = 4 * 5120 * 5120 + 3 * 5120 * 13824 + 2 * 5120
-    assert p.largest_block_bytes == block * 4 + (lin // 40) * 4
+    assert p.largest_block_bytes == block * 4 + (lin // 40) * 4 + 5120 * 13824 * SCORE_BYTES_PER_WEIGHT
     assert p.peak_bytes == p.param_bytes + p.grad_stat_bytes["sq"] + max(
         p.grad_pass_bytes, p.calib_bytes + p.largest_block_bytes
     )
@@ -120,7 +124,8 @@ def test_grad_batch_divides_communication_and_scales_activations() -> None:
     assert four.grad_pass_bytes - one.grad_pass_bytes == 3 * (per_seq + per_seq_fold)
     assert four.fold_bytes - one.fold_bytes == 3 * per_seq_fold
     # no full logits: the loss chunk is a constant, far below seq_len * vocab * 4 per sequence at batch 4
-    assert one.grad_pass_bytes - (2 * s.block_params() * 2 + per_seq + one.fold_bytes) == LOSS_CHUNK_ELEMENTS * 4
+    gathered = gathered_bytes(s, 8, 2)
+    assert one.grad_pass_bytes - (gathered + per_seq + one.fold_bytes) == LOSS_CHUNK_ELEMENTS * 4
 
 
 def test_loss_chunk_constant_matches_the_loss() -> None:
@@ -164,8 +169,10 @@ def test_sharded_bytes_scale_as_one_over_w(method: str) -> None:
             assert v == pytest.approx(base.grad_stat_bytes[k] / w, abs=1)
         assert p.calib_bytes == base.calib_bytes // w  # 64 divides evenly
         assert p.largest_block_bytes == base.largest_block_bytes  # a gathered block is not sharded
-        # the transient is not sharded either; only W > 1 has statistics waiting for their reduce-scatter
-        assert p.grad_pass_bytes - p.fold_bytes == base.grad_pass_bytes - base.fold_bytes
+        # the transient is not sharded either; only W > 1 gathers and has statistics waiting for their
+        # reduce-scatter
+        gathered = gathered_bytes(ModelShape.from_config(LLAMA2_13B), w, 2) if p.grad_kinds else 0
+        assert p.grad_pass_bytes - p.fold_bytes - gathered == base.grad_pass_bytes - base.fold_bytes
         assert p.fold_bytes == plan(LLAMA2_13B, workers=2, method=method, num_samples=64, seq_len=1024).fold_bytes
         assert p.peak_bytes < base.peak_bytes
 
@@ -218,11 +225,12 @@ def test_min_workers_safety_factor_and_dtype() -> None:
 @pytest.mark.parametrize("shape", [LLAMA2_70B, LLAMA3_70B])
 def test_70b_gblm_fits_one_8_gpu_node_only_with_activation_checkpointing(shape) -> None:
     """bf16, GBLM, 128 x 2048 tokens: without checkpointing the activations of one 2048-token sequence
-    through 80 blocks (which do not shrink with W) never fit 80 GiB; with it, 8 workers fit with >= 10% free."""
+    through 80 blocks (which do not shrink with W) leave room for little else in 80 GiB (dozens of workers;
+    four sequences per backward never fit); with it, 8 workers fit with >= 10% free."""
     kw = dict(method="gblm", num_samples=128, seq_len=2048, grad_batch=1, dtype_bytes=2)
-    for batch in (1, 4):
-        with pytest.raises(ValueError, match="no worker count"):
-            min_workers(shape, 80 * GIB, **(kw | {"grad_batch": batch}))
+    with pytest.raises(ValueError, match="no worker count"):
+        min_workers(shape, 80 * GIB, **(kw | {"grad_batch": 4}))
+    assert min_workers(shape, 80 * GIB, **kw) > 32
     p = plan(shape, workers=8, checkpoint=True, **kw)
     assert p.activation_checkpointing and p.peak_bytes <= 0.9 * 80 * GIB, p.peak_bytes / GIB
     assert min_workers(shape, 80 * GIB, safety_factor=1.1, checkpoint=True, **kw) <= 8
@@ -257,6 +265,40 @@ def test_fold_pending_matches_the_sharded_statistics() -> None:
 
     default = inspect.signature(ShardedGradStats).parameters["max_pending"].default
     assert default == FOLD_PENDING
+
+
+def test_gathered_parameters_follow_zero3s_live_limits() -> None:
+    """One rank gathers nothing; more gather the running module plus the live and prefetch limits, at most two
+    blocks. Llama-3-70B's largest module is its head (128256 x 8192), a tiny model's cap is two blocks."""
+    s70 = ModelShape.from_config(LLAMA3_70B)
+    assert gathered_bytes(s70, 1, 2) == 0
+    assert gathered_bytes(s70, 8, 2) == (128256 * 8192 + ZERO3_MAX_LIVE_PARAMETERS + ZERO3_PREFETCH_BUCKET) * 2
+    tiny = ModelShape.from_config(TINY)
+    assert gathered_bytes(tiny, 2, 4) == 2 * tiny.block_params() * 4
+    from actors.zero3 import ds_config
+
+    zero = ds_config(2)["zero_optimization"]
+    assert zero["stage3_max_live_parameters"] == ZERO3_MAX_LIVE_PARAMETERS
+    assert zero["stage3_prefetch_bucket_size"] == ZERO3_PREFETCH_BUCKET
+
+
+def test_statistics_in_flight_are_the_largest_consecutive_linears() -> None:
+    """Backward order runs down, up, gate, o, v, k, q, then the block below's down: the window of two is down
+    and up; of eight, the whole block and one more down. Gloo's copy doubles them."""
+    s = ModelShape.from_config(LLAMA2_13B)
+    h, i = 5120, 13824
+    assert s.consecutive_linears(2) == 2 * h * i
+    assert s.consecutive_linears(8) == s.block_linear_params() + h * i
+    sizes = [o * n for o, n in s.block_linears().values()][::-1] * 4  # the same, by brute force
+    assert s.consecutive_linears(5) == max(sum(sizes[j : j + 5]) for j in range(7))
+    kw = dict(workers=8, method="gblm", num_samples=64, seq_len=1024, grad_batch=1)
+    nccl, gloo, one = plan(LLAMA2_13B, **kw), plan(LLAMA2_13B, host_collectives=True, **kw), plan(
+        LLAMA2_13B, **kw | {"workers": 1})
+    in_flight = s.consecutive_linears(FOLD_PENDING) * 4
+    assert nccl.fold_bytes - one.fold_bytes == in_flight and gloo.fold_bytes - one.fold_bytes == 2 * in_flight
+    assert one.fold_bytes == h * i * (2 + 4 + 4)  # bf16 product, its fp32 copy, the statistic
+    fp32 = plan(LLAMA2_13B, **kw | {"workers": 1, "dtype_bytes": 4})
+    assert fp32.fold_bytes == h * i * (4 + 4)  # an fp32 product needs no copy
 
 
 def test_min_workers_impossible_and_bad_args() -> None:
@@ -440,3 +482,29 @@ def test_plan_command_says_when_evaluation_and_recovery_must_be_sharded(capsys) 
     out = capsys.readouterr().out
     assert "recovery: 24.21 GiB per rank: one 80 GiB GPU holds the shrunk model" in out
     assert "evaluation: 24.44 GiB per actor: one 80 GiB GPU holds the model" in out
+
+
+def test_bf16_autocast_keeps_most_activations_narrow() -> None:
+    """An fp32 model under bf16 autocast: the norms' inputs and outputs and the log-sum-exp stay fp32, the rest
+    of each block's saved activations are bf16; a compute dtype as wide as the model's changes nothing."""
+    s = ModelShape.from_config(LLAMA2_13B)
+    tokens = 1024
+    wide = 4 * s.hidden + s.heads
+    want = s.layers * tokens * (wide * 4 + (s.activations_per_token() - wide) * 2) + tokens * s.hidden * 4
+    assert s.backward_bytes(tokens, 4, False, compute_bytes=2) == want
+    assert s.backward_bytes(tokens, 4, False, compute_bytes=4) == s.backward_bytes(tokens, 4, False)
+    assert s.backward_bytes(tokens, 2, False, compute_bytes=4) == s.backward_bytes(tokens, 2, False)
+    kw = dict(workers=2, method="gblm", num_samples=8, seq_len=tokens, grad_batch=1, dtype_bytes=4)
+    fp32, bf16 = plan(LLAMA2_13B, **kw), plan(LLAMA2_13B, compute_bytes=2, **kw)
+    assert fp32.grad_pass_bytes - bf16.grad_pass_bytes == s.backward_bytes(tokens, 4, False) - want
+
+
+def test_run_plan_kwargs_resolve_auto_with_the_hardware() -> None:
+    from orchestrator.inputs.config import RunConfig
+    from orchestrator.planner import run_plan_kwargs
+
+    cfg = RunConfig()
+    assert cfg.pruning.gblm.grad_dtype == "auto"
+    assert run_plan_kwargs(cfg)["compute_bytes"] is None  # unknown hardware: planned in the model dtype
+    assert run_plan_kwargs(cfg.with_compute_dtypes(True))["compute_bytes"] == 2
+    assert run_plan_kwargs(cfg.with_compute_dtypes(False))["compute_bytes"] == 4

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from orchestrator.planner import LLAMA2_13B, LLAMA3_70B, ModelShape, plan
+from orchestrator.planner import LLAMA2_13B, LLAMA3_70B, SCORE_BYTES_PER_WEIGHT, ModelShape, plan
 from orchestrator.timing import PROFILES, Accelerator, predict_phases, zero3_modules
 
 #: round numbers, so each term is easy to check by hand
@@ -77,11 +77,43 @@ def test_overheads_add_exactly_their_terms() -> None:
     assert predict_phases(LLAMA2_13B, slow, workers=1, forward_dtype="bfloat16", **one)["block_pass"] < fast_wanda
 
 
+def test_fresh_memory_adds_every_gather_and_the_zeroed_statistics() -> None:
+    """A CPU writes each gathered parameter and the new statistic partitions into fresh pages, and in the block
+    pass each block's copy and the scorer's statistics and transients."""
+    s = ModelShape.from_config(LLAMA2_13B)
+    kw = dict(KW, grad_batch=2)  # 4 micro-batches per worker
+    base = predict_phases(LLAMA2_13B, FLAT, workers=8, **kw)
+    fresh = predict_phases(LLAMA2_13B, dataclasses.replace(FLAT, alloc_bw=1e9), workers=8, **kw)
+    stats = sum(plan(LLAMA2_13B, workers=8, **kw).grad_stat_bytes.values())
+    want = (4 * 2 * s.total_params() * 2 + stats) / 1e9
+    assert fresh["gradient_pass"] - base["gradient_pass"] == pytest.approx(want, rel=1e-9)
+    lin = s.layers * s.block_linear_params()  # the block pass: each block's plain copy, the scorer's statistic
+    block = (s.layers * s.block_params() * 4 + lin * (4 + SCORE_BYTES_PER_WEIGHT)) / 1e9  # and scoring transients
+    assert fresh["block_pass"] - base["block_pass"] == pytest.approx(block, rel=1e-9)
+
+
+def test_sharing_divides_rates_but_the_scorer_runs_alone() -> None:
+    """Four workers on a machine for two: every per-worker rate halves, the link too (a CPU's collectives are
+    its cores' copies); the scorer, which runs while the others wait, keeps the unshared rate."""
+    acc = dataclasses.replace(FLAT, module_s=1e-3, alloc_bw=1e9)
+    two = acc.shared(2)
+    assert (two.fp32_flops, two.link_bw, two.alloc_bw, two.module_s) == (5e11, 5e9, 5e8, 2e-3)
+    assert two.alone() == acc and acc.alone() is acc and acc.shared(1) is acc
+    kw = dict(KW, method="wanda")
+    s = ModelShape.from_config(LLAMA2_13B)
+    lin = s.layers * s.block_linear_params()
+    slow = dataclasses.replace(two, score_rate=two.score_rate / 100)  # a scorer this slow dominates the pass
+    assert (predict_phases(LLAMA2_13B, slow, workers=4, **kw)["block_pass"]
+            - predict_phases(LLAMA2_13B, two, workers=4, **kw)["block_pass"]
+            == pytest.approx(lin / (FLAT.score_rate / 100) - lin / FLAT.score_rate, rel=1e-9))
+
+
 def test_measured_cpu_profile_is_sane() -> None:
     from orchestrator.engine.profile import measure_cpu
 
     acc = measure_cpu(1, tokens=64, hidden=128, inter=256)
     assert acc.fp32_flops > 1e8 and acc.bf16_flops > 1e7 and acc.mem_bw > 1e8 and acc.score_rate > 1e5
+    assert 1e8 < acc.alloc_bw
     assert "measured" in acc.name and acc.fp32_efficiency == (1.0, 1.0)  # no shape: nothing timed
     shaped = measure_cpu(1, tokens=32, hidden=64, inter=128, shape=ModelShape(64, 128, 2, 4, 2, 256, 16, False))
     assert all(0 < e < 10 for e in shaped.fp32_efficiency + shaped.bf16_efficiency)

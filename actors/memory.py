@@ -172,6 +172,8 @@ class PhaseMemory:
             "allocated_bytes_by_phase": {**self.allocated, "end": self.allocated_now()},
             "peak_allocated_bytes_by_phase": alloc,
             "allocation_sampling_seconds": self.sampling_seconds,
+            # whether the allocated peaks are peaks (a GPU's counters, or a traced CPU) or only the marks' maximum
+            "allocated_peak_traced": self.cuda or self.trace,
         }
 
     def close(self) -> None:

@@ -75,8 +75,11 @@ def render_markdown(report: dict) -> str:
                   "| worker | peak allocated (MiB; the plan's peak) | peak RSS (MiB) | model state (MiB) |",
                   "|---|---|---|---|"]
         for i, m in enumerate(report["memory_per_worker"]):
-            lines.append(f"| {i} | {m.get('peak_allocated_above_start_bytes', 0) / 2**20:.1f} | "
-                         f"{m.get('peak_rss_bytes', 0) / 2**20:.1f} | {m.get('model_state_bytes', 0) / 2**20:.1f} |")
+            # a CPU worker samples its peak only when traced (RAYPRUNE_TRACE_MEMORY=1; sampling costs time)
+            alloc = (f"{m.get('peak_allocated_above_start_bytes', 0) / 2**20:.1f}" if m.get("allocated_peak_traced")
+                     else "- (RAYPRUNE_TRACE_MEMORY=1)")
+            lines.append(f"| {i} | {alloc} | {m.get('peak_rss_bytes', 0) / 2**20:.1f} | "
+                         f"{m.get('model_state_bytes', 0) / 2**20:.1f} |")
     return "\n".join(lines) + "\n"
 
 

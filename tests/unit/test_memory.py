@@ -31,7 +31,7 @@ def test_the_phase_peak_counts_a_transient_no_mark_sees() -> None:
         start = rep["allocated_bytes_by_phase"]["start"]
         assert rep["peak_allocated_bytes_by_phase"]["work"] - start >= 128 * MIB  # Linear's output and ReLU's
         assert rep["allocated_bytes_by_phase"]["end"] - start < 16 * MIB
-        assert torch.isfinite(total) and rep["allocation_sampling_seconds"] > 0
+        assert torch.isfinite(total) and rep["allocation_sampling_seconds"] > 0 and rep["allocated_peak_traced"]
     finally:
         mem.close()
 
@@ -68,6 +68,7 @@ def test_without_tracing_only_the_marks_sample(monkeypatch) -> None:
     rep = mem.report()
     assert rep["peak_allocated_bytes_by_phase"]["work"] - rep["allocated_bytes_by_phase"]["start"] >= 64 * MIB
     assert rep["allocation_sampling_seconds"] == 0.0 and kept.shape == (1024, 16384)
+    assert rep["allocated_peak_traced"] is False  # report.md shows no peak for it
     monkeypatch.setenv("RAYPRUNE_TRACE_MEMORY", "1")
     traced = PhaseMemory("cpu")
     assert traced.trace and len(traced._hooks) == 2

@@ -36,15 +36,22 @@ def test_the_phase_peak_counts_a_transient_no_mark_sees() -> None:
         mem.close()
 
 
-def test_closed_accounting_samples_nothing() -> None:
-    """After :meth:`close` no hook samples: a transient inside a forward leaves the open phase's peak alone."""
-    mem = PhaseMemory("cpu", trace=True)
-    mem.close()
+def _warm_model_in_a_phase(mem: PhaseMemory) -> nn.Module:
+    """A model whose forward makes a 64 MiB activation, run once (its one-off scratch settles), then the
+    ``start`` mark and an open ``work`` phase."""
     model = nn.Sequential(nn.Linear(1024, 16384, bias=False), nn.ReLU())
     with torch.no_grad():
         model(torch.randn(1024, 1024))
     mem.mark("start")
     mem.begin("work")
+    return model
+
+
+def test_closed_accounting_samples_nothing() -> None:
+    """After :meth:`close` no hook samples: a transient inside a forward leaves the open phase's peak alone."""
+    mem = PhaseMemory("cpu", trace=True)
+    mem.close()
+    model = _warm_model_in_a_phase(mem)
     with torch.no_grad():
         model(torch.randn(1024, 1024)).sum()
     rep = mem.report()
@@ -56,11 +63,7 @@ def test_without_tracing_only_the_marks_sample(monkeypatch) -> None:
     monkeypatch.delenv("RAYPRUNE_TRACE_MEMORY", raising=False)
     mem = PhaseMemory("cpu")
     assert not mem.trace and mem._hooks == []
-    model = nn.Sequential(nn.Linear(1024, 16384, bias=False), nn.ReLU())
-    with torch.no_grad():
-        model(torch.randn(1024, 1024))
-    mem.mark("start")
-    mem.begin("work")
+    model = _warm_model_in_a_phase(mem)
     with torch.no_grad():
         kept = model(torch.randn(1024, 1024))  # 64 MiB still live at the end: the phase's close sees it
         model(torch.randn(1024, 1024)).sum()

@@ -197,9 +197,10 @@ def plan(
         # the activations kept for the backward, the fp32 gradient w.r.t. the final hidden states, the loss's chunk
         acts = (s.backward_bytes(grad_batch * seq_len, dtype_bytes, checkpoint, compute_bytes)
                 + LOSS_CHUNK_ELEMENTS * FP32)
-        # one linear's (B, out, in) per-sample products (in a 16-bit dtype, then fp32) and its statistics, plus
-        # the full fp32 statistics in flight to their reduce-scatter
-        product = FP32 + (dtype_bytes if dtype_bytes < FP32 else 0)
+        # one linear's (B, out, in) per-sample products (in a 16-bit compute dtype, then fp32) and its
+        # statistics, plus the full fp32 statistics in flight to their reduce-scatter
+        narrow = compute_bytes or dtype_bytes
+        product = FP32 + (narrow if narrow < FP32 else 0)
         in_flight = s.consecutive_linears(FOLD_PENDING) * FP32 * (2 if host_collectives else 1) if w > 1 else 0
         fold = s.largest_linear() * (grad_batch * product + len(kinds) * FP32) + in_flight
         grad_pass = gathered_bytes(s, w, dtype_bytes) + acts + fold

@@ -299,6 +299,8 @@ def test_statistics_in_flight_are_the_largest_consecutive_linears() -> None:
     assert one.fold_bytes == h * i * (2 + 4 + 4)  # bf16 product, its fp32 copy, the statistic
     fp32 = plan(LLAMA2_13B, **kw | {"workers": 1, "dtype_bytes": 4})
     assert fp32.fold_bytes == h * i * (4 + 4)  # an fp32 product needs no copy
+    autocast = plan(LLAMA2_13B, **kw | {"workers": 1, "dtype_bytes": 4, "compute_bytes": 2})
+    assert autocast.fold_bytes == h * i * (2 + 4 + 4)  # a bf16 product under autocast, then its fp32 copy
 
 
 def test_min_workers_impossible_and_bad_args() -> None:
@@ -496,7 +498,8 @@ def test_bf16_autocast_keeps_most_activations_narrow() -> None:
     assert s.backward_bytes(tokens, 2, False, compute_bytes=4) == s.backward_bytes(tokens, 2, False)
     kw = dict(workers=2, method="gblm", num_samples=8, seq_len=tokens, grad_batch=1, dtype_bytes=4)
     fp32, bf16 = plan(LLAMA2_13B, **kw), plan(LLAMA2_13B, compute_bytes=2, **kw)
-    assert fp32.grad_pass_bytes - bf16.grad_pass_bytes == s.backward_bytes(tokens, 4, False) - want
+    product = s.largest_linear() * 2  # and the per-sample product is formed in bf16 before its fp32 copy
+    assert fp32.grad_pass_bytes - bf16.grad_pass_bytes == s.backward_bytes(tokens, 4, False) - want - product
 
 
 def test_run_plan_kwargs_resolve_auto_with_the_hardware() -> None:

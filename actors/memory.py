@@ -120,14 +120,10 @@ class PhaseMemory:
             self._alloc_peak = max(self._alloc_peak, heap_allocated())
             self.sampling_seconds += time.perf_counter() - t0
 
-    def _sample_now(self) -> None:
-        if not self.cuda:
-            self._alloc_peak = max(self._alloc_peak, heap_allocated())
-
     def _alloc_window(self) -> int:
         if self.cuda:
             return int(torch.cuda.max_memory_allocated(self.device))
-        self._sample_now()
+        self._alloc_peak = max(self._alloc_peak, heap_allocated())  # the window's end counts too
         return self._alloc_peak
 
     def clear(self) -> None:

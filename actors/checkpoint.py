@@ -27,8 +27,11 @@ be on shared storage.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +51,9 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     """Atomically save tensors as safetensors; returns the file's SHA-256."""
     from safetensors.torch import save
 
-    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}))
-    return sha256(path)
+    data = save({k: v.contiguous() for k, v in tensors.items()})
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def load_tensors(path: Path, expected_sha: str | None = None) -> dict[str, torch.Tensor]:
@@ -225,3 +229,48 @@ class CheckpointStore:
         masks = {k.split("::", 1)[1]: v for k, v in t.items() if k.startswith("mask::")}
         weights = {k.split("::", 1)[1]: v for k, v in t.items() if k.startswith("weight::")}
         return masks, weights, json.loads(rows_path.read_text())
+
+
+class BlockWriter:
+    """Saves finished blocks into a :class:`CheckpointStore` on one background thread, in order, so writing
+    block ``i`` (serialise, hash, fsync: 0.17 s per SmolLM2 block here, seconds per 70B block on network
+    storage) overlaps pruning block ``i + 1``.
+
+    At most one save is in flight: :meth:`save` first waits for the previous one, so a save's error surfaces
+    at the next block at the latest. Leaving the ``with`` block waits for the last save, on an error too (a
+    retry then resumes from a settled store; the original error is the one raised). Without a store it
+    saves nothing.
+    """
+
+    def __init__(self, store: CheckpointStore | None) -> None:
+        self.store = store
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="rayprune-blocks") if store is not None else None
+        self._pending: Future | None = None
+
+    def save(self, index: int, masks: dict[str, torch.Tensor], weights: dict[str, torch.Tensor],
+             rows: list[dict]) -> None:
+        """Queue :meth:`CheckpointStore.save_block` of block ``index`` (the tensors must not change after)."""
+        if self._pool is None:
+            return
+        self.wait()
+        self._pending = self._pool.submit(self.store.save_block, index, masks, weights, rows)
+
+    def wait(self) -> None:
+        """Block until the queued save is committed; re-raises its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> BlockWriter:
+        return self
+
+    def __exit__(self, exc_type: type | None, *_: Any) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+            else:
+                with contextlib.suppress(Exception):  # settle the store; the error being raised wins
+                    self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)

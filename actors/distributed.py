@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from actors.checkpoint import CheckpointStore
+from actors.checkpoint import BlockWriter, CheckpointStore
 from actors.group import ActorGroup, GroupSpec
 from actors.worker import PruneWorker
 from orchestrator.engine.block_step import block_configs, uses_activations
@@ -399,20 +399,20 @@ def _block_pass(group: ActorGroup, cfg: RunConfig, progress: bool, store: Checkp
     kinds = gradient_kinds(pcfg.method, pcfg.gblm.norm)
     grad_kind = kinds[0] if kinds else None
     done = store.blocks_done if store is not None else 0
-    for i in tqdm(range(blocks), desc=f"{pcfg.method} blocks (ray x{group.workers})", disable=not progress):
-        if i < done:
-            masks, w, rows = store.load_block(i)
-            group.execute("replay_block", i, w, cfgs[i], cfg.backend.forward_dtype)
-            res = {"masks": masks, "weights": w, "rows": rows}
-        else:
-            if faults is not None and faults.take("kill_at_block", i):
-                ray.kill(group.actors[-1])
-            if faults is not None and faults.take("hang_at_block", i):
-                group.actors[-1].hang.remote(faults.hang_seconds)
-            res = group.execute("prune_block", i, cfgs[i], cfg.backend.forward_dtype, grad_kind, SCORER)[SCORER]
-            if store is not None:
-                store.save_block(i, res["masks"], res["weights"], res["rows"])
-        out.masks.update(res["masks"])
-        weights.update(res["weights"])
-        out.layers.extend(res["rows"])
+    with BlockWriter(store) as writer:  # block i is written while block i + 1 is pruned
+        for i in tqdm(range(blocks), desc=f"{pcfg.method} blocks (ray x{group.workers})", disable=not progress):
+            if i < done:
+                masks, w, rows = store.load_block(i)
+                group.execute("replay_block", i, w, cfgs[i], cfg.backend.forward_dtype)
+                res = {"masks": masks, "weights": w, "rows": rows}
+            else:
+                if faults is not None and faults.take("kill_at_block", i):
+                    ray.kill(group.actors[-1])
+                if faults is not None and faults.take("hang_at_block", i):
+                    group.actors[-1].hang.remote(faults.hang_seconds)
+                res = group.execute("prune_block", i, cfgs[i], cfg.backend.forward_dtype, grad_kind, SCORER)[SCORER]
+                writer.save(i, res["masks"], res["weights"], res["rows"])
+            out.masks.update(res["masks"])
+            weights.update(res["weights"])
+            out.layers.extend(res["rows"])
     return out, weights

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from orchestrator.inputs.config import resolve_compute_dtype
-from orchestrator.planner import SCORE_BYTES_PER_WEIGHT, plan
+from orchestrator.planner import plan
 from orchestrator.shapes import FP32, ModelShape
 
 
@@ -29,7 +29,7 @@ class Accelerator:
         bf16_flops: matmul FLOP/s in bf16.
         mem_bw: bytes/s of elementwise work.
         link_bw: bytes/s each worker moves in a ring collective (NVLink within a node; gloo on a CPU).
-        score_rate: weights/s the scorer scores and ranks (a Wanda score, a stable row-wise sort, the mask).
+        score_rate: weights/s the scorer prunes with the run's method (its score, a stable row-wise sort, the mask).
         native_bf16: whether it computes bf16 natively (what an ``auto`` compute dtype resolves with).
         fp32_efficiency: ``(forward, forward + backward)`` of a real block in fp32 against
             :func:`block_model_seconds` (1.0: as modelled; measured for a CPU,
@@ -45,6 +45,8 @@ class Accelerator:
             blocks back to the kernel at every free, so each ZeRO-3 gather writes fresh pages the kernel first
             zeroes and maps; a GPU's caching allocator reuses its blocks and the collective's own write is in
             :attr:`link_bw`.
+        fold_bw: bytes/s of the block pass's statistic fold (:func:`fold_bytes_per_token`; 0: :attr:`mem_bw`);
+            measured on a CPU, where the fold's small elementwise steps run well below the streaming bandwidth.
         sharers: how many processes share the device (:meth:`shared`); :meth:`alone` undoes it.
     """
 
@@ -62,6 +64,7 @@ class Accelerator:
     block_call_s: float = 0.0
     block_copy_bw: float = 0.0
     alloc_bw: float = 0.0
+    fold_bw: float = 0.0
     sharers: float = 1.0
 
     def dtype(self, name: str) -> str:
@@ -90,11 +93,15 @@ class Accelerator:
                        score_rate=self.score_rate / factor, module_s=self.module_s * factor,
                        startup_s=self.startup_s * factor, block_call_s=self.block_call_s * factor,
                        block_copy_bw=self.block_copy_bw / factor, alloc_bw=self.alloc_bw / factor,
-                       sharers=self.sharers * factor)
+                       fold_bw=self.fold_bw / factor, sharers=self.sharers * factor)
 
     def fresh_seconds(self, nbytes: float) -> float:
         """Seconds to write ``nbytes`` into newly allocated memory (0 where :attr:`alloc_bw` is not modelled)."""
         return nbytes / self.alloc_bw if self.alloc_bw else 0.0
+
+    def fold_seconds(self, nbytes: float) -> float:
+        """Seconds the block pass's statistic fold takes to move ``nbytes``."""
+        return nbytes / (self.fold_bw or self.mem_bw)
 
     def flops(self, dtype: str) -> float:
         """Matmul FLOP/s of ``dtype`` (fp16 runs at the bf16 rate; ``auto`` as :meth:`dtype` resolves it)."""
@@ -123,6 +130,13 @@ def _attention_flops(s: ModelShape, seq_len: int) -> float:
 
 def _head_flops(s: ModelShape) -> float:
     return 2 * s.vocab * s.hidden
+
+
+def fold_bytes_per_token(s: ModelShape) -> int:
+    """Bytes the block pass's first forward moves per token and block to fold every linear's input into its
+    ``sum x^2``: the input read in fp32, its square written and read back (``q``, ``k`` and ``v`` each fold
+    the same input)."""
+    return sum(3 * FP32 * i for _, i in s.block_linears().values())
 
 
 def block_model_seconds(acc: Accelerator, s: ModelShape, seq_len: int, dtype: str, sequences: int = 1
@@ -210,6 +224,7 @@ def predict_phases(model_config: Any, acc: Accelerator, *, workers: int, method:
         passes = 2 if sequential else 1
         fwd, _ = block_model_seconds(acc, s, seq_len, forward_dtype)
         compute = seqs * passes * s.layers * fwd / acc.efficiency(forward_dtype)[0]
+        compute += acc.fold_seconds(tokens * s.layers * fold_bytes_per_token(s))  # the first forward's statistics
         xtx = method in ("sparsegpt", "gblm-sparsegpt") or reconstruct != "none"
         ins = [i for _, i in s.block_linears().values()]
         if xtx:  # sum x x^T of every linear on every rank, then the scorer's per-layer solves (rank 0, not split)
@@ -222,9 +237,9 @@ def predict_phases(model_config: Any, acc: Accelerator, *, workers: int, method:
         comm = (p.comm_block_pass_bytes if workers > 1 else 0.0) / acc.link_bw + lin * (dtype_bytes + 1) / acc.link_bw
         copies = lin * FP32 / acc.block_copy_bw if acc.block_copy_bw else 0.0
         # fresh memory per block: every rank's plain copy of the gathered block, and on the scorer (alone) the
-        # gathered statistics and the scoring transients of every weight
+        # gathered statistics (the scoring's own transients are in the measured score rate)
         copies += acc.fresh_seconds(s.layers * s.block_params() * FP32)
-        copies += acc.alone().fresh_seconds(lin * (len(p.grad_kinds) * FP32 + SCORE_BYTES_PER_WEIGHT))
+        copies += acc.alone().fresh_seconds(lin * len(p.grad_kinds) * FP32)
         out["block_pass"] = compute + s.layers * acc.block_call_s + copies + comm
     if eval_windows:
         eval_tokens = math.ceil(eval_windows / eval_workers) * eval_seq_len

@@ -6,16 +6,16 @@ matmul FLOP/s at a transformer block's shape in fp32 and bf16, and elementwise b
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 
 import torch
 
-from orchestrator.engine.device import native_bf16
+from orchestrator.engine.blocks import block_linears, block_output, collect_inputs, run_block
+from orchestrator.engine.device import Placement, native_bf16
 from orchestrator.inputs.models import TORCH_DTYPES
-from orchestrator.pruning.masks import row_mask
-from orchestrator.pruning.scores import wanda_score
+from orchestrator.pruning.methods import prune_weight
+from orchestrator.pruning.stats import ActivationStats
 from orchestrator.shapes import ModelShape
 from orchestrator.timing import Accelerator
 
@@ -44,10 +44,24 @@ def _rate(fn, work: float, repeats: int = 5) -> float:
     return work / sorted(times)[len(times) // 2]
 
 
-def _block_seconds(shape: ModelShape, tokens: int, dtype: torch.dtype) -> tuple[float, float]:
-    """Median seconds of one seeded random LLaMA block of ``shape``: its forward, and forward plus backward with
-    weight gradients (what the gradient pass computes per block: input gradients and per-sample weight
-    gradients), on one sequence of ``tokens`` tokens under ``dtype`` autocast."""
+@dataclasses.dataclass(frozen=True)
+class BlockTimes:
+    """Median seconds of one real block on one sequence (what :func:`_block_seconds` measures).
+
+    Attributes:
+        forward: the block pass's forward (:func:`~orchestrator.engine.blocks.run_block`).
+        folded: the same with every linear's inputs folded into statistics (the block pass's first forward).
+        forward_backward: forward and backward with weight gradients (the gradient pass's per block work).
+    """
+
+    forward: float
+    folded: float
+    forward_backward: float
+
+
+def _block_seconds(shape: ModelShape, tokens: int, dtype: torch.dtype) -> BlockTimes:
+    """Time one seeded random LLaMA block of ``shape`` on one sequence of ``tokens`` tokens under ``dtype``
+    autocast, through the functions the passes run."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
@@ -58,25 +72,25 @@ def _block_seconds(shape: ModelShape, tokens: int, dtype: torch.dtype) -> tuple[
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     block = LlamaDecoderLayer(cfg, 0)
-    x = torch.randn(1, tokens, shape.hidden, requires_grad=True)  # (1, T, H)
+    x = torch.randn(1, tokens, shape.hidden)  # (1, T, H)
     positions = torch.arange(tokens)[None]
-    rope = LlamaRotaryEmbedding(cfg)(x, positions)
-    amp = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    kwargs = {"position_embeddings": LlamaRotaryEmbedding(cfg)(x, positions), "position_ids": positions,
+              "attention_mask": None}
+    place = Placement(torch.device("cpu"), None if dtype == torch.float32 else dtype)
+    x_grad = x.clone().requires_grad_(True)
 
-    def forward() -> torch.Tensor:
-        with amp:
-            out = block(x, position_embeddings=rope, position_ids=positions, attention_mask=None)
-        return out[0] if isinstance(out, tuple) else out
+    def forward() -> None:
+        run_block(block, x, kwargs, place)
+
+    def folded() -> None:
+        with collect_inputs(block_linears(block), False):
+            run_block(block, x, kwargs, place)
 
     def forward_backward() -> None:
-        forward().float().sum().backward()
+        block_output(block, x_grad, kwargs, place).float().sum().backward()
         block.zero_grad(set_to_none=True)
 
-    def no_grad_forward() -> None:
-        with torch.no_grad():
-            forward()
-
-    return 1.0 / _rate(no_grad_forward, 1.0, repeats=3), 1.0 / _rate(forward_backward, 1.0, repeats=3)
+    return BlockTimes(*(1.0 / _rate(fn, 1.0, repeats=3) for fn in (forward, folded, forward_backward)))
 
 
 def block_efficiency(acc: Accelerator, shape: ModelShape, tokens: int, dtype: str) -> tuple[float, float]:
@@ -85,24 +99,53 @@ def block_efficiency(acc: Accelerator, shape: ModelShape, tokens: int, dtype: st
     modelled; below: slower; not clipped, so ``efficiency x`` the measured rates is the block's measured speed
     whatever the noise of the matmul measurement). Measured on ``min(tokens, 512)`` tokens; 1.0 for blocks over
     :data:`MAX_MEASURED_BLOCK` parameters (too slow to time here)."""
-    from orchestrator.timing import block_model_seconds
+    return _block_profile(acc, shape, tokens, dtype)[0]
+
+
+def _block_profile(acc: Accelerator, shape: ModelShape, tokens: int, dtype: str) -> tuple[tuple[float, float], float]:
+    """:func:`block_efficiency`, and the bytes/s of the block pass's statistic fold measured with it (the folded
+    forward's extra seconds against :func:`orchestrator.timing.fold_bytes_per_token`; 0: not measured)."""
+    from orchestrator.timing import block_model_seconds, fold_bytes_per_token
 
     if shape.block_params() > MAX_MEASURED_BLOCK:
-        return 1.0, 1.0
+        return (1.0, 1.0), 0.0
     tokens = min(tokens, 512)
-    fwd, fwd_bwd = _block_seconds(shape, tokens, TORCH_DTYPES[dtype])
+    t = _block_seconds(shape, tokens, TORCH_DTYPES[dtype])
     model_fwd, model_fwd_bwd = block_model_seconds(acc, shape, tokens, dtype)
-    return model_fwd / fwd, model_fwd_bwd / fwd_bwd
+    fold = tokens * fold_bytes_per_token(shape) / max(t.folded - t.forward, 1e-6)
+    return (model_fwd / t.forward, model_fwd_bwd / t.forward_backward), fold
+
+
+def score_rate(shape: ModelShape | None, method: str, hidden: int, inter: int) -> float:
+    """Weights/s the block pass's scorer prunes with ``method`` (``magnitude``, ``wanda`` or ``gblm``; others:
+    ``wanda``): every linear of a seeded random block of ``shape`` (the real shapes: row lengths set the sort's
+    cost), or one ``(inter, hidden)`` weight without a shape or for blocks over :data:`MAX_MEASURED_BLOCK`."""
+    method = method if method in ("magnitude", "wanda", "gblm") else "wanda"
+    dims = [(inter, hidden)]
+    if shape is not None and shape.block_params() <= MAX_MEASURED_BLOCK:
+        dims = list(shape.block_linears().values())
+    g = torch.Generator().manual_seed(0)
+    layers = []
+    for out, inp in dims:
+        act = ActivationStats(inp)
+        act.update(torch.randn(8, inp, generator=g))
+        layers.append((torch.randn(out, inp, generator=g), act, torch.rand(out, inp, generator=g)))
+
+    def prune_block() -> None:
+        for w, act, grad in layers:
+            prune_weight(w, method, 0.5, None, act=act, grad=grad if method == "gblm" else None)
+
+    return _rate(prune_block, float(sum(o * i for o, i in dims)), repeats=3)
 
 
 def measure_cpu(threads: int | None = None, tokens: int = 512, hidden: int = 1024, inter: int = 2816,
-                shape: ModelShape | None = None) -> Accelerator:
+                shape: ModelShape | None = None, method: str = "wanda") -> Accelerator:
     """This CPU as an accelerator, with ``threads`` torch threads: matmuls of the run's block shape
     ``(tokens, hidden) @ (hidden, inter)`` (``tokens``: one micro-batch's) in fp32 and bf16, the bandwidth
-    of an elementwise add over 64 MiB tensors and of writing 64 MiB just allocated, the scorer (a Wanda score,
-    a stable row-wise sort, the mask) on an ``(inter, hidden)`` weight, and with a ``shape`` how fast a real
-    block of it runs against the model
-    (:func:`block_efficiency`; the CPU's ZeRO-3 overheads are :data:`CPU_OVERHEADS`)."""
+    of an elementwise add over 64 MiB tensors and of writing 64 MiB just allocated, the scorer of ``method``
+    (:func:`score_rate`), and with a ``shape`` how fast a real block of it runs against the model
+    (:func:`block_efficiency`) and folds its inputs into statistics; the CPU's ZeRO-3 overheads are
+    :data:`CPU_OVERHEADS`."""
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -116,16 +159,16 @@ def measure_cpu(threads: int | None = None, tokens: int = 512, hidden: int = 102
         a, b = torch.randn(1 << 24, generator=g), torch.randn(1 << 24, generator=g)
         bw = _rate(lambda: torch.add(a, b, out=a), 3 * a.numel() * 4.0)  # read two, write one
         fresh = _rate(lambda: torch.ones(1 << 24), (1 << 24) * 4.0)  # 64 MiB: mmapped anew by glibc at every call
-        w, norm = torch.randn(inter, hidden, generator=g), torch.rand(hidden, generator=g)
-        score = _rate(lambda: row_mask(wanda_score(w, norm), 0.5), float(w.numel()), repeats=3)
         n = threads or before
         acc = Accelerator(f"this CPU, {n} thread{'s' if n > 1 else ''} (measured)", rates[torch.float32],
-                          rates[torch.bfloat16], bw, CPU_LINK_BW, score, native_bf16("cpu"), alloc_bw=fresh,
-                          **CPU_OVERHEADS)
+                          rates[torch.bfloat16], bw, CPU_LINK_BW, score_rate(shape, method, hidden, inter),
+                          native_bf16("cpu"), alloc_bw=fresh, **CPU_OVERHEADS)
         if shape is not None:  # bf16 only where it is native (emulated bf16 is not what a run would choose)
-            acc = dataclasses.replace(acc, fp32_efficiency=block_efficiency(acc, shape, tokens, "float32"),
-                                      bf16_efficiency=block_efficiency(acc, shape, tokens, "bfloat16")
-                                      if acc.native_bf16 else (1.0, 1.0))
+            fp32, fold = _block_profile(acc, shape, tokens, "float32")
+            bf16 = (1.0, 1.0)
+            if acc.native_bf16:  # the fold as a bf16 run folds (the MLP's last input arrives in bf16)
+                bf16, fold = _block_profile(acc, shape, tokens, "bfloat16")
+            acc = dataclasses.replace(acc, fp32_efficiency=fp32, bf16_efficiency=bf16, fold_bw=fold)
     finally:
         torch.set_num_threads(before)
     return acc

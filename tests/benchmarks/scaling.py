@@ -86,7 +86,7 @@ def predict(shape: str, workers: int, args: argparse.Namespace) -> tuple[dict, d
     if key not in _PROFILES:
         t = cfg.model.tiny  # the CPU measured at the run's matmul shape (one micro-batch's tokens)
         _PROFILES[key] = measure_cpu(cfg.backend.num_threads, args.grad_batch * args.seq_len, t.hidden,
-                                     t.intermediate, shape=ModelShape.from_config(mc))
+                                     t.intermediate, shape=ModelShape.from_config(mc), method="gblm")
     # workers x threads beyond the cores: each worker gets its share of them
     acc = _PROFILES[key].shared(workers * cfg.backend.num_threads / (os.cpu_count() or 1))
     p = plan(mc, workers=workers, method="gblm", num_samples=args.samples, seq_len=args.seq_len, dtype_bytes=4,

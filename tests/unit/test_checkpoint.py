@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
 
-from actors.checkpoint import CheckpointStore, grad_name, load_tensors, save_tensors
+from actors.checkpoint import BlockWriter, CheckpointStore, grad_name, load_tensors, save_tensors
 from orchestrator.fileio import sha256_file
 
 WORLD = 2
@@ -97,3 +98,59 @@ def test_another_config_and_an_older_layout_are_refused(tmp_path):
     (old / "progress.json").write_text(json.dumps({"fingerprint": "fp", "files": {"grad/0": "ab" * 32}}))
     with pytest.raises(ValueError, match="older rayprune"):
         CheckpointStore(old, "fp")
+
+
+class GatedStore(CheckpointStore):
+    """A store whose block saves wait for ``gate`` (set by the test), so a test sees a save still in flight."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+        self.started = threading.Event()
+
+    def save_block(self, index, masks, weights, rows) -> None:
+        self.started.set()
+        assert self.gate.wait(60), "the test never opened the gate"
+        super().save_block(index, masks, weights, rows)
+
+
+def block(i: int) -> tuple:
+    return {"l": torch.tensor([[True, False]])}, {"l": torch.tensor([[0.0, float(i)]])}, [{"block": i}]
+
+
+def test_block_writer_saves_behind_the_caller_in_order_and_settles_on_exit(tmp_path):
+    store = GatedStore(tmp_path, "fp", "a: 1\n")
+    with BlockWriter(store) as writer:
+        writer.save(0, *block(0))  # returns while the save waits at the gate: the caller goes on
+        assert store.started.wait(60) and store.blocks_done == 0
+        store.gate.set()
+        writer.save(1, *block(1))  # waits for block 0's commit first
+        assert store.blocks_done >= 1
+    assert store.blocks_done == 2
+    masks, weights, rows = CheckpointStore(tmp_path, "fp").load_block(1)
+    assert torch.equal(weights["l"], torch.tensor([[0.0, 1.0]])) and rows == [{"block": 1}]
+
+
+def test_block_writer_raises_a_failed_save_and_settles_before_an_error_propagates(tmp_path):
+    store = GatedStore(tmp_path, "fp", "a: 1\n")
+    store.gate.set()
+    writer = BlockWriter(store)
+    writer.save(1, *block(1))  # out of order: the store refuses it on the writer's thread
+    with pytest.raises(ValueError, match="out of order"):
+        writer.save(0, *block(0))
+    writer.__exit__(None, None, None)
+    assert store.blocks_done == 0
+
+    store.gate.clear()
+    with pytest.raises(KeyError, match="driver"), BlockWriter(store) as writer:
+        writer.save(0, *block(0))
+        assert store.started.wait(60)
+        store.gate.set()
+        raise KeyError("driver")  # exiting waits for the queued save: a retry resumes from a settled store
+    assert store.blocks_done == 1
+
+
+def test_block_writer_without_a_store_saves_nothing(tmp_path):
+    with BlockWriter(None) as writer:
+        writer.save(0, *block(0))
+    assert not any(tmp_path.iterdir())

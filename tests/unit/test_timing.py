@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from orchestrator.planner import LLAMA2_13B, LLAMA3_70B, SCORE_BYTES_PER_WEIGHT, ModelShape, plan
-from orchestrator.timing import PROFILES, Accelerator, predict_phases, zero3_modules
+from orchestrator.planner import LLAMA2_13B, LLAMA3_70B, ModelShape, plan
+from orchestrator.timing import PROFILES, Accelerator, fold_bytes_per_token, predict_phases, zero3_modules
 
 #: round numbers, so each term is easy to check by hand
 FLAT = Accelerator("test", fp32_flops=1e12, bf16_flops=4e12, mem_bw=1e11, link_bw=1e10, score_rate=1e9)
@@ -72,14 +72,15 @@ def test_overheads_add_exactly_their_terms() -> None:
     slow = dataclasses.replace(FLAT, fp32_efficiency=(0.5, 0.25))
     fast_wanda = predict_phases(LLAMA2_13B, FLAT, workers=1, **one)["block_pass"]
     slow_wanda = predict_phases(LLAMA2_13B, slow, workers=1, **one)["block_pass"]
-    blocks = fast_wanda - lin / FLAT.score_rate - lin * 3 / FLAT.link_bw  # the forwards alone
+    fold = 64 * 1024 * s.layers * fold_bytes_per_token(s) / FLAT.mem_bw  # the first forward's statistics
+    blocks = fast_wanda - lin / FLAT.score_rate - lin * 3 / FLAT.link_bw - fold  # the forwards alone
     assert slow_wanda - fast_wanda == pytest.approx(blocks, rel=1e-9)
     assert predict_phases(LLAMA2_13B, slow, workers=1, forward_dtype="bfloat16", **one)["block_pass"] < fast_wanda
 
 
 def test_fresh_memory_adds_every_gather_and_the_zeroed_statistics() -> None:
     """A CPU writes each gathered parameter and the new statistic partitions into fresh pages, and in the block
-    pass each block's copy and the scorer's statistics and transients."""
+    pass each block's copy and the scorer's statistics (the scoring's transients are in its measured rate)."""
     s = ModelShape.from_config(LLAMA2_13B)
     kw = dict(KW, grad_batch=2)  # 4 micro-batches per worker
     base = predict_phases(LLAMA2_13B, FLAT, workers=8, **kw)
@@ -88,8 +89,24 @@ def test_fresh_memory_adds_every_gather_and_the_zeroed_statistics() -> None:
     want = (4 * 2 * s.total_params() * 2 + stats) / 1e9
     assert fresh["gradient_pass"] - base["gradient_pass"] == pytest.approx(want, rel=1e-9)
     lin = s.layers * s.block_linear_params()  # the block pass: each block's plain copy, the scorer's statistic
-    block = (s.layers * s.block_params() * 4 + lin * (4 + SCORE_BYTES_PER_WEIGHT)) / 1e9  # and scoring transients
+    block = (s.layers * s.block_params() * 4 + lin * 4) / 1e9
     assert fresh["block_pass"] - base["block_pass"] == pytest.approx(block, rel=1e-9)
+
+
+def test_statistic_fold_moves_its_bytes_at_the_fold_bandwidth() -> None:
+    """The block pass's first forward folds every linear's input (read, square written and read, in fp32): its
+    bytes at :attr:`Accelerator.fold_bw` where measured, else at the memory bandwidth; the gradient pass has
+    no such fold."""
+    s = ModelShape.from_config(LLAMA2_13B)
+    assert fold_bytes_per_token(s) == 12 * (6 * s.hidden + s.intermediate)  # q, k, v, gate, up, o: hidden wide
+    kw = dict(KW, method="wanda")
+    base = predict_phases(LLAMA2_13B, FLAT, workers=8, **kw)
+    slow = predict_phases(LLAMA2_13B, dataclasses.replace(FLAT, fold_bw=FLAT.mem_bw / 4), workers=8, **kw)
+    tokens = 8 * 1024  # 64 sequences over 8 workers
+    extra = 3 * tokens * s.layers * fold_bytes_per_token(s) / FLAT.mem_bw
+    assert slow["block_pass"] - base["block_pass"] == pytest.approx(extra, rel=1e-9)
+    gblm = predict_phases(LLAMA2_13B, dataclasses.replace(FLAT, fold_bw=1.0), workers=8, **KW)["gradient_pass"]
+    assert gblm == predict_phases(LLAMA2_13B, FLAT, workers=8, **KW)["gradient_pass"]
 
 
 def test_sharing_divides_rates_but_the_scorer_runs_alone() -> None:
@@ -117,6 +134,7 @@ def test_measured_cpu_profile_is_sane() -> None:
     assert "measured" in acc.name and acc.fp32_efficiency == (1.0, 1.0)  # no shape: nothing timed
     shaped = measure_cpu(1, tokens=32, hidden=64, inter=128, shape=ModelShape(64, 128, 2, 4, 2, 256, 16, False))
     assert all(0 < e < 10 for e in shaped.fp32_efficiency + shaped.bf16_efficiency)
+    assert shaped.fold_bw > 0 and acc.fold_bw == 0  # the fold is timed on the real block only
     assert shaped.module_s > 0 and shaped.startup_s > 0
 
 

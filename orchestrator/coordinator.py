@@ -225,7 +225,8 @@ def _run(cfg: RunConfig, timer: PhaseTimer, progress: bool, run_key: str | None,
                                          ckpt)
         finally:
             evaluator.close()
-        report.update({"run_key": run_key, "phases": {**timer.seconds, **report["phases"]}})
+        parts = {f"eval_{k}": v for k, v in evaluator.seconds.items()}  # e.g. eval_pruned.perplexity
+        report.update({"run_key": run_key, "phases": {**timer.seconds, **report["phases"], **parts}})
         if run_key:
             writer.path("run_key").write_text(run_key + "\n")
         validate_report(report)

@@ -203,7 +203,8 @@ def plan(
         product = FP32 + (narrow if narrow < FP32 else 0)
         in_flight = s.consecutive_linears(FOLD_PENDING) * FP32 * (2 if host_collectives else 1) if w > 1 else 0
         fold = s.largest_linear() * (grad_batch * product + len(kinds) * FP32) + in_flight
-        grad_pass = gathered_bytes(s, w, dtype_bytes) + acts + fold
+        steps = math.ceil(math.ceil(num_samples / w) / grad_batch)  # forward/backward micro-batches per rank
+        grad_pass = gathered_bytes(s, w, dtype_bytes, steps) + acts + fold
         gathers = 3 if checkpoint else 2  # forward and backward; a recomputed forward gathers each block again
         comm_seq = round(ring * (gathers * total * dtype_bytes + len(kinds) * linear_params * FP32) / grad_batch)
     act_stats = sum(FP32 * i + (FP32 * i * i if xtx else 0) for _, i in s.block_linears().values())
@@ -217,12 +218,17 @@ def plan(
     )
 
 
-def gathered_bytes(s: ModelShape, workers: int, dtype_bytes: int) -> int:
+def gathered_bytes(s: ModelShape, workers: int, dtype_bytes: int, steps: int = 2) -> int:
     """Parameters ZeRO-3 holds gathered at once in a forward or backward: the module it runs (a block linear,
-    or the embedding or head) plus its live and prefetch limits, at most two blocks; none on one rank."""
+    or the embedding or head) plus its live and prefetch limits, at most two blocks; none on one rank.
+
+    ZeRO-3 records the module order during its first forward/backward and prefetches from the second on, so a
+    pass of one micro-batch per rank (``steps``) gathers only the module it runs."""
     if workers == 1:
         return 0
     largest = max(s.largest_linear(), s.vocab * s.hidden)
+    if steps <= 1:
+        return largest * dtype_bytes
     return min(2 * s.block_params(), largest + ZERO3_MAX_LIVE_PARAMETERS + ZERO3_PREFETCH_BUCKET) * dtype_bytes
 
 

@@ -7,11 +7,12 @@ matmul FLOP/s at a transformer block's shape in fp32 and bf16, and elementwise b
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import torch
 
-from orchestrator.engine.blocks import block_linears, block_output, collect_inputs, run_block
+from orchestrator.engine.blocks import block_output, run_block
 from orchestrator.engine.device import Placement, native_bf16
 from orchestrator.inputs.models import TORCH_DTYPES
 from orchestrator.pruning.methods import prune_weight
@@ -25,9 +26,10 @@ CPU_LINK_BW = 0.5e9
 
 #: costs of a CPU worker that no matmul or bandwidth accounts for (DeepSpeed ZeRO-3's per-module hooks and
 #: engine start, the block pass's per-block round trip and copies), fitted by least squares to the measured
-#: minus the block-measured prediction of the 2026-12-06 scaling runs of 20M-300M parameters (gradient pass:
-#: 1 worker; block pass: 1 and 2 workers); held out: the 1B shape, 4 workers and SmolLM2 (docs/benchmarks.md)
-CPU_OVERHEADS = {"module_s": 0.61e-3, "startup_s": 1.41, "block_call_s": 0.116, "block_copy_bw": 4.49e8}
+#: minus the block-measured prediction of the 2026-12-06 scaling runs of 20M-300M parameters (gradient pass and
+#: block pass: 1 and 2 workers; ``tests/benchmarks/scaling.py --fit``); held out: the 1B shape, 4 workers and
+#: SmolLM2 (docs/benchmarks.md)
+CPU_OVERHEADS = {"module_s": 0.68e-3, "startup_s": 1.38, "block_call_s": 0.122, "block_copy_bw": 1.90e9}
 
 #: blocks with more parameters are not timed by :func:`block_efficiency` (a 70B block takes minutes here)
 MAX_MEASURED_BLOCK = 400_000_000
@@ -44,24 +46,11 @@ def _rate(fn, work: float, repeats: int = 5) -> float:
     return work / sorted(times)[len(times) // 2]
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockTimes:
-    """Median seconds of one real block on one sequence (what :func:`_block_seconds` measures).
-
-    Attributes:
-        forward: the block pass's forward (:func:`~orchestrator.engine.blocks.run_block`).
-        folded: the same with every linear's inputs folded into statistics (the block pass's first forward).
-        forward_backward: forward and backward with weight gradients (the gradient pass's per block work).
-    """
-
-    forward: float
-    folded: float
-    forward_backward: float
-
-
-def _block_seconds(shape: ModelShape, tokens: int, dtype: torch.dtype) -> BlockTimes:
-    """Time one seeded random LLaMA block of ``shape`` on one sequence of ``tokens`` tokens under ``dtype``
-    autocast, through the functions the passes run."""
+def _block_seconds(shape: ModelShape, tokens: int, dtype: torch.dtype) -> tuple[float, float]:
+    """Median seconds of one seeded random LLaMA block of ``shape`` on one sequence of ``tokens`` tokens under
+    ``dtype`` autocast, through the functions the passes run: the block pass's forward
+    (:func:`~orchestrator.engine.blocks.run_block`), and the gradient pass's forward and backward with weight
+    gradients."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
@@ -82,15 +71,31 @@ def _block_seconds(shape: ModelShape, tokens: int, dtype: torch.dtype) -> BlockT
     def forward() -> None:
         run_block(block, x, kwargs, place)
 
-    def folded() -> None:
-        with collect_inputs(block_linears(block), False):
-            run_block(block, x, kwargs, place)
-
     def forward_backward() -> None:
         block_output(block, x_grad, kwargs, place).float().sum().backward()
         block.zero_grad(set_to_none=True)
 
-    return BlockTimes(*(1.0 / _rate(fn, 1.0, repeats=3) for fn in (forward, folded, forward_backward)))
+    return 1.0 / _rate(forward, 1.0, repeats=3), 1.0 / _rate(forward_backward, 1.0, repeats=3)
+
+
+def fold_rate(shape: ModelShape, tokens: int) -> float:
+    """Bytes/s of the block pass's statistic fold (:func:`orchestrator.timing.fold_bytes_per_token`): every
+    linear of a ``shape`` block folding sequences of ``tokens`` inputs into its ``sum x^2``, each sequence's
+    inputs distinct and together at least 64 MiB, so they come from memory as a run's would, not from cache."""
+    from orchestrator.timing import fold_bytes_per_token
+
+    g = torch.Generator().manual_seed(0)
+    dims = [i for _, i in shape.block_linears().values()]
+    copies = max(2, math.ceil((64 << 20) / (tokens * sum(dims) * 4)))
+    stats = [ActivationStats(i) for i in dims]
+    inputs = [[torch.randn(1, tokens, i, generator=g) for i in dims] for _ in range(copies)]
+
+    def fold() -> None:
+        for seq in inputs:
+            for st, x in zip(stats, seq, strict=True):
+                st.update(x)
+
+    return _rate(fold, float(copies * tokens * fold_bytes_per_token(shape)), repeats=3)
 
 
 def block_efficiency(acc: Accelerator, shape: ModelShape, tokens: int, dtype: str) -> tuple[float, float]:
@@ -99,21 +104,14 @@ def block_efficiency(acc: Accelerator, shape: ModelShape, tokens: int, dtype: st
     modelled; below: slower; not clipped, so ``efficiency x`` the measured rates is the block's measured speed
     whatever the noise of the matmul measurement). Measured on ``min(tokens, 512)`` tokens; 1.0 for blocks over
     :data:`MAX_MEASURED_BLOCK` parameters (too slow to time here)."""
-    return _block_profile(acc, shape, tokens, dtype)[0]
-
-
-def _block_profile(acc: Accelerator, shape: ModelShape, tokens: int, dtype: str) -> tuple[tuple[float, float], float]:
-    """:func:`block_efficiency`, and the bytes/s of the block pass's statistic fold measured with it (the folded
-    forward's extra seconds against :func:`orchestrator.timing.fold_bytes_per_token`; 0: not measured)."""
-    from orchestrator.timing import block_model_seconds, fold_bytes_per_token
+    from orchestrator.timing import block_model_seconds
 
     if shape.block_params() > MAX_MEASURED_BLOCK:
-        return (1.0, 1.0), 0.0
+        return 1.0, 1.0
     tokens = min(tokens, 512)
-    t = _block_seconds(shape, tokens, TORCH_DTYPES[dtype])
+    fwd, fwd_bwd = _block_seconds(shape, tokens, TORCH_DTYPES[dtype])
     model_fwd, model_fwd_bwd = block_model_seconds(acc, shape, tokens, dtype)
-    fold = tokens * fold_bytes_per_token(shape) / max(t.folded - t.forward, 1e-6)
-    return (model_fwd / t.forward, model_fwd_bwd / t.forward_backward), fold
+    return model_fwd / fwd, model_fwd_bwd / fwd_bwd
 
 
 def score_rate(shape: ModelShape | None, method: str, hidden: int, inter: int) -> float:
@@ -164,11 +162,9 @@ def measure_cpu(threads: int | None = None, tokens: int = 512, hidden: int = 102
                           rates[torch.bfloat16], bw, CPU_LINK_BW, score_rate(shape, method, hidden, inter),
                           native_bf16("cpu"), alloc_bw=fresh, **CPU_OVERHEADS)
         if shape is not None:  # bf16 only where it is native (emulated bf16 is not what a run would choose)
-            fp32, fold = _block_profile(acc, shape, tokens, "float32")
-            bf16 = (1.0, 1.0)
-            if acc.native_bf16:  # the fold as a bf16 run folds (the MLP's last input arrives in bf16)
-                bf16, fold = _block_profile(acc, shape, tokens, "bfloat16")
-            acc = dataclasses.replace(acc, fp32_efficiency=fp32, bf16_efficiency=bf16, fold_bw=fold)
+            acc = dataclasses.replace(acc, fp32_efficiency=block_efficiency(acc, shape, tokens, "float32"),
+                                      bf16_efficiency=block_efficiency(acc, shape, tokens, "bfloat16")
+                                      if acc.native_bf16 else (1.0, 1.0), fold_bw=fold_rate(shape, min(tokens, 512)))
     finally:
         torch.set_num_threads(before)
     return acc

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -88,6 +89,7 @@ class Evaluator:
         self.distributed = (bool(cfg.eval.workers) and start_actors is not None
                             and (windows is not None or bool(self.tasks)))
         self._group: EvalActors | None = None
+        self.seconds: dict[str, float] = {}  # "<label>.perplexity" / "<label>.zeroshot": where evaluate's time went
 
     @property
     def group(self):
@@ -118,15 +120,18 @@ class Evaluator:
         from orchestrator.evaluation.zeroshot import aggregate, score_examples
 
         out: dict = {"ppl": None, "zeroshot": {}}
+        t0 = time.perf_counter()
         if self.distributed and ref is not None:
             if self.windows is not None:
                 out["ppl"] = self.group.perplexity(ref, self.windows)
+                t0 = self._lap(f"{label}.perplexity", t0)
             for name, ex in self.tasks.items():
                 out["zeroshot"][name] = {"status": "ok", **aggregate(self.group.multiple_choice(ref, ex)),
                                          "source": "rayprune"}
         else:
             if self.windows is not None:
                 out["ppl"] = perplexity(model, self.windows, self.progress, f"{label} perplexity")
+                t0 = self._lap(f"{label}.perplexity", t0)
             for name, ex in self.tasks.items():
                 res = score_examples(model, self.tokenizer, ex, progress=self.progress)
                 out["zeroshot"][name] = {"status": "ok", **aggregate(res), "source": "rayprune"}
@@ -136,7 +141,15 @@ class Evaluator:
             for name, res in run_lm_eval(model, self.tokenizer, self.lm_eval_tasks,
                                          limit=self.cfg.eval.task_limit).items():
                 out["zeroshot"][f"{LM_EVAL_PREFIX}{name}"] = {**res, "source": "lm-eval"}
+        if out["zeroshot"]:
+            self._lap(f"{label}.zeroshot", t0)
         return _clean(out)
+
+    def _lap(self, key: str, t0: float) -> float:
+        """Record the seconds since ``t0`` as ``key``; returns now."""
+        now = time.perf_counter()
+        self.seconds[key] = round(now - t0, 3)
+        return now
 
     def candidates(self, models: list[nn.Module], refs: list[Any]) -> list[dict]:
         """Evaluate sweep candidates (in parallel on the actors when there are any)."""

@@ -58,6 +58,7 @@ def test_checkpoint_reloads_with_masks_applied_and_reported_ppl(run_dir, eval_pa
     ppl = perplexity(model, windows)
     assert math.isclose(ppl, report["metrics"]["pruned_ppl"], rel_tol=1e-5)
     assert report["metrics"]["pruned_ppl"] != report["metrics"]["dense_ppl"]
+    assert 0 < report["phases"]["eval_pruned.perplexity"] <= report["phases"]["eval_pruned"]  # in-process too
     assert "perplexity (context 32" in (run_dir / "report.md").read_text()
 
 

@@ -27,6 +27,12 @@ def test_gathered_parameters_follow_zero3s_live_limits() -> None:
     assert gathered_bytes(s70, 8, 2) == (128256 * 8192 + ZERO3_MAX_LIVE_PARAMETERS + ZERO3_PREFETCH_BUCKET) * 2
     tiny = ModelShape.from_config(SMALL)
     assert gathered_bytes(tiny, 2, 4) == 2 * tiny.block_params() * 4
+    # one micro-batch per rank: ZeRO-3 is still recording the module order and prefetches nothing
+    assert gathered_bytes(s70, 8, 2, steps=1) == 128256 * 8192 * 2
+    assert gathered_bytes(tiny, 2, 4, steps=1) == max(48 * 32, 100 * 32) * 4
+    one = plan(SMALL, workers=2, method="gblm", num_samples=2, seq_len=16, grad_batch=1)  # 1 sequence per rank
+    two = plan(SMALL, workers=2, method="gblm", num_samples=4, seq_len=16, grad_batch=1)  # 2 micro-batches
+    assert two.grad_pass_bytes - one.grad_pass_bytes == gathered_bytes(tiny, 2, 2) - gathered_bytes(tiny, 2, 2, 1)
     from actors.zero3 import ds_config
 
     zero = ds_config(2)["zero_optimization"]

@@ -29,7 +29,7 @@ CPU_LINK_BW = 0.5e9
 #: minus the block-measured prediction of the 2026-12-06 scaling runs of 20M-300M parameters (gradient pass and
 #: block pass: 1 and 2 workers; ``tests/benchmarks/scaling.py --fit``); held out: the 1B shape, 4 workers and
 #: SmolLM2 (docs/benchmarks.md)
-CPU_OVERHEADS = {"module_s": 0.68e-3, "startup_s": 1.38, "block_call_s": 0.122, "block_copy_bw": 1.90e9}
+CPU_OVERHEADS = {"module_s": 0.69e-3, "startup_s": 1.39, "block_call_s": 0.130, "block_copy_bw": 3.5e9}
 
 #: blocks with more parameters are not timed by :func:`block_efficiency` (a 70B block takes minutes here)
 MAX_MEASURED_BLOCK = 400_000_000

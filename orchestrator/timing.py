@@ -167,7 +167,8 @@ def predict_phases(model_config: Any, acc: Accelerator, *, workers: int, method:
                    seq_len: int, grad_batch: int = 4, dtype_bytes: int = 4, forward_dtype: str = "float32",
                    grad_dtype: str = "float32", checkpoint: bool = False, sequential: bool = True,
                    reconstruct: str = "none", eval_windows: int = 0, eval_seq_len: int = 512,
-                   eval_workers: int = 1, grad_samples: int | None = None) -> dict[str, float]:
+                   eval_workers: int = 1, grad_samples: int | None = None, eval_dtype: str | None = None
+                   ) -> dict[str, float]:
     """Predicted seconds of the gradient pass, the block pass and one model's evaluation.
 
     Args:
@@ -188,6 +189,8 @@ def predict_phases(model_config: Any, acc: Accelerator, *, workers: int, method:
         eval_windows: perplexity windows of one evaluation (0: no evaluation phase).
         eval_seq_len: their length.
         eval_workers: evaluation actors (windows split over them).
+        eval_dtype: the dtype evaluation computes in: the model's (``model.dtype``; no autocast). None: fp32 for
+            4-byte parameters, else bf16.
         grad_samples: windows of the gradient pass (``gblm.grad_samples``; None: all ``num_samples``).
 
     Returns:
@@ -200,7 +203,6 @@ def predict_phases(model_config: Any, acc: Accelerator, *, workers: int, method:
     lin = s.layers * s.block_linear_params()
     seqs = math.ceil(num_samples / workers)  # every worker runs as many sequences (padding included)
     tokens = seqs * seq_len
-    act_bytes = s.activations_per_token() * s.layers * (4 if acc.dtype(forward_dtype) == "float32" else 2)
     out: dict[str, float] = {}
     if p.grad_kinds:
         # gblm.grad_samples: the gradient pass runs on K evenly spaced windows, spread over the shards
@@ -242,10 +244,12 @@ def predict_phases(model_config: Any, acc: Accelerator, *, workers: int, method:
         copies += acc.alone().fresh_seconds(lin * len(p.grad_kinds) * FP32)
         out["block_pass"] = compute + s.layers * acc.block_call_s + copies + comm
     if eval_windows:
+        ev_dtype = eval_dtype or ("float32" if dtype_bytes == FP32 else "bfloat16")
         eval_tokens = math.ceil(eval_windows / eval_workers) * eval_seq_len
         per_token = 2 * lin + _head_flops(s) + _attention_flops(s, eval_seq_len)
-        out["eval"] = (eval_tokens * per_token / acc.flops(forward_dtype)
-                       + eval_tokens * act_bytes / acc.mem_bw) / acc.efficiency(forward_dtype)[0]
+        ev_act = s.activations_per_token() * s.layers * (FP32 if acc.dtype(ev_dtype) == "float32" else 2)
+        out["eval"] = (eval_tokens * per_token / acc.flops(ev_dtype)
+                       + eval_tokens * ev_act / acc.mem_bw) / acc.efficiency(ev_dtype)[0]
     return out
 
 
@@ -259,7 +263,7 @@ def predict_run(cfg: Any, model_config: Any, acc: Accelerator, checkpoint: bool)
     return predict_phases(model_config, acc, **kw, forward_dtype=cfg.backend.forward_dtype,
                           grad_dtype=cfg.pruning.gblm.grad_dtype, checkpoint=checkpoint,
                           sequential=cfg.pruning.sequential, eval_windows=ev.num_windows if ev.enabled else 0,
-                          eval_seq_len=ev.seq_len, eval_workers=max(1, ev.workers),
+                          eval_seq_len=ev.seq_len, eval_workers=max(1, ev.workers), eval_dtype=cfg.model.dtype,
                           grad_samples=cfg.pruning.gblm.grad_samples)
 
 

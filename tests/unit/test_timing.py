@@ -45,6 +45,15 @@ def test_block_pass_adds_the_solves_for_sparsegpt_and_eval_splits_over_actors() 
     one = predict_phases(LLAMA2_13B, FLAT, workers=4, eval_windows=40, **kw)["eval"]
     four = predict_phases(LLAMA2_13B, FLAT, workers=4, eval_windows=40, eval_workers=4, **kw)["eval"]
     assert four == pytest.approx(one / 4, rel=1e-9)
+    # evaluation computes in the model's dtype, whatever the pruning passes' autocast: bf16 here (2-byte)
+    s = ModelShape.from_config(LLAMA2_13B)
+    per_token = 2 * s.layers * s.block_linear_params() + 2 * s.vocab * s.hidden + s.layers * 2 * 512 * s.hidden
+    want = 40 * 512 * (per_token / 4e12 + s.activations_per_token() * s.layers * 2 / 1e11)
+    for fwd in ("float32", "bfloat16"):
+        got = predict_phases(LLAMA2_13B, FLAT, workers=4, eval_windows=40, forward_dtype=fwd, **kw)["eval"]
+        assert got == pytest.approx(want, rel=1e-9)
+    fp32 = predict_phases(LLAMA2_13B, FLAT, workers=4, eval_windows=40, eval_dtype="float32", **kw)["eval"]
+    assert fp32 == pytest.approx(40 * 512 * (per_token / 1e12 + s.activations_per_token() * s.layers * 4 / 1e11))
 
 
 def test_70b_on_one_h100_node_takes_minutes_not_hours() -> None:

@@ -134,6 +134,10 @@ class EvalGroup:
                 bar.update(ranges[i][1] - ranges[i][0])
         return results
 
+    def load(self, ref: ModelRef) -> None:
+        """Every actor loads ``ref`` (a no-op where it is loaded)."""
+        self._load(self.actors, ref)
+
     def perplexity(self, ref: ModelRef, windows: torch.Tensor) -> float:
         """Perplexity of ``(K, L)`` windows, split contiguously across the actors."""
         self._load(self.actors, ref)

@@ -136,6 +136,10 @@ class ShardedEvalGroup:
 
         return ModelRef(path=path, weights=ray.put(weights) if weights else None, key=key)
 
+    def load(self, ref: ModelRef) -> None:
+        """Every rank loads its partition of ``ref`` (collective; a no-op where it is loaded)."""
+        self._load(ref)
+
     def _load(self, ref: ModelRef) -> list[int]:
         return self.group.get([a.load.remote(ref, self.model_cfg, ref.weights) for a in self.actors])
 

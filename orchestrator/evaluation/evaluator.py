@@ -35,6 +35,9 @@ class EvalActors(Protocol):
     def ref(self, key: str, path: str, weights: dict[str, torch.Tensor] | None = None) -> Any:
         """A reference to a model the actors can load: a checkpoint, optionally with weights laid over it."""
 
+    def load(self, ref: Any) -> None:
+        """Have every actor load ``ref`` (the calls below load it too, when it is not loaded yet)."""
+
     def perplexity(self, ref: Any, windows: torch.Tensor) -> float:
         """Perplexity of ``(K, L)`` windows, split across the actors."""
 
@@ -122,6 +125,8 @@ class Evaluator:
         out: dict = {"ppl": None, "zeroshot": {}}
         t0 = time.perf_counter()
         if self.distributed and ref is not None:
+            self.group.load(ref)
+            t0 = self._lap(f"{label}.load", t0)  # the actors read the checkpoint and the pruned weights
             if self.windows is not None:
                 out["ppl"] = self.group.perplexity(ref, self.windows)
                 t0 = self._lap(f"{label}.perplexity", t0)

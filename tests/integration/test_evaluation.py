@@ -198,8 +198,8 @@ def test_ray_run_with_eval_actors_shares_the_cluster(cluster, tmp_path, corpus_p
     assert math.isclose(perplexity(model, windows), report["metrics"]["pruned_ppl"], rel_tol=1e-4)
     ph = report["phases"]  # each evaluation's parts, within its phase
     for label in ("dense", "pruned"):
-        assert 0 < ph[f"eval_{label}.perplexity"] and 0 < ph[f"eval_{label}.zeroshot"]
-        assert ph[f"eval_{label}.perplexity"] + ph[f"eval_{label}.zeroshot"] <= ph[f"eval_{label}"]
+        parts = [ph[f"eval_{label}.{part}"] for part in ("load", "perplexity", "zeroshot")]
+        assert all(x > 0 for x in parts) and sum(parts) <= ph[f"eval_{label}"]
     from orchestrator.evaluation.zeroshot import load_task
 
     local = aggregate(score_examples(model, tok, load_task(task_file)))

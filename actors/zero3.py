@@ -328,13 +328,18 @@ def write_back(block: nn.Module, weights: dict[str, torch.Tensor], rank: int) ->
                 p.data.copy_(w.to(p.dtype))
 
 
-def gather_embedding_into(zero_model: nn.Module, plain_model: nn.Module) -> None:
-    """Copy the (gathered) input embedding of the ZeRO-3 model into a plain model (collective)."""
+def gather_outside_blocks_into(zero_model: nn.Module, shell: nn.Module, blocks: str) -> None:
+    """Copy every (gathered) parameter of the ZeRO-3 model that the plain ``shell`` has outside its decoder
+    blocks (under the dotted prefix ``blocks``): the embeddings and whatever else runs before block 0, e.g.
+    learned positions (collective: every rank gathers the same parameters in the same order)."""
     import deepspeed
 
-    src = zero_model.get_input_embeddings().weight
-    with deepspeed.zero.GatheredParameters([src]), torch.no_grad():
-        plain_model.get_input_embeddings().weight.data.copy_(src.data)
+    src = dict(zero_model.named_parameters())
+    for name, dst in shell.named_parameters():
+        if name.startswith(f"{blocks}.") or name not in src:
+            continue
+        with deepspeed.zero.GatheredParameters([src[name]]), torch.no_grad():
+            dst.data.copy_(src[name].data)
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,24 @@ def test_ray_matches_local(setup, groups, method, pattern):
         assert res.outcome.dtypes == {"forward_dtype": "float32", "grad_dtype": "float32"}  # `auto`, pinned fp32
 
 
+def test_parameters_before_block_zero_come_from_the_model(groups, tmp_path):
+    """The block pass's block-0 inputs come from a plain shell built without initialisation: every parameter
+    outside the decoder blocks is gathered into it, not only the token embedding (OPT adds learned positions;
+    they were left random before, and no mask matched one process)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    OPTForCausalLM(OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                             max_position_embeddings=64, word_embed_proj_dim=32)).save_pretrained(tmp_path)
+    cfg = make_cfg("wanda")
+    cfg.model.source = str(tmp_path)
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))  # (N, L)
+    local = run_local(load_model(str(tmp_path), cfg.model), ids, cfg.pruning, progress=False)
+    res = run_ray(cfg, str(tmp_path), ids, progress=False, group=groups[2])
+    same = sum(int((res.outcome.masks[k] == local.masks[k]).sum()) for k in local.masks)
+    assert same / sum(m.numel() for m in local.masks.values()) >= 0.999  # random positions: 0.93
+
+
 @pytest.mark.parametrize("method,pattern,options", [
     ("wanda", "unstructured", {"reconstruct": "layer", "lstsq.rounds": 2}),
     ("magnitude", "4:8", {"reconstruct": "block", "lstsq.solver": "exact", "block_tune.epochs": 1}),

@@ -235,7 +235,7 @@ def _attempt(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress:
         t1 = time.perf_counter()
         n = int(input_ids.shape[0])
         gradient_pass(group, n, gradient_spec(cfg, model_path, group, n=n), progress, store,
-                      cfg.backend.checkpoint_every, faults)
+                      cfg.backend.checkpoint_every, faults, cfg.backend.checkpoint_interval_s)
         phases["gradient_pass"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     outcome, weights = _block_pass(group, cfg, progress, store, faults)
@@ -309,12 +309,13 @@ def gradient_spec(cfg: RunConfig, model_path: str, group: ActorGroup, kinds: tup
 
 
 def gradient_pass(group: ActorGroup, n: int, spec: GradientPassSpec, progress: bool,
-                  store: CheckpointStore | None = None, every: int = 8, faults: Faults | None = None) -> None:
+                  store: CheckpointStore | None = None, every: int = 8, faults: Faults | None = None,
+                  interval_s: float = 0.0) -> None:
     """Per-sequence gradient statistics on every worker as ``spec`` says; each rank runs ``ceil(N/W)``
     sequences, ``spec.batch`` per forward/backward.
 
-    With a ``store``, the partitions are saved every ``every`` sequences per rank and at the end,
-    and a resumed pass starts after the last saved step.
+    With a ``store``, the partitions are saved every ``every`` sequences per rank, at least ``interval_s``
+    seconds apart, and at the end; a resumed pass starts after the last saved step.
     """
     import ray
 
@@ -334,7 +335,7 @@ def gradient_pass(group: ActorGroup, n: int, spec: GradientPassSpec, progress: b
     if store is not None:
         chunk = min(chunk, max(batch, (every // batch) * batch))
     bar.update(_seqs_done(per_rank, first))
-    since = 0
+    since, saved_at = 0, time.perf_counter()
     for call, start in enumerate(range(first, steps, chunk)):
         if store is not None and store.grad_done:
             break
@@ -344,9 +345,10 @@ def gradient_pass(group: ActorGroup, n: int, spec: GradientPassSpec, progress: b
         group.execute("gradient_steps", start, count, batch)
         bar.update(_seqs_done(per_rank, start + count) - _seqs_done(per_rank, start))
         since += count
-        if store is not None and (since >= every or start + count >= steps):
+        due = since >= every and time.perf_counter() - saved_at >= interval_s
+        if store is not None and (due or start + count >= steps):
             _save_grads(group, store, start + count, start + count >= steps, faults)
-            since = 0
+            since, saved_at = 0, time.perf_counter()
     bar.close()
     sizes = group.execute("end_gradients")
     log.info("gradient statistics: %s bytes per worker", sizes)

@@ -302,6 +302,10 @@ class BackendConfig:
     max_retries: int = opt(2, ge=0, role=EXECUTION, help="restarts of a failed worker group (resuming)")
     checkpoint_every: int = opt(8, ge=1, role=EXECUTION, hint="(sequences per rank)",
                                 help="checkpoint the gradient statistics every K sequences per rank")
+    checkpoint_interval_s: float = opt(
+        300.0, ge=0, role=EXECUTION, hint="(seconds)",
+        help="and at least this long apart (each save writes every rank's statistic partitions: 35 GB per rank "
+             "for a 70B model on 8 workers); the pass's last save always happens; 0: every K sequences")
     collective_timeout_s: float = opt(1800.0, gt=0, role=EXECUTION,
                                       help="a collective whose peer stopped answering fails after this long")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = opt(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -33,6 +34,7 @@ def make_cfg() -> RunConfig:
     cfg.backend.num_threads = 1
     cfg.backend.grad_batch_size = 1
     cfg.backend.checkpoint_every = 1
+    cfg.backend.checkpoint_interval_s = 0.0  # a commit after every sequence, however fast
     cfg.backend.collective_timeout_s = 6.0
     return cfg
 
@@ -62,6 +64,25 @@ def test_worker_killed_during_gradient_pass(setup, tmp_path):
     _same_masks(res.outcome.masks, reference.outcome.masks)
     for name, w in reference.weights.items():
         assert torch.equal(res.weights[name], w), name
+
+
+@pytest.mark.parametrize("interval", [0.0, 3600.0])
+def test_gradient_saves_are_spaced_by_the_interval_and_the_last_always_happens(setup, tmp_path, monkeypatch,
+                                                                                interval):
+    """Every sequence is due a save (``checkpoint_every: 1``); ``checkpoint_interval_s`` spaces them: an hour
+    leaves only the pass's last one, so a short pass writes its partitions once."""
+    from actors.checkpoint import CheckpointStore
+
+    cfg, path, calib, reference = setup
+    cfg = dataclasses.replace(cfg, backend=dataclasses.replace(cfg.backend, checkpoint_interval_s=interval))
+    commits = []
+    real = CheckpointStore.commit_grad
+    monkeypatch.setattr(CheckpointStore, "commit_grad",
+                        lambda self, world, steps, hashes, done: (commits.append((steps, done)),
+                                                                   real(self, world, steps, hashes, done)))
+    res = run_ray(cfg, path, calib, progress=False, checkpoint_dir=tmp_path / "ckpt")
+    assert commits == ([(1, False), (2, False), (3, False), (4, True)] if interval == 0 else [(4, True)])
+    _same_masks(res.outcome.masks, reference.outcome.masks)
 
 
 def test_worker_killed_during_block_pass(setup, tmp_path):
@@ -113,8 +134,8 @@ def test_resume_refuses_checkpoint_of_another_config(setup, tmp_path, corpus_par
 # ------------------------------------------------ a save interrupted between the rank files and the commit
 
 CLI_RAY = {"backend.kind": "ray", "pruning.method": "gblm", "backend.workers": 2, "backend.num_threads": 1,
-           "backend.grad_batch_size": 1, "backend.checkpoint_every": 1, "backend.max_retries": 0,
-           "output.save_model": False}  # 4 windows: 2 sequences per rank, a commit after each
+           "backend.grad_batch_size": 1, "backend.checkpoint_every": 1, "backend.checkpoint_interval_s": 0,
+           "backend.max_retries": 0, "output.save_model": False}  # 4 windows: 2 sequences per rank, a commit after each
 
 
 def _prune(out, calib) -> int:

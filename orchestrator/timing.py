@@ -47,6 +47,8 @@ class Accelerator:
             :attr:`link_bw`.
         fold_bw: bytes/s of the block pass's statistic fold (:func:`fold_bytes_per_token`; 0: :attr:`mem_bw`);
             measured on a CPU, where the fold's small elementwise steps run well below the streaming bandwidth.
+        save_bw: bytes/s the machine writes a checkpoint (serialise, hash, write, fsync), all its workers
+            together (0: not modelled).
         sharers: how many processes share the device (:meth:`shared`); :meth:`alone` undoes it.
     """
 
@@ -65,6 +67,7 @@ class Accelerator:
     block_copy_bw: float = 0.0
     alloc_bw: float = 0.0
     fold_bw: float = 0.0
+    save_bw: float = 0.0
     sharers: float = 1.0
 
     def dtype(self, name: str) -> str:
@@ -113,8 +116,11 @@ GPU_MFU = 0.45
 #: published dense peaks (FLOP/s: fp32 without TF32, bf16), HBM and NVLink bandwidths, bytes/s; 8 per node
 #: scoring and a row-wise (segmented radix) sort move each weight through memory about this many times
 SORT_PASSES = 16
+#: bytes/s a GPU node writes checkpoints (an assumption: one local NVMe drive shared by the node's 8 workers)
+NODE_SAVE_BW = 2e9
 PROFILES: dict[str, Accelerator] = {
-    name: Accelerator(label, fp32 * GPU_MFU, bf16 * GPU_MFU, hbm * 0.7, link * 0.7, hbm * 0.7 / (4 * SORT_PASSES))
+    name: Accelerator(label, fp32 * GPU_MFU, bf16 * GPU_MFU, hbm * 0.7, link * 0.7, hbm * 0.7 / (4 * SORT_PASSES),
+                      save_bw=NODE_SAVE_BW)
     for name, label, fp32, bf16, hbm, link in (
         ("h100", "H100 SXM 80 GB, NVLink 4", 67e12, 989e12, 3.35e12, 450e9),
         ("h200", "H200 SXM 141 GB, NVLink 4", 67e12, 989e12, 4.8e12, 450e9),
@@ -167,8 +173,8 @@ def predict_phases(model_config: Any, acc: Accelerator, *, workers: int, method:
                    seq_len: int, grad_batch: int = 4, dtype_bytes: int = 4, forward_dtype: str = "float32",
                    grad_dtype: str = "float32", checkpoint: bool = False, sequential: bool = True,
                    reconstruct: str = "none", eval_windows: int = 0, eval_seq_len: int = 512,
-                   eval_workers: int = 1, grad_samples: int | None = None, eval_dtype: str | None = None
-                   ) -> dict[str, float]:
+                   eval_workers: int = 1, grad_samples: int | None = None, eval_dtype: str | None = None,
+                   grad_saves: int = 0) -> dict[str, float]:
     """Predicted seconds of the gradient pass, the block pass and one model's evaluation.
 
     Args:
@@ -191,11 +197,13 @@ def predict_phases(model_config: Any, acc: Accelerator, *, workers: int, method:
         eval_workers: evaluation actors (windows split over them).
         eval_dtype: the dtype evaluation computes in: the model's (``model.dtype``; no autocast). None: fp32 for
             4-byte parameters, else bf16.
+        grad_saves: checkpoints of the gradient statistics during the gradient pass (:func:`gradient_saves`).
         grad_samples: windows of the gradient pass (``gblm.grad_samples``; None: all ``num_samples``).
 
     Returns:
         phase -> seconds (``gradient_pass`` for gradient methods and SAAP, ``block_pass`` for one-shot methods,
-        ``eval`` when ``eval_windows``).
+        ``eval`` when ``eval_windows``, ``checkpoints`` when ``grad_saves`` and the accelerator's save rate are
+        known: every rank's statistic partitions written that many times, within the gradient pass's wall time).
     """
     p = plan(model_config, workers=workers, method=method, num_samples=num_samples, seq_len=seq_len,
              dtype_bytes=dtype_bytes, grad_batch=grad_batch, reconstruct=reconstruct, checkpoint=checkpoint)
@@ -222,6 +230,8 @@ def predict_phases(model_config: Any, acc: Accelerator, *, workers: int, method:
                  + acc.fresh_seconds(gathers * s.total_params() * dtype_bytes + sum(p.grad_stat_bytes.values())))
         comm = p.comm_per_seq_bytes * g_seqs / acc.link_bw if workers > 1 else 0.0
         out["gradient_pass"] = blocks + head + fold + zero3 + comm
+        if grad_saves and acc.save_bw:
+            out["checkpoints"] = grad_saves * workers * sum(p.grad_stat_bytes.values()) / acc.save_bw
     if method != "saap":
         passes = 2 if sequential else 1
         fwd, _ = block_model_seconds(acc, s, seq_len, forward_dtype)
@@ -253,18 +263,34 @@ def predict_phases(model_config: Any, acc: Accelerator, *, workers: int, method:
     return out
 
 
+def gradient_saves(steps: int, every: int, interval_s: float, pass_s: float) -> int:
+    """Checkpoints of the gradient statistics in a pass of ``steps`` sequences per rank taking ``pass_s``
+    seconds: one every ``every`` sequences but ``interval_s`` apart at least, and always the last."""
+    by_count = math.ceil(steps / every) - 1
+    by_time = math.floor(pass_s / interval_s) if interval_s > 0 else by_count
+    return 1 + max(0, min(by_count, by_time))
+
+
 def predict_run(cfg: Any, model_config: Any, acc: Accelerator, checkpoint: bool) -> dict[str, float]:
-    """:func:`predict_phases` for a run config (a ``RunConfig``; read, not imported)."""
+    """:func:`predict_phases` for a run config (a ``RunConfig``; read, not imported); a Ray run checkpoints its
+    gradient statistics (:func:`gradient_saves`)."""
     from orchestrator.planner import run_plan_kwargs
 
     kw = {k: v for k, v in run_plan_kwargs(cfg).items()
           if k not in ("norm", "offload_stats", "second_order", "compute_bytes")}
     ev = cfg.eval
-    return predict_phases(model_config, acc, **kw, forward_dtype=cfg.backend.forward_dtype,
-                          grad_dtype=cfg.pruning.gblm.grad_dtype, checkpoint=checkpoint,
-                          sequential=cfg.pruning.sequential, eval_windows=ev.num_windows if ev.enabled else 0,
-                          eval_seq_len=ev.seq_len, eval_workers=max(1, ev.workers), eval_dtype=cfg.model.dtype,
-                          grad_samples=cfg.pruning.gblm.grad_samples)
+    args = dict(kw, forward_dtype=cfg.backend.forward_dtype, grad_dtype=cfg.pruning.gblm.grad_dtype,
+                checkpoint=checkpoint, sequential=cfg.pruning.sequential,
+                eval_windows=ev.num_windows if ev.enabled else 0, eval_seq_len=ev.seq_len,
+                eval_workers=max(1, ev.workers), eval_dtype=cfg.model.dtype, grad_samples=cfg.pruning.gblm.grad_samples)
+    out = predict_phases(model_config, acc, **args)
+    if cfg.backend.kind == "ray" and "gradient_pass" in out:
+        k = min(cfg.pruning.gblm.grad_samples or cfg.calibration.num_samples, cfg.calibration.num_samples)
+        b = cfg.backend
+        saves = gradient_saves(math.ceil(k / kw["workers"]), b.checkpoint_every, b.checkpoint_interval_s,
+                               out["gradient_pass"])
+        out = predict_phases(model_config, acc, **args, grad_saves=saves)
+    return out
 
 
 def format_times(times: dict[str, float], acc: Accelerator) -> str:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -136,14 +138,34 @@ def score_rate(shape: ModelShape | None, method: str, hidden: int, inter: int) -
     return _rate(prune_block, float(sum(o * i for o, i in dims)), repeats=3)
 
 
+def save_rate(directory: Path) -> float:
+    """Bytes/s of writing a 64 MiB checkpoint file into ``directory`` as the checkpoints are written (safetensors
+    bytes, a synced temp file renamed, its SHA-256); the median of three."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    from orchestrator.fileio import atomic_write_bytes
+
+    tensors = {"x": torch.ones(1 << 24)}
+    with tempfile.TemporaryDirectory(prefix=".rayprune-save-rate-", dir=directory) as tmp:
+
+        def write() -> None:
+            data = save(tensors)
+            atomic_write_bytes(Path(tmp) / "probe.safetensors", data)
+            hashlib.sha256(data).hexdigest()
+
+        return _rate(write, float(1 << 26), repeats=3)
+
+
 def measure_cpu(threads: int | None = None, tokens: int = 512, hidden: int = 1024, inter: int = 2816,
-                shape: ModelShape | None = None, method: str = "wanda") -> Accelerator:
+                shape: ModelShape | None = None, method: str = "wanda", save_dir: Path | None = None) -> Accelerator:
     """This CPU as an accelerator, with ``threads`` torch threads: matmuls of the run's block shape
     ``(tokens, hidden) @ (hidden, inter)`` (``tokens``: one micro-batch's) in fp32 and bf16, the bandwidth
     of an elementwise add over 64 MiB tensors and of writing 64 MiB just allocated, the scorer of ``method``
     (:func:`score_rate`), and with a ``shape`` how fast a real block of it runs against the model
-    (:func:`block_efficiency`) and folds its inputs into statistics; the CPU's ZeRO-3 overheads are
-    :data:`CPU_OVERHEADS`."""
+    (:func:`block_efficiency`) and folds its inputs into statistics, and with a ``save_dir`` how fast checkpoints
+    are written there (:func:`save_rate`); the CPU's ZeRO-3 overheads are :data:`CPU_OVERHEADS`."""
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -160,7 +182,8 @@ def measure_cpu(threads: int | None = None, tokens: int = 512, hidden: int = 102
         n = threads or before
         acc = Accelerator(f"this CPU, {n} thread{'s' if n > 1 else ''} (measured)", rates[torch.float32],
                           rates[torch.bfloat16], bw, CPU_LINK_BW, score_rate(shape, method, hidden, inter),
-                          native_bf16("cpu"), alloc_bw=fresh, **CPU_OVERHEADS)
+                          native_bf16("cpu"), alloc_bw=fresh, save_bw=save_rate(save_dir) if save_dir else 0.0,
+                          **CPU_OVERHEADS)
         if shape is not None:  # bf16 only where it is native (emulated bf16 is not what a run would choose)
             acc = dataclasses.replace(acc, fp32_efficiency=block_efficiency(acc, shape, tokens, "float32"),
                                       bf16_efficiency=block_efficiency(acc, shape, tokens, "bfloat16")

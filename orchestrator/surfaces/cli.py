@@ -224,8 +224,9 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         shape = ModelShape.from_config(model_config)  # measured at the run's matmul shape
         tokens = cfg.backend.grad_batch_size * cfg.calibration.seq_len
         threads = max(1, (os.cpu_count() or 1) // workers)
+        out = Path(cfg.output.dir).resolve()  # the checkpoints go next to the output directory
         acc = measure_cpu(threads, tokens, shape.hidden, shape.intermediate, shape=shape,
-                          method=cfg.pruning.method)
+                          method=cfg.pruning.method, save_dir=next(p for p in (out.parent, *out.parents) if p.is_dir()))
         acc = acc.shared(workers * threads / (os.cpu_count() or 1))  # more workers than cores share them
     else:
         acc = PROFILES[ns.accelerator]

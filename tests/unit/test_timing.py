@@ -134,8 +134,8 @@ def test_sharing_divides_rates_but_the_scorer_runs_alone() -> None:
             == pytest.approx(lin / (FLAT.score_rate / 100) - lin / FLAT.score_rate, rel=1e-9))
 
 
-def test_measured_cpu_profile_is_sane() -> None:
-    from orchestrator.engine.profile import measure_cpu
+def test_measured_cpu_profile_is_sane(tmp_path) -> None:
+    from orchestrator.engine.profile import measure_cpu, save_rate
 
     acc = measure_cpu(1, tokens=64, hidden=128, inter=256)
     assert acc.fp32_flops > 1e8 and acc.bf16_flops > 1e7 and acc.mem_bw > 1e8 and acc.score_rate > 1e5
@@ -144,6 +144,7 @@ def test_measured_cpu_profile_is_sane() -> None:
     shaped = measure_cpu(1, tokens=32, hidden=64, inter=128, shape=ModelShape(64, 128, 2, 4, 2, 256, 16, False))
     assert all(0 < e < 10 for e in shaped.fp32_efficiency + shaped.bf16_efficiency)
     assert shaped.fold_bw > 0 and acc.fold_bw == 0  # the fold is timed on the real block only
+    assert acc.save_bw == 0 and save_rate(tmp_path) > 1e6 and list(tmp_path.iterdir()) == []  # probe removed
     assert shaped.module_s > 0 and shaped.startup_s > 0
 
 
@@ -156,3 +157,34 @@ def test_grad_samples_shrink_only_the_gradient_pass() -> None:
     assert part["gradient_pass"] - 3.0 == pytest.approx((full["gradient_pass"] - 3.0) / 4, rel=1e-9)
     assert part["block_pass"] == full["block_pass"]
     assert predict_phases(LLAMA2_13B, over, workers=8, grad_samples=640, **kw) == full  # K >= N: all of them
+
+
+def test_gradient_checkpoints_write_every_ranks_partitions_at_the_save_rate() -> None:
+    """A Ray run's gradient saves: one every ``checkpoint_every`` sequences but ``checkpoint_interval_s`` apart,
+    always the last; each writes all ranks' statistic partitions at the machine's save rate."""
+    from orchestrator.timing import gradient_saves
+
+    assert gradient_saves(16, 8, 0.0, 50.0) == 2 and gradient_saves(16, 8, 300.0, 50.0) == 1
+    assert gradient_saves(64, 8, 300.0, 1000.0) == 4  # 3 spaced saves fit, then the last
+    assert gradient_saves(64, 8, 10.0, 1000.0) == 8 and gradient_saves(3, 8, 0.0, 1.0) == 1
+    acc = dataclasses.replace(FLAT, save_bw=1e9)
+    stats = sum(plan(LLAMA2_13B, workers=8, **KW).grad_stat_bytes.values())
+    got = predict_phases(LLAMA2_13B, acc, workers=8, grad_saves=3, **KW)
+    assert got["checkpoints"] == pytest.approx(3 * 8 * stats / 1e9, rel=1e-9)
+    assert "checkpoints" not in predict_phases(LLAMA2_13B, FLAT, workers=8, grad_saves=3, **KW)  # no rate known
+    assert got["gradient_pass"] == predict_phases(LLAMA2_13B, acc, workers=8, **KW)["gradient_pass"]
+
+
+def test_a_ray_run_config_predicts_its_checkpoints() -> None:
+    from orchestrator.inputs.config import RunConfig
+    from orchestrator.timing import predict_run
+
+    cfg = RunConfig()
+    cfg.backend.kind, cfg.backend.workers, cfg.calibration.num_samples = "ray", 8, 128
+    cfg.backend.checkpoint_interval_s = 0.0  # 16 sequences per rank, a save every 8
+    got = predict_run(cfg, LLAMA2_13B, PROFILES["h100"], checkpoint=False)
+    stats = sum(plan(LLAMA2_13B, workers=8, method="gblm", num_samples=128, seq_len=cfg.calibration.seq_len,
+                     grad_batch=cfg.backend.grad_batch_size).grad_stat_bytes.values())
+    assert got["checkpoints"] == pytest.approx(2 * 8 * stats / PROFILES["h100"].save_bw, rel=1e-6)
+    cfg.backend.kind = "local"
+    assert "checkpoints" not in predict_run(cfg, LLAMA2_13B, PROFILES["h100"], checkpoint=False)

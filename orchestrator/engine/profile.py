@@ -1,7 +1,9 @@
 """Measure this machine as an :class:`orchestrator.timing.Accelerator` (torch only; a few seconds).
 
 The published profiles describe GPUs; a CPU is measured where it runs, with the threads a worker gets:
-matmul FLOP/s at a transformer block's shape in fp32 and bf16, and elementwise bandwidth.
+matmul FLOP/s at a transformer block's shape in fp32 and bf16, elementwise and fresh-memory bandwidth, a
+real block of the model against its model, the run's scorer on that block's linears, the block pass's
+statistic fold, and how fast a checkpoint is written.
 """
 
 from __future__ import annotations

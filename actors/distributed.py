@@ -314,8 +314,9 @@ def gradient_pass(group: ActorGroup, n: int, spec: GradientPassSpec, progress: b
     """Per-sequence gradient statistics on every worker as ``spec`` says; each rank runs ``ceil(N/W)``
     sequences, ``spec.batch`` per forward/backward.
 
-    With a ``store``, the partitions are saved every ``every`` sequences per rank, at least ``interval_s``
-    seconds apart, and at the end; a resumed pass starts after the last saved step.
+    With a ``store``, the partitions are saved every ``every`` sequences per rank and at the end, but only
+    ``interval_s`` seconds after the pass started or last saved (a shorter pass is recomputed rather than
+    saved: at most ``interval_s`` of its work is lost); a resumed pass starts after the last saved step.
     """
     import ray
 
@@ -345,9 +346,9 @@ def gradient_pass(group: ActorGroup, n: int, spec: GradientPassSpec, progress: b
         group.execute("gradient_steps", start, count, batch)
         bar.update(_seqs_done(per_rank, start + count) - _seqs_done(per_rank, start))
         since += count
-        due = since >= every and time.perf_counter() - saved_at >= interval_s
-        if store is not None and (due or start + count >= steps):
-            _save_grads(group, store, start + count, start + count >= steps, faults)
+        end = start + count >= steps
+        if store is not None and (since >= every or end) and time.perf_counter() - saved_at >= interval_s:
+            _save_grads(group, store, start + count, end, faults)
             since, saved_at = 0, time.perf_counter()
     bar.close()
     sizes = group.execute("end_gradients")

@@ -265,10 +265,9 @@ def predict_phases(model_config: Any, acc: Accelerator, *, workers: int, method:
 
 def gradient_saves(steps: int, every: int, interval_s: float, pass_s: float) -> int:
     """Checkpoints of the gradient statistics in a pass of ``steps`` sequences per rank taking ``pass_s``
-    seconds: one every ``every`` sequences but ``interval_s`` apart at least, and always the last."""
-    by_count = math.ceil(steps / every) - 1
-    by_time = math.floor(pass_s / interval_s) if interval_s > 0 else by_count
-    return 1 + max(0, min(by_count, by_time))
+    seconds: one every ``every`` sequences and one at the end, each only ``interval_s`` after the last."""
+    by_count = math.ceil(steps / every)
+    return min(by_count, math.floor(pass_s / interval_s)) if interval_s > 0 else by_count
 
 
 def predict_run(cfg: Any, model_config: Any, acc: Accelerator, checkpoint: bool) -> dict[str, float]:
@@ -284,7 +283,7 @@ def predict_run(cfg: Any, model_config: Any, acc: Accelerator, checkpoint: bool)
                 eval_windows=ev.num_windows if ev.enabled else 0, eval_seq_len=ev.seq_len,
                 eval_workers=max(1, ev.workers), eval_dtype=cfg.model.dtype, grad_samples=cfg.pruning.gblm.grad_samples)
     out = predict_phases(model_config, acc, **args)
-    if cfg.backend.kind == "ray" and "gradient_pass" in out:
+    if cfg.backend.kind == "ray" and "gradient_pass" in out:  # a pass below the interval saves nothing
         k = min(cfg.pruning.gblm.grad_samples or cfg.calibration.num_samples, cfg.calibration.num_samples)
         b = cfg.backend
         saves = gradient_saves(math.ceil(k / kw["workers"]), b.checkpoint_every, b.checkpoint_interval_s,

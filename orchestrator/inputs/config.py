@@ -304,8 +304,9 @@ class BackendConfig:
                                 help="checkpoint the gradient statistics every K sequences per rank")
     checkpoint_interval_s: float = opt(
         300.0, ge=0, role=EXECUTION, hint="(seconds)",
-        help="and at least this long apart (each save writes every rank's statistic partitions: 35 GB per rank "
-             "for a 70B model on 8 workers); the pass's last save always happens; 0: every K sequences")
+        help="and at the pass's end, but only this long after the pass started or last saved (each save writes "
+             "every rank's statistic partitions, 35 GB per rank for a 70B model on 8 workers: a pass shorter "
+             "than this is recomputed after a failure instead); 0: every K sequences and at the end")
     collective_timeout_s: float = opt(1800.0, gt=0, role=EXECUTION,
                                       help="a collective whose peer stopped answering fails after this long")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = opt(

@@ -160,12 +160,12 @@ def test_grad_samples_shrink_only_the_gradient_pass() -> None:
 
 
 def test_gradient_checkpoints_write_every_ranks_partitions_at_the_save_rate() -> None:
-    """A Ray run's gradient saves: one every ``checkpoint_every`` sequences but ``checkpoint_interval_s`` apart,
-    always the last; each writes all ranks' statistic partitions at the machine's save rate."""
+    """A Ray run's gradient saves: one every ``checkpoint_every`` sequences and at the end, each only
+    ``checkpoint_interval_s`` after the last; each writes all ranks' statistic partitions at the save rate."""
     from orchestrator.timing import gradient_saves
 
-    assert gradient_saves(16, 8, 0.0, 50.0) == 2 and gradient_saves(16, 8, 300.0, 50.0) == 1
-    assert gradient_saves(64, 8, 300.0, 1000.0) == 4  # 3 spaced saves fit, then the last
+    assert gradient_saves(16, 8, 0.0, 50.0) == 2 and gradient_saves(16, 8, 300.0, 50.0) == 0  # recomputed
+    assert gradient_saves(64, 8, 300.0, 1000.0) == 3  # at 300, 600 and 900 s; the end comes too soon after
     assert gradient_saves(64, 8, 10.0, 1000.0) == 8 and gradient_saves(3, 8, 0.0, 1.0) == 1
     acc = dataclasses.replace(FLAT, save_bw=1e9)
     stats = sum(plan(LLAMA2_13B, workers=8, **KW).grad_stat_bytes.values())
@@ -183,6 +183,9 @@ def test_a_ray_run_config_predicts_its_checkpoints() -> None:
     cfg.backend.kind, cfg.backend.workers, cfg.calibration.num_samples = "ray", 8, 128
     cfg.backend.checkpoint_interval_s = 0.0  # 16 sequences per rank, a save every 8
     got = predict_run(cfg, LLAMA2_13B, PROFILES["h100"], checkpoint=False)
+    cfg.backend.checkpoint_interval_s = 300.0  # a pass of seconds on H100s: recomputed, never saved
+    assert "checkpoints" not in predict_run(cfg, LLAMA2_13B, PROFILES["h100"], checkpoint=False)
+    cfg.backend.checkpoint_interval_s = 0.0
     stats = sum(plan(LLAMA2_13B, workers=8, method="gblm", num_samples=128, seq_len=cfg.calibration.seq_len,
                      grad_batch=cfg.backend.grad_batch_size).grad_stat_bytes.values())
     assert got["checkpoints"] == pytest.approx(2 * 8 * stats / PROFILES["h100"].save_bw, rel=1e-6)

@@ -32,7 +32,9 @@ def test_the_phase_peak_counts_a_transient_no_mark_sees() -> None:
         mem.mark("end")
         rep = mem.report()
         start = rep["allocated_bytes_by_phase"]["start"]
-        assert rep["peak_allocated_bytes_by_phase"]["work"] - start >= 128 * MIB  # Linear's output and ReLU's
+        # Linear's output and ReLU's (2 x 64 MiB; one alone is 64): the margin is for the small buffers the
+        # interpreter frees meanwhile (a full-suite run measured 128 MiB - 30 KiB)
+        assert rep["peak_allocated_bytes_by_phase"]["work"] - start >= 112 * MIB
         assert rep["allocated_bytes_by_phase"]["end"] - start < 16 * MIB
         assert torch.isfinite(total) and rep["allocation_sampling_seconds"] > 0 and rep["allocated_peak_traced"]
     finally:

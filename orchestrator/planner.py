@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from orchestrator.shapes import FP32, LLAMA2_13B, LLAMA2_70B, LLAMA3_70B, SHAPES, ModelShape
+from orchestrator.shapes import FP32, LLAMA2_13B, LLAMA2_70B, LLAMA3_70B, SHAPES, ModelShape, element_bytes
 
 __all__ = ["FP32", "GIB", "LLAMA2_13B", "LLAMA2_70B", "LLAMA3_70B", "SHAPES", "ModelShape", "Plan", "plan",
            "min_workers", "needs_checkpointing", "choose_checkpointing", "run_plan_kwargs", "format_plan",
@@ -242,10 +242,10 @@ def run_plan_kwargs(cfg: Any, workers: int | None = None, native_bf16: bool | No
 
     pr, b, st = cfg.pruning, cfg.backend, cfg.structured
     grad_dtype = pr.gblm.grad_dtype if native_bf16 is None else resolve_compute_dtype(pr.gblm.grad_dtype, native_bf16)
-    compute = {"float32": 4, "bfloat16": 2, "float16": 2}.get(grad_dtype)
+    compute = None if grad_dtype == "auto" else element_bytes(grad_dtype)
     return dict(workers=workers or b.workers, method="saap" if st.enabled else pr.method, norm=pr.gblm.norm,
                 num_samples=cfg.calibration.num_samples, seq_len=cfg.calibration.seq_len,
-                dtype_bytes=4 if cfg.model.dtype == "float32" else 2, grad_batch=b.grad_batch_size,
+                dtype_bytes=element_bytes(cfg.model.dtype), grad_batch=b.grad_batch_size,
                 reconstruct=pr.reconstruct, offload_stats=b.offload_stats,
                 second_order="element2" in st.estimators, compute_bytes=compute)
 

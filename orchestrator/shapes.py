@@ -12,6 +12,11 @@ from typing import Any
 
 FP32 = 4
 
+
+def element_bytes(name: str) -> int:
+    """Bytes per element of a config dtype name: 4 for ``float32``, 2 for the 16-bit ones."""
+    return FP32 if name == "float32" else 2
+
 LLAMA2_13B: dict[str, Any] = {
     "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40,
     "num_key_value_heads": 40, "vocab_size": 32000, "tie_word_embeddings": False,

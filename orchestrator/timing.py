@@ -16,7 +16,7 @@ from typing import Any
 
 from orchestrator.inputs.config import resolve_compute_dtype
 from orchestrator.planner import plan
-from orchestrator.shapes import FP32, ModelShape
+from orchestrator.shapes import FP32, ModelShape, element_bytes
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ def block_model_seconds(acc: Accelerator, s: ModelShape, seq_len: int, dtype: st
     tokens = sequences * seq_len
     lin = s.block_linear_params()
     attn = _attention_flops(s, seq_len) / s.layers
-    act = s.activations_per_token() * (4 if acc.dtype(dtype) == "float32" else 2)  # bytes per token and block
+    act = s.activations_per_token() * element_bytes(acc.dtype(dtype))  # bytes per token and block
     fwd = tokens * (2 * lin + attn) / acc.flops(dtype) + tokens * act * 2 / acc.mem_bw
     fwd_bwd = tokens * (6 * lin + 3 * attn) / acc.flops(dtype) + tokens * act * 4 / acc.mem_bw
     return fwd, fwd_bwd
@@ -257,7 +257,7 @@ def predict_phases(model_config: Any, acc: Accelerator, *, workers: int, method:
         ev_dtype = eval_dtype or ("float32" if dtype_bytes == FP32 else "bfloat16")
         eval_tokens = math.ceil(eval_windows / eval_workers) * eval_seq_len
         per_token = 2 * lin + _head_flops(s) + _attention_flops(s, eval_seq_len)
-        ev_act = s.activations_per_token() * s.layers * (FP32 if acc.dtype(ev_dtype) == "float32" else 2)
+        ev_act = s.activations_per_token() * s.layers * element_bytes(acc.dtype(ev_dtype))
         out["eval"] = (eval_tokens * per_token / acc.flops(ev_dtype)
                        + eval_tokens * ev_act / acc.mem_bw) / acc.efficiency(ev_dtype)[0]
     return out

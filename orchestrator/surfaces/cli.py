@@ -257,8 +257,9 @@ def _fit_line(what: str, per: str, holds: str, size: Callable[..., int], needed:
 def _eval_line(model_config: Any, cfg: Any, gpu: int, gpu_mem: float) -> str:
     """What evaluating one model takes: one actor, or ``eval.shard`` over how many."""
     from orchestrator.planner import eval_bytes, eval_workers_needed
+    from orchestrator.shapes import element_bytes
 
-    kw = dict(seq_len=cfg.eval.seq_len, dtype_bytes=4 if cfg.model.dtype == "float32" else 2)
+    kw = dict(seq_len=cfg.eval.seq_len, dtype_bytes=element_bytes(cfg.model.dtype))
     return _fit_line("evaluation", "actor", "the model", partial(eval_bytes, model_config, **kw),
                      partial(eval_workers_needed, model_config, **kw), gpu, gpu_mem,
                      "eval.shard=true eval.workers={n}")
@@ -267,10 +268,11 @@ def _eval_line(model_config: Any, cfg: Any, gpu: int, gpu_mem: float) -> str:
 def _recovery_line(model_config: Any, cfg: Any, gpu: int, gpu_mem: float) -> str:
     """What SAAP's LoRA recovery takes: one rank per replica, or ``structured.recovery.zero3`` over how many."""
     from orchestrator.planner import recovery_bytes, recovery_workers_needed
+    from orchestrator.shapes import element_bytes
 
     r = cfg.structured.recovery
     kw = dict(removed=cfg.structured.target, rank=r.rank, seq_len=r.seq_len,
-              dtype_bytes=4 if cfg.model.dtype == "float32" else 2)
+              dtype_bytes=element_bytes(cfg.model.dtype))
     return _fit_line("recovery", "rank", "the shrunk model", partial(recovery_bytes, model_config, **kw),
                      partial(recovery_workers_needed, model_config, **kw), gpu, gpu_mem,
                      "structured.recovery.zero3=true structured.recovery.workers={n} or more")

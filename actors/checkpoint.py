@@ -7,8 +7,10 @@ Layout of a checkpoint directory (a sibling of the run's output directory, ``.NA
                                     "blocks_done", "files": {key: {"path", "sha256"}}}
     grad/rank-00000-of-00002.step-000012.safetensors   one rank's statistic partitions after 12 local
                                                        sequences (``name::kind`` keys)
-    blocks/block-00000.safetensors        masks (``mask::name``) and pruned weights (``weight::name``)
-    blocks/block-00000.json               the block's report rows
+    model/model-block-00000.safetensors   block 0's pruned tensors, written by its rank: the run's published
+    model/model-outside.safetensors       checkpoint files (:mod:`orchestrator.outputs.shards`), moved
+    masks/masks-block-00000.safetensors   into the run directory at the end, never written twice
+    blocks/block-00000.json               the block's report rows (the driver)
 
 Commit protocol: a data file is only ever written under a name the committed ``progress.json``
 does not name (gradient partitions carry their step in the name; a block's files are written
@@ -27,11 +29,9 @@ be on shared storage.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,8 @@ from orchestrator.fileio import sha256_file as sha256
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # 1: unversioned grad files, hashes only (refused: a crash could leave them unrecoverable)
-DATA_DIRS = ("grad", "blocks")
+FORMAT = 3  # 1: unversioned grad files; 2: blocks' tensors written by the driver (both refused)
+DATA_DIRS = ("grad", "blocks", "model", "masks")
 _ROOT_FILES = ("progress.json", "config.yaml")
 
 
@@ -128,21 +128,24 @@ class CheckpointStore:
         """Relative paths of the data files the committed progress names."""
         return {e["path"] for e in self.progress["files"].values()}
 
-    def _commit(self) -> None:
-        """Write ``progress.json`` (atomically), then delete what it no longer names."""
+    def _commit(self, clean: tuple[str, ...] = ("grad",)) -> None:
+        """Write ``progress.json`` (atomically), then delete what it no longer names in the folders ``clean``
+        (the gradient partitions' older versions; block files are written once, by ranks that may be
+        writing the next block while this commit runs)."""
         if self.config_text is not None and not (self.root / "config.yaml").is_file():
             atomic_write_bytes(self.root / "config.yaml", self.config_text.encode())
         atomic_write_bytes(self.root / "progress.json", json.dumps(self.progress, indent=1).encode())
-        self.clean()
+        self.clean(clean)
 
-    def clean(self) -> list[str]:
+    def clean(self, folders: tuple[str, ...] = DATA_DIRS) -> list[str]:
         """Delete files no commit names: older versions, uncommitted saves, interrupted temp files.
 
-        Only safe while no rank is writing (between steps of the driver). Returns the removed relative paths.
+        Only safe while no rank is writing into ``folders`` (between steps of the driver; for the block
+        folders, before an attempt starts). Returns the removed relative paths.
         """
         keep = self.committed()
         removed = []
-        for sub in DATA_DIRS:
+        for sub in folders:
             folder = self.root / sub
             for p in sorted(folder.iterdir()) if folder.is_dir() else []:
                 rel = f"{sub}/{p.name}"
@@ -204,73 +207,50 @@ class CheckpointStore:
         self.progress.update(world=world, grad_steps=steps, grad_done=done)
         self._commit()
 
-    def save_block(self, index: int, masks: dict[str, torch.Tensor], weights: dict[str, torch.Tensor],
-                   rows: list[dict]) -> None:
-        """Persist one finished block and advance ``blocks_done`` (one commit)."""
-        if index != self.blocks_done:
-            raise ValueError(f"block {index} saved out of order (blocks_done={self.blocks_done})")
-        tensors = {f"mask::{k}": v.to(torch.bool) for k, v in masks.items()}
-        tensors.update({f"weight::{k}": v for k, v in weights.items()})
-        t_rel, r_rel = block_names(index)  # not committed yet (index >= blocks_done): safe to (re)write
-        h = save_tensors(self.root / t_rel, tensors)
+    def commit_files(self, record: dict[str, Any], key: str) -> None:
+        """Name the files of ``record`` (``{"files": {rel: {"sha256", "bytes", "names"}}}``, written by a rank)
+        under ``key/<rel>`` in the progress, without committing yet."""
+        for rel, entry in record["files"].items():
+            self.progress["files"][f"{key}/{rel}"] = {"path": rel, **entry}
+
+    def commit_outside(self, record: dict[str, Any]) -> None:
+        """Commit the file of the parameters outside the blocks (written by rank 0)."""
+        self.commit_files(record, "outside")
+        self.progress["outside_done"] = True
+        self._commit(())
+
+    @property
+    def outside_done(self) -> bool:
+        """Whether the parameters outside the blocks are written."""
+        return bool(self.progress.get("outside_done"))
+
+    def commit_block(self, index: int, record: dict[str, Any], rows: list[dict]) -> None:
+        """Commit block ``index``: its tensor and mask files (``record`` from the rank that wrote them) and its
+        report rows (written here); advances ``blocks_done``."""
+        if index != self.blocks_done or record.get("index") != index:
+            raise ValueError(f"block {record.get('index')} committed as {index} out of order "
+                             f"(blocks_done={self.blocks_done})")
+        _, r_rel = block_names(index)
         atomic_write_bytes(self.root / r_rel, json.dumps(rows).encode())
-        self.progress["files"][f"block/{index}"] = {"path": t_rel, "sha256": h}
+        self.commit_files(record, f"block/{index}")
         self.progress["files"][f"rows/{index}"] = {"path": r_rel, "sha256": sha256(self.root / r_rel)}
         self.progress["blocks_done"] = index + 1
-        self._commit()
+        self._commit(())
 
-    def load_block(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[dict]]:
-        """``(masks, weights, rows)`` of a committed block (hashes checked)."""
-        path, sha = self._path(f"block/{index}")
-        t = load_tensors(path, sha)
+    def block_tensors(self, index: int) -> tuple[str, str]:
+        """``(path, sha256)`` of committed block ``index``'s tensor file (what a replaying rank reads)."""
+        from orchestrator.outputs.shards import MODEL_DIR, block_shard
+
+        return tuple(str(x) for x in self._path(f"block/{index}/{MODEL_DIR}/{block_shard(index)}"))
+
+    def block_rows(self, index: int) -> list[dict]:
+        """The report rows of committed block ``index`` (hash checked)."""
         rows_path, rows_sha = self._path(f"rows/{index}")
         if sha256(rows_path) != rows_sha:
             raise ValueError(f"checkpoint file {rows_path} does not match its recorded SHA-256")
-        masks = {k.split("::", 1)[1]: v for k, v in t.items() if k.startswith("mask::")}
-        weights = {k.split("::", 1)[1]: v for k, v in t.items() if k.startswith("weight::")}
-        return masks, weights, json.loads(rows_path.read_text())
+        return json.loads(rows_path.read_text())
 
-
-class BlockWriter:
-    """Saves finished blocks into a :class:`CheckpointStore` on one background thread, in order, so writing
-    block ``i`` (serialise, hash, fsync: 0.17 s per SmolLM2 block here, seconds per 70B block on network
-    storage) overlaps pruning block ``i + 1``.
-
-    At most one save is in flight: :meth:`save` first waits for the previous one, so a save's error surfaces
-    at the next block at the latest. Leaving the ``with`` block waits for the last save, on an error too (a
-    retry then resumes from a settled store; the original error is the one raised). Without a store it
-    saves nothing.
-    """
-
-    def __init__(self, store: CheckpointStore | None) -> None:
-        self.store = store
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="rayprune-blocks") if store is not None else None
-        self._pending: Future | None = None
-
-    def save(self, index: int, masks: dict[str, torch.Tensor], weights: dict[str, torch.Tensor],
-             rows: list[dict]) -> None:
-        """Queue :meth:`CheckpointStore.save_block` of block ``index`` (the tensors must not change after)."""
-        if self._pool is None:
-            return
-        self.wait()
-        self._pending = self._pool.submit(self.store.save_block, index, masks, weights, rows)
-
-    def wait(self) -> None:
-        """Block until the queued save is committed; re-raises its error."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-    def __enter__(self) -> BlockWriter:
-        return self
-
-    def __exit__(self, exc_type: type | None, *_: Any) -> None:
-        try:
-            if exc_type is None:
-                self.wait()
-            else:
-                with contextlib.suppress(Exception):  # settle the store; the error being raised wins
-                    self.wait()
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
+    def shard_files(self) -> dict[str, dict[str, Any]]:
+        """Every committed checkpoint file of the pruned model and its masks: relative path -> its entry
+        (``path``, ``sha256``, ``bytes``, ``names``)."""
+        return {e["path"]: e for k, e in self.progress["files"].items() if k.startswith(("block/", "outside/"))}

@@ -1,10 +1,12 @@
 """Distributed engine (``backend: ray``): the coordinator's entry point.
 
 The coordinator calls :func:`run_ray` with the group it chose (a :class:`~actors.group.GroupSpec`);
-it shards the calibration windows into one Arrow file per worker, starts (or reuses) an
+it checks that every rank sees the run's checkpoint directory (:mod:`actors.storage`), shards the
+calibration windows into one Arrow file per worker, starts (or reuses) an
 :class:`~actors.group.ActorGroup` of :class:`~actors.worker.PruneWorker`, runs the gradient pass
-under ZeRO-3 (GBLM) and the block-sequential pass, and returns the masks, the pruned weights and
-per-worker memory figures.
+under ZeRO-3 (GBLM) and the block-sequential pass, and returns report rows, the files the ranks
+wrote (the pruned checkpoint's shards and masks, :mod:`orchestrator.outputs.shards`) and per-worker
+memory figures. No weight, mask or statistic comes back to the driver.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from actors.checkpoint import BlockWriter, CheckpointStore
+from actors.checkpoint import CheckpointStore
 from actors.group import ActorGroup, GroupSpec
 from actors.worker import PruneWorker
 from orchestrator.engine.block_step import block_configs, uses_activations
@@ -29,7 +31,7 @@ from orchestrator.pruning.methods import gradient_kinds, gradient_sampling
 
 log = logging.getLogger(__name__)
 
-SCORER = 0  # the rank that gathers the gradient statistics, scores and broadcasts the pruned weights
+SCORER = 0  # the rank that scores a sweep's candidates (the block pass spreads its linears over the ranks)
 #: test hook: ``Faults.exit_after_grad_save`` for runs started without ``faults`` (e.g. through the CLI)
 FAULT_EXIT_ENV = "RAYPRUNE_FAULT_EXIT_AFTER_GRAD_SAVE"
 
@@ -39,13 +41,16 @@ class RayResult:
     """What a distributed run produced.
 
     Attributes:
-        outcome: masks (full weight names), report rows and phase seconds.
-        weights: full weight name -> pruned ``(out, in)`` weight of every pruned linear.
-        memory: per worker ``peak_rss_bytes``, ``model_state_bytes``, ``grad_stat_bytes``.
+        outcome: report rows and phase seconds (no masks: the ranks wrote them).
+        root: the directory the ranks wrote into (the checkpoint directory, or ``shard_dir``).
+        files: relative path under ``root`` -> ``{"path", "sha256", "bytes", "names"}`` of every file of the
+            pruned checkpoint (``model/...``) and its masks (``masks/...``).
+        memory: per worker ``peak_rss_bytes``, ``model_state_bytes``, ``grad_stat_bytes``, ``load_read_bytes``.
     """
 
     outcome: PruneOutcome
-    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    root: Path | None = None
+    files: dict[str, dict] = field(default_factory=dict)
     memory: list[dict] = field(default_factory=list)
 
 
@@ -132,7 +137,7 @@ def start_workers(spec: GroupSpec) -> ActorGroup:
 def run_ray(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress: bool = True,
             group: ActorGroup | None = None, keep_grad_partitions: bool = False,
             checkpoint_dir: Path | None = None, faults: Faults | None = None,
-            spec: GroupSpec | None = None, inputs: dict | None = None) -> RayResult:
+            spec: GroupSpec | None = None, inputs: dict | None = None, shard_dir: Path | None = None) -> RayResult:
     """Prune with ``cfg.backend.workers`` Ray actors under DeepSpeed ZeRO-3.
 
     With a ``checkpoint_dir``, gradient-statistic partitions (every ``backend.checkpoint_every``
@@ -154,18 +159,26 @@ def run_ray(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress: 
         spec: the group to start (and restart after a failure); default :func:`prune_spec` on CPUs.
         inputs: the inputs fingerprint the checkpoints record and a resume must match
             (:func:`orchestrator.inputs.fingerprints.checkpoint_inputs` of the windows; computed here when None).
+        shard_dir: where the ranks write the pruned checkpoint without a ``checkpoint_dir`` (storage every
+            rank shares; default: a new temporary directory, enough on one machine).
 
     Returns:
         The :class:`RayResult`.
 
     Raises:
-        UsageError: the checkpoint was made by another config or from other inputs (windows, model, libraries).
+        UsageError: the checkpoint was made by another config or from other inputs (windows, model, libraries),
+            or a rank cannot see the directory it must write into.
         RayPruneError: the run failed and the retries ran out (checkpoints are kept).
     """
     from orchestrator.errors import RayPruneError, UsageError
 
     faults = faults if faults is not None else Faults.from_env()
     store = open_store(cfg, checkpoint_dir, input_ids, inputs) if checkpoint_dir is not None else None
+    if store is None and shard_dir is None:
+        import tempfile
+
+        shard_dir = Path(tempfile.mkdtemp(prefix="rayprune-shards-"))
+    root = store.root if store is not None else Path(shard_dir)
     retries = cfg.backend.max_retries if store is not None else 0
     spec = spec or (group.spec if group is not None else prune_spec(cfg))
     attempt = 0
@@ -175,7 +188,8 @@ def run_ray(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress: 
         try:
             if own:
                 group = start_workers(spec)
-            result = _attempt(cfg, model_path, input_ids, progress, group, keep_grad_partitions, store, faults, t0)
+            result = _attempt(cfg, model_path, input_ids, progress, group, keep_grad_partitions, store, faults, t0,
+                              root)
             if own:
                 group.shutdown()
             return result
@@ -222,13 +236,17 @@ def open_store(cfg: RunConfig, root: Path, input_ids: torch.Tensor, inputs: dict
 
 
 def _attempt(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress: bool, group: ActorGroup,
-             keep_grad_partitions: bool, store: CheckpointStore | None, faults: Faults | None, t0: float) -> RayResult:
-    """One attempt on a live group, continuing from ``store``'s progress."""
+             keep_grad_partitions: bool, store: CheckpointStore | None, faults: Faults | None, t0: float,
+             root: Path) -> RayResult:
+    """One attempt on a live group, continuing from ``store``'s progress; the ranks write under ``root``."""
     cfg = cfg.with_compute_dtypes(group.native_bf16)
     pcfg = cfg.pruning
     if store is not None and not store.world_matches(group.workers):
         raise ValueError(f"checkpoint {store.root} was written by {store.progress['world']} workers, "
                          f"not {group.workers}")
+    check_shared_storage(group, root, cfg.output.dir)
+    if store is not None:
+        store.clean()  # an earlier attempt's uncommitted block files (no rank writes now)
     load_workers(group, cfg, model_path, input_ids)
     phases = {"startup": time.perf_counter() - t0}
     if gradient_kinds(pcfg.method, pcfg.gblm.norm):
@@ -238,7 +256,7 @@ def _attempt(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress:
                       cfg.backend.checkpoint_every, faults, cfg.backend.checkpoint_interval_s)
         phases["gradient_pass"] = time.perf_counter() - t1
     t1 = time.perf_counter()
-    outcome, weights = _block_pass(group, cfg, progress, store, faults)
+    outcome, files = _block_pass(group, cfg, progress, root, store, faults)
     phases["block_pass"] = time.perf_counter() - t1
     outcome.phases = phases
     outcome.dtypes = cfg.compute_dtypes()
@@ -247,7 +265,26 @@ def _attempt(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress:
         for m, parts in zip(memory, group.execute("grad_partitions"), strict=True):
             m["grad_partitions"] = parts
     group.execute("finish")
-    return RayResult(outcome=outcome, weights=weights, memory=memory)
+    return RayResult(outcome=outcome, root=root, files=files, memory=memory)
+
+
+def check_shared_storage(group: ActorGroup, root: Path, field_value: str) -> None:
+    """Every rank must see ``root`` as the driver does (:mod:`actors.storage`), before anything is loaded.
+
+    Raises:
+        UsageError: one line naming ``output.dir`` and the nodes whose ranks cannot see it.
+    """
+    from actors.storage import blind_ranks, driver_probe
+    from orchestrator.errors import UsageError
+
+    token = driver_probe(root)
+    answers = group.get([a.probe_storage.remote(str(root), token) for a in group.actors])
+    bad = blind_ranks(root, token, answers)
+    if bad:
+        nodes = sorted({f"{a['node']} (rank {a['rank']}{': ' + a['error'] if a['error'] else ''})" for a in bad})
+        raise UsageError(f"output.dir: {field_value!r} is not storage every node shares (its checkpoint directory "
+                         f"{str(root)!r} is not visible from {', '.join(nodes)}); put it on a filesystem every "
+                         "node mounts")
 
 
 def load_workers(group: ActorGroup, cfg: RunConfig, model_path: str, input_ids: torch.Tensor) -> None:
@@ -378,44 +415,69 @@ def _save_grads(group: ActorGroup, store: CheckpointStore, steps: int, done: boo
     store.commit_grad(world, steps, hashes, done)
 
 
-def _block_pass(group: ActorGroup, cfg: RunConfig, progress: bool, store: CheckpointStore | None = None,
-                faults: Faults | None = None) -> tuple[PruneOutcome, dict]:
-    """Prune all blocks in order; rank 0's answers give masks, weights and rows.
+def _block_pass(group: ActorGroup, cfg: RunConfig, progress: bool, root: Path,
+                store: CheckpointStore | None = None, faults: Faults | None = None) -> tuple[PruneOutcome, dict]:
+    """Prune all blocks in order; every rank scores its share of each block and the ranks write the pruned
+    checkpoint under ``root`` themselves. Only report rows and file records come back here.
 
-    Blocks already in ``store`` are replayed (weights written back, hidden states advanced)
-    instead of pruned again.
+    Blocks already in ``store`` are replayed (each rank reads the block's file, writes the weights back and
+    advances its hidden states) instead of pruned again. Block ``i``'s file record arrives with block
+    ``i + 1``'s answers (written meanwhile) and is committed then.
+
+    Returns:
+        The outcome (report rows) and the written files (relative path -> record).
     """
     import ray
 
     pcfg = cfg.pruning
     out = PruneOutcome()
-    weights: dict[str, torch.Tensor] = {}
+    files: dict[str, dict] = {} if store is None else dict(store.shard_files())
+    if store is None or not store.outside_done:
+        record = group.execute("write_outside", str(root))[0]
+        _take(record, files, store, "outside")
     if uses_activations(pcfg):
         group.execute("capture")
     blocks = group.execute_single(0, "num_blocks")
     probes = None
     if pcfg.allocation == "owl":
-        probes = [group.execute("probe_block", i, cfg.backend.forward_dtype, pcfg.owl.threshold)[SCORER]
+        probes = [group.execute("probe_block", i, cfg.backend.forward_dtype, pcfg.owl.threshold)[0]
                   for i in tqdm(range(blocks), desc=f"OWL probe (ray x{group.workers})", disable=not progress)]
         group.execute("restart_hidden")
     cfgs = block_configs(pcfg, probes, blocks)
     kinds = gradient_kinds(pcfg.method, pcfg.gblm.norm)
     grad_kind = kinds[0] if kinds else None
     done = store.blocks_done if store is not None else 0
-    with BlockWriter(store) as writer:  # block i is written while block i + 1 is pruned
-        for i in tqdm(range(blocks), desc=f"{pcfg.method} blocks (ray x{group.workers})", disable=not progress):
-            if i < done:
-                masks, w, rows = store.load_block(i)
-                group.execute("replay_block", i, w, cfgs[i], cfg.backend.forward_dtype)
-                res = {"masks": masks, "weights": w, "rows": rows}
-            else:
-                if faults is not None and faults.take("kill_at_block", i):
-                    ray.kill(group.actors[-1])
-                if faults is not None and faults.take("hang_at_block", i):
-                    group.actors[-1].hang.remote(faults.hang_seconds)
-                res = group.execute("prune_block", i, cfgs[i], cfg.backend.forward_dtype, grad_kind, SCORER)[SCORER]
-                writer.save(i, res["masks"], res["weights"], res["rows"])
-            out.masks.update(res["masks"])
-            weights.update(res["weights"])
-            out.layers.extend(res["rows"])
-    return out, weights
+    rows: dict[int, list[dict]] = {}  # rows of blocks whose files are not committed yet
+    for i in tqdm(range(blocks), desc=f"{pcfg.method} blocks (ray x{group.workers})", disable=not progress):
+        if i < done:
+            path, sha = store.block_tensors(i)
+            group.execute("replay_block", i, path, sha, cfgs[i], cfg.backend.forward_dtype)
+            out.layers.extend(store.block_rows(i))
+            continue
+        if faults is not None and faults.take("kill_at_block", i):
+            ray.kill(group.actors[-1])
+        if faults is not None and faults.take("hang_at_block", i):
+            group.actors[-1].hang.remote(faults.hang_seconds)
+        answers = group.execute("prune_block", i, cfgs[i], cfg.backend.forward_dtype, grad_kind, str(root))
+        rows[i] = sorted((r for a in answers for r in a["rows"]), key=lambda r: answers[0]["order"][r["name"]])
+        out.layers.extend(rows[i])
+        for a in answers:
+            _take(a["written"], files, store, "block", rows)
+    for record in group.execute("settle_writes"):
+        _take(record, files, store, "block", rows)
+    return out, files
+
+
+def _take(record: dict | None, files: dict[str, dict], store: CheckpointStore | None, kind: str,
+          rows: dict[int, list[dict]] | None = None) -> None:
+    """Record (and with a store, commit) the files a rank reported written."""
+    if record is None:
+        return
+    for rel, entry in record["files"].items():
+        files[rel] = {"path": rel, **entry}
+    if store is None:
+        return
+    if kind == "outside":
+        store.commit_outside(record)
+    else:
+        store.commit_block(record["index"], record, rows.pop(record["index"]))

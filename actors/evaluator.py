@@ -63,6 +63,16 @@ class EvalWorker(GroupMember):
         self.key = ref.key
         return sum(p.numel() for p in self.model.parameters())
 
+    def speed(self, paths: dict[str, str], model_cfg: Any, options: dict) -> dict:
+        """Prefill/decode speed of the checkpoints ``paths`` (label -> directory) side by side on this actor."""
+        from orchestrator.evaluation.speed import compare_speed
+        from orchestrator.inputs.models import load_tokenizer
+        from orchestrator.structured.shrink import load_checkpoint
+
+        self.model = self.key = None  # one model at a time besides the ones measured
+        models = {k: load_checkpoint(p, model_cfg).to(self.device) for k, p in paths.items()}
+        return compare_speed(models, load_tokenizer(next(iter(paths.values())), model_cfg), **options)
+
     def nll(self, windows: torch.Tensor) -> tuple[float, int]:
         """Summed next-token NLL of ``(k, L)`` windows and the number of predicted tokens."""
         from orchestrator.evaluation.perplexity import window_nll
@@ -74,6 +84,18 @@ class EvalWorker(GroupMember):
         from orchestrator.evaluation.zeroshot import score_examples
 
         return score_examples(self.model, self.tokenizer, examples)
+
+
+def remote_speed(spec: GroupSpec, model_cfg: Any, paths: dict[str, str], options: dict) -> dict:
+    """Prefill/decode speed of several checkpoints side by side on one evaluation actor of ``spec``
+    (:func:`orchestrator.evaluation.speed.compare_speed`); the actor is stopped afterwards."""
+    import ray
+
+    group = ActorGroup(EvalWorker, spec)
+    try:
+        return ray.get(group.actors[0].speed.remote(paths, model_cfg, options))
+    finally:
+        group.shutdown()
 
 
 def split(n: int, parts: int) -> list[tuple[int, int]]:

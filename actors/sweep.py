@@ -94,7 +94,7 @@ def _sweep_blocks(group: ActorGroup, cfgs: list, dtype: str, grad_kind: str | No
             group.execute("restart_hidden")
             for i in tqdm(range(blocks), desc=f"sweep {c.target_sparsity:g} (ray x{group.workers})",
                           disable=not progress):
-                fold(k, group.execute("prune_block", i, c, dtype, grad_kind, SCORER, False)[SCORER])
+                fold(k, group.execute("prune_block", i, c, dtype, grad_kind, None, False, SCORER)[SCORER])
         return results
     for i in tqdm(range(blocks), desc=f"sweep blocks (ray x{group.workers})", disable=not progress):
         for k, res in enumerate(group.execute("sweep_block", i, cfgs, dtype, grad_kind, SCORER)[SCORER]):

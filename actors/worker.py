@@ -55,6 +55,25 @@ def read_shard(shard: bytes) -> tuple[torch.Tensor, list[int]]:
     return ids, positions
 
 
+def _load_model(model_path: str, model_cfg: Any, ds_cfg: dict, rank: int, world: int) -> tuple:
+    """``(model, hf_ds_config, io)``: this rank's partitions read as checkpoint slices
+    (:func:`actors.loading.load_own_partitions`), or ``from_pretrained`` under ZeRO-3 for checkpoints
+    that cannot be sliced (pickle weights, renamed keys)."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from actors.loading import load_own_partitions
+    from actors.zero3 import load_partitioned
+
+    dschf = HfDeepSpeedConfig(ds_cfg)  # must stay alive while the model is used
+    loaded = load_own_partitions(model_path, model_cfg, dschf, rank, world)
+    if loaded is not None:
+        return loaded[0], dschf, loaded[1]
+    log.warning("rank %d: %s cannot be read in slices (no safetensors, or renamed keys): every rank reads the "
+                "whole checkpoint", rank, model_path)
+    model, dschf = load_partitioned(model_path, model_cfg, ds_cfg)
+    return model, dschf, {}
+
+
 class PruneWorker(GroupMember):
     """One rank of the distributed pruning job (run by an :class:`~actors.group.ActorGroup`)."""
 
@@ -76,6 +95,10 @@ class PruneWorker(GroupMember):
         self.prefix = ""
         self.recomputed = 0  # block forwards the gradient pass's backward recomputed (activation checkpointing)
         self.grad_local: list[int] = []  # local indices of the gradient pass's sequences
+        self.load_io: dict[str, float] = {}  # bytes this rank read from the checkpoint, and how long it took
+        if getattr(self, "shards", None) is not None:
+            self.shards.close()
+        self.shards = None  # this rank's block writes (:class:`~actors.shard_writer.ShardWriter`)
         gc.collect()
 
     def leave(self) -> None:
@@ -91,7 +114,7 @@ class PruneWorker(GroupMember):
         from transformers import AutoConfig
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-        from actors.zero3 import STATS_REDUCE_BUCKET, ds_config, load_partitioned
+        from actors.zero3 import STATS_REDUCE_BUCKET, ds_config
         from orchestrator.engine.blocks import block_prefix
 
         self.finish()
@@ -109,7 +132,7 @@ class PruneWorker(GroupMember):
         self.seq_len = seq_len
         self.model_cfg = model_cfg
         self.ds_cfg = ds_config(self.world, STATS_REDUCE_BUCKET)
-        self.model, self.dschf = load_partitioned(model_path, model_cfg, self.ds_cfg)
+        self.model, self.dschf, self.load_io = _load_model(model_path, model_cfg, self.ds_cfg, self.rank, self.world)
         self.config = self.model.config
         self.prefix = block_prefix(self.model)
         self.mem.end("load")
@@ -240,6 +263,12 @@ class PruneWorker(GroupMember):
             os._exit(1)
         return sha
 
+    def probe_storage(self, root: str, token: str) -> dict:
+        """This rank's half of the shared-storage check (:func:`actors.storage.rank_probe`)."""
+        from actors.storage import rank_probe
+
+        return rank_probe(root, token, self.rank)
+
     def hang(self, seconds: float) -> None:
         """Fault injection (tests): stop participating for ``seconds``."""
         time.sleep(seconds)
@@ -307,16 +336,18 @@ class PruneWorker(GroupMember):
         """Back to the dense block-0 inputs (the next candidate of a sequential sweep)."""
         self.hidden = self.hidden0
 
-    def _open_block(self, index: int, grad_kind: str | None, scorer: int) -> tuple:
+    def _open_block(self, index: int, grad_kind: str | None, owners: int | dict[str, int]) -> tuple:
         """``(ZeRO-3 block, plain copy on this rank's device, local -> full weight names, local name ->
-        gradient statistic gathered on the scorer)`` of block ``index`` (collective)."""
+        gradient statistic gathered on its owner)`` of block ``index`` (collective); ``owners`` is one rank
+        for every linear or local name -> rank."""
         from actors.zero3 import plain_block
         from orchestrator.engine.blocks import block_linears, decoder_blocks
 
         zblock = decoder_blocks(self.model)[index]
         block = plain_block(zblock, self.config, index)
         full = {n: f"{self.prefix}.{index}.{n}.weight" for n in block_linears(block)}
-        grads = {n: self.grads.gather_to(f, grad_kind, scorer) for n, f in full.items()} if grad_kind else {}
+        dst = owners if isinstance(owners, dict) else dict.fromkeys(full, owners)
+        grads = {n: self.grads.gather_to(f, grad_kind, dst[n]) for n, f in full.items()} if grad_kind else {}
         return zblock, block, full, grads
 
     def probe_block(self, index: int, forward_dtype: str, threshold: float) -> tuple[int, int]:
@@ -334,36 +365,107 @@ class PruneWorker(GroupMember):
         return probe.outliers, probe.total
 
     def prune_block(self, index: int, pcfg: Any, forward_dtype: str, grad_kind: str | None,
-                    scorer: int = 0, write_back: bool = True) -> dict | None:
+                    out_dir: str | None = None, write_back: bool = True, scorer: int | None = None) -> dict | None:
         """Prune block ``index`` with :func:`~orchestrator.engine.block_step.block_step` (collective).
 
-        The statistics are all-reduced, rank ``scorer`` scores (the gradient statistic ``grad_kind``
-        is gathered there only) and broadcasts its weights, which every rank writes back into its
-        ZeRO-3 partitions (not for a sweep candidate: the partitions stay dense for the next one).
-        Rank ``scorer`` returns masks, weights and report rows (on the CPU).
+        The statistics are all-reduced; each rank scores and prunes the linears it owns
+        (:func:`~orchestrator.engine.block_step.linear_owners`; the gradient statistic ``grad_kind`` of a
+        linear is gathered on its owner only) and broadcasts their weights and bit-packed masks, so every
+        rank holds the pruned block and writes it back into its ZeRO-3 partitions (not for a sweep
+        candidate: the partitions stay dense for the next one). Rank ``index % W`` then writes the block's
+        tensors and masks under ``out_dir`` on a background thread (:class:`~actors.shard_writer.ShardWriter`).
+
+        Args:
+            scorer: one rank that scores every linear and returns masks and weights (a sweep's candidates
+                on the driver); None: the ranks share the block and write it themselves.
+
+        Returns:
+            ``{"rows": this rank's report rows, "written": the record of this rank's previous block write,
+            "order": full name -> position in the block}``;
+            with ``scorer``: that rank's masks, weights and rows, None elsewhere.
         """
         import torch.distributed as dist
 
+        from actors.zero3 import full_shape
         from actors.zero3 import write_back as write_back_block
-        from orchestrator.engine.block_step import StepContext, block_step
-        from orchestrator.engine.blocks import block_linears
+        from orchestrator.engine.block_step import StepContext, block_step, linear_owners
+        from orchestrator.engine.blocks import block_linears, decoder_blocks
+        from orchestrator.engine.local import layer_row
+        from orchestrator.outputs.shards import writer_rank
 
-        zblock, block, full, grads = self._open_block(index, grad_kind, scorer)
+        zlinears = block_linears(decoder_blocks(self.model)[index])
+        sizes = {n: math.prod(full_shape(m.weight)) for n, m in zlinears.items()}  # elements of each weight
+        owners = dict.fromkeys(sizes, scorer) if scorer is not None else linear_owners(sizes, self.world)
+        zblock, plain, full, grads = self._open_block(index, grad_kind, owners)
+        masks: dict[str, torch.Tensor] = {}
 
         def share(linears: dict[str, torch.nn.Module]) -> None:
-            for lin in linears.values():  # the scorer's weights everywhere, bit for bit
-                dist.broadcast(lin.weight.data, src=scorer)
+            for n, lin in linears.items():  # each owner's weights everywhere, bit for bit
+                dist.broadcast(lin.weight.data, src=owners[n])
 
-        ctx = StepContext(pcfg, Placement.of(self.device, forward_dtype), grads=grads.get,
-                          reduce=dist.all_reduce, share=share, scorer=self.rank == scorer, positions=self.positions)
-        step = block_step(block, self.hidden, self.kwargs, ctx)
+        ctx = StepContext(pcfg, Placement.of(self.device, forward_dtype), grads=grads.get, reduce=dist.all_reduce,
+                          share=share, owns=lambda n: owners[n] == self.rank, positions=self.positions)
+        step = block_step(plain, self.hidden, self.kwargs, ctx)
         self.hidden = step.hidden
-        linears = block_linears(block)
+        linears = block_linears(plain)
         if write_back:
             write_back_block(zblock, {n: lin.weight.data for n, lin in linears.items()}, self.rank)
-        if self.rank != scorer:
+        mine = step.results[0]
+        if scorer is not None:
+            return _answer(mine, linears, full) if self.rank == scorer else None
+        masks = self._share_masks(linears, owners, mine, full)
+        rows = [layer_row(full[n], r) for n, r in mine.items()]
+        written = None
+        if out_dir is not None and writer_rank(index, self.world) == self.rank:
+            tensors = {f"{self.prefix}.{index}.{n}": to_cpu(p.data).clone() for n, p in plain.named_parameters()}
+            if self.shards is None:
+                from actors.shard_writer import ShardWriter
+
+                self.shards = ShardWriter()
+            written = self.shards.submit(Path(out_dir), index, tensors, masks)
+        del plain
+        return {"rows": rows, "written": written, "order": {f: k for k, f in enumerate(full.values())}}
+
+    def _share_masks(self, linears: dict, owners: dict[str, int], mine: dict, full: dict[str, str]) -> dict:
+        """Every linear's mask (bool, full names, on the CPU) from its owner, broadcast bit-packed (collective)."""
+        import torch.distributed as dist
+
+        from orchestrator.outputs.shards import pack_bits, unpack_bits
+
+        out = {}
+        for n, lin in linears.items():
+            shape = lin.weight.shape
+            if n in mine:
+                packed = pack_bits(mine[n].mask.to(self.device))
+            else:
+                packed = torch.empty((math.prod(shape) + 7) // 8, dtype=torch.uint8, device=self.device)
+            dist.broadcast(packed, src=owners[n])
+            out[full[n]] = unpack_bits(packed.cpu(), shape)  # (out, in) True = pruned
+        return out
+
+    def settle_writes(self) -> dict | None:
+        """Wait for this rank's block write in flight; returns its record (None when there was none)."""
+        return None if self.shards is None else self.shards.settle()
+
+    def write_outside(self, out_dir: str) -> dict | None:
+        """Write every parameter outside the decoder blocks (embeddings, final norm, an untied head) into
+        ``model/model-outside.safetensors`` under ``out_dir`` (collective: one gathered tensor at a time;
+        rank 0 writes). Returns rank 0's file record, None elsewhere."""
+        import deepspeed
+
+        from orchestrator.outputs.shards import MODEL_DIR, OUTSIDE_SHARD, write_tensors
+
+        tensors = {}
+        for name, p in self.model.named_parameters():
+            if name.startswith(f"{self.prefix}."):
+                continue
+            with deepspeed.zero.GatheredParameters([p]):
+                if self.rank == 0:
+                    tensors[name] = to_cpu(p.data).clone()
+        if self.rank != 0:
             return None
-        return _answer(step.results[0], linears, full)
+        rel = f"{MODEL_DIR}/{OUTSIDE_SHARD}"
+        return {"files": {rel: write_tensors(Path(out_dir) / rel, tensors)}}
 
     def sweep_block(self, index: int, pcfgs: list[Any], forward_dtype: str, grad_kind: str | None,
                     scorer: int = 0) -> list[dict] | None:
@@ -377,7 +479,7 @@ class PruneWorker(GroupMember):
 
         _, block, full, grads = self._open_block(index, grad_kind, scorer)
         ctx = StepContext(pcfgs[0], Placement.of(self.device, forward_dtype), grads=grads.get,
-                          reduce=dist.all_reduce, scorer=self.rank == scorer)
+                          reduce=dist.all_reduce, owns=lambda _n: self.rank == scorer)
         targets = [(copy.deepcopy(block), c) for c in pcfgs] if self.rank == scorer else []
         step = block_step(block, self.hidden, self.kwargs, ctx, targets=targets or [(block, pcfgs[0])])
         self.hidden = step.hidden
@@ -385,15 +487,18 @@ class PruneWorker(GroupMember):
             return None
         return [_answer(res, block_linears(t), full) for res, (t, _) in zip(step.results, targets, strict=True)]
 
-    def replay_block(self, index: int, weights: dict[str, torch.Tensor], pcfg: Any, forward_dtype: str) -> None:
-        """Restore a checkpointed block (collective): the same weights in the ZeRO-3 partitions and the
-        same next-block inputs as :meth:`prune_block` left behind (the one block step, replaying)."""
+    def replay_block(self, index: int, path: str, sha256: str, pcfg: Any, forward_dtype: str) -> None:
+        """Restore a checkpointed block from its file (collective): the same weights in the ZeRO-3 partitions
+        and the same next-block inputs as :meth:`prune_block` left behind (the one block step, replaying).
+        Every rank reads the block's file (hash-checked) from the shared checkpoint directory."""
+        from actors.checkpoint import load_tensors
         from actors.zero3 import write_back
         from orchestrator.engine.block_step import StepContext, block_step
         from orchestrator.engine.blocks import block_linears
 
         zblock, block, full, _ = self._open_block(index, None, 0)  # no gradients: nothing is scored
-        local = {n: weights[f] for n, f in full.items()}
+        saved = load_tensors(Path(path), sha256)
+        local = {n: saved[f] for n, f in full.items()}
         ctx = StepContext(pcfg, Placement.of(self.device, forward_dtype))
         self.hidden = block_step(block, self.hidden, self.kwargs, ctx, replay=local).hidden
         write_back(zblock, {n: lin.weight.data for n, lin in block_linears(block).items()}, self.rank)
@@ -417,6 +522,9 @@ class PruneWorker(GroupMember):
             "recomputed_blocks": self.recomputed,
             **self.mem.report(),
             "gradient_pass_seconds": dict(self.seconds),
+            "load_read_bytes": int(self.load_io.get("read_bytes", 0)),
+            "load_tensor_bytes": int(self.load_io.get("tensor_bytes", 0)),
+            "load_seconds": round(float(self.load_io.get("seconds", 0.0)), 3),
         }
 
     def grad_partitions(self) -> dict[str, dict[str, torch.Tensor]]:

@@ -25,8 +25,9 @@ from orchestrator.inputs.data import (
     load_texts,
     tokenize_corpus,
 )
-from orchestrator.inputs.models import load_model, load_tokenizer, materialize
+from orchestrator.inputs.models import load_model, load_tokenizer, materialize, model_skeleton
 from orchestrator.outputs.artifacts import REPORT_SCHEMA_VERSION, RunWriter, output_lock
+from orchestrator.outputs.assemble import place_shards, sparsity_from_rows
 from orchestrator.outputs.publish import checkpoint_path
 from orchestrator.outputs.report import render_markdown, render_plots, validate_report
 
@@ -105,9 +106,19 @@ def local_checkpointing(cfg: RunConfig, model) -> bool:
     return choose_checkpointing(cfg, model.config, 1, device_memory_bytes("cpu"))
 
 
+def sharded_run(cfg: RunConfig) -> bool:
+    """Whether the run's tensors stay on the ranks (``backend: ray``, not structured, not a sweep): the
+    coordinator then holds the model's structure only, and the ranks write the pruned checkpoint."""
+    return cfg.backend.kind == "ray" and not cfg.structured.enabled and not cfg.pruning.sweep
+
+
 def prune_with_backend(cfg: RunConfig, model, model_path: str, calib: torch.Tensor, progress: bool,
-                       checkpoint_dir: Path | None = None) -> tuple[PruneOutcome, list[dict]]:
-    """Run the configured backend; afterwards ``model`` holds the pruned weights."""
+                       checkpoint_dir: Path | None = None) -> tuple[PruneOutcome, list[dict], object]:
+    """Run the configured backend: ``(outcome, memory per worker, the ray result or None)``.
+
+    In one process ``model`` holds the pruned weights afterwards; on Ray ``model`` is the meta-device
+    skeleton and the result names the files the ranks wrote (:class:`~actors.distributed.RayResult`).
+    """
     if cfg.backend.kind == "local":
         if cfg.backend.num_threads:
             torch.set_num_threads(cfg.backend.num_threads)
@@ -115,18 +126,14 @@ def prune_with_backend(cfg: RunConfig, model, model_path: str, calib: torch.Tens
         outcome = run_local(model, calib, cfg.pruning, Placement.of("cpu", cfg.backend.forward_dtype), progress,
                             local_checkpointing(cfg, model))
         outcome.dtypes = cfg.compute_dtypes()
-        return outcome, []
+        return outcome, [], None
     from actors.distributed import run_ray  # Ray and DeepSpeed only load for this backend
     from orchestrator.inputs.fingerprints import checkpoint_inputs
 
     inputs = checkpoint_inputs(cfg.model, calib) if checkpoint_dir is not None else None  # a resume must match
     result = run_ray(cfg, model_path, calib, progress=progress, checkpoint_dir=checkpoint_dir,
                      spec=groups.prune_spec(cfg), inputs=inputs)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, w in result.weights.items():
-            params[name].copy_(w.to(params[name].dtype))
-    return result.outcome, result.memory
+    return result.outcome, result.memory, result
 
 
 def _prepare_checkpoints(cfg: RunConfig, resume: bool) -> Path | None:
@@ -211,13 +218,16 @@ def _run(cfg: RunConfig, timer: PhaseTimer, progress: bool, run_key: str | None,
         check_source(cfg.calibration.source, "calibration.source")  # before minutes of model loading
     if cfg.eval.enabled and cfg.eval.source:
         check_source(cfg.eval.source, "eval.source")
+    sharded = sharded_run(cfg)
     with RunWriter(cfg.output, tag=run_tag) as writer:
         with timer.phase("load"):
             model_path = materialize(cfg.model)
             tokenizer = load_tokenizer(model_path, cfg.model)
-            model = load_model(model_path, cfg.model)
+            # a distributed run's coordinator knows the model's structure only (meta device, no weights)
+            model = model_skeleton(model_path, cfg.model) if sharded else load_model(model_path, cfg.model)
         with timer.phase("data"):
-            calib = calibration_windows(cfg, model_path, tokenizer, model)
+            generates = cfg.calibration.source == "generate"  # the model writes its own text: loaded for that
+            calib = calibration_windows(cfg, model_path, tokenizer, None if sharded and generates else model)
             windows = eval_windows(cfg, tokenizer, model)
         evaluator = Evaluator(cfg, model_path, tokenizer, windows, progress, groups.eval_actors(cfg, progress))
         try:
@@ -248,9 +258,11 @@ def _prune_and_evaluate(cfg: RunConfig, timer: PhaseTimer, writer: RunWriter, ev
     zeroshot: dict = {}
     extra: dict = {}
     grouped = evaluator.distributed
+    sharded = sharded_run(cfg)
     if evaluator.active and cfg.eval.dense_baseline:
         with timer.phase("eval_dense"):
-            res = evaluator.evaluate(model, evaluator.ref("dense") if grouped else None, "dense")
+            res = evaluator.evaluate(_loaded(cfg, model, model_path, sharded and not grouped),
+                                     evaluator.ref("dense") if grouped else None, "dense")
             _record(metrics, zeroshot, "dense", res)
             evaluator.close()  # the pruning workers need these devices
     structured = None
@@ -286,18 +298,22 @@ def _prune_and_evaluate(cfg: RunConfig, timer: PhaseTimer, writer: RunWriter, ev
             model, outcome = main.model, main.outcome
             outcome.phases = sweep.phases
         else:
-            outcome, memory, sweep = *prune_with_backend(cfg, model, model_path, calib, progress, ckpt), None
+            outcome, memory, ray_result = prune_with_backend(cfg, model, model_path, calib, progress, ckpt)
+            sweep = None
     names = pruned_weight_names(model)
-    frac, zeros, total = reached_sparsity(model, names)
+    frac, zeros, total = sparsity_from_rows(outcome.layers) if sharded else reached_sparsity(model, names)
     with timer.phase("save"):
-        if cfg.output.save_model:
+        if sharded:  # the ranks wrote every tensor; the coordinator adds the metadata around them
+            writer.known_hashes.update(place_shards(writer.tmp, ray_result.root, ray_result.files, model.config,
+                                                    model.generation_config, tokenizer))
+        elif cfg.output.save_model:
             if structured is not None:
                 from orchestrator.structured.shrink import save_structured
 
                 save_structured(model, writer.path("model"), tokenizer)
             else:
                 writer.write_model(model, tokenizer)
-        if structured is None:
+        if structured is None and not sharded:
             writer.write_masks(outcome.masks)
         writer.write_config(cfg)
     if sweep is not None and evaluator.active:
@@ -308,16 +324,21 @@ def _prune_and_evaluate(cfg: RunConfig, timer: PhaseTimer, writer: RunWriter, ev
     elif evaluator.active:
         with timer.phase("eval_pruned"):
             ref = None
-            if grouped and structured is None:
+            if grouped and structured is None and not sharded:
                 params = dict(model.named_parameters())
                 ref = evaluator.ref("pruned", {n: params[n].detach() for n in names})
-            elif grouped and cfg.output.save_model:
+            elif grouped and (cfg.output.save_model or sharded):
                 ref = evaluator.ref("pruned", path=str(writer.path("model")))
-            _record(metrics, zeroshot, "pruned", evaluator.evaluate(model, ref, "pruned"))
+            pruned = _loaded(cfg, model, str(writer.path("model")), sharded and not grouped)
+            _record(metrics, zeroshot, "pruned", evaluator.evaluate(pruned, ref, "pruned"))
+            del pruned
     evaluator.close()  # free the actors' memory before the speed measurement
     if cfg.eval.speed:
         with timer.phase("speed"):
-            extra["speed"] = _speed(cfg, model_path, model, tokenizer)
+            extra["speed"] = (_speed(cfg, model_path, model, tokenizer) if not sharded else
+                              _speed_from_checkpoints(cfg, model_path, str(writer.path("model")), tokenizer))
+    if sharded and not cfg.output.save_model:  # the ranks' shards served the evaluation; not kept
+        _drop_model_dir(writer)
     if zeroshot:
         extra["zeroshot"] = zeroshot
     return {
@@ -367,6 +388,36 @@ def _evaluate_sweep(sweep, evaluator, writer: RunWriter, names: list[str]) -> tu
         rows.append({"name": f"{c.sparsity:g}", "sparsity": c.sparsity, "reached": frac, "ppl": r["ppl"],
                      "zeroshot": r["zeroshot"]})
     return rows, {"gradient": sweep.gradient_passes, "activation": sweep.activation_passes}
+
+
+def _loaded(cfg: RunConfig, model, path: str, load: bool):
+    """``model``, or (``load``) the checkpoint at ``path`` loaded in this process: a distributed run evaluated
+    in the coordinator (``eval.workers: 0``), which then holds one model while it evaluates it."""
+    if not load:
+        return model
+    log.info("eval.workers is 0: the coordinator loads %s to evaluate it (evaluation actors avoid that)", path)
+    return load_model(path, cfg.model)
+
+
+def _drop_model_dir(writer: RunWriter) -> None:
+    """Remove ``model/`` from the run (``output.save_model: false``) and its known hashes."""
+    import shutil
+
+    shutil.rmtree(writer.tmp / "model", ignore_errors=True)
+    writer.known_hashes = {k: v for k, v in writer.known_hashes.items() if not k.startswith("model/")}
+
+
+def _speed_from_checkpoints(cfg: RunConfig, dense_path: str, pruned_path: str, tokenizer) -> dict:
+    """Prefill/decode speed of the dense and the pruned checkpoint, side by side on one evaluation actor
+    (in this process when ``eval.workers`` is 0)."""
+    if not cfg.eval.workers:
+        return _speed(cfg, dense_path, load_model(pruned_path, cfg.model), tokenizer)
+    from actors.evaluator import remote_speed  # Ray loads only for evaluation actors
+
+    e = cfg.eval
+    return remote_speed(groups.eval_spec(cfg, workers=1), cfg.model, {"dense": dense_path, "pruned": pruned_path},
+                        dict(prompt_len=e.speed_prompt_len, new_tokens=e.speed_new_tokens,
+                             batch_sizes=tuple(e.speed_batch_sizes), repeats=e.speed_repeats))
 
 
 def _speed(cfg: RunConfig, model_path: str, model, tokenizer) -> dict:

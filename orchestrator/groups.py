@@ -80,11 +80,17 @@ def eval_actors(cfg: RunConfig, progress: bool) -> Callable[[], Any] | None:
                              field="eval.workers", address=cfg.backend.address, strategy="PACK",
                              collective_timeout_s=cfg.backend.collective_timeout_s)
             return ShardedEvalGroup(spec, cfg.model, progress)
-        spec = GroupSpec(cfg.eval.workers, use_gpu=gpus, backend=None, field="eval.workers",
-                         address=cfg.backend.address, strategy="SPREAD")
-        return EvalGroup(spec, cfg.model, progress)
+        return EvalGroup(eval_spec(cfg), cfg.model, progress)
 
     return start
+
+
+def eval_spec(cfg: RunConfig, workers: int | None = None) -> Any:
+    """The group of plain (unsharded) evaluation actors: ``eval.workers`` of them unless ``workers`` says."""
+    from actors.group import GroupSpec
+
+    return GroupSpec(workers or cfg.eval.workers, use_gpu=cluster_uses_gpus(cfg), backend=None, field="eval.workers",
+                     address=cfg.backend.address, strategy="SPREAD")
 
 
 def distributed_recovery(cfg: RunConfig) -> Callable[[nn.Module, torch.Tensor, StructuredRecoveryConfig], Any]:

@@ -7,8 +7,9 @@ For decoder block ``i`` with inputs ``hidden`` (this process's sequences):
 2. ``reduce`` every statistic (identity in one process, a SUM all-reduce across ranks), so each
    rank holds the statistics of all calibration sequences;
 3. score and prune every linear with the configured method, then (``reconstruct: layer``)
-   re-solve its kept weights by least squares (only where ``scorer`` is true: on Ray only rank 0
-   scores; ``share`` then makes its weights everyone's);
+   re-solve its kept weights by least squares (each process only the linears it ``owns``: on Ray
+   the linears of a block are spread over the ranks; ``share`` then makes every owner's weights
+   everyone's);
 4. (``reconstruct: block``) tune the block's kept weights on every rank together, gradients
    SUM-reduced, so the pruned block reproduces the dense block's outputs
    (:mod:`~orchestrator.engine.block_tune`);
@@ -47,8 +48,10 @@ from orchestrator.pruning.stats import ActivationStats
 
 log = logging.getLogger(__name__)
 
-#: makes the scorer's weights of these linears every rank's (identity in one process)
+#: makes each owner's weights of these linears every rank's (identity in one process)
 Share = Callable[[dict[str, nn.Linear]], None]
+#: local linear name -> whether this process scores and prunes it
+Owns = Callable[[str], bool]
 #: local linear name -> the gradient statistic the method scores with (or None)
 GradLookup = Callable[[str], torch.Tensor | None]
 
@@ -66,6 +69,36 @@ def no_grads(_name: str) -> None:
     return None
 
 
+def owns_all(_name: str) -> bool:
+    """The ownership of a single process: it prunes every linear."""
+    return True
+
+
+def linear_owners(sizes: dict[str, int], world: int) -> dict[str, int]:
+    """Which rank scores and prunes each linear of a block: largest first, each to the least loaded rank.
+
+    Rows of a linear are independent once the statistics are reduced, so any split gives the same
+    masks as one process scoring everything; this one balances the weights each rank scores
+    (ties: the lower rank, in the block's order), the same on every rank.
+
+    Args:
+        sizes: local linear name -> elements of its weight, in the block's order.
+        world: ranks.
+
+    Returns:
+        local linear name -> rank.
+    """
+    order = sorted(range(len(sizes)), key=lambda i: -list(sizes.values())[i])
+    names = list(sizes)
+    load = [0] * world
+    owners: dict[str, int] = {}
+    for i in order:
+        r = min(range(world), key=lambda k: (load[k], k))
+        owners[names[i]] = r
+        load[r] += sizes[names[i]]
+    return {n: owners[n] for n in names}
+
+
 @dataclass
 class StepContext:
     """What a block step needs besides the block and its inputs.
@@ -75,8 +108,9 @@ class StepContext:
         place: device and autocast dtype of the forwards; statistics stay fp32 on that device.
         grads: gradient statistic of each local linear (GBLM).
         reduce: SUM of a statistic over all ranks.
-        share: broadcast of the scorer's pruned weights.
-        scorer: whether this process scores and prunes (rank 0 on Ray; always in one process).
+        share: broadcast of each owner's pruned weights.
+        owns: which linears this process scores and prunes (on Ray each rank its share of the block,
+            :func:`linear_owners`; every linear in one process).
         positions: global calibration index of each local sequence (None: ``range(n)``, one process).
     """
 
@@ -85,7 +119,7 @@ class StepContext:
     grads: GradLookup = no_grads
     reduce: Reduce = no_reduce
     share: Share = no_share
-    scorer: bool = True
+    owns: Owns = owns_all
     positions: list[int] | None = None
 
 
@@ -94,8 +128,8 @@ class StepResult:
     """What a block step produced.
 
     Attributes:
-        results: per target (one unless a sweep), local linear name -> its pruning result
-            (empty on a non-scoring rank and on a replay).
+        results: per target (one unless a sweep), local linear name -> its pruning result, for the
+            linears this process owns (none on a replay).
         hidden: ``(n, L, H)`` the next block's inputs on the placement's device.
     """
 
@@ -207,17 +241,17 @@ def prune_linears(linears: dict[str, nn.Linear], stats: dict[str, ActivationStat
 
 def tune(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor, dense_out: torch.Tensor,
          kwargs: dict, ctx: StepContext, cfg: PruningConfig, results: dict[str, LayerPruneResult] | None) -> None:
-    """``reconstruct: block`` on every rank together: tune the kept weights, then share the scorer's.
+    """``reconstruct: block`` on every rank together: tune the kept weights, then share the owners'.
 
     The masks are the zeros of the shared weights (every rank holds them); the tuned weights are
-    copied into the scorer's ``results``.
+    copied into the owned ``results``.
     """
     masks = {name: lin.weight.data == 0 for name, lin in linears.items()}  # (out, in) True = pruned
     bt = cfg.block_tune
     out = tune_block(block, linears, masks, hidden, dense_out, kwargs, ctx.place, bt.epochs, bt.batch, bt.lr,
                      ctx.positions, ctx.reduce)
     log.debug("block tuning: loss %.4g -> %.4g over %d steps", out.loss_first, out.loss_last, out.steps)
-    ctx.share(linears)  # the scorer's bits everywhere (the all-reduced steps agree up to rounding)
+    ctx.share(linears)  # the owners' bits everywhere (the all-reduced steps agree up to rounding)
     for name, res in (results or {}).items():
         res.weight = linears[name].weight.data.detach().clone()
 
@@ -258,11 +292,12 @@ def block_step(block: nn.Module, hidden: torch.Tensor | None, kwargs: dict, ctx:
             with torch.no_grad():
                 for name, lin in tlinears.items():
                     lin.weight.data.copy_(replay[name].to(lin.weight.device, lin.weight.dtype))
-        elif ctx.scorer:
-            results.append(prune_linears(tlinears, stats, ctx.grads, tcfg))
+        else:
+            owned = {n: lin for n, lin in tlinears.items() if ctx.owns(n)}
+            results.append(prune_linears(owned, stats, ctx.grads, tcfg))
         ctx.share(tlinears)
         if replay is None and tcfg.reconstruct == "block" and dense_out is not None:
-            tune(tblock, tlinears, hidden, dense_out, kwargs, ctx, tcfg, results[-1] if ctx.scorer else None)
+            tune(tblock, tlinears, hidden, dense_out, kwargs, ctx, tcfg, results[-1])
     if not active:
         return StepResult(results, hidden)
     if cfg.sequential and not targets:

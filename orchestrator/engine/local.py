@@ -184,6 +184,7 @@ def layer_row(full_name: str, res: LayerPruneResult) -> dict:
         "name": full_name,
         "shape": list(res.mask.shape),
         "sparsity": float(res.mask.float().mean()),
+        "zeros": int((res.weight == 0).sum()),  # pruned, plus kept weights that are exactly zero
         "score_mean": res.score_mean,
     }
 

@@ -271,6 +271,31 @@ def load_model(path: str, cfg: ModelConfig, dtype: str | None = None):
     return model.eval()
 
 
+def model_skeleton(path: str, cfg: ModelConfig):
+    """The model's structure on the meta device: names, shapes and config, no weight read or allocated
+    (what the coordinator of a distributed run knows of the model).
+
+    Raises:
+        UsageError: the config cannot be read or the architecture is unknown.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    check_weight_format(path, cfg)
+    config = load_model_config(path, cfg)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=TORCH_DTYPES[cfg.dtype],
+                                                     trust_remote_code=cfg.trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - an architecture transformers does not know
+        raise UsageError(f"model.source: cannot build {path!r}: {type(exc).__name__}: {_first_line(exc)}") from None
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        pass  # no generation_config.json: the one derived from the config stays
+    return model.eval()
+
+
 def check_weight_format(path: str, cfg: ModelConfig) -> None:
     """Refuse a local model directory whose weights exist only as pickle files.
 

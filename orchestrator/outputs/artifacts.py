@@ -93,6 +93,7 @@ class RunWriter:
         check_output(out)  # the usual errors first, before any file is created
         self.final = resolve_output(out.dir)
         self.overwrite = out.overwrite
+        self.known_hashes: dict[str, str] = {}  # relative path -> SHA-256 its writer computed (ranks' shards)
         self._lock: OutputLock | None = acquire_output_lock(self.final)
         self.created = list(self._lock.created)
         try:
@@ -169,7 +170,9 @@ class RunWriter:
         files = {}
         for p in sorted(self.tmp.rglob("*")):
             if p.is_file():
-                files[str(p.relative_to(self.tmp))] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                rel = str(p.relative_to(self.tmp))
+                sha = self.known_hashes.get(rel) or sha256_file(p)  # the ranks hashed their files while writing
+                files[rel] = {"bytes": p.stat().st_size, "sha256": sha}
         (self.tmp / "manifest.json").write_text(json.dumps({"files": files}, indent=2) + "\n")
         umask = current_umask()  # read, not set: os.umask would race with other threads
         self.tmp.chmod(0o777 & ~umask)  # mkdtemp creates 0700; a published run is normal

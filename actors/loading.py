@@ -1,0 +1,113 @@
+"""Each rank loads only its own ZeRO-3 partitions, read as slices of the checkpoint's safetensors files.
+
+``from_pretrained`` under ZeRO-3 reads whole shards into host memory before it partitions them
+(one rank reads everything and broadcasts). Here the model is built partitioned and empty
+(``zero.Init`` + no initialisation), and every rank reads, for each parameter, only the contiguous
+range of the flattened tensor its ``ds_tensor`` holds (elements ``[rank * P, (rank + 1) * P)`` with
+``P = ceil(numel / W)``) through safetensors' lazy slices: a rank reads about ``1/W`` of the
+checkpoint's bytes, never a whole tensor of another rank's share.
+
+Collective only in that every rank builds the same model; the reads are local.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from orchestrator.inputs.config import ModelConfig
+from orchestrator.inputs.models import TORCH_DTYPES
+from orchestrator.outputs.shards import checkpoint_keys, read_flat_range
+
+log = logging.getLogger(__name__)
+
+#: bytes per element of safetensors' dtype names
+_ELEMENT_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                  "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def meta_parameter_names(config: Any, dtype: torch.dtype, trust_remote_code: bool = False) -> list[str]:
+    """Names of a model's parameters (tied ones once), from its config alone (built on the meta device)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return [n for n, _ in model.named_parameters()]
+
+
+def sliceable(model_path: str, names: list[str]) -> dict[str, str] | None:
+    """Tensor name -> file for every name in ``names`` when the checkpoint's safetensors hold them all under
+    those names; None otherwise (pickle weights, or keys transformers renames while loading)."""
+    keys = checkpoint_keys(model_path)
+    if keys is None or any(n not in keys for n in names):
+        return None
+    return {n: keys[n] for n in names}
+
+
+def load_own_partitions(model_path: str, model_cfg: ModelConfig, dschf: Any, rank: int,
+                        world: int) -> tuple[nn.Module, dict[str, float]] | None:
+    """Build the model partitioned and fill this rank's partitions from the checkpoint's slices.
+
+    Args:
+        model_path: a materialised model directory.
+        model_cfg: model options (dtype, trust_remote_code).
+        dschf: the live ``HfDeepSpeedConfig`` (ZeRO-3): transformers builds the model under ``zero.Init``.
+        rank: this rank.
+        world: ranks.
+
+    Returns:
+        ``(model, {"read_bytes", "tensor_bytes", "seconds"})`` (bytes this rank read, bytes of every
+        tensor of the checkpoint it loads), or None when the checkpoint cannot be sliced (the caller
+        falls back to ``from_pretrained``).
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    dtype = TORCH_DTYPES[model_cfg.dtype]
+    from actors.zero3 import plain_construction
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
+    with plain_construction(dschf):  # the meta skeleton is built without zero.Init
+        names = meta_parameter_names(config, dtype, model_cfg.trust_remote_code)
+    files = sliceable(model_path, names)
+    if files is None:
+        return None
+    t0 = time.perf_counter()
+    with no_init_weights():  # every value is read below
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
+    params = dict(model.named_parameters())
+    read = total = 0
+    by_file: dict[str, list[str]] = {}
+    for name, rel in files.items():
+        by_file.setdefault(rel, []).append(name)
+    with torch.no_grad():
+        for rel, names in sorted(by_file.items()):
+            with safe_open(str(Path(model_path) / rel), framework="pt") as f:
+                for name in names:
+                    p = params[name]
+                    part = p.ds_tensor  # (P,) this rank's partition
+                    numel = int(p.ds_numel)
+                    lo = min(numel, rank * part.numel())
+                    hi = min(numel, lo + part.numel())
+                    flat, nbytes = read_flat_range(f, name, lo, hi)  # (hi - lo,)
+                    read += nbytes
+                    total += numel * _ELEMENT_BYTES.get(f.get_slice(name).get_dtype(), 4)
+                    if hi > lo:
+                        part.data[: hi - lo].copy_(flat.to(part.dtype))
+                    if part.numel() > hi - lo:
+                        part.data[hi - lo :].zero_()  # the padding of the last partition
+    keys = checkpoint_keys(model_path) or {}
+    for name, buf in model.named_buffers():  # persistent buffers the checkpoint holds (rare; small)
+        if name in keys:
+            with safe_open(str(Path(model_path) / keys[name]), framework="pt") as f:
+                buf.data.copy_(f.get_tensor(name))
+    seconds = time.perf_counter() - t0
+    log.info("rank %d of %d: read %.1f MiB of the checkpoint's tensors for its partitions in %.1f s",
+             rank, world, read / 2**20, seconds)
+    return model.eval(), {"read_bytes": read, "tensor_bytes": total, "seconds": seconds}

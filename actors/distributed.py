@@ -16,6 +16,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -52,6 +53,27 @@ class RayResult:
     root: Path | None = None
     files: dict[str, dict] = field(default_factory=dict)
     memory: list[dict] = field(default_factory=list)
+
+    def _read(self, folder: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        out: dict[str, torch.Tensor] = {}
+        for rel in sorted(self.files):
+            if rel.startswith(f"{folder}/"):
+                out.update(load_file(str(self.root / rel)))
+        return out
+
+    @cached_property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Every mask the ranks wrote (bool, True = pruned), read from the files: for tests and tools, never
+        the coordinator (it would hold them all)."""
+        return self._read("masks")
+
+    @cached_property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The pruned linears' weights the ranks wrote, read from the files (tests and tools only)."""
+        names = set(self.masks)
+        return {k: v for k, v in self._read("model").items() if k in names}
 
 
 def shard_bounds(n: int, workers: int) -> list[tuple[int, int]]:

@@ -105,9 +105,9 @@ def test_ray_matches_local(setup, groups, method, pattern):
     local_ppl = perplexity(local_model, held_out)
     for workers, group in groups.items():
         res = run_ray(cfg, path, calib, progress=False, group=group)
-        assert set(res.outcome.masks) == set(local.masks)
+        assert set(res.masks) == set(local.masks)
         assert set(res.weights) == set(local.masks)
-        same = sum(int((res.outcome.masks[k] == local.masks[k]).sum()) for k in local.masks)
+        same = sum(int((res.masks[k] == local.masks[k]).sum()) for k in local.masks)
         total = sum(m.numel() for m in local.masks.values())
         assert same / total >= 0.999, f"{workers} workers: masks agree on {same / total:.5f}"
         ppl = perplexity(_with_weights(path, cfg, res.weights), held_out)
@@ -142,7 +142,7 @@ def test_parameters_before_block_zero_come_from_the_model(groups, tmp_path):
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))  # (N, L)
     local = run_local(load_model(str(tmp_path), cfg.model), ids, cfg.pruning, progress=False)
     res = run_ray(cfg, str(tmp_path), ids, progress=False, group=groups[2])
-    same = sum(int((res.outcome.masks[k] == local.masks[k]).sum()) for k in local.masks)
+    same = sum(int((res.masks[k] == local.masks[k]).sum()) for k in local.masks)
     assert same / sum(m.numel() for m in local.masks.values()) >= 0.999  # random positions: 0.93
 
 
@@ -168,12 +168,12 @@ def test_ray_matches_local_with_quality_options(setup, groups, method, pattern, 
     local_ppl = perplexity(local_model, held_out)
     local_weights = dict(local_model.named_parameters())
     res = run_ray(cfg, path, calib, progress=False, group=groups[2])
-    same = sum(int((res.outcome.masks[k] == local.masks[k]).sum()) for k in local.masks)
+    same = sum(int((res.masks[k] == local.masks[k]).sum()) for k in local.masks)
     total = sum(m.numel() for m in local.masks.values())
     assert same / total >= 0.999, f"masks agree on {same / total:.5f}"
     for name, w in res.weights.items():  # the re-solved kept weights themselves, on rows with the same mask
         ref = local_weights[name].detach()
-        rows = (res.outcome.masks[name] == local.masks[name]).all(dim=1)  # (out,)
+        rows = (res.masks[name] == local.masks[name]).all(dim=1)  # (out,)
         assert int(rows.sum()) >= 0.9 * rows.numel(), name
         assert float((w[rows] - ref[rows]).norm() / ref[rows].norm()) < 1e-2, name
     ppl = perplexity(_with_weights(path, cfg, res.weights), held_out)
@@ -283,7 +283,7 @@ def test_fewer_samples_than_workers(setup, groups, method):
     cfg = make_cfg(method)
     _, local = _local(cfg, path, calib[:1])
     res = run_ray(cfg, path, calib[:1], progress=False, group=groups[2])
-    same = sum(int((res.outcome.masks[k] == local.masks[k]).sum()) for k in local.masks)
+    same = sum(int((res.masks[k] == local.masks[k]).sum()) for k in local.masks)
     assert same / sum(m.numel() for m in local.masks.values()) >= 0.999
 
 
@@ -320,7 +320,7 @@ finally:
     ray.shutdown()
     cluster.shutdown()
 local = run_local(load_model(path, cfg.model), calib, cfg.pruning, progress=False)
-same = sum(int((res.outcome.masks[k] == local.masks[k]).sum()) for k in local.masks)
+same = sum(int((res.masks[k] == local.masks[k]).sum()) for k in local.masks)
 total = sum(m.numel() for m in local.masks.values())
 assert same / total >= 0.999, same / total
 print("OK", len(ids), same / total)
@@ -392,6 +392,6 @@ def test_auto_dtypes_resolve_on_the_workers_and_match_local_bf16(setup, cluster,
                       progress=False)
     fp32 = run_local(load_model(path, cfg.model), calib, make_cfg("gblm").pruning, progress=False)
     total = sum(m.numel() for m in local.masks.values())
-    agree = sum(int((res.outcome.masks[k] == local.masks[k]).sum()) for k in local.masks) / total
+    agree = sum(int((res.masks[k] == local.masks[k]).sum()) for k in local.masks) / total
     vs_fp32 = sum(int((fp32.masks[k] == local.masks[k]).sum()) for k in local.masks) / total
     assert agree >= 0.999 and agree > vs_fp32, (agree, vs_fp32)  # the bf16 run, not the fp32 one

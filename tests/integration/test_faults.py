@@ -61,7 +61,7 @@ def test_worker_killed_during_gradient_pass(setup, tmp_path):
     faults = Faults(kill_after_grad_chunks=2)
     res = run_ray(cfg, path, calib, progress=False, checkpoint_dir=tmp_path / "ckpt", faults=faults)
     assert faults.fired == {"kill_after_grad_chunks"}
-    _same_masks(res.outcome.masks, reference.outcome.masks)
+    _same_masks(res.masks, reference.masks)
     for name, w in reference.weights.items():
         assert torch.equal(res.weights[name], w), name
 
@@ -82,7 +82,7 @@ def test_gradient_saves_wait_for_the_interval(setup, tmp_path, monkeypatch, inte
                                                                    real(self, world, steps, hashes, done)))
     res = run_ray(cfg, path, calib, progress=False, checkpoint_dir=tmp_path / "ckpt")
     assert commits == ([(1, False), (2, False), (3, False), (4, True)] if interval == 0 else [])
-    _same_masks(res.outcome.masks, reference.outcome.masks)
+    _same_masks(res.masks, reference.masks)
 
 
 def test_worker_killed_during_block_pass(setup, tmp_path):
@@ -91,7 +91,7 @@ def test_worker_killed_during_block_pass(setup, tmp_path):
     ckpt = tmp_path / "ckpt"
     res = run_ray(cfg, path, calib, progress=False, checkpoint_dir=ckpt, faults=faults)
     assert faults.fired == {"kill_at_block"}
-    _same_masks(res.outcome.masks, reference.outcome.masks)
+    _same_masks(res.masks, reference.masks)
     progress = json.loads((ckpt / "progress.json").read_text())
     assert progress["grad_done"] and progress["blocks_done"] == 2
     assert (ckpt / "config.yaml").is_file()
@@ -112,7 +112,7 @@ def test_hung_collective_fails_within_timeout_then_resumes(setup, tmp_path):
     assert time.perf_counter() - t0 < hang_s
     assert json.loads((ckpt / "progress.json").read_text())["blocks_done"] == 1
     res = run_ray(cfg, path, calib, progress=False, checkpoint_dir=ckpt)  # the resume
-    _same_masks(res.outcome.masks, reference.outcome.masks)
+    _same_masks(res.masks, reference.masks)
 
 
 def test_resume_refuses_checkpoint_of_another_config(setup, tmp_path, corpus_parquet):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 
-from actors.checkpoint import BlockWriter, CheckpointStore, grad_name, load_tensors, save_tensors
+from actors.checkpoint import CheckpointStore, grad_name, load_tensors, save_tensors
+from actors.shard_writer import ShardWriter, write_block_files
 from orchestrator.fileio import sha256_file
 
 WORLD = 2
@@ -70,23 +72,42 @@ def test_committed_version_is_never_rewritten(tmp_path):
         store.grad_path(0, WORLD, 4)
 
 
+def written_block(root, i: int) -> dict:
+    """What the rank writing block ``i`` reports (:func:`actors.shard_writer.write_block_files`)."""
+    return write_block_files(root, i, {f"layers.{i}.l.weight": torch.tensor([[0.0, float(i)]])},
+                             {f"layers.{i}.l.weight": torch.tensor([[True, False]])})
+
+
 def test_uncommitted_block_and_temp_files_are_ignored_and_cleaned(tmp_path):
     store = CheckpointStore(tmp_path, "fp")
-    masks = {"w": torch.tensor([True, False])}
-    store.save_block(0, masks, {"w": torch.tensor([1.0, 0.0])}, [{"name": "w"}])
-    (tmp_path / "blocks" / "block-00001.safetensors").write_bytes(b"half a block")  # written, never committed
+    store.commit_block(0, written_block(tmp_path, 0), [{"name": "w"}])
+    written_block(tmp_path, 1)  # written by a rank, never committed
     (tmp_path / "grad").mkdir()
     (tmp_path / "grad" / ".rank-00000-of-00002.step-000004.safetensors.tmpab").write_bytes(b"partial")
     (tmp_path / ".progress.json.tmpcd").write_bytes(b"{")
 
     reopened = CheckpointStore(tmp_path, "fp")
     assert reopened.blocks_done == 1
-    m, w, rows = reopened.load_block(0)
-    assert torch.equal(m["w"], masks["w"]) and rows == [{"name": "w"}]
-    assert sorted(reopened.clean()) == sorted(["blocks/block-00001.safetensors", ".progress.json.tmpcd",
+    path, sha = reopened.block_tensors(0)
+    assert torch.equal(load_tensors(Path(path), sha)["layers.0.l.weight"], torch.tensor([[0.0, 0.0]]))
+    assert reopened.block_rows(0) == [{"name": "w"}]
+    assert sorted(reopened.clean()) == sorted(["model/model-block-00001.safetensors", ".progress.json.tmpcd",
+                                               "masks/masks-block-00001.safetensors",
                                                "grad/.rank-00000-of-00002.step-000004.safetensors.tmpab"])
-    assert sorted(p.name for p in (tmp_path / "blocks").iterdir()) == ["block-00000.json", "block-00000.safetensors"]
+    assert sorted(reopened.shard_files()) == ["masks/masks-block-00000.safetensors",
+                                              "model/model-block-00000.safetensors"]
     assert (tmp_path / "progress.json").is_file()
+
+
+def test_blocks_commit_in_order_and_a_tampered_block_is_refused(tmp_path):
+    store = CheckpointStore(tmp_path, "fp")
+    with pytest.raises(ValueError, match="out of order"):
+        store.commit_block(0, written_block(tmp_path, 1), [])
+    store.commit_block(0, written_block(tmp_path, 0), [])
+    path, sha = store.block_tensors(0)
+    Path(path).write_bytes(Path(path).read_bytes()[:-1] + b" ")
+    with pytest.raises(ValueError, match="SHA-256"):
+        load_tensors(Path(path), sha)
 
 
 def test_another_config_and_an_older_layout_are_refused(tmp_path):
@@ -100,57 +121,38 @@ def test_another_config_and_an_older_layout_are_refused(tmp_path):
         CheckpointStore(old, "fp")
 
 
-class GatedStore(CheckpointStore):
-    """A store whose block saves wait for ``gate`` (set by the test), so a test sees a save still in flight."""
+def test_shard_writer_writes_behind_the_caller_and_hands_each_record_to_the_next_call(tmp_path, monkeypatch):
+    from actors import shard_writer
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.gate = threading.Event()
-        self.started = threading.Event()
+    gate, started = threading.Event(), threading.Event()
+    real = shard_writer.write_block_files
 
-    def save_block(self, index, masks, weights, rows) -> None:
-        self.started.set()
-        assert self.gate.wait(60), "the test never opened the gate"
-        super().save_block(index, masks, weights, rows)
+    def gated(*args):
+        started.set()
+        assert gate.wait(60), "the test never opened the gate"
+        return real(*args)
 
-
-def block(i: int) -> tuple:
-    return {"l": torch.tensor([[True, False]])}, {"l": torch.tensor([[0.0, float(i)]])}, [{"block": i}]
-
-
-def test_block_writer_saves_behind_the_caller_in_order_and_settles_on_exit(tmp_path):
-    store = GatedStore(tmp_path, "fp", "a: 1\n")
-    with BlockWriter(store) as writer:
-        writer.save(0, *block(0))  # returns while the save waits at the gate: the caller goes on
-        assert store.started.wait(60) and store.blocks_done == 0
-        store.gate.set()
-        writer.save(1, *block(1))  # waits for block 0's commit first
-        assert store.blocks_done >= 1
-    assert store.blocks_done == 2
-    masks, weights, rows = CheckpointStore(tmp_path, "fp").load_block(1)
-    assert torch.equal(weights["l"], torch.tensor([[0.0, 1.0]])) and rows == [{"block": 1}]
+    monkeypatch.setattr(shard_writer, "write_block_files", gated)
+    writer = ShardWriter()
+    t = {"b.0.w": torch.ones(2)}
+    m = {"b.0.w": torch.tensor([True, False])}
+    assert writer.submit(tmp_path, 0, t, m) is None  # returns while the write waits at the gate
+    assert started.wait(60) and not (tmp_path / "model" / "model-block-00000.safetensors").exists()
+    gate.set()
+    record = writer.submit(tmp_path, 1, t, m)  # settles block 0 first and hands its record back
+    assert record["index"] == 0 and set(record["files"]) == {"model/model-block-00000.safetensors",
+                                                              "masks/masks-block-00000.safetensors"}
+    entry = record["files"]["model/model-block-00000.safetensors"]
+    assert entry["sha256"] == sha256_file(tmp_path / "model/model-block-00000.safetensors")
+    assert entry["names"] == ["b.0.w"]
+    assert writer.settle()["index"] == 1 and writer.settle() is None
+    writer.close()
 
 
-def test_block_writer_raises_a_failed_save_and_settles_before_an_error_propagates(tmp_path):
-    store = GatedStore(tmp_path, "fp", "a: 1\n")
-    store.gate.set()
-    writer = BlockWriter(store)
-    writer.save(1, *block(1))  # out of order: the store refuses it on the writer's thread
-    with pytest.raises(ValueError, match="out of order"):
-        writer.save(0, *block(0))
-    writer.__exit__(None, None, None)
-    assert store.blocks_done == 0
-
-    store.gate.clear()
-    with pytest.raises(KeyError, match="driver"), BlockWriter(store) as writer:
-        writer.save(0, *block(0))
-        assert store.started.wait(60)
-        store.gate.set()
-        raise KeyError("driver")  # exiting waits for the queued save: a retry resumes from a settled store
-    assert store.blocks_done == 1
-
-
-def test_block_writer_without_a_store_saves_nothing(tmp_path):
-    with BlockWriter(None) as writer:
-        writer.save(0, *block(0))
-    assert not any(tmp_path.iterdir())
+def test_shard_writer_raises_a_failed_write_at_the_next_call(tmp_path):
+    (tmp_path / "model").write_text("a file where the folder should be")
+    writer = ShardWriter()
+    writer.submit(tmp_path, 0, {"w": torch.ones(1)}, {"w": torch.ones(1, dtype=torch.bool)})
+    with pytest.raises(OSError):
+        writer.submit(tmp_path, 1, {"w": torch.ones(1)}, {"w": torch.ones(1, dtype=torch.bool)})
+    writer.close()

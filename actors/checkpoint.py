@@ -43,7 +43,7 @@ from orchestrator.fileio import sha256_file as sha256
 log = logging.getLogger(__name__)
 
 FORMAT = 3  # 1: unversioned grad files; 2: blocks' tensors written by the driver (both refused)
-DATA_DIRS = ("grad", "blocks", "model", "masks")
+DATA_DIRS = ("grad", "blocks", "model", "masks", "records")
 _ROOT_FILES = ("progress.json", "config.yaml")
 
 

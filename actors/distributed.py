@@ -210,8 +210,9 @@ def run_ray(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress: 
         try:
             if own:
                 group = start_workers(spec)
+            pending: dict[int, list[dict]] = {}  # rows of pruned blocks whose files are not committed yet
             result = _attempt(cfg, model_path, input_ids, progress, group, keep_grad_partitions, store, faults, t0,
-                              root)
+                              root, pending)
             if own:
                 group.shutdown()
             return result
@@ -222,6 +223,11 @@ def run_ray(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress: 
         except Exception as exc:  # noqa: BLE001 - any worker failure: tear down, maybe resume
             if group is not None:
                 group.kill()
+            if store is not None:  # blocks written whose records did not reach the driver before the failure
+                from actors.shard_writer import adopt_written
+
+                for record in adopt_written(root, pending):
+                    store.commit_block(record["index"], record, pending.pop(record["index"]))
             attempt += 1
             where = f"; checkpoints kept in {store.root}" if store is not None else ""
             if attempt > retries:
@@ -259,7 +265,7 @@ def open_store(cfg: RunConfig, root: Path, input_ids: torch.Tensor, inputs: dict
 
 def _attempt(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress: bool, group: ActorGroup,
              keep_grad_partitions: bool, store: CheckpointStore | None, faults: Faults | None, t0: float,
-             root: Path) -> RayResult:
+             root: Path, pending: dict[int, list[dict]]) -> RayResult:
     """One attempt on a live group, continuing from ``store``'s progress; the ranks write under ``root``."""
     cfg = cfg.with_compute_dtypes(group.native_bf16)
     pcfg = cfg.pruning
@@ -278,7 +284,7 @@ def _attempt(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress:
                       cfg.backend.checkpoint_every, faults, cfg.backend.checkpoint_interval_s)
         phases["gradient_pass"] = time.perf_counter() - t1
     t1 = time.perf_counter()
-    outcome, files = _block_pass(group, cfg, progress, root, store, faults)
+    outcome, files = _block_pass(group, cfg, progress, root, pending, store, faults)
     phases["block_pass"] = time.perf_counter() - t1
     outcome.phases = phases
     outcome.dtypes = cfg.compute_dtypes()
@@ -437,14 +443,15 @@ def _save_grads(group: ActorGroup, store: CheckpointStore, steps: int, done: boo
     store.commit_grad(world, steps, hashes, done)
 
 
-def _block_pass(group: ActorGroup, cfg: RunConfig, progress: bool, root: Path,
+def _block_pass(group: ActorGroup, cfg: RunConfig, progress: bool, root: Path, rows: dict[int, list[dict]],
                 store: CheckpointStore | None = None, faults: Faults | None = None) -> tuple[PruneOutcome, dict]:
     """Prune all blocks in order; every rank scores its share of each block and the ranks write the pruned
     checkpoint under ``root`` themselves. Only report rows and file records come back here.
 
     Blocks already in ``store`` are replayed (each rank reads the block's file, writes the weights back and
     advances its hidden states) instead of pruned again. Block ``i``'s file record arrives with block
-    ``i + 1``'s answers (written meanwhile) and is committed then.
+    ``i + 1``'s answers (written meanwhile) and is committed then; ``rows`` keeps the report rows of the
+    blocks not committed yet (the caller commits what a failed attempt finished writing).
 
     Returns:
         The outcome (report rows) and the written files (relative path -> record).
@@ -469,7 +476,6 @@ def _block_pass(group: ActorGroup, cfg: RunConfig, progress: bool, root: Path,
     kinds = gradient_kinds(pcfg.method, pcfg.gblm.norm)
     grad_kind = kinds[0] if kinds else None
     done = store.blocks_done if store is not None else 0
-    rows: dict[int, list[dict]] = {}  # rows of blocks whose files are not committed yet
     for i in tqdm(range(blocks), desc=f"{pcfg.method} blocks (ray x{group.workers})", disable=not progress):
         if i < done:
             path, sha = store.block_tensors(i)

@@ -9,6 +9,7 @@ run, so nothing is written twice and no tensor passes through the driver.
 
 from __future__ import annotations
 
+import json
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -16,18 +17,45 @@ from typing import Any
 
 import torch
 
+from orchestrator.fileio import atomic_write_bytes
 from orchestrator.outputs.shards import MASKS_DIR, MODEL_DIR, block_shard, mask_shard, write_tensors
 
 log = logging.getLogger(__name__)
 
 
+RECORDS_DIR = "records"
+
+
+def record_path(root: Path, index: int) -> Path:
+    """Where the rank leaves block ``index``'s record once both of its files are written."""
+    return root / RECORDS_DIR / f"block-{index:05d}.json"
+
+
 def write_block_files(root: Path, index: int, tensors: dict[str, torch.Tensor],
                       masks: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Write block ``index``'s tensors and masks (CPU, full names) under ``root``; returns its record."""
+    """Write block ``index``'s tensors and masks (CPU, full names) under ``root``; returns its record.
+
+    The record is also left in ``records/`` (after both files): when an attempt fails before the record
+    reaches the driver, the driver still commits the block (:func:`adopt_written`).
+    """
     model_rel = f"{MODEL_DIR}/{block_shard(index)}"
     masks_rel = f"{MASKS_DIR}/{mask_shard(index)}"
-    return {"index": index, "files": {model_rel: write_tensors(root / model_rel, tensors),
-                                      masks_rel: write_tensors(root / masks_rel, masks)}}
+    record = {"index": index, "files": {model_rel: write_tensors(root / model_rel, tensors),
+                                        masks_rel: write_tensors(root / masks_rel, masks)}}
+    atomic_write_bytes(record_path(root, index), json.dumps(record).encode())
+    return record
+
+
+def adopt_written(root: Path, rows: dict[int, list[dict]]) -> list[dict[str, Any]]:
+    """Records of the blocks in ``rows`` (pruned, not committed) whose files a rank finished writing, in
+    order up to the first missing one (what a failed attempt leaves for the driver to commit)."""
+    out = []
+    for index in sorted(rows):
+        path = record_path(root, index)
+        if not path.is_file():
+            break
+        out.append(json.loads(path.read_text()))
+    return out
 
 
 class ShardWriter:

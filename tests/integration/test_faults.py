@@ -145,9 +145,9 @@ def _prune(out, calib) -> int:
 
 
 def _masks(run_dir) -> dict:
-    from safetensors.torch import load_file
+    from orchestrator.outputs.shards import load_masks
 
-    return load_file(str(run_dir / "masks.safetensors"))
+    return load_masks(run_dir)
 
 
 @pytest.fixture(scope="module")

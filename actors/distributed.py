@@ -210,6 +210,8 @@ def run_ray(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress: 
         try:
             if own:
                 group = start_workers(spec)
+            if store is not None:  # a failed call lets the survivors finish their block writes first
+                group.on_failure = lambda g: settle_survivors(g, min(60.0, cfg.backend.collective_timeout_s))
             pending: dict[int, list[dict]] = {}  # rows of pruned blocks whose files are not committed yet
             result = _attempt(cfg, model_path, input_ids, progress, group, keep_grad_partitions, store, faults, t0,
                               root, pending)
@@ -238,6 +240,20 @@ def run_ray(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress: 
             log.warning("attempt %d failed (%s: %s); restarting the worker group and resuming from %s", attempt,
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", store.root)
             group = None
+
+
+def settle_survivors(group: ActorGroup, timeout_s: float) -> None:
+    """Let the ranks still alive finish their block writes in flight (at most ``timeout_s``), so a failed
+    attempt keeps every block its ranks pruned; a dead or hung rank is skipped."""
+    import ray
+
+    refs = [a.settle_writes.remote() for a in group.actors]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except Exception:  # noqa: BLE001 - a dead rank, or its write failed: nothing to keep from it
+            log.debug("a rank could not settle its writes", exc_info=True)
 
 
 def open_store(cfg: RunConfig, root: Path, input_ids: torch.Tensor, inputs: dict | None = None) -> CheckpointStore:
@@ -491,7 +507,7 @@ def _block_pass(group: ActorGroup, cfg: RunConfig, progress: bool, root: Path, r
         out.layers.extend(rows[i])
         for a in answers:
             _take(a["written"], files, store, "block", rows)
-    for record in group.execute("settle_writes"):
+    for record in sorted((r for r in group.execute("settle_writes") if r), key=lambda r: r["index"]):
         _take(record, files, store, "block", rows)
     return out, files
 

@@ -25,6 +25,7 @@ import os
 import socket
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -282,6 +283,8 @@ class ActorGroup:
         ensure_ray(spec.address)
         check_capacity(spec.workers, spec.field)
         self.spec = spec
+        #: called with the group when a call fails, before the group is killed (best effort)
+        self.on_failure: Callable[[ActorGroup], None] | None = None
         self.workers = spec.workers
         self.actors: list = []
         bundle = {"GPU": 1, "CPU": 1} if spec.use_gpu else {"CPU": 1}
@@ -340,6 +343,11 @@ class ActorGroup:
             try:
                 ray.get(done[0])
             except Exception:
+                if self.on_failure is not None:
+                    try:
+                        self.on_failure(self)  # e.g. let the survivors finish their writes in flight
+                    except Exception:  # noqa: BLE001 - the original failure is the one to raise
+                        log.warning("the group's failure hook failed", exc_info=True)
                 self.kill()
                 raise
         return ray.get(refs)

@@ -76,7 +76,8 @@ class ShardWriter:
 
     def submit(self, root: Path, index: int, tensors: dict[str, torch.Tensor],
                masks: dict[str, torch.Tensor]) -> dict[str, Any] | None:
-        """Queue block ``index``'s write (the tensors must not change afterwards); returns the previous record."""
+        """Queue block ``index``'s write (the tensors must not change afterwards); returns the previous record
+        (the caller normally settled it already: :meth:`settle` after its own work)."""
         done = self.settle()
         self._pending = self._pool.submit(write_block_files, root, index, tensors, masks)
         return done

@@ -33,7 +33,7 @@ def rank_probe(root: str, token: str, rank: int) -> dict:
         ``{"rank", "node", "sees_driver", "wrote", "error"}``.
     """
     folder = rank_view(Path(root) / PROBES)
-    out = {"rank": rank, "node": socket.gethostname(), "sees_driver": False, "wrote": False, "error": None}
+    out = {"rank": rank, "node": _node_name(), "sees_driver": False, "wrote": False, "error": None}
     try:
         out["sees_driver"] = (folder / "driver").read_text() == token
         (folder / f"rank-{rank}").write_text(token)
@@ -41,6 +41,16 @@ def rank_probe(root: str, token: str, rank: int) -> dict:
     except OSError as exc:
         out["error"] = f"{type(exc).__name__}: {exc.strerror or exc}"
     return out
+
+
+def _node_name() -> str:
+    """This node as a person finds it: host name and Ray node id (several Ray nodes can share a host)."""
+    try:
+        import ray
+
+        return f"{socket.gethostname()}/node {ray.get_runtime_context().get_node_id()[:12]}"
+    except Exception:  # noqa: BLE001 - outside Ray: the host name is all there is
+        return socket.gethostname()
 
 
 def driver_probe(root: Path) -> str:

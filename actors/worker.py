@@ -95,6 +95,7 @@ class PruneWorker(GroupMember):
         self.prefix = ""
         self.recomputed = 0  # block forwards the gradient pass's backward recomputed (activation checkpointing)
         self.grad_local: list[int] = []  # local indices of the gradient pass's sequences
+        self.scored = 0  # weights this rank scored and pruned in the block pass (its share of every block)
         self.load_io: dict[str, float] = {}  # bytes this rank read from the checkpoint, and how long it took
         if getattr(self, "shards", None) is not None:
             self.shards.close()
@@ -411,18 +412,19 @@ class PruneWorker(GroupMember):
         if write_back:
             write_back_block(zblock, {n: lin.weight.data for n, lin in linears.items()}, self.rank)
         mine = step.results[0]
+        self.scored += sum(r.mask.numel() for r in mine.values())
         if scorer is not None:
             return _answer(mine, linears, full) if self.rank == scorer else None
         masks = self._share_masks(linears, owners, mine, full)
         rows = [layer_row(full[n], r) for n, r in mine.items()]
-        written = None
+        written = self.settle_writes()  # block i - 1's write overlapped this block; its record goes back now
         if out_dir is not None and writer_rank(index, self.world) == self.rank:
             tensors = {f"{self.prefix}.{index}.{n}": to_cpu(p.data).clone() for n, p in plain.named_parameters()}
             if self.shards is None:
                 from actors.shard_writer import ShardWriter
 
                 self.shards = ShardWriter()
-            written = self.shards.submit(Path(out_dir), index, tensors, masks)
+            self.shards.submit(Path(out_dir), index, tensors, masks)
         del plain
         return {"rows": rows, "written": written, "order": {f: k for k, f in enumerate(full.values())}}
 
@@ -522,6 +524,7 @@ class PruneWorker(GroupMember):
             "recomputed_blocks": self.recomputed,
             **self.mem.report(),
             "gradient_pass_seconds": dict(self.seconds),
+            "scored_weights": self.scored,
             "load_read_bytes": int(self.load_io.get("read_bytes", 0)),
             "load_tensor_bytes": int(self.load_io.get("tensor_bytes", 0)),
             "load_seconds": round(float(self.load_io.get("seconds", 0.0)), 3),

@@ -17,8 +17,10 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from actors.distributed import SCORER, gradient_spec, load_workers, prune_spec, shard_bounds, start_workers
+from actors.distributed import SCORER, load_workers, prune_spec, start_workers
+from actors.gradient_pass import gradient_spec
 from actors.group import ActorGroup, GroupSpec
+from actors.sharding import shard_bounds
 from actors.zero3 import ScoredTensor
 from orchestrator.inputs.config import RunConfig
 from orchestrator.structured.groups import ModuleGroups

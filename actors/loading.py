@@ -111,3 +111,21 @@ def load_own_partitions(model_path: str, model_cfg: ModelConfig, dschf: Any, ran
     log.info("rank %d of %d: read %.1f MiB of the checkpoint's tensors for its partitions in %.1f s",
              rank, world, read / 2**20, seconds)
     return model.eval(), {"read_bytes": read, "tensor_bytes": total, "seconds": seconds}
+
+
+def load_zero3(model_path: str, model_cfg: ModelConfig, ds_cfg: dict, rank: int, world: int) -> tuple:
+    """``(model, hf_ds_config, io)``: this rank's partitions read as checkpoint slices
+    (:func:`load_own_partitions`), or ``from_pretrained`` under ZeRO-3 for checkpoints that cannot be sliced
+    (pickle weights, renamed keys; ``io`` is then empty). Keep ``hf_ds_config`` alive while the model is used."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from actors.zero3 import load_partitioned
+
+    dschf = HfDeepSpeedConfig(ds_cfg)  # must stay alive while the model is used
+    loaded = load_own_partitions(model_path, model_cfg, dschf, rank, world)
+    if loaded is not None:
+        return loaded[0], dschf, loaded[1]
+    log.warning("rank %d: %s cannot be read in slices (no safetensors, or renamed keys): every rank reads the "
+                "whole checkpoint", rank, model_path)
+    model, dschf = load_partitioned(model_path, model_cfg, ds_cfg)
+    return model, dschf, {}

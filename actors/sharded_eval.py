@@ -42,13 +42,14 @@ class ShardedEvalWorker(GroupMember):
         """Load ``ref`` partitioned (collective; a no-op when already loaded); returns this rank's bytes."""
         import deepspeed
 
-        from actors.zero3 import ds_config, load_partitioned, partition_bytes
+        from actors.loading import load_zero3
+        from actors.zero3 import ds_config, partition_bytes
         from orchestrator.inputs.models import load_tokenizer
 
         if self.key != ref.key or self.model is None:
             self.model = self.engine = None
             config = ds_config(self.world)
-            self.model, self.dschf = load_partitioned(ref.path, model_cfg, config)
+            self.model, self.dschf, _ = load_zero3(ref.path, model_cfg, config, self.rank, self.world)
             for p in self.model.parameters():
                 p.requires_grad_(False)
             # no optimizer: an inference engine whose hooks gather each module's parameters around its forward

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from actors.distributed import SCORER, gradient_pass, gradient_spec, load_workers, prune_spec, start_workers
+from actors.distributed import SCORER, load_workers, prune_spec, start_workers
+from actors.gradient_pass import gradient_pass, gradient_spec
 from actors.group import ActorGroup, GroupSpec
 from orchestrator.engine.block_step import uses_activations
 from orchestrator.engine.local import PruneOutcome

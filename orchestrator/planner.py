@@ -37,6 +37,12 @@ ZERO3_PREFETCH_BUCKET = 5_000_000
 #: and int64 indices, the bool mask
 SCORE_BYTES_PER_WEIGHT = FP32 + FP32 + 8 + 1
 
+#: the coordinator's resident memory apart from its windows: Python, torch, transformers, the Ray driver, the
+#: tokenizer and the model's meta-device skeleton; independent of the model's size (it holds no weight).
+#: Measured: the driver's peak RSS on the seeded 236M and 756M shapes with 1, 2 and 4 workers
+#: (tests/benchmarks/data_plane.py, docs/benchmarks.md), rounded up.
+COORDINATOR_BASE_BYTES = 1_200_000_000
+
 GIB = 1024**3
 METHODS = ("magnitude", "wanda", "sparsegpt", "gblm", "gblm-sparsegpt", "saap")  # saap: structured.enabled
 
@@ -102,6 +108,12 @@ class Plan:
             ring factor ``(W-1)/W``; 0 for gradient-free methods.
         comm_block_pass_bytes: block-sequential pass, whole run: one all-gather of
             every block and the all-reduce of each block's activation statistics.
+        load_bytes: a worker's loading peak: its parameter shard, the largest module built whole before
+            ``zero.Init`` partitions it (the embedding or head at 70B), and its slice of the largest tensor as
+            read from the checkpoint (its rows, then converted).
+        coordinator_bytes: the coordinator's host memory: :data:`COORDINATOR_BASE_BYTES` plus the calibration
+            windows (token ids, their per-worker Arrow shards); it holds no weight, so it does not grow with
+            the model or the workers.
     """
 
     workers: int
@@ -116,6 +128,8 @@ class Plan:
     comm_per_seq_bytes: int
     comm_block_pass_bytes: int
     fold_bytes: int = 0
+    load_bytes: int = 0
+    coordinator_bytes: int = 0
     activation_checkpointing: bool = False
     offload_stats: bool = False
     peak_bytes: int = field(init=False)
@@ -209,8 +223,12 @@ def plan(
         comm_seq = round(ring * (gathers * total * dtype_bytes + len(kinds) * linear_params * FP32) / grad_batch)
     act_stats = sum(FP32 * i + (FP32 * i * i if xtx else 0) for _, i in s.block_linears().values())
     act_allreduce = 2 * ring * act_stats * s.layers if method not in ("magnitude", "saap") or xtx else 0
+    biggest = max(s.largest_linear(), s.vocab * s.hidden)  # the largest tensor: a linear, the embedding or head
+    load = math.ceil(total * dtype_bytes / w) + biggest * dtype_bytes + math.ceil(biggest / w) * (dtype_bytes + FP32)
+    coordinator = COORDINATOR_BASE_BYTES + 3 * num_samples * seq_len * 8  # ids, Arrow shards, the list they came from
     return Plan(
-        workers=w, method=method, grad_kinds=kinds, total_params=total,
+        workers=w, method=method, grad_kinds=kinds, total_params=total, load_bytes=load,
+        coordinator_bytes=coordinator,
         param_bytes=math.ceil(total * dtype_bytes / w), grad_stat_bytes=stats, calib_bytes=calib,
         largest_block_bytes=largest, grad_pass_bytes=grad_pass, comm_per_seq_bytes=comm_seq,
         comm_block_pass_bytes=0 if saap else round(ring * total * dtype_bytes + act_allreduce), fold_bytes=fold,
@@ -343,7 +361,8 @@ def format_plan(p: Plan) -> str:
         for label, attr in (
             ("calibration states", "calib_bytes"), ("largest gathered block", "largest_block_bytes"),
             ("gradient pass transient", "grad_pass_bytes"), ("  of which statistic fold", "fold_bytes"),
-            ("peak per worker", "peak_bytes"),
+            ("peak per worker", "peak_bytes"), ("loading peak per worker", "load_bytes"),
+            ("coordinator (host)", "coordinator_bytes"),
             ("comm per sequence", "comm_per_seq_bytes"), ("comm block pass", "comm_block_pass_bytes"),
         )
     ]

@@ -86,8 +86,9 @@ class Evaluator:
         self.tokenizer = tokenizer
         self.windows = windows
         self.progress = progress
-        self.tasks = load_tasks(cfg)
-        self.lm_eval_tasks = [t[len(LM_EVAL_PREFIX):] for t in cfg.eval.tasks if t.startswith(LM_EVAL_PREFIX)]
+        on = cfg.eval.enabled  # eval.enabled: false evaluates nothing, the tasks included
+        self.tasks = load_tasks(cfg) if on else {}
+        self.lm_eval_tasks = [t[len(LM_EVAL_PREFIX):] for t in cfg.eval.tasks if on and t.startswith(LM_EVAL_PREFIX)]
         self.start_actors = start_actors
         self.distributed = (bool(cfg.eval.workers) and start_actors is not None
                             and (windows is not None or bool(self.tasks)))

@@ -7,6 +7,7 @@ load from the directory), so all later code sees one kind of model.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -202,8 +203,12 @@ def fetch_builtin(name: str) -> Path:
     return _atomic_dir(final, build)
 
 
-def materialize(cfg: ModelConfig) -> str:
-    """Turn any model source into something ``from_pretrained`` loads (a directory or hub id).
+def materialize(cfg: ModelConfig, weights: bool = True) -> str:
+    """Turn any model source into a local directory ``from_pretrained`` loads.
+
+    Args:
+        cfg: the model options.
+        weights: False: only the config is needed (``rayprune plan``): a hub id downloads its JSON files only.
 
     Raises:
         UsageError: the source does not exist or cannot be converted.
@@ -237,7 +242,38 @@ def materialize(cfg: ModelConfig) -> str:
         raise UsageError(
             f"model.source: {src!r} is not a builtin ({', '.join([*BUILTIN, 'tiny'])}), a path or a hub id"
         )
-    return src  # hub id: from_pretrained resolves it when a hub is reachable
+    return snapshot_hub(src, cfg, weights)
+
+
+def snapshot_hub(repo: str, cfg: ModelConfig, weights: bool = True) -> str:
+    """Resolve a hub id to one commit and download its files once, into the cache (``$RAYPRUNE_CACHE``; on a
+    cluster, storage every node mounts): every rank and evaluation actor then reads that one local snapshot,
+    so a push during a run cannot mix commits and no process downloads it again.
+
+    Returns:
+        The snapshot directory (``.../snapshots/<commit>``; with ``model.gguf_file``, its converted checkpoint).
+
+    Raises:
+        UsageError: the hub cannot be reached or has no such repository or revision (one line).
+    """
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"] if weights else ["*.json"]
+    if cfg.allow_pickle and weights:
+        patterns.append("*.bin")
+    if cfg.gguf_file and weights:
+        patterns.append(cfg.gguf_file)
+    try:
+        path = snapshot_download(repo, revision=cfg.revision, cache_dir=str(cache_dir() / "hub"),
+                                 allow_patterns=patterns)
+    except Exception as exc:  # noqa: BLE001 - offline, unknown repository or revision, gated, ...
+        at = f"@{cfg.revision}" if cfg.revision else ""
+        raise UsageError(f"model.source: cannot download {repo + at!r} from the hub: {type(exc).__name__}: "
+                         f"{_first_line(exc)}") from None
+    log.info("model.source %s resolved to %s", repo, path)
+    if cfg.gguf_file and weights:
+        return materialize(dataclasses.replace(cfg, source=str(Path(path) / cfg.gguf_file), gguf_file=None))
+    return path
 
 
 def load_model(path: str, cfg: ModelConfig, dtype: str | None = None):

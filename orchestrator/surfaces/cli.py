@@ -195,7 +195,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         if not isinstance(model_config, dict):
             raise UsageError(f"--model-config: {str(mc_path)!r} must hold a JSON object")
     else:
-        model_config = load_model_config(materialize(cfg.model), cfg.model)
+        model_config = load_model_config(materialize(cfg.model, weights=False), cfg.model)
     gpu = int(ns.gpu_mem * 2**30)
     if ns.accelerator == "cpu":
         from orchestrator.engine.device import native_bf16

@@ -4,8 +4,9 @@
 (one rank reads everything and broadcasts). Here the model is built partitioned and empty
 (``zero.Init`` + no initialisation), and every rank reads, for each parameter, only the contiguous
 range of the flattened tensor its ``ds_tensor`` holds (elements ``[rank * P, (rank + 1) * P)`` with
-``P = ceil(numel / W)``) through safetensors' lazy slices: a rank reads about ``1/W`` of the
-checkpoint's bytes, never a whole tensor of another rank's share.
+``P = ceil(numel / W)``), one byte range of the file read with plain reads
+(:class:`~orchestrator.outputs.shards.RangeReader`, no memory map): a rank reads ``1/W`` of the
+checkpoint's bytes, and holds nothing of another rank's share.
 
 Collective only in that every rank builds the same model; the reads are local.
 """
@@ -22,13 +23,10 @@ from torch import nn
 
 from orchestrator.inputs.config import ModelConfig
 from orchestrator.inputs.models import TORCH_DTYPES
-from orchestrator.outputs.shards import checkpoint_keys, read_flat_range
+from orchestrator.outputs.shards import RangeReader, checkpoint_keys
 
 log = logging.getLogger(__name__)
 
-#: bytes per element of safetensors' dtype names
-_ELEMENT_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
-                  "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def meta_parameter_names(config: Any, dtype: torch.dtype, trust_remote_code: bool = False) -> list[str]:
@@ -88,16 +86,16 @@ def load_own_partitions(model_path: str, model_cfg: ModelConfig, dschf: Any, ran
         by_file.setdefault(rel, []).append(name)
     with torch.no_grad():
         for rel, names in sorted(by_file.items()):
-            with safe_open(str(Path(model_path) / rel), framework="pt") as f:
+            with RangeReader(Path(model_path) / rel) as f:
                 for name in names:
                     p = params[name]
                     part = p.ds_tensor  # (P,) this rank's partition
                     numel = int(p.ds_numel)
                     lo = min(numel, rank * part.numel())
                     hi = min(numel, lo + part.numel())
-                    flat, nbytes = read_flat_range(f, name, lo, hi)  # (hi - lo,)
-                    read += nbytes
-                    total += numel * _ELEMENT_BYTES.get(f.get_slice(name).get_dtype(), 4)
+                    flat = f.read_flat(name, lo, hi)  # (hi - lo,) exactly this rank's elements
+                    read += flat.numel() * flat.element_size()
+                    total += numel * flat.element_size()
                     if hi > lo:
                         part.data[: hi - lo].copy_(flat.to(part.dtype))
                     if part.numel() > hi - lo:

@@ -15,9 +15,9 @@ themselves, one block per file, and the coordinator only writes the small files 
 :func:`load_masks` reads either mask layout (this one, or the single ``masks.safetensors`` of a
 one-process run).
 
-Loading is the mirror image: :func:`read_flat_range` reads one rank's ZeRO-3 partition of a tensor
-(a contiguous range of its flattened elements) through safetensors' lazy slices, so a rank reads
-its share of the checkpoint's bytes, not the whole file.
+Loading is the mirror image: :class:`RangeReader` reads one rank's ZeRO-3 partition of a tensor (a
+contiguous range of its flattened elements, one byte range of the file), so a rank reads its share of
+the checkpoint's bytes and nothing else.
 """
 
 from __future__ import annotations
@@ -92,28 +92,79 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> to
     return bits.reshape(-1)[:numel].to(torch.bool).reshape(shape)
 
 
-def read_flat_range(handle: Any, key: str, lo: int, hi: int) -> tuple[torch.Tensor, int]:
-    """Elements ``[lo, hi)`` of tensor ``key`` flattened, read through a lazy slice of a ``safe_open`` handle.
+#: safetensors' dtype names
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
-    Only the rows that hold the range are read (for a 2-D ``(R, C)`` tensor, at most ``(hi - lo) / C + 2`` rows).
 
-    Returns:
-        ``((hi - lo,) tensor in the file's dtype, bytes read)``.
+class RangeReader:
+    """Reads contiguous ranges of a safetensors file's flattened tensors with plain reads.
+
+    safetensors stores each tensor row-major at the offsets its JSON header names, so elements
+    ``[lo, hi)`` of the flattened tensor are one byte range. ``safe_open`` memory-maps the file, and every
+    page a rank touches stays in its resident set while the file is open; these reads keep only what was
+    asked for. Use as a context manager.
+
+    Args:
+        path: a ``.safetensors`` file.
+
+    Raises:
+        ValueError: the file is not a safetensors file.
     """
-    sl = handle.get_slice(key)
-    shape = sl.get_shape()
-    if hi <= lo:
-        return torch.empty(0), 0
-    if len(shape) <= 1:
-        part = sl[lo:hi]
-        return part.reshape(-1), part.numel() * part.element_size()
-    row = 1
-    for s in shape[1:]:
-        row *= int(s)
-    r0, r1 = lo // row, (hi + row - 1) // row
-    rows = sl[r0:r1]  # (r1 - r0, ...)
-    flat = rows.reshape(-1)[lo - r0 * row : hi - r0 * row]
-    return flat, rows.numel() * rows.element_size()
+
+    def __init__(self, path: str | Path) -> None:
+        import struct
+
+        self.path = str(path)
+        self._f = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed by close() / __exit__
+        try:
+            (n,) = struct.unpack("<Q", self._f.read(8))
+            header = json.loads(self._f.read(n))
+        except (struct.error, ValueError) as exc:
+            self._f.close()
+            raise ValueError(f"{self.path} is not a safetensors file ({exc})") from None
+        self._base = 8 + n
+        self.tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+
+    def dtype(self, key: str) -> torch.dtype:
+        """The tensor's dtype in the file."""
+        return _DTYPES[self.tensors[key]["dtype"]]
+
+    def numel(self, key: str) -> int:
+        """Elements of the tensor."""
+        n = 1
+        for s in self.tensors[key]["shape"]:
+            n *= int(s)
+        return n
+
+    def read_flat(self, key: str, lo: int, hi: int) -> torch.Tensor:
+        """Elements ``[lo, hi)`` of tensor ``key`` flattened, ``(hi - lo,)`` in the file's dtype (read exactly)."""
+        dtype = self.dtype(key)
+        out = torch.empty(max(0, hi - lo), dtype=dtype)
+        if hi <= lo:
+            return out
+        size = out.element_size()
+        start = self._base + int(self.tensors[key]["data_offsets"][0]) + lo * size
+        view = memoryview(out.view(torch.uint8).numpy())  # the tensor's own bytes
+        self._f.seek(start)
+        got = 0
+        while got < len(view):
+            n = self._f.readinto(view[got:])
+            if not n:
+                raise ValueError(f"{self.path}: tensor {key!r} ends before its header says")
+            got += n
+        return out
+
+    def close(self) -> None:
+        """Close the file."""
+        self._f.close()
+
+    def __enter__(self) -> RangeReader:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
 
 
 def checkpoint_keys(model_dir: str | Path) -> dict[str, str] | None:

@@ -58,11 +58,22 @@ def overrides(shape: str, workers: int, out: Path) -> list[str]:
 
 
 def run_cell(tree: Path, shape: str, workers: int, work: Path) -> dict:
-    """One run of ``tree``'s CLI; its measurements."""
+    """One run of ``tree``'s CLI; its measurements. More workers than cores run on a Ray head started for the
+    run with that many CPUs (its worker processes inherit the tree's ``PYTHONPATH``), fewer on the CLI's own."""
     out = work / f"{tree.name}-{shape}-w{workers}"
     env = {**os.environ, "PYTHONPATH": str(tree)}
     cmd = [sys.executable, "-c", WRAPPER, "-q", "prune", "configs/default.yaml", *overrides(shape, workers, out)]
-    proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=3600)
+    head = workers > (os.cpu_count() or 1)
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    if head:
+        subprocess.run([ray_bin, "start", "--head", f"--num-cpus={workers}", "--include-dashboard=false",
+                        "--disable-usage-stats"], cwd=tree, env=env, check=True, capture_output=True, timeout=300)
+        cmd.append("backend.address=auto")
+    try:
+        proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=3600)
+    finally:
+        if head:
+            subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=300)
     lines = proc.stderr.splitlines()
     used = next((ln.split(" ", 1)[1] for ln in lines if ln.startswith("TREE ")), "?")
     if not used.startswith(str(tree)):
@@ -78,6 +89,7 @@ def run_cell(tree: Path, shape: str, workers: int, work: Path) -> dict:
         "parameters": report["model"]["parameters"],
         "coordinator_peak_rss_bytes": maxrss * 1024,
         "worker_peak_rss_bytes": [m["peak_rss_bytes"] for m in mem],
+        "worker_peak_rss_bytes_by_phase": [m.get("peak_rss_bytes_by_phase") for m in mem],
         "worker_load_read_bytes": [m.get("load_read_bytes") for m in mem],
         "coordinator_load_s": phases.get("load"),
         "startup_s": phases.get("prune.startup"),
@@ -107,6 +119,8 @@ def main() -> int:
     ap.add_argument("--shapes", default="s300m,s1b")
     ap.add_argument("--workers", default="1,2,4")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--after-only", default="", help="cells run on this tree only, e.g. s1b:4 (the earlier tree's "
+                                                      "coordinator would not fit beside 4 workers here)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     trees = {args.before.resolve(): "before", HERE: "after"}
@@ -115,6 +129,8 @@ def main() -> int:
         for shape in args.shapes.split(","):
             for w in (int(x) for x in args.workers.split(",")):
                 for tree in trees:
+                    if trees[tree] == "before" and f"{shape}:{w}" in args.after_only.split(","):
+                        continue
                     log.info("%s %s x%d", trees[tree], shape, w)
                     rows.append(run_cell(tree, shape, w, Path(tmp)))
                     log.info("  %s", {k: v for k, v in rows[-1].items() if k != "tree"})

@@ -79,7 +79,7 @@ def one_row(source: str, method: str, args: argparse.Namespace) -> dict:
     finally:
         group.shutdown()
     row = {"model": source, "method": method, "forward_dtype": args.forward_dtype, "device": device,
-           "masks_equal": agreement(local.masks, res.outcome.masks), "ppl_local_cpu": ppl_local,
+           "masks_equal": agreement(local.masks, res.masks), "ppl_local_cpu": ppl_local,
            "ppl_ray_gpu": ppl_gpu, "ppl_rel": abs(ppl_gpu - ppl_local) / ppl_local,
            "local_cpu_s": round(local_s, 2), "ray_gpu_s": round(ray_s, 2),
            "phases": {k: round(v, 2) for k, v in res.outcome.phases.items()}}

@@ -76,14 +76,15 @@ def test_coordinator_holds_no_weight_and_the_ranks_write_a_loadable_checkpoint(
 
     assert ray_cluster.get(a_weight.remote()).numel() == smallest and max(unpickled) == smallest  # the spy works
 
-    # each rank read about its share of the checkpoint: its partitions, plus at most two rows per tensor
+    # each rank read its share of the checkpoint's tensors and nothing else: together, every byte exactly once
     files = sorted((out / "model").glob("model-block-*.safetensors"))
     assert len(files) == 3 and (out / "model" / "model-outside.safetensors").is_file()
     block = max(f.stat().st_size for f in files)
-    for m in report["memory_per_worker"]:
+    mem = report["memory_per_worker"]
+    for m in mem:
         share = m["load_tensor_bytes"] / 2
         assert 0 < m["load_read_bytes"] <= share + block, (m["load_read_bytes"], share, block)
-    assert sum(m["load_read_bytes"] for m in report["memory_per_worker"]) < 1.5 * m["load_tensor_bytes"]
+    assert sum(m["load_read_bytes"] for m in mem) == mem[0]["load_tensor_bytes"] > 0
 
     # the published checkpoint: plain transformers loads it, its zeros are the masks, it evaluates as local does
     model = AutoModelForCausalLM.from_pretrained(out / "model")

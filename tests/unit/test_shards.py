@@ -1,4 +1,4 @@
-"""The sharded checkpoint's pieces: bit-packed masks, flat-range slices, linear ownership, indexes."""
+"""The sharded checkpoint's pieces: bit-packed masks, flat-range reads, linear ownership, indexes."""
 
 from __future__ import annotations
 
@@ -6,16 +6,15 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from orchestrator.engine.block_step import linear_owners
 from orchestrator.outputs.assemble import sparsity_from_rows
 from orchestrator.outputs.shards import (
+    RangeReader,
     checkpoint_keys,
     load_masks,
     pack_bits,
-    read_flat_range,
     unpack_bits,
     write_index,
     writer_rank,
@@ -35,21 +34,26 @@ def test_pack_bits_is_little_endian_within_a_byte():
     assert pack_bits(mask).tolist() == [1 + 128, 1]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool])
 @pytest.mark.parametrize("shape", [(10,), (6, 7), (4, 3, 5)])
-def test_read_flat_range_equals_slicing_the_flat_tensor_and_reads_only_covering_rows(tmp_path, shape):
-    t = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).reshape(shape)
-    save_file({"t": t}, str(tmp_path / "x.safetensors"))
+def test_range_reader_equals_slicing_the_flat_tensor(tmp_path, shape, dtype):
+    gen = torch.Generator().manual_seed(0)
+    t = (torch.randn(shape, generator=gen) * 10).to(dtype)
+    other = torch.randn(3, generator=gen)  # another tensor before or after it in the file
+    save_file({"a": other, "t": t, "z": other.clone()}, str(tmp_path / "x.safetensors"))
     n = t.numel()
-    row = n // shape[0]
-    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
-        for lo, hi in [(0, n), (0, 1), (3, min(n, 11)), (n - 4, n), (5, 5), (row, 2 * row)]:
-            part, nbytes = read_flat_range(f, "t", lo, hi)
-            assert torch.equal(part, t.reshape(-1)[lo:hi]), (lo, hi)
-            if hi > lo and len(shape) > 1:
-                rows = (hi - 1) // row - lo // row + 1
-                assert nbytes == rows * row * 4  # the rows holding the range, nothing else
-            elif hi > lo:
-                assert nbytes == (hi - lo) * 4
+    with RangeReader(tmp_path / "x.safetensors") as f:
+        assert f.dtype("t") == dtype and f.numel("t") == n
+        for lo, hi in [(0, n), (0, 1), (3, min(n, 11)), (n - 4, n), (5, 5)]:
+            part = f.read_flat("t", lo, hi)
+            assert part.dtype == dtype and torch.equal(part, t.reshape(-1)[lo:hi]), (lo, hi)
+        assert torch.equal(f.read_flat("z", 0, 3), other)
+
+
+def test_range_reader_refuses_what_is_not_safetensors(tmp_path):
+    (tmp_path / "x.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        RangeReader(tmp_path / "x.safetensors")
 
 
 def test_linear_owners_balance_by_size_and_cover_every_linear():
@@ -111,3 +115,38 @@ def test_checkpoint_keys_of_an_index_or_a_single_file(tmp_path):
 def test_sparsity_from_rows_counts_zeros_over_every_weight():
     rows = [{"name": "a", "shape": [2, 3], "zeros": 3}, {"name": "b", "shape": [4, 1], "zeros": 1}]
     assert sparsity_from_rows(rows) == (0.4, 4, 10)
+
+
+def test_a_hub_id_is_resolved_once_to_a_local_snapshot_and_plan_fetches_configs_only(tmp_path, monkeypatch):
+    """``materialize`` turns a hub id into one snapshot directory (one commit) that every rank reads; ``rayprune
+    plan`` asks for the JSON files only. No hub is reachable here, so ``snapshot_download`` is replaced by one
+    that records its calls and lays out a snapshot."""
+    import huggingface_hub
+
+    from orchestrator.errors import UsageError
+    from orchestrator.inputs.config import ModelConfig
+    from orchestrator.inputs.models import materialize
+
+    calls = []
+
+    def fake(repo, revision=None, cache_dir=None, allow_patterns=None):
+        calls.append((repo, revision, tuple(allow_patterns)))
+        snap = tmp_path / "snapshots" / "0123abcd"
+        snap.mkdir(parents=True, exist_ok=True)
+        return str(snap)
+
+    monkeypatch.setenv("RAYPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    cfg = ModelConfig(source="org/model", revision="v1")
+    assert materialize(cfg) == str(tmp_path / "snapshots" / "0123abcd")
+    assert calls[0][:2] == ("org/model", "v1") and "*.safetensors" in calls[0][2] and "*.bin" not in calls[0][2]
+    materialize(cfg, weights=False)
+    assert calls[1][2] == ("*.json",)
+
+    def offline(*_a, **_k):
+        raise OSError("no route to the hub\nsecond line")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(UsageError, match=r"^model\.source: cannot download 'org/model@v1' from the hub: OSError: "
+                                         r"no route to the hub$"):
+        materialize(cfg)

@@ -146,7 +146,8 @@ class BlockPassOps:
         rows = [layer_row(full[n], r) for n, r in mine.items()]
         written = self.settle_writes()  # block i - 1's write overlapped this block; its record goes back now
         if out_dir is not None and writer_rank(index, self.world) == self.rank:
-            tensors = {f"{self.prefix}.{index}.{n}": to_cpu(p.data).clone() for n, p in plain.named_parameters()}
+            # the plain copy is not touched again: its CPU tensors are written as they are (no second copy)
+            tensors = {f"{self.prefix}.{index}.{n}": to_cpu(p.data) for n, p in plain.named_parameters()}
             if self.shards is None:
                 from actors.shard_writer import ShardWriter
 

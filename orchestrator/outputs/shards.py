@@ -22,7 +22,6 @@ the checkpoint's bytes and nothing else.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -54,16 +53,35 @@ def writer_rank(index: int, world: int) -> int:
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Atomically write CPU tensors as one safetensors file.
+    """Atomically write CPU tensors as one safetensors file (a synced temp file, then one rename).
+
+    The tensors are serialised straight from their memory (no second copy of the file's bytes), and the
+    file is hashed from the page cache once written.
 
     Returns:
-        ``{"sha256", "bytes", "names"}`` of the written file (hashed from the bytes in memory, not re-read).
+        ``{"sha256", "bytes", "names"}`` of the written file.
     """
-    from safetensors.torch import save
+    import os
+    import tempfile
 
-    data = save({k: v.detach().contiguous() for k, v in tensors.items()})
-    atomic_write_bytes(path, data)
-    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "names": sorted(tensors)}
+    from safetensors.torch import save_file
+
+    from orchestrator.fileio import current_umask, fsync_path, sha256_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp)
+        fsync_path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        sha = sha256_file(tmp)
+        size = os.path.getsize(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return {"sha256": sha, "bytes": size, "names": sorted(tensors)}
 
 
 def write_index(path: Path, weight_map: dict[str, str], total_size: int) -> None:

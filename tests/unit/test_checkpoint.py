@@ -93,7 +93,8 @@ def test_uncommitted_block_and_temp_files_are_ignored_and_cleaned(tmp_path):
     assert reopened.block_rows(0) == [{"name": "w"}]
     assert sorted(reopened.clean()) == sorted(["model/model-block-00001.safetensors", ".progress.json.tmpcd",
                                                "masks/masks-block-00001.safetensors",
-                                               "grad/.rank-00000-of-00002.step-000004.safetensors.tmpab"])
+                                               "grad/.rank-00000-of-00002.step-000004.safetensors.tmpab",
+                                               "records/block-00000.json", "records/block-00001.json"])
     assert sorted(reopened.shard_files()) == ["masks/masks-block-00000.safetensors",
                                               "model/model-block-00000.safetensors"]
     assert (tmp_path / "progress.json").is_file()

@@ -12,7 +12,6 @@ memory figures. No weight, mask or statistic comes back to the driver.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -22,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from actors.checkpoint import CheckpointStore
+from actors.faults import Faults
 from actors.gradient_pass import gradient_pass, gradient_spec
 from actors.group import ActorGroup, GroupSpec
 from actors.sharding import shard_bytes
@@ -34,8 +34,6 @@ from orchestrator.pruning.methods import gradient_kinds
 log = logging.getLogger(__name__)
 
 SCORER = 0  # the rank that scores a sweep's candidates (the block pass spreads its linears over the ranks)
-#: test hook: ``Faults.exit_after_grad_save`` for runs started without ``faults`` (e.g. through the CLI)
-FAULT_EXIT_ENV = "RAYPRUNE_FAULT_EXIT_AFTER_GRAD_SAVE"
 
 
 @dataclass
@@ -75,40 +73,6 @@ class RayResult:
         """The pruned linears' weights the ranks wrote, read from the files (tests and tools only)."""
         names = set(self.masks)
         return {k: v for k, v in self._read("model").items() if k in names}
-
-
-@dataclass
-class Faults:
-    """Fault injection for tests: each fault fires once, on the first attempt that reaches it.
-
-    Attributes:
-        kill_after_grad_chunks: ``ray.kill`` the last worker after this many gradient-pass calls.
-        kill_at_block: ``ray.kill`` the last worker just before pruning this block.
-        hang_at_block: make the last worker stop participating (sleep) when this block starts.
-        hang_seconds: how long the hung worker sleeps.
-        exit_after_grad_save: the last worker ends its process (``os._exit``) right after writing its
-            partitions for this many local sequences, before the driver commits them.
-    """
-
-    kill_after_grad_chunks: int | None = None
-    kill_at_block: int | None = None
-    hang_at_block: int | None = None
-    hang_seconds: float = 120.0
-    exit_after_grad_save: int | None = None
-    fired: set = field(default_factory=set)
-
-    @classmethod
-    def from_env(cls) -> Faults | None:
-        """The faults ``$RAYPRUNE_FAULT_EXIT_AFTER_GRAD_SAVE`` asks for (tests), or None when it is unset."""
-        steps = os.environ.get(FAULT_EXIT_ENV)
-        return cls(exit_after_grad_save=int(steps)) if steps else None
-
-    def take(self, what: str, at: int) -> bool:
-        """Whether fault ``what`` fires at step ``at`` (once)."""
-        if getattr(self, what) == at and what not in self.fired:
-            self.fired.add(what)
-            return True
-        return False
 
 
 def prune_spec(cfg: RunConfig, use_gpu: bool = False) -> GroupSpec:

@@ -12,18 +12,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
 from actors.checkpoint import CheckpointStore
+from actors.faults import Faults
 from actors.group import ActorGroup
 from actors.sharding import shard_bounds
 from orchestrator.inputs.config import RunConfig
 from orchestrator.pruning.methods import gradient_kinds, gradient_sampling
-
-if TYPE_CHECKING:
-    from actors.distributed import Faults
 
 log = logging.getLogger(__name__)
 

@@ -362,7 +362,7 @@ def format_plan(p: Plan) -> str:
             ("calibration states", "calib_bytes"), ("largest gathered block", "largest_block_bytes"),
             ("gradient pass transient", "grad_pass_bytes"), ("  of which statistic fold", "fold_bytes"),
             ("peak per worker", "peak_bytes"), ("loading peak per worker", "load_bytes"),
-            ("coordinator (host)", "coordinator_bytes"),
+            ("coordinator, host RAM", "coordinator_bytes"),
             ("comm per sequence", "comm_per_seq_bytes"), ("comm block pass", "comm_block_pass_bytes"),
         )
     ]

@@ -135,7 +135,8 @@ import json, sys, tempfile
 from pathlib import Path
 import torch, ray
 from ray.cluster_utils import Cluster
-from actors.distributed import Faults, run_ray
+from actors.distributed import run_ray
+from actors.faults import Faults
 from actors.group import GroupSpec
 from actors.storage import PRIVATE_ROOT_ENV
 from orchestrator.errors import RayPruneError, UsageError

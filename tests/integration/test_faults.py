@@ -13,7 +13,8 @@ import torch
 ray = pytest.importorskip("ray")
 pytest.importorskip("deepspeed")
 
-from actors.distributed import FAULT_EXIT_ENV, Faults, run_ray  # noqa: E402
+from actors.distributed import run_ray  # noqa: E402
+from actors.faults import FAULT_EXIT_ENV, Faults  # noqa: E402
 from orchestrator.errors import RayPruneError  # noqa: E402
 from orchestrator.inputs.config import RunConfig  # noqa: E402
 from orchestrator.inputs.models import load_tokenizer, materialize  # noqa: E402

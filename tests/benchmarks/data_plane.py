@@ -9,8 +9,8 @@ and block pass seconds. Prints a table and writes JSON.
 
     python tests/benchmarks/data_plane.py --before ../before --out bench-out/data-plane.json
 
-``--before`` is a checkout of the earlier tree (e.g. ``git worktree add ../before d9633ef``); both trees run
-with this interpreter (the earlier tree first on ``PYTHONPATH``).
+``--before`` is a checkout of the earlier tree (e.g. ``git worktree add ../before d9633ef``), ``--after`` of the
+later one (default: this tree); both run with this interpreter (each tree first on ``PYTHONPATH``).
 """
 
 from __future__ import annotations
@@ -116,6 +116,7 @@ def table(rows: list[dict], labels: dict[str, str]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--before", type=Path, required=True, help="checkout of the earlier tree")
+    ap.add_argument("--after", type=Path, default=HERE, help="checkout of the later tree (default: this one)")
     ap.add_argument("--shapes", default="s300m,s1b")
     ap.add_argument("--workers", default="1,2,4")
     ap.add_argument("--out", type=Path, required=True)
@@ -123,7 +124,7 @@ def main() -> int:
                                                       "coordinator would not fit beside 4 workers here)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    trees = {args.before.resolve(): "before", HERE: "after"}
+    trees = {args.before.resolve(): "before", args.after.resolve(): "after"}
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-data-plane-") as tmp:
         for shape in args.shapes.split(","):

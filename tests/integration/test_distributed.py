@@ -75,13 +75,17 @@ def _local(cfg: RunConfig, path: str, calib: torch.Tensor):
     return model, outcome
 
 
-def _with_weights(path: str, cfg: RunConfig, weights: dict[str, torch.Tensor]):
-    model = load_model(path, cfg.model)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, w in weights.items():
-            params[name].copy_(w)
-    return model
+def _published(res, path: str, cfg: RunConfig, run_dir):
+    """The checkpoint the ranks wrote, assembled as the coordinator publishes it, loaded by plain transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator.inputs.models import model_skeleton
+    from orchestrator.outputs.assemble import place_shards
+
+    skeleton = model_skeleton(path, cfg.model)
+    place_shards(run_dir, res.root, res.files, skeleton.config, skeleton.generation_config,
+                 load_tokenizer(path, cfg.model))
+    return AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
 
 
 def test_live_zero3_groups_leave_no_shared_memory_names(groups):
@@ -98,7 +102,7 @@ def test_live_zero3_groups_leave_no_shared_memory_names(groups):
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "gblm"])
-def test_ray_matches_local(setup, groups, method, pattern):
+def test_ray_matches_local(setup, groups, method, pattern, tmp_path):
     path, calib, held_out = setup
     cfg = make_cfg(method, pattern)
     local_model, local = _local(cfg, path, calib)
@@ -110,7 +114,7 @@ def test_ray_matches_local(setup, groups, method, pattern):
         same = sum(int((res.masks[k] == local.masks[k]).sum()) for k in local.masks)
         total = sum(m.numel() for m in local.masks.values())
         assert same / total >= 0.999, f"{workers} workers: masks agree on {same / total:.5f}"
-        ppl = perplexity(_with_weights(path, cfg, res.weights), held_out)
+        ppl = perplexity(_published(res, path, cfg, tmp_path / f"x{workers}"), held_out)
         assert abs(ppl - local_ppl) / local_ppl < 0.005, (workers, ppl, local_ppl)
         assert len(res.outcome.layers) == len(local.layers)
         assert "block_pass" in res.outcome.phases and "startup" in res.outcome.phases
@@ -156,7 +160,7 @@ def test_parameters_before_block_zero_come_from_the_model(groups, tmp_path):
     ("gblm-sparsegpt", "unstructured", {"gblm.grad_samples": 3, "gblm.relative_alpha": 0.5, "gblm.norm": "l2"}),
 ], ids=["wanda-layer-rounds", "magnitude-block-exact", "gblm-normalized-layer", "sparsegpt-owl-layer",
         "gblm-sparsegpt", "gblm-grad-samples", "gblm-sparsegpt-grad-samples-l2"])
-def test_ray_matches_local_with_quality_options(setup, groups, method, pattern, options):
+def test_ray_matches_local_with_quality_options(setup, groups, method, pattern, options, tmp_path):
     """Reconstruction (layer and block), OWL allocation and the gradient-aware options run the same on Ray x2 as
     in one process
     (the base methods are checked on x1 and x2 above; these options only change what the scorer computes)."""
@@ -176,7 +180,7 @@ def test_ray_matches_local_with_quality_options(setup, groups, method, pattern, 
         rows = (res.masks[name] == local.masks[name]).all(dim=1)  # (out,)
         assert int(rows.sum()) >= 0.9 * rows.numel(), name
         assert float((w[rows] - ref[rows]).norm() / ref[rows].norm()) < 1e-2, name
-    ppl = perplexity(_with_weights(path, cfg, res.weights), held_out)
+    ppl = perplexity(_published(res, path, cfg, tmp_path), held_out)
     assert abs(ppl - local_ppl) / local_ppl < 0.005, (ppl, local_ppl)
 
 

@@ -20,18 +20,6 @@ import torch
 from orchestrator.engine.device import Placement, to_cpu
 
 
-def _answer(results: dict, linears: dict, full: dict[str, str]) -> dict:
-    """The scorer's answer for one pruned block: masks, weights and report rows under full names, on the CPU."""
-    from orchestrator.engine.local import layer_row
-
-    return to_cpu({
-        "masks": {full[n]: r.mask for n, r in results.items()},
-        "weights": {full[n]: lin.weight.data for n, lin in linears.items()},
-        "rows": [layer_row(full[n], r) for n, r in results.items()],
-    })
-
-
-
 class BlockPassOps:
     """The block pass's calls of a pruning worker (see the module docstring)."""
 
@@ -93,24 +81,20 @@ class BlockPassOps:
         return probe.outliers, probe.total
 
     def prune_block(self, index: int, pcfg: Any, forward_dtype: str, grad_kind: str | None,
-                    out_dir: str | None = None, write_back: bool = True, scorer: int | None = None) -> dict | None:
+                    out_dir: str | None = None, write_back: bool = True) -> dict:
         """Prune block ``index`` with :func:`~orchestrator.engine.block_step.block_step` (collective).
 
         The statistics are all-reduced; each rank scores and prunes the linears it owns
         (:func:`~orchestrator.engine.block_step.linear_owners`; the gradient statistic ``grad_kind`` of a
         linear is gathered on its owner only) and broadcasts their weights and bit-packed masks, so every
         rank holds the pruned block and writes it back into its ZeRO-3 partitions (not for a sweep
-        candidate: the partitions stay dense for the next one). Rank ``index % W`` then writes the block's
-        tensors and masks under ``out_dir`` on a background thread (:class:`~actors.shard_writer.ShardWriter`).
-
-        Args:
-            scorer: one rank that scores every linear and returns masks and weights (a sweep's candidates
-                on the driver); None: the ranks share the block and write it themselves.
+        candidate of a sequential sweep: the partitions stay dense for the next one). Rank ``index % W`` then
+        writes the block's tensors and masks under ``out_dir`` on a background thread
+        (:class:`~actors.shard_writer.ShardWriter`).
 
         Returns:
             ``{"rows": this rank's report rows, "written": the record of this rank's previous block write,
-            "order": full name -> position in the block}``;
-            with ``scorer``: that rank's masks, weights and rows, None elsewhere.
+            "order": full name -> position in the block}``.
         """
         import torch.distributed as dist
 
@@ -123,7 +107,7 @@ class BlockPassOps:
 
         zlinears = block_linears(decoder_blocks(self.model)[index])
         sizes = {n: math.prod(full_shape(m.weight)) for n, m in zlinears.items()}  # elements of each weight
-        owners = dict.fromkeys(sizes, scorer) if scorer is not None else linear_owners(sizes, self.world)
+        owners = linear_owners(sizes, self.world)
         zblock, plain, full, grads = self._open_block(index, grad_kind, owners)
         masks: dict[str, torch.Tensor] = {}
 
@@ -140,8 +124,6 @@ class BlockPassOps:
             write_back_block(zblock, {n: lin.weight.data for n, lin in linears.items()}, self.rank)
         mine = step.results[0]
         self.scored += sum(r.mask.numel() for r in mine.values())
-        if scorer is not None:
-            return _answer(mine, linears, full) if self.rank == scorer else None
         masks = self._share_masks(linears, owners, mine, full)
         rows = [layer_row(full[n], r) for n, r in mine.items()]
         written = self.settle_writes()  # block i - 1's write overlapped this block; its record goes back now
@@ -198,14 +180,21 @@ class BlockPassOps:
         return {"files": {rel: write_tensors(Path(out_dir) / rel, tensors)}}
 
     def sweep_block(self, index: int, pcfgs: list[Any], forward_dtype: str, grad_kind: str | None,
-                    scorer: int = 0) -> list[dict] | None:
+                    out_dirs: list[str], scorer: int = 0) -> dict | None:
         """Prune block ``index`` once per candidate config from one set of statistics (collective; a
-        non-sequential sweep). The next inputs are the dense block's outputs and the ZeRO-3
-        partitions stay dense; rank ``scorer`` returns one answer per candidate."""
+        non-sequential sweep). The next inputs are the dense block's outputs and the ZeRO-3 partitions stay
+        dense; rank ``scorer`` prunes every candidate and writes candidate ``k``'s block files under
+        ``out_dirs[k]`` (one write in flight at a time, behind its work).
+
+        Returns:
+            On rank ``scorer``: ``{"rows": report rows per candidate, "written": records of the writes that
+            finished meanwhile}``; None elsewhere.
+        """
         import torch.distributed as dist
 
+        from actors.shard_writer import ShardWriter
         from orchestrator.engine.block_step import StepContext, block_step
-        from orchestrator.engine.blocks import block_linears
+        from orchestrator.engine.local import layer_row
 
         _, block, full, grads = self._open_block(index, grad_kind, scorer)
         ctx = StepContext(pcfgs[0], Placement.of(self.device, forward_dtype), grads=grads.get,
@@ -215,7 +204,16 @@ class BlockPassOps:
         self.hidden = step.hidden
         if self.rank != scorer:
             return None
-        return [_answer(res, block_linears(t), full) for res, (t, _) in zip(step.results, targets, strict=True)]
+        if self.shards is None:
+            self.shards = ShardWriter()
+        rows, written = [], []
+        for root, res, (t, _) in zip(out_dirs, step.results, targets, strict=True):
+            rows.append([layer_row(full[n], r) for n, r in res.items()])
+            tensors = {f"{self.prefix}.{index}.{n}": to_cpu(p.data) for n, p in t.named_parameters()}
+            done = self.shards.submit(Path(root), index, tensors, to_cpu({full[n]: r.mask for n, r in res.items()}))
+            if done is not None:
+                written.append(done)
+        return {"rows": rows, "written": written}
 
     def replay_block(self, index: int, path: str, sha256: str, pcfg: Any, forward_dtype: str) -> None:
         """Restore a checkpointed block from its file (collective): the same weights in the ZeRO-3 partitions

@@ -40,8 +40,8 @@ def write_block_files(root: Path, index: int, tensors: dict[str, torch.Tensor],
     """
     model_rel = f"{MODEL_DIR}/{block_shard(index)}"
     masks_rel = f"{MASKS_DIR}/{mask_shard(index)}"
-    record = {"index": index, "files": {model_rel: write_tensors(root / model_rel, tensors),
-                                        masks_rel: write_tensors(root / masks_rel, masks)}}
+    record = {"index": index, "root": str(root), "files": {model_rel: write_tensors(root / model_rel, tensors),
+                                                           masks_rel: write_tensors(root / masks_rel, masks)}}
     atomic_write_bytes(record_path(root, index), json.dumps(record).encode())
     return record
 

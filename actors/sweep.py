@@ -1,19 +1,21 @@
 """Sweeps on the distributed engine: several sparsities from one distributed gradient pass.
 
-The coordinator calls :func:`run_ray_sweep`; the candidates' weights come back to it, which builds
-one model per candidate (:func:`orchestrator.engine.sweep.candidates_from_weights`) and evaluates
-them with the evaluation actors.
+The coordinator calls :func:`run_ray_sweep` with a directory every rank shares; the ranks write each
+candidate's pruned checkpoint under ``candidate-K/`` there (:mod:`orchestrator.outputs.shards`), and
+only report rows and file records come back. The coordinator publishes and evaluates the candidates
+from those files.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from actors.distributed import SCORER, load_workers, prune_spec, start_workers
+from actors.distributed import SCORER, RayResult, check_shared_storage, load_workers, prune_spec, start_workers
 from actors.gradient_pass import gradient_pass, gradient_spec
 from actors.group import ActorGroup, GroupSpec
 from orchestrator.engine.block_step import uses_activations
@@ -24,9 +26,9 @@ from orchestrator.pruning.methods import gradient_kinds
 
 @dataclass
 class RaySweep:
-    """What a distributed sweep produced: per candidate ``(sparsity, outcome, weights)``, pass counts, phases."""
+    """What a distributed sweep produced: per candidate ``(sparsity, its files and rows)``, pass counts, phases."""
 
-    candidates: list[tuple[float, PruneOutcome, dict[str, torch.Tensor]]] = field(default_factory=list)
+    candidates: list[tuple[float, RayResult]] = field(default_factory=list)
     gradient_passes: int = 0
     activation_passes: int = 0
     phases: dict[str, float] = field(default_factory=dict)
@@ -34,16 +36,23 @@ class RaySweep:
 
 
 def run_ray_sweep(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress: bool = True,
-                  group: ActorGroup | None = None, spec: GroupSpec | None = None) -> RaySweep:
+                  group: ActorGroup | None = None, spec: GroupSpec | None = None,
+                  root: Path | None = None) -> RaySweep:
     """A sweep (``pruning.sweep``) on the distributed engine: one gradient pass for every candidate.
 
     Non-sequential: one dense block pass; each block's statistics prune every candidate
-    (:meth:`~actors.worker.PruneWorker.sweep_block`). Sequential: one block pass per candidate from
-    the same block-0 inputs and gradient statistics, the ZeRO-3 partitions left dense between them.
-    The coordinator evaluates the candidates with the evaluation actors.
+    (:meth:`~actors.block_ops.BlockPassOps.sweep_block`, on one rank). Sequential: one block pass per
+    candidate from the same block-0 inputs and gradient statistics, the ranks sharing each block, the
+    ZeRO-3 partitions left dense between them. Candidate ``k``'s files go under ``root/candidate-k``.
+
+    Args:
+        root: where the ranks write (storage they all share, checked first; default: a new temporary
+            directory, enough on one machine).
     """
     import dataclasses
+    import tempfile
 
+    root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="rayprune-sweep-"))
     own = group is None
     t0 = time.perf_counter()
     group = group or start_workers(spec or prune_spec(cfg))
@@ -52,6 +61,8 @@ def run_ray_sweep(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, prog
         pcfg = cfg.pruning
         cfgs = [dataclasses.replace(pcfg, sparsity=float(s), sweep=[]) for s in pcfg.sweep]
         out = RaySweep()
+        check_shared_storage(group, root, cfg.output.dir)
+        roots = [root / f"candidate-{k}" for k in range(len(cfgs))]
         load_workers(group, cfg, model_path, input_ids)
         out.phases["startup"] = time.perf_counter() - t0
         kinds = gradient_kinds(pcfg.method, pcfg.gblm.norm)
@@ -62,12 +73,13 @@ def run_ray_sweep(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, prog
             out.gradient_passes += 1
             out.phases["gradient_pass"] = time.perf_counter() - t1
         t1 = time.perf_counter()
-        results = _sweep_blocks(group, cfgs, cfg.backend.forward_dtype, kinds[0] if kinds else None, progress)
+        results = _sweep_blocks(group, cfgs, cfg.backend.forward_dtype, kinds[0] if kinds else None, progress,
+                                roots)
         out.activation_passes = (0 if not uses_activations(pcfg) else len(cfgs) if pcfg.sequential else 1)
         out.phases["block_pass"] = time.perf_counter() - t1
-        out.candidates = [(c.target_sparsity, o, w) for c, (o, w) in zip(cfgs, results, strict=True)]
-        for o, _ in results:
-            o.dtypes = cfg.compute_dtypes()
+        out.candidates = [(c.target_sparsity, r) for c, r in zip(cfgs, results, strict=True)]
+        for r in results:
+            r.outcome.dtypes = cfg.compute_dtypes()
         out.memory = group.execute("memory")
         group.execute("finish")
         return out
@@ -76,16 +88,20 @@ def run_ray_sweep(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, prog
             group.shutdown()
 
 
-def _sweep_blocks(group: ActorGroup, cfgs: list, dtype: str, grad_kind: str | None, progress: bool
-                  ) -> list[tuple[PruneOutcome, dict]]:
-    """Every candidate's masks, weights and rows, block by block (see :func:`run_ray_sweep`)."""
-    results = [(PruneOutcome(), {}) for _ in cfgs]
+def _sweep_blocks(group: ActorGroup, cfgs: list, dtype: str, grad_kind: str | None, progress: bool,
+                  roots: list[Path]) -> list[RayResult]:
+    """Every candidate's rows and written files, block by block (see :func:`run_ray_sweep`)."""
+    results = [RayResult(outcome=PruneOutcome(), root=r) for r in roots]
+    index = {str(r): k for k, r in enumerate(roots)}
 
-    def fold(k: int, res: dict) -> None:
-        results[k][0].masks.update(res["masks"])
-        results[k][0].layers.extend(res["rows"])
-        results[k][1].update(res["weights"])
+    def take(records: list[dict | None]) -> None:
+        for rec in records:
+            if rec is not None:
+                k = index[rec["root"]]
+                results[k].files.update({rel: {"path": rel, **e} for rel, e in rec["files"].items()})
 
+    for root in roots:  # each candidate is a whole checkpoint: the unpruned parameters too
+        take(group.execute("write_outside", str(root))[:1])
     first = cfgs[0]
     if uses_activations(first):
         group.execute("capture")
@@ -95,9 +111,15 @@ def _sweep_blocks(group: ActorGroup, cfgs: list, dtype: str, grad_kind: str | No
             group.execute("restart_hidden")
             for i in tqdm(range(blocks), desc=f"sweep {c.target_sparsity:g} (ray x{group.workers})",
                           disable=not progress):
-                fold(k, group.execute("prune_block", i, c, dtype, grad_kind, None, False, SCORER)[SCORER])
-        return results
-    for i in tqdm(range(blocks), desc=f"sweep blocks (ray x{group.workers})", disable=not progress):
-        for k, res in enumerate(group.execute("sweep_block", i, cfgs, dtype, grad_kind, SCORER)[SCORER]):
-            fold(k, res)
+                answers = group.execute("prune_block", i, c, dtype, grad_kind, str(roots[k]), False)
+                results[k].outcome.layers.extend(sorted((r for a in answers for r in a["rows"]),
+                                                        key=lambda r: answers[0]["order"][r["name"]]))
+                take([a["written"] for a in answers])
+    else:
+        for i in tqdm(range(blocks), desc=f"sweep blocks (ray x{group.workers})", disable=not progress):
+            answer = group.execute("sweep_block", i, cfgs, dtype, grad_kind, [str(r) for r in roots], SCORER)[SCORER]
+            for k, rows in enumerate(answer["rows"]):
+                results[k].outcome.layers.extend(rows)
+            take(answer["written"])
+    take(group.execute("settle_writes"))
     return results

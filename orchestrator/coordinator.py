@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -15,6 +16,16 @@ from orchestrator import __version__, groups
 from orchestrator.engine.device import Placement, native_bf16
 from orchestrator.engine.local import PruneOutcome, pruned_weight_names, run_local
 from orchestrator.errors import UsageError
+from orchestrator.eval_phase import (
+    drop_model_dir,
+    evaluate_sweep,
+    evaluate_sweep_files,
+    loaded,
+    reached_sparsity,
+    record,
+    speed,
+    speed_from_checkpoints,
+)
 from orchestrator.inputs.config import RunConfig
 from orchestrator.inputs.data import (
     calibration_windows,
@@ -90,14 +101,6 @@ def eval_windows(cfg: RunConfig, tokenizer, model) -> torch.Tensor | None:
     return first_windows(tokens, e.seq_len, e.num_windows, "eval.source", leading_special_tokens(tokenizer))
 
 
-def reached_sparsity(model, names: list[str]) -> tuple[float, int, int]:
-    """Zeros over all pruned weights: ``(fraction, zeros, total)``."""
-    params = dict(model.named_parameters())
-    zeros = sum(int((params[n] == 0).sum()) for n in names)
-    total = sum(params[n].numel() for n in names)
-    return zeros / max(total, 1), zeros, total
-
-
 def local_checkpointing(cfg: RunConfig, model) -> bool:
     """Whether the single-process gradient pass checkpoints block activations (the host's memory is its budget)."""
     from orchestrator.engine.device import device_memory_bytes
@@ -106,10 +109,15 @@ def local_checkpointing(cfg: RunConfig, model) -> bool:
     return choose_checkpointing(cfg, model.config, 1, device_memory_bytes("cpu"))
 
 
+#: where the ranks of a distributed sweep write its candidates, inside the run's temp directory (removed before
+#: publishing: the kept files are linked into place)
+SWEEP_SHARDS = ".sweep-shards"
+
+
 def sharded_run(cfg: RunConfig) -> bool:
-    """Whether the run's tensors stay on the ranks (``backend: ray``, not structured, not a sweep): the
-    coordinator then holds the model's structure only, and the ranks write the pruned checkpoint."""
-    return cfg.backend.kind == "ray" and not cfg.structured.enabled and not cfg.pruning.sweep
+    """Whether the run's tensors stay on the ranks (``backend: ray``, not structured): the coordinator then
+    holds the model's structure only, and the ranks write the pruned checkpoints (a sweep's candidates too)."""
+    return cfg.backend.kind == "ray" and not cfg.structured.enabled
 
 
 def prune_with_backend(cfg: RunConfig, model, model_path: str, calib: torch.Tensor, progress: bool,
@@ -261,9 +269,9 @@ def _prune_and_evaluate(cfg: RunConfig, timer: PhaseTimer, writer: RunWriter, ev
     sharded = sharded_run(cfg)
     if evaluator.active and cfg.eval.dense_baseline:
         with timer.phase("eval_dense"):
-            res = evaluator.evaluate(_loaded(cfg, model, model_path, sharded and not grouped),
+            res = evaluator.evaluate(loaded(cfg, model, model_path, sharded and not grouped),
                                      evaluator.ref("dense") if grouped else None, "dense")
-            _record(metrics, zeroshot, "dense", res)
+            record(metrics, zeroshot, "dense", res)
             evaluator.close()  # the pruning workers need these devices
     structured = None
     with timer.phase("prune"):
@@ -280,22 +288,22 @@ def _prune_and_evaluate(cfg: RunConfig, timer: PhaseTimer, writer: RunWriter, ev
             from orchestrator.engine.sweep import main_sparsity, run_sweep
 
             memory = []
-            if cfg.backend.kind == "ray":
+            if sharded:  # the ranks write every candidate; the coordinator gets rows and file records
                 from actors.sweep import run_ray_sweep
-                from orchestrator.engine.sweep import candidates_from_weights
 
-                rs = run_ray_sweep(cfg, model_path, calib, progress, spec=groups.prune_spec(cfg))
-                sweep = candidates_from_weights(model, rs.candidates, rs.gradient_passes, rs.activation_passes,
-                                                rs.phases)
-                memory = rs.memory
+                sweep = run_ray_sweep(cfg, model_path, calib, progress, spec=groups.prune_spec(cfg),
+                                      root=writer.tmp / SWEEP_SHARDS)
+                memory = sweep.memory
+                ray_result = next(r for s, r in sweep.candidates if s == main_sparsity(cfg.pruning))
+                outcome = ray_result.outcome
             else:
                 run_cfg = cfg.with_compute_dtypes(native_bf16("cpu"))
                 sweep = run_sweep(model, calib, run_cfg.pruning, Placement.of("cpu", run_cfg.backend.forward_dtype),
                                   progress, local_checkpointing(cfg, model))
                 for c in sweep.candidates:
                     c.outcome.dtypes = run_cfg.compute_dtypes()
-            main = next(c for c in sweep.candidates if c.sparsity == main_sparsity(cfg.pruning))
-            model, outcome = main.model, main.outcome
+                main = next(c for c in sweep.candidates if c.sparsity == main_sparsity(cfg.pruning))
+                model, outcome = main.model, main.outcome
             outcome.phases = sweep.phases
         else:
             outcome, memory, ray_result = prune_with_backend(cfg, model, model_path, calib, progress, ckpt)
@@ -318,9 +326,11 @@ def _prune_and_evaluate(cfg: RunConfig, timer: PhaseTimer, writer: RunWriter, ev
         writer.write_config(cfg)
     if sweep is not None and evaluator.active:
         with timer.phase("eval_sweep"):
-            extra["sweep"], extra["sweep_passes"] = _evaluate_sweep(sweep, evaluator, writer, names)
+            extra["sweep"], extra["sweep_passes"] = (
+                evaluate_sweep_files(sweep, evaluator, writer, model, tokenizer) if sharded else
+                evaluate_sweep(sweep, evaluator, writer, names))
             main_row = next(r for r in extra["sweep"] if r["sparsity"] == main_sparsity(cfg.pruning))
-            _record(metrics, zeroshot, "pruned", {"ppl": main_row["ppl"], "zeroshot": main_row["zeroshot"]})
+            record(metrics, zeroshot, "pruned", {"ppl": main_row["ppl"], "zeroshot": main_row["zeroshot"]})
     elif evaluator.active:
         with timer.phase("eval_pruned"):
             ref = None
@@ -329,16 +339,18 @@ def _prune_and_evaluate(cfg: RunConfig, timer: PhaseTimer, writer: RunWriter, ev
                 ref = evaluator.ref("pruned", {n: params[n].detach() for n in names})
             elif grouped and (cfg.output.save_model or sharded):
                 ref = evaluator.ref("pruned", path=str(writer.path("model")))
-            pruned = _loaded(cfg, model, str(writer.path("model")), sharded and not grouped)
-            _record(metrics, zeroshot, "pruned", evaluator.evaluate(pruned, ref, "pruned"))
+            pruned = loaded(cfg, model, str(writer.path("model")), sharded and not grouped)
+            record(metrics, zeroshot, "pruned", evaluator.evaluate(pruned, ref, "pruned"))
             del pruned
+    if sharded and sweep is not None:
+        shutil.rmtree(writer.tmp / SWEEP_SHARDS, ignore_errors=True)  # what is kept is linked into place
     evaluator.close()  # free the actors' memory before the speed measurement
     if cfg.eval.speed:
         with timer.phase("speed"):
-            extra["speed"] = (_speed(cfg, model_path, model, tokenizer) if not sharded else
-                              _speed_from_checkpoints(cfg, model_path, str(writer.path("model")), tokenizer))
+            extra["speed"] = (speed(cfg, model_path, model, tokenizer) if not sharded else
+                              speed_from_checkpoints(cfg, model_path, str(writer.path("model")), tokenizer))
     if sharded and not cfg.output.save_model:  # the ranks' shards served the evaluation; not kept
-        _drop_model_dir(writer)
+        drop_model_dir(writer)
     if zeroshot:
         extra["zeroshot"] = zeroshot
     return {
@@ -361,74 +373,3 @@ def _prune_and_evaluate(cfg: RunConfig, timer: PhaseTimer, writer: RunWriter, ev
         **extra,
         "host": {"python": platform.python_version(), "torch": torch.__version__},
     }
-
-
-def _record(metrics: dict, zeroshot: dict, label: str, res: dict) -> None:
-    if res.get("ppl") is not None:
-        metrics[f"{label}_ppl"] = res["ppl"]
-    if res.get("zeroshot"):
-        zeroshot[label] = res["zeroshot"]
-
-
-def _evaluate_sweep(sweep, evaluator, writer: RunWriter, names: list[str]) -> tuple[list[dict], dict]:
-    """Evaluate every sweep candidate; their masks go to ``sweep/``."""
-    from safetensors.torch import save_file
-
-    refs = []
-    for c in sweep.candidates:
-        params = dict(c.model.named_parameters())
-        refs.append(evaluator.ref(f"sweep-{c.sparsity}", {n: params[n].detach() for n in names})
-                    if evaluator.distributed else None)
-        save_file({k: v.contiguous().to(torch.bool) for k, v in c.outcome.masks.items()},
-                  str(writer.path(f"sweep/masks-{c.sparsity:.4f}.safetensors")))
-    results = evaluator.candidates([c.model for c in sweep.candidates], refs)
-    rows = []
-    for c, r in zip(sweep.candidates, results, strict=True):
-        frac, _, _ = reached_sparsity(c.model, names)
-        rows.append({"name": f"{c.sparsity:g}", "sparsity": c.sparsity, "reached": frac, "ppl": r["ppl"],
-                     "zeroshot": r["zeroshot"]})
-    return rows, {"gradient": sweep.gradient_passes, "activation": sweep.activation_passes}
-
-
-def _loaded(cfg: RunConfig, model, path: str, load: bool):
-    """``model``, or (``load``) the checkpoint at ``path`` loaded in this process: a distributed run evaluated
-    in the coordinator (``eval.workers: 0``), which then holds one model while it evaluates it."""
-    if not load:
-        return model
-    log.info("eval.workers is 0: the coordinator loads %s to evaluate it (evaluation actors avoid that)", path)
-    return load_model(path, cfg.model)
-
-
-def _drop_model_dir(writer: RunWriter) -> None:
-    """Remove ``model/`` from the run (``output.save_model: false``) and its known hashes."""
-    import shutil
-
-    shutil.rmtree(writer.tmp / "model", ignore_errors=True)
-    writer.known_hashes = {k: v for k, v in writer.known_hashes.items() if not k.startswith("model/")}
-
-
-def _speed_from_checkpoints(cfg: RunConfig, dense_path: str, pruned_path: str, tokenizer) -> dict:
-    """Prefill/decode speed of the dense and the pruned checkpoint, side by side on one evaluation actor
-    (in this process when ``eval.workers`` is 0)."""
-    if not cfg.eval.workers:
-        return _speed(cfg, dense_path, load_model(pruned_path, cfg.model), tokenizer)
-    from actors.evaluator import remote_speed  # Ray loads only for evaluation actors
-
-    e = cfg.eval
-    return remote_speed(groups.eval_spec(cfg, workers=1), cfg.model, {"dense": dense_path, "pruned": pruned_path},
-                        dict(prompt_len=e.speed_prompt_len, new_tokens=e.speed_new_tokens,
-                             batch_sizes=tuple(e.speed_batch_sizes), repeats=e.speed_repeats))
-
-
-def _speed(cfg: RunConfig, model_path: str, model, tokenizer) -> dict:
-    """Prefill/decode tokens/s of the dense and the pruned model, side by side in this process."""
-    from orchestrator.evaluation.speed import compare_speed
-
-    e = cfg.eval
-    dense = load_model(model_path, cfg.model)
-    try:
-        return compare_speed({"dense": dense, "pruned": model}, tokenizer, prompt_len=e.speed_prompt_len,
-                             new_tokens=e.speed_new_tokens, batch_sizes=tuple(e.speed_batch_sizes),
-                             repeats=e.speed_repeats)
-    finally:
-        del dense

@@ -93,6 +93,13 @@ def eval_spec(cfg: RunConfig, workers: int | None = None) -> Any:
                      address=cfg.backend.address, strategy="SPREAD")
 
 
+def speed_on_actor(cfg: RunConfig, paths: dict[str, str], options: dict) -> dict:
+    """Prefill/decode speed of checkpoints side by side on one evaluation actor (its GPU where there are GPUs)."""
+    from actors.evaluator import remote_speed
+
+    return remote_speed(eval_spec(cfg, workers=1), cfg.model, paths, options)
+
+
 def distributed_recovery(cfg: RunConfig) -> Callable[[nn.Module, torch.Tensor, StructuredRecoveryConfig], Any]:
     """Data-parallel LoRA recovery on ``structured.recovery.workers`` actors (NCCL on GPUs, gloo on CPUs)."""
 

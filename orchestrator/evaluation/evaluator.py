@@ -161,6 +161,24 @@ class Evaluator:
         """Evaluate sweep candidates (in parallel on the actors when there are any)."""
         if not self.distributed or self.lm_eval_tasks:
             return [self.evaluate(m, r, f"candidate {i}") for i, (m, r) in enumerate(zip(models, refs, strict=True))]
+        return self._on_actors(refs)
+
+    def checkpoints(self, paths: list[str], keys: list[str]) -> list[dict]:
+        """Evaluate checkpoint directories (a distributed sweep's candidates, as the ranks wrote them): in
+        parallel on the actors, or in this process one at a time (each loaded, evaluated and dropped)."""
+        from orchestrator.inputs.models import load_model
+
+        refs = [self.group.ref(k, p) if self.distributed else None for k, p in zip(keys, paths, strict=True)]
+        if self.distributed and not self.lm_eval_tasks:
+            return self._on_actors(refs)
+        out = []
+        for key, path, ref in zip(keys, paths, refs, strict=True):
+            model = load_model(path, self.cfg.model)
+            out.append(self.evaluate(model, ref, key))
+            del model
+        return out
+
+    def _on_actors(self, refs: list[Any]) -> list[dict]:
         res = self.group.candidates(refs, self.windows, self.tasks)
         for r in res:
             r["zeroshot"] = {t: {"status": "ok", **v, "source": "rayprune"} for t, v in r["zeroshot"].items()}

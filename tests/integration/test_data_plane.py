@@ -209,3 +209,35 @@ def test_two_nodes_without_shared_storage_are_refused_and_a_killed_run_resumes(t
     assert out["blind_files"] == []
     assert "checkpoints kept" in out["killed"] and out["blocks_done"] == 1, out
     assert out["same"] and out["same_weights"], out
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["one-pass", "sequential"])
+def test_a_ray_sweep_is_written_by_the_ranks_and_evaluated_from_their_files(
+        ray_cluster, tmp_path, corpus_parquet, eval_parquet, unpickled, monkeypatch, sequential):
+    """Three sparsities on ray x2: the coordinator loads no model and receives no weight; every candidate's
+    checkpoint is written by the ranks and evaluated from the files; the numbers are the one-process sweep's."""
+    from orchestrator import coordinator
+    from orchestrator.outputs.shards import load_masks
+
+    sweep = {"pruning.sweep": "[0.3, 0.5, 0.7]", "pruning.sequential": sequential, "eval.dense_baseline": False}
+    local = _run(tmp_path / "local", corpus_parquet, eval_parquet, **sweep)
+    unpickled.clear()
+    monkeypatch.setattr(coordinator, "load_model", lambda *_a, **_k: pytest.fail("the coordinator loaded a model"))
+    out = tmp_path / "ray"
+    report = _run(out, corpus_parquet, eval_parquet, **sweep, **{"backend.kind": "ray", "backend.workers": 2,
+                                                               "backend.num_threads": 1})
+    smallest = min(math.prod(r["shape"]) for r in report["layers"])
+    assert max(unpickled, default=0) < smallest
+    assert report["sweep_passes"] == local["sweep_passes"]
+    for row, ref in zip(report["sweep"], local["sweep"], strict=True):
+        assert row["sparsity"] == ref["sparsity"] and row["reached"] == pytest.approx(ref["reached"], abs=1e-3)
+        assert row["ppl"] == pytest.approx(ref["ppl"], rel=0.005), (row, ref)
+        masks = load_masks(out / "sweep" / f"{row['sparsity']:.4f}")  # kept; the candidate's model/ is not
+        frac = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+        assert frac == pytest.approx(row["reached"], abs=1e-3)
+        assert not (out / "sweep" / f"{row['sparsity']:.4f}" / "model").exists()
+    assert report["metrics"]["pruned_ppl"] == pytest.approx(report["sweep"][1]["ppl"])
+    assert (out / "model" / "model.safetensors.index.json").is_file()
+    assert not (out / ".sweep-shards").exists()
+    manifest = json.loads((out / "manifest.json").read_text())["files"]
+    assert all(not k.startswith(".sweep-shards") for k in manifest)

@@ -365,9 +365,11 @@ def test_ray_sweep_uses_one_gradient_pass_and_matches_the_local_sweep(setup, gro
     assert len(passes) == 1 and res.gradient_passes == 1
     assert res.activation_passes == (3 if sequential else 1)
     local = run_sweep(load_model(path, cfg.model), calib, cfg.pruning, progress=False)
-    assert [s for s, _, _ in res.candidates] == [c.sparsity for c in local.candidates] == [0.3, 0.5, 0.7]
-    for (sparsity, outcome, weights), ref in zip(res.candidates, local.candidates, strict=True):
-        masks = outcome.masks
+    assert [s for s, _ in res.candidates] == [c.sparsity for c in local.candidates] == [0.3, 0.5, 0.7]
+    for (sparsity, cand), ref in zip(res.candidates, local.candidates, strict=True):
+        masks, weights = cand.masks, cand.weights  # read from the files the ranks wrote
+        assert {r["name"] for r in cand.outcome.layers} == set(masks)
+        assert any(p.endswith("model-outside.safetensors") for p in cand.files)  # a whole checkpoint
         total = sum(m.numel() for m in masks.values())
         reached = sum(int(m.sum()) for m in masks.values()) / total
         assert abs(reached - sparsity) < 0.02, (sparsity, reached)

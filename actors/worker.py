@@ -10,7 +10,6 @@ back to the driver is on the CPU.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import logging
 import math
@@ -23,7 +22,7 @@ import torch
 
 from actors.block_ops import BlockPassOps
 from actors.group import GroupMember
-from actors.memory import PhaseMemory
+from actors.memory import PhaseMemory, trim_heap
 from orchestrator.engine.device import Placement, to_cpu
 
 log = logging.getLogger(__name__)
@@ -107,6 +106,7 @@ class PruneWorker(BlockPassOps, GroupMember):
         self.model, self.dschf, self.load_io = load_zero3(model_path, model_cfg, self.ds_cfg, self.rank, self.world)
         self.config = self.model.config
         self.prefix = block_prefix(self.model)
+        trim_heap()  # the loading's transients (whole modules before partitioning, read buffers) leave the heap
         self.mem.end("load")
         self.mem.mark("loaded")
         return {"samples": int(self.ids.shape[0])}
@@ -273,11 +273,7 @@ class PruneWorker(BlockPassOps, GroupMember):
             except Exception:  # noqa: BLE001 - best effort cleanup
                 log.debug("engine.destroy failed", exc_info=True)
             self.engine = None
-        gc.collect()
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+        trim_heap()
 
     def memory(self) -> dict[str, int]:
         """This rank's parameter-partition and gradient-statistic bytes, and its memory by phase

@@ -90,6 +90,7 @@ def run_cell(tree: Path, shape: str, workers: int, work: Path) -> dict:
         "coordinator_peak_rss_bytes": maxrss * 1024,
         "worker_peak_rss_bytes": [m["peak_rss_bytes"] for m in mem],
         "worker_peak_rss_bytes_by_phase": [m.get("peak_rss_bytes_by_phase") for m in mem],
+        "worker_peak_allocated_bytes_by_phase": [m.get("peak_allocated_bytes_by_phase") for m in mem],
         "worker_load_read_bytes": [m.get("load_read_bytes") for m in mem],
         "coordinator_load_s": phases.get("load"),
         "startup_s": phases.get("prune.startup"),

@@ -177,7 +177,7 @@ class BlockPassOps:
         if self.rank != 0:
             return None
         rel = f"{MODEL_DIR}/{OUTSIDE_SHARD}"
-        return {"files": {rel: write_tensors(Path(out_dir) / rel, tensors)}}
+        return {"root": str(out_dir), "files": {rel: write_tensors(Path(out_dir) / rel, tensors)}}
 
     def sweep_block(self, index: int, pcfgs: list[Any], forward_dtype: str, grad_kind: str | None,
                     out_dirs: list[str], scorer: int = 0) -> dict | None:

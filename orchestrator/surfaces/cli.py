@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prune", help="prune a model, evaluate it and write a run directory",
-                       description="Prune a model as the config says; write model/, masks.safetensors, "
+                       description="Prune a model as the config says; write model/, the masks "
+                                   "(masks/ and its index on Ray, masks.safetensors in one process), "
                                    "config.yaml, report.json and report.md into output.dir.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]",

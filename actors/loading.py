@@ -63,6 +63,7 @@ def load_own_partitions(model_path: str, model_cfg: ModelConfig, dschf: Any, ran
         tensor of the checkpoint it loads), or None when the checkpoint cannot be sliced (the caller
         falls back to ``from_pretrained``).
     """
+    import deepspeed
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
@@ -77,8 +78,12 @@ def load_own_partitions(model_path: str, model_cfg: ModelConfig, dschf: Any, ran
     if files is None:
         return None
     t0 = time.perf_counter()
-    with no_init_weights():  # every value is read below
+    # Partitioned as it is built, and never initialised: every value is read below. Not ``from_config`` under the
+    # live ZeRO-3 config: that gathers every module afterwards to initialise it on rank 0 and broadcasts it back
+    # (``initialize_weights_zero3``), moving the whole model through the collectives for values thrown away.
+    with plain_construction(dschf), no_init_weights(), deepspeed.zero.Init(config_dict_or_path=dschf.config):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
+    model.tie_weights()
     params = dict(model.named_parameters())
     read = total = 0
     by_file: dict[str, list[str]] = {}

@@ -38,10 +38,10 @@ def meta_parameter_names(config: Any, dtype: torch.dtype, trust_remote_code: boo
     return [n for n, _ in model.named_parameters()]
 
 
-def sliceable(model_path: str, names: list[str]) -> dict[str, str] | None:
-    """Tensor name -> file for every name in ``names`` when the checkpoint's safetensors hold them all under
-    those names; None otherwise (pickle weights, or keys transformers renames while loading)."""
-    keys = checkpoint_keys(model_path)
+def sliceable(keys: dict[str, str] | None, names: list[str]) -> dict[str, str] | None:
+    """Tensor name -> file for every name in ``names`` when the checkpoint's safetensors (``keys``, from
+    :func:`~orchestrator.outputs.shards.checkpoint_keys`) hold them all under those names; None otherwise
+    (pickle weights, or keys transformers renames while loading)."""
     if keys is None or any(n not in keys for n in names):
         return None
     return {n: keys[n] for n in names}
@@ -68,13 +68,14 @@ def load_own_partitions(model_path: str, model_cfg: ModelConfig, dschf: Any, ran
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    dtype = TORCH_DTYPES[model_cfg.dtype]
     from actors.zero3 import plain_construction
 
+    dtype = TORCH_DTYPES[model_cfg.dtype]
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
     with plain_construction(dschf):  # the meta skeleton is built without zero.Init
         names = meta_parameter_names(config, dtype, model_cfg.trust_remote_code)
-    files = sliceable(model_path, names)
+    keys = checkpoint_keys(model_path)
+    files = sliceable(keys, names)
     if files is None:
         return None
     t0 = time.perf_counter()
@@ -105,7 +106,6 @@ def load_own_partitions(model_path: str, model_cfg: ModelConfig, dschf: Any, ran
                         part.data[: hi - lo].copy_(flat.to(part.dtype))
                     if part.numel() > hi - lo:
                         part.data[hi - lo :].zero_()  # the padding of the last partition
-    keys = checkpoint_keys(model_path) or {}
     for name, buf in model.named_buffers():  # persistent buffers the checkpoint holds (rare; small)
         if name in keys:
             with safe_open(str(Path(model_path) / keys[name]), framework="pt") as f:

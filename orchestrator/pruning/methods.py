@@ -133,7 +133,8 @@ def prune_weight(
             if grad is None:
                 raise ValueError(f"{name}: gblm-sparsegpt needs gradient statistics")
             g = gradient_term(grad, norm)
-        new_w, mask = sparsegpt_prune(weight, act.hessian(), sparsity, nm, blocksize, percdamp, name, g, alpha)
+        new_w, mask = sparsegpt_prune(weight, act.hessian(), sparsity, nm, blocksize, percdamp, name, g, alpha,
+                                      own_hessian=True)  # hessian() is a fresh tensor
         return LayerPruneResult(new_w, mask, float("nan"))
     score = layer_score(weight, method, act, grad, alpha, norm, grad_scale, weighting, name)
     mask = build_mask(score, sparsity, nm, per_row=method != "magnitude")

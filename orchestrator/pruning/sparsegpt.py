@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
@@ -14,12 +15,14 @@ def _upper_cholesky_of_inverse(h: torch.Tensor, percdamp: float, name: str) -> t
     diag_mean = torch.mean(torch.diag(h))
     damp = percdamp
     for attempt in range(8):
+        # at most two (in, in) fp32 copies beside ``h`` at once (the planner's SparseGPT transient)
         hd = h.clone()
-        idx = torch.arange(h.shape[0], device=h.device)
-        hd[idx, idx] += damp * diag_mean
+        hd.diagonal().add_(damp * diag_mean)
         try:
             low = torch.linalg.cholesky(hd)
+            del hd
             hinv = torch.cholesky_inverse(low)
+            del low
             return torch.linalg.cholesky(hinv, upper=True)
         except torch.linalg.LinAlgError:
             log.warning(
@@ -40,6 +43,7 @@ def sparsegpt_prune(
     name: str = "layer",
     grad_term: torch.Tensor | None = None,
     grad_alpha: float = 0.0,
+    own_hessian: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune one weight matrix with SparseGPT and update the kept weights.
 
@@ -59,27 +63,31 @@ def sparsegpt_prune(
         name: used in log messages.
         grad_term: ``(out, in)`` non-negative gradient statistic, or None (plain SparseGPT).
         grad_alpha: weight of the normalised gradient term.
+        own_hessian: ``hessian`` is the caller's scratch copy, overwritten here instead of cloned (one
+            ``(in, in)`` fp32 copy less at the peak).
 
     Returns:
         ``(new_weight, mask)``: the updated ``(out, in)`` weight in ``weight``'s dtype and
         the ``(out, in)`` bool mask, True = pruned.
     """
     w = weight.detach().float().clone()  # (out, in)
-    h = hessian.detach().float().clone()  # (in, in)
+    h = hessian.detach().float()  # (in, in); the caller's own tensor when it was fp32 already
+    if not own_hessian and h.data_ptr() == hessian.data_ptr():
+        h = h.clone()
     cols = w.shape[1]
     if nm is not None:
         if cols % nm[1]:
             raise ValueError(f"N:M {nm[0]}:{nm[1]} needs the input size ({cols}) to be a multiple of {nm[1]}")
         # an N:M group must not straddle a block; for N:M the block size does not change the result
         blocksize = max(nm[1], blocksize - blocksize % nm[1])
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
+    dead = torch.diag(h) == 0  # (in,) inputs never seen: no host synchronisation anywhere below
+    h.diagonal().masked_fill_(dead, 1)
+    w.masked_fill_(dead.unsqueeze(0), 0)
     hinv = _upper_cholesky_of_inverse(h, percdamp, name)  # (in, in) upper
     mask = torch.zeros_like(w, dtype=torch.bool)
     g = None if grad_term is None or grad_alpha == 0 else grad_term.detach().float()  # (out, in)
 
-    def saliency(wc: torch.Tensor, dc: torch.Tensor, lo: int, hi: int, means: tuple[float, float]) -> torch.Tensor:
+    def saliency(wc: torch.Tensor, dc: torch.Tensor, lo: int, hi: int, means: tuple[Any, Any]) -> torch.Tensor:
         """OBS's ``w^2 / d^2`` of columns ``lo:hi`` (plus the gradient term, both over their block ``means``)."""
         obs = wc.pow(2) / dc.pow(2).unsqueeze(0)
         if g is None:
@@ -87,12 +95,13 @@ def sparsegpt_prune(
         grad = wc.abs() * g[:, lo:hi]
         return obs / means[0] + grad_alpha * grad / means[1]
 
-    def block_means(wc: torch.Tensor, dc: torch.Tensor, lo: int, hi: int) -> tuple[float, float]:
-        """The means of OBS's term and of the gradient term over columns ``lo:hi`` (1 without gradients)."""
+    def block_means(wc: torch.Tensor, dc: torch.Tensor, lo: int, hi: int) -> tuple[Any, Any]:
+        """The means of OBS's term and of the gradient term over columns ``lo:hi`` (1 without gradients), as
+        0-d tensors on the weight's device (never read back to the host)."""
         if g is None:
             return 1.0, 1.0
-        obs = (wc.pow(2) / dc.pow(2).unsqueeze(0)).mean().clamp_min(1e-30).item()
-        return obs, (wc.abs() * g[:, lo:hi]).mean().clamp_min(1e-30).item()
+        obs = (wc.pow(2) / dc.pow(2).unsqueeze(0)).mean().clamp_min(1e-30)
+        return obs, (wc.abs() * g[:, lo:hi]).mean().clamp_min(1e-30)
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -120,8 +129,7 @@ def sparsegpt_prune(
                 tmp = saliency(w1[:, i : i + m], d1[i : i + m], i1 + i, i1 + i + m, means)
                 idx = torch.sort(tmp, dim=1, stable=True).indices[:, :n]
                 mask1.scatter_(1, i + idx, True)
-            q = col.clone()
-            q[mask1[:, i]] = 0
+            q = col.masked_fill(mask1[:, i], 0)  # (out,); boolean indexing would synchronise every column
             q1[:, i] = q
             err = (col - q) / d  # (out,)
             w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
@@ -129,5 +137,5 @@ def sparsegpt_prune(
         w[:, i1:i2] = q1
         mask[:, i1:i2] = mask1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    w[mask] = 0
+    w.masked_fill_(mask, 0)
     return w.to(weight.dtype), mask

@@ -6,11 +6,35 @@ several workers combine with :meth:`merge` in any order.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 GRAD_KINDS = ("abs", "sq", "sum")
+_AUTOCAST_TYPES = ("cpu", "cuda", "xpu")
+
+
+@contextlib.contextmanager
+def exact_fp32(device: torch.device | str) -> Iterator[None]:
+    """A region where statistics are computed in full fp32 whatever the caller's context.
+
+    Autocast is off on ``device``'s type (hooks fire inside the block forward's bf16 autocast, which
+    would otherwise run ``x^T x`` in bf16) and fp32 matmuls use full precision, not TF32 (which a run
+    may allow for its forwards with ``backend.tf32``); both are restored on exit.
+    """
+    kind = torch.device(device).type
+    precision = torch.get_float32_matmul_precision()
+    amp = torch.autocast(kind, enabled=False) if kind in _AUTOCAST_TYPES else contextlib.nullcontext()
+    try:
+        if precision != "highest":
+            torch.set_float32_matmul_precision("highest")
+        with amp:
+            yield
+    finally:
+        if precision != "highest":
+            torch.set_float32_matmul_precision(precision)
 
 
 @dataclass
@@ -47,10 +71,11 @@ class ActivationStats:
         if x.dim() == 2:
             x = x.unsqueeze(0)
         batch = x.shape[0]
-        flat = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
-        self.act_sq += flat.pow(2).sum(dim=0)
-        if self.xtx is not None:
-            self.xtx += flat.t() @ flat
+        with exact_fp32(x.device):
+            flat = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+            self.act_sq += flat.pow(2).sum(dim=0)
+            if self.xtx is not None:
+                self.xtx.addmm_(flat.t(), flat)  # (in, in) in fp32, never bf16 or TF32
         self.samples += batch
         self.tokens += flat.shape[0]
 
@@ -161,13 +186,14 @@ def per_sample_weight_grad_stats(x: torch.Tensor, grad_out: torch.Tensor, kinds:
     bad = [k for k in kinds if k not in GRAD_KINDS]
     if bad:
         raise ValueError(f"unknown gradient statistic(s) {bad}; allowed {GRAD_KINDS}")
-    g = torch.bmm(grad_out.to(compute_dtype).transpose(1, 2), x.to(compute_dtype)).float()  # (B, out, in)
-    g.mul_(weights.to(g.dtype).view(-1, 1, 1))
-    out = {}
-    if "sum" in kinds:
-        out["sum"] = g.sum(0)
-    if "sq" in kinds:
-        out["sq"] = torch.einsum("boi,boi->oi", g, g)
-    if "abs" in kinds:
-        out["abs"] = g.abs_().sum(0)
+    with exact_fp32(x.device):  # the product in ``compute_dtype`` as asked, not what an enclosing autocast picks
+        g = torch.bmm(grad_out.to(compute_dtype).transpose(1, 2), x.to(compute_dtype)).float()  # (B, out, in)
+        g.mul_(weights.to(g.dtype).view(-1, 1, 1))
+        out = {}
+        if "sum" in kinds:
+            out["sum"] = g.sum(0)
+        if "sq" in kinds:
+            out["sq"] = torch.einsum("boi,boi->oi", g, g)
+        if "abs" in kinds:
+            out["abs"] = g.abs_().sum(0)
     return out

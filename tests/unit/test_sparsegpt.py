@@ -100,6 +100,16 @@ def test_weight_not_modified_and_dtype_kept() -> None:
     assert new_w.dtype == torch.bfloat16
 
 
+def test_hessian_kept_unless_owned_and_the_result_is_the_same() -> None:
+    w = torch.randn(6, 16, generator=_gen(5))
+    h = _hessian(_correlated_inputs(6, 64, 16), samples=4)
+    h0 = h.clone()
+    ref_w, ref_m = sparsegpt_prune(w, h, 0.5, (2, 4), blocksize=8)
+    assert torch.equal(h, h0)  # a borrowed Hessian is left as it was
+    own_w, own_m = sparsegpt_prune(w, h, 0.5, (2, 4), blocksize=8, own_hessian=True)
+    assert torch.equal(ref_w, own_w) and torch.equal(ref_m, own_m)
+
+
 def _recon_error(w: torch.Tensor, w2: torch.Tensor, x: torch.Tensor) -> float:
     return float(torch.linalg.norm(x @ w.T - x @ w2.T))
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 
 import ray
 
@@ -68,3 +70,41 @@ def _probe(address: str, timeout: float = 5.0) -> None:
 def has_gpus() -> bool:
     """Whether the connected cluster declares any GPU (actors then take one each)."""
     return int(ray.cluster_resources().get("GPU", 0)) > 0
+
+
+def wait_for_gpus(workers: int, wait_s: float, field: str = "backend.gpu_wait_s") -> bool:
+    """Whether the run's actors get GPUs, waiting up to ``wait_s`` for ``workers`` of them to join.
+
+    With ``wait_s`` 0 the cluster is taken as it is (GPUs where it declares any). Otherwise the autoscaler is
+    asked for ``workers`` one-GPU bundles and the cluster's GPU count is polled until it reaches ``workers``:
+    a run configured for GPUs never falls back to CPU actors because the GPU nodes were still starting.
+
+    Raises:
+        UsageError: the wait ended with fewer GPUs than ``workers``.
+    """
+    if wait_s <= 0:
+        return has_gpus()
+    deadline = time.monotonic() + wait_s
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus < workers:
+        try:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=[{"GPU": 1}] * workers)
+        except Exception:  # noqa: BLE001 - no autoscaler (a fixed cluster): waiting is all there is
+            log.debug("no autoscaler to ask for GPUs", exc_info=True)
+        log.info("waiting up to %.0f s for %d GPUs (the cluster has %d)", wait_s, workers, gpus)
+    while gpus < workers and time.monotonic() < deadline:
+        time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus < workers:
+        raise UsageError(f"{field}: waited {wait_s:g} s for {workers} GPUs but the Ray cluster has {gpus}")
+    return True
+
+
+def node_cpus(node_id: str) -> int:
+    """CPUs the Ray node ``node_id`` declares (its share of a machine or pod, not the host's core count)."""
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id and node.get("Alive", True):
+            return max(1, int(node.get("Resources", {}).get("CPU", 1)))
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))

@@ -80,7 +80,7 @@ def prune_spec(cfg: RunConfig, use_gpu: bool = False) -> GroupSpec:
     b = cfg.backend
     return GroupSpec(b.workers, use_gpu=use_gpu, backend="nccl" if use_gpu else "gloo", field="backend.workers",
                      address=b.address, strategy=b.placement_strategy, num_threads=b.num_threads, deepspeed=True,
-                     collective_timeout_s=b.collective_timeout_s)
+                     collective_timeout_s=b.collective_timeout_s, tf32=b.tf32)
 
 
 def start_workers(spec: GroupSpec) -> ActorGroup:

@@ -35,7 +35,7 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.cluster import check_capacity, ensure_ray
+from actors.cluster import check_capacity, ensure_ray, node_cpus
 from actors.memory import TRACE_MEMORY_ENV
 from orchestrator.engine.device import (
     NATIVE_BF16_ENV,
@@ -52,6 +52,7 @@ STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 #: the name prefix of the placement groups this process creates (see ``orchestrator.groups.named_placement``)
 PLACEMENT_PREFIX_ENV = "RAYPRUNE_PLACEMENT_PREFIX"
 BACKENDS = ("nccl", "gloo")
+TF32_ENV = "RAYPRUNE_TF32"  # 1: the actors let fp32 matmuls use TF32 (``backend.tf32``)
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ class GroupSpec:
         field: the config key named in capacity and placement errors.
         address: Ray address (None: the running Ray, or a local one).
         strategy: placement strategy.
-        num_threads: torch threads per actor (0: the node's CPUs // workers, at least 1).
+        num_threads: torch threads per actor (0: the CPUs Ray declares for the actor's node divided among the
+            group's actors on that node, at least 1).
         deepspeed: join through ``deepspeed.init_distributed`` (ZeRO-3 workers) instead of torch.
         collective_timeout_s: a collective whose peer stopped participating fails after this long.
         shutdown_timeout_s: graceful shutdown wait before the actors are killed.
@@ -81,6 +83,7 @@ class GroupSpec:
     deepspeed: bool = False
     collective_timeout_s: float = 1800.0
     shutdown_timeout_s: float = 30.0
+    tf32: bool = False
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,7 @@ class GroupMember:
     """
 
     def __init__(self, num_threads: int = 1) -> None:
+        self.num_threads = num_threads  # 0: decided in setup, from this node's CPUs and this group's actors on it
         torch.set_num_threads(max(1, num_threads))
         # DeepSpeed still calls torch.distributed's renamed collectives; one warning per call site per
         # worker would flood the driver's log (the source is the dependency, not this code)
@@ -205,8 +209,13 @@ class GroupMember:
                            "WORLD_SIZE": str(place.world), "LOCAL_RANK": str(local),
                            "LOCAL_WORLD_SIZE": str(place.local_world), "LOCAL_SIZE": str(place.local_world)})
         self.device = local_device(ids)
+        if not self.num_threads:  # the node's CPUs as Ray declares them (a pod's limit), shared by its members
+            torch.set_num_threads(max(1, node_cpus(self.member_info().node_id) // max(1, place.local_world)))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            if os.environ.get(TF32_ENV) == "1":  # forwards and SparseGPT; statistics stay fp32 (exact_fp32)
+                torch.set_float32_matmul_precision("high")
+                torch.backends.cudnn.allow_tf32 = True
         if backend is not None:
             self._join(backend, deepspeed, timeout_s)
         return self.device_info()
@@ -298,10 +307,14 @@ class ActorGroup:
             self.pg = None
             raise UsageError(f"{spec.field}: {spec.workers} workers cannot be placed with strategy "
                              f"{spec.strategy}") from None
-        threads = spec.num_threads or max(1, (os.cpu_count() or 1) // spec.workers)
-        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        threads = spec.num_threads  # 0: each actor takes its node's share once it knows its place (setup)
+        env = {"TOKENIZERS_PARALLELISM": "false"}
+        if threads:
+            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         if not spec.use_gpu:
             env["DS_ACCELERATOR"] = "cpu"
+        if spec.tf32:
+            env[TF32_ENV] = "1"
         for name in (NATIVE_BF16_ENV, TRACE_MEMORY_ENV):  # the driver's settings reach actors on every node
             if os.environ.get(name):
                 env[name] = os.environ[name]

@@ -43,12 +43,15 @@ class ShardedEvalWorker(GroupMember):
         import deepspeed
 
         from actors.loading import load_zero3
-        from actors.zero3 import ds_config, partition_bytes
+        from actors.zero3 import ds_config, model_limits, partition_bytes
         from orchestrator.inputs.models import load_tokenizer
 
         if self.key != ref.key or self.model is None:
             self.model = self.engine = None
-            config = ds_config(self.world)
+            from transformers import AutoConfig
+
+            mc = AutoConfig.from_pretrained(ref.path, trust_remote_code=model_cfg.trust_remote_code)
+            config = ds_config(self.world, limits=model_limits(mc, model_cfg.dtype, self.device))
             self.model, self.dschf, _ = load_zero3(ref.path, model_cfg, config, self.rank, self.world)
             for p in self.model.parameters():
                 p.requires_grad_(False)

@@ -85,7 +85,7 @@ class PruneWorker(BlockPassOps, GroupMember):
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
         from actors.loading import load_zero3
-        from actors.zero3 import STATS_REDUCE_BUCKET, ds_config
+        from actors.zero3 import STATS_REDUCE_BUCKET, ds_config, model_limits
         from orchestrator.engine.blocks import block_prefix
 
         self.finish()
@@ -102,7 +102,7 @@ class PruneWorker(BlockPassOps, GroupMember):
         self.ids = ids.to(self.device)  # (n, L)
         self.seq_len = seq_len
         self.model_cfg = model_cfg
-        self.ds_cfg = ds_config(self.world, STATS_REDUCE_BUCKET)
+        self.ds_cfg = ds_config(self.world, STATS_REDUCE_BUCKET, model_limits(config, model_cfg.dtype, self.device))
         self.model, self.dschf, self.load_io = load_zero3(model_path, model_cfg, self.ds_cfg, self.rank, self.world)
         self.config = self.model.config
         self.prefix = block_prefix(self.model)

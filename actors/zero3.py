@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from actors.host_fold import HostFolder
 from orchestrator.inputs.config import ModelConfig
 from orchestrator.inputs.models import TORCH_DTYPES
 from orchestrator.planner import FOLD_PENDING, ZERO3_MAX_LIVE_PARAMETERS, ZERO3_PREFETCH_BUCKET
@@ -37,7 +38,8 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 STATS_REDUCE_BUCKET = 1_000_000
 
 
-def ds_config(world_size: int, reduce_bucket_size: int = 20_000_000) -> dict[str, Any]:
+def ds_config(world_size: int, reduce_bucket_size: int = 20_000_000,
+              limits: tuple[int, int] = (ZERO3_MAX_LIVE_PARAMETERS, ZERO3_PREFETCH_BUCKET)) -> dict[str, Any]:
     """The DeepSpeed config of a ZeRO-3 engine.
 
     Args:
@@ -45,6 +47,7 @@ def ds_config(world_size: int, reduce_bucket_size: int = 20_000_000) -> dict[str
         reduce_bucket_size: elements of the gradient-reduction bucket DeepSpeed allocates when the engine starts
             (in the model dtype); the statistics engine trains one norm weight and passes
             :data:`STATS_REDUCE_BUCKET`.
+        limits: ``(max live, prefetch bucket)`` parameter elements (:func:`model_limits` for a model).
     """
     return {
         "train_micro_batch_size_per_gpu": 1,
@@ -56,14 +59,27 @@ def ds_config(world_size: int, reduce_bucket_size: int = 20_000_000) -> dict[str
             "stage3_param_persistence_threshold": 0,
             # the defaults (5e8-element buckets, 1e9 sub-groups) allocate GiBs of fp32 scratch per rank
             "reduce_bucket_size": reduce_bucket_size,
-            "stage3_prefetch_bucket_size": ZERO3_PREFETCH_BUCKET,
-            "stage3_max_live_parameters": ZERO3_MAX_LIVE_PARAMETERS,
+            "stage3_prefetch_bucket_size": limits[1],
+            "stage3_max_live_parameters": limits[0],
             "stage3_max_reuse_distance": 10_000_000,
             "sub_group_size": 100_000_000,
         },
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+def model_limits(config: Any, dtype: str, device: torch.device) -> tuple[int, int]:
+    """ZeRO-3's live and prefetch limits for a model config on ``device`` (:func:`~orchestrator.planner.zero3_limits`)."""
+    from orchestrator.engine.device import device_memory_bytes
+    from orchestrator.planner import zero3_limits
+    from orchestrator.shapes import ModelShape, element_bytes
+
+    try:
+        shape = ModelShape.from_config(config)
+    except ValueError:  # not a LLaMA-like config: the fixed limits
+        shape = None
+    return zero3_limits(shape, element_bytes(dtype), device_memory_bytes(device))
 
 
 @contextlib.contextmanager
@@ -202,6 +218,7 @@ class ShardedGradStats:
         # ``max_pending`` padded full-size statistics wait for their collective at any time
         self.pending: list[tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (work, out, buf, input)
         self.max_pending = max_pending
+        self.host = HostFolder()  # offloaded partitions: pinned, non-blocking copies from the device
         for n, shape in self.shapes.items():
             c = math.ceil(math.prod(shape) / self.world)
             # (ceil(numel/W),) fp32 at home; NCCL reduce-scatters into a device tensor, which is then added here
@@ -233,7 +250,7 @@ class ShardedGradStats:
             pad = buf.numel() * self.world - flat.numel()
             full = torch.nn.functional.pad(flat, (0, pad)) if pad else flat  # (W * chunk,)
             if self.world == 1:
-                buf.add_(full.to(buf.device))
+                self.host.add(buf, full)
                 continue
             out = torch.empty(buf.shape, dtype=buf.dtype, device=self.device)
             work = _reduce_scatter(out, full, op=dist.ReduceOp.SUM, async_op=True)
@@ -247,13 +264,14 @@ class ShardedGradStats:
     def _settle_oldest(self) -> None:
         work, out, buf, _full = self.pending.pop(0)
         work.wait()
-        buf.add_(out.to(buf.device))
+        self.host.add(buf, out)
 
     def flush(self) -> None:
         """Wait for the reduce-scatters still in flight and fold them into the partitions."""
         t0 = time.perf_counter()
         while self.pending:
             self._settle_oldest()
+        self.host.flush()
         self.seconds["reduce_scatter"] += time.perf_counter() - t0
 
     def end_minibatch(self) -> None:
@@ -281,7 +299,7 @@ class ShardedGradStats:
 
     def gather_to(self, name: str, kind: str, dst: int = 0) -> torch.Tensor | None:
         """Gather one statistic into its full fp32 tensor on rank ``dst`` only (collective); None elsewhere."""
-        chunk = self.chunks[name][kind].to(self.device)  # a collective's tensors live on the rank's device
+        chunk = self.chunks[name][kind].to(self.device, non_blocking=True)  # collectives work on device tensors
         parts = [torch.empty_like(chunk) for _ in range(self.world)] if self.rank == dst else None
         dist.gather(chunk, parts, dst=dst)
         if self.rank != dst:

@@ -369,7 +369,7 @@ def _prune_and_evaluate(cfg: RunConfig, timer: PhaseTimer, writer: RunWriter, ev
         "memory_per_worker": memory,
         "structured": structured,
         "layers": outcome.layers,
-        "eval": {"workers": cfg.eval.workers, "tasks": sorted(zeroshot.get("pruned", zeroshot.get("dense", {})))},
+        "eval": {"workers": cfg.eval_workers(), "tasks": sorted(zeroshot.get("pruned", zeroshot.get("dense", {})))},
         **extra,
         "host": {"python": platform.python_version(), "torch": torch.__version__},
     }

@@ -75,7 +75,7 @@ def drop_model_dir(writer: RunWriter) -> None:
 def speed_from_checkpoints(cfg: RunConfig, dense_path: str, pruned_path: str, tokenizer) -> dict:
     """Prefill/decode speed of the dense and the pruned checkpoint, side by side on one evaluation actor
     (in this process when ``eval.workers`` is 0)."""
-    if not cfg.eval.workers:
+    if not cfg.eval_workers():
         return speed(cfg, dense_path, load_model(pruned_path, cfg.model), tokenizer)
     e = cfg.eval
     return groups.speed_on_actor(cfg, {"dense": dense_path, "pruned": pruned_path},

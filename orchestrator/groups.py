@@ -41,18 +41,19 @@ def named_placement(prefix: str) -> Iterator[None]:
 
 
 def cluster_uses_gpus(cfg: RunConfig) -> bool:
-    """Connect to the run's cluster (or start a local Ray); whether its actors get GPUs."""
-    from actors.cluster import ensure_ray, has_gpus
+    """Connect to the run's cluster (or start a local Ray); whether its actors get GPUs (waiting
+    ``backend.gpu_wait_s`` for the pruning workers' GPUs to join an autoscaling cluster)."""
+    from actors.cluster import ensure_ray, wait_for_gpus
 
     ensure_ray(cfg.backend.address)
-    return has_gpus()
+    return wait_for_gpus(cfg.backend.workers, cfg.backend.gpu_wait_s)
 
 
 def check_prune_capacity(cfg: RunConfig) -> bool:
     """Fail now (one ``backend.*`` line) when the cluster cannot hold the pruning workers; whether they get GPUs."""
-    from actors.cluster import check_capacity, ensure_ray
+    from actors.cluster import check_capacity
 
-    ensure_ray(cfg.backend.address)
+    cluster_uses_gpus(cfg)
     return check_capacity(cfg.backend.workers)
 
 
@@ -65,7 +66,7 @@ def prune_spec(cfg: RunConfig) -> Any:
 
 def eval_actors(cfg: RunConfig, progress: bool) -> Callable[[], Any] | None:
     """A factory of the ``eval.workers`` evaluation actors (None: evaluate in-process)."""
-    if not cfg.eval.workers:
+    if not cfg.eval_workers():
         return None
 
     def start() -> Any:
@@ -76,7 +77,7 @@ def eval_actors(cfg: RunConfig, progress: bool) -> Callable[[], Any] | None:
         if cfg.eval.shard:  # one model over all the actors: a process group, packed for its collectives
             from actors.sharded_eval import ShardedEvalGroup
 
-            spec = GroupSpec(cfg.eval.workers, use_gpu=gpus, backend="nccl" if gpus else "gloo", deepspeed=True,
+            spec = GroupSpec(cfg.eval_workers(), use_gpu=gpus, backend="nccl" if gpus else "gloo", deepspeed=True,
                              field="eval.workers", address=cfg.backend.address, strategy="PACK",
                              collective_timeout_s=cfg.backend.collective_timeout_s)
             return ShardedEvalGroup(spec, cfg.model, progress)
@@ -89,7 +90,7 @@ def eval_spec(cfg: RunConfig, workers: int | None = None) -> Any:
     """The group of plain (unsharded) evaluation actors: ``eval.workers`` of them unless ``workers`` says."""
     from actors.group import GroupSpec
 
-    return GroupSpec(workers or cfg.eval.workers, use_gpu=cluster_uses_gpus(cfg), backend=None, field="eval.workers",
+    return GroupSpec(workers or cfg.eval_workers(), use_gpu=cluster_uses_gpus(cfg), backend=None, field="eval.workers",
                      address=cfg.backend.address, strategy="SPREAD")
 
 
@@ -109,7 +110,8 @@ def distributed_recovery(cfg: RunConfig) -> Callable[[nn.Module, torch.Tensor, S
 
         address = cfg.backend.address if cfg.backend.kind == "ray" else None
         ensure_ray(address)
-        return recover_distributed(model, windows, r, recovery_spec(r, address, use_gpu=has_gpus()))
+        gpus = cluster_uses_gpus(cfg) if cfg.backend.kind == "ray" else has_gpus()
+        return recover_distributed(model, windows, r, recovery_spec(r, address, use_gpu=gpus))
 
     return recover
 

@@ -16,7 +16,7 @@ from orchestrator.shapes import FP32, LLAMA2_13B, LLAMA2_70B, LLAMA3_70B, SHAPES
 
 __all__ = ["FP32", "GIB", "LLAMA2_13B", "LLAMA2_70B", "LLAMA3_70B", "SHAPES", "ModelShape", "Plan", "plan",
            "min_workers", "needs_checkpointing", "choose_checkpointing", "run_plan_kwargs", "format_plan",
-           "grad_kinds_for", "eval_bytes", "eval_workers_needed",
+           "grad_kinds_for", "eval_bytes", "eval_workers_needed", "zero3_limits",
            "recovery_bytes", "recovery_workers_needed"]
 
 #: logits elements of one chunk of the gradient pass's loss (``orchestrator.pruning.lmloss.CHUNK_ELEMENTS``;
@@ -236,6 +236,29 @@ def plan(
     )
 
 
+def zero3_limits(s: ModelShape | None, dtype_bytes: int = 2, budget_bytes: int | None = None) -> tuple[int, int]:
+    """ZeRO-3's ``(stage3_max_live_parameters, stage3_prefetch_bucket_size)`` for a model, in elements.
+
+    The fixed defaults (:data:`ZERO3_MAX_LIVE_PARAMETERS`, :data:`ZERO3_PREFETCH_BUCKET`) are smaller than one
+    linear of a large model (Llama-3-70B's are 67-235M elements), which turns prefetching off and exposes every
+    gather. Here the live limit holds two of the largest linears and the prefetch bucket one, so the next
+    module's gather overlaps the current one's compute; where ``budget_bytes`` (a worker's device memory) would
+    spend more than a tenth of itself on them, one linear live and no more prefetch than the defaults.
+
+    Args:
+        s: the model's shape (None: not a LLaMA-like config; the defaults).
+        dtype_bytes: bytes per parameter element.
+        budget_bytes: the worker's device memory, or None.
+    """
+    if s is None:
+        return ZERO3_MAX_LIVE_PARAMETERS, ZERO3_PREFETCH_BUCKET
+    largest = s.largest_linear()
+    live, prefetch = max(ZERO3_MAX_LIVE_PARAMETERS, 2 * largest), max(ZERO3_PREFETCH_BUCKET, largest)
+    if budget_bytes is not None and (live + prefetch) * dtype_bytes > budget_bytes // 10:
+        live, prefetch = max(ZERO3_MAX_LIVE_PARAMETERS, largest), ZERO3_PREFETCH_BUCKET
+    return live, prefetch
+
+
 def gathered_bytes(s: ModelShape, workers: int, dtype_bytes: int, steps: int = 2) -> int:
     """Parameters ZeRO-3 holds gathered at once in a forward or backward: the module it runs (a block linear,
     or the embedding or head) plus its live and prefetch limits, at most two blocks; none on one rank.
@@ -247,7 +270,8 @@ def gathered_bytes(s: ModelShape, workers: int, dtype_bytes: int, steps: int = 2
     largest = max(s.largest_linear(), s.vocab * s.hidden)
     if steps <= 1:
         return largest * dtype_bytes
-    return min(2 * s.block_params(), largest + ZERO3_MAX_LIVE_PARAMETERS + ZERO3_PREFETCH_BUCKET) * dtype_bytes
+    live, prefetch = zero3_limits(s, dtype_bytes)
+    return min(2 * s.block_params(), largest + live + prefetch) * dtype_bytes
 
 
 def run_plan_kwargs(cfg: Any, workers: int | None = None, native_bf16: bool | None = None) -> dict[str, Any]:

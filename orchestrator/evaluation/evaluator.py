@@ -90,7 +90,7 @@ class Evaluator:
         self.tasks = load_tasks(cfg) if on else {}
         self.lm_eval_tasks = [t[len(LM_EVAL_PREFIX):] for t in cfg.eval.tasks if on and t.startswith(LM_EVAL_PREFIX)]
         self.start_actors = start_actors
-        self.distributed = (bool(cfg.eval.workers) and start_actors is not None
+        self.distributed = (bool(cfg.eval_workers()) and start_actors is not None
                             and (windows is not None or bool(self.tasks)))
         self._group: EvalActors | None = None
         self.seconds: dict[str, float] = {}  # "<label>.perplexity" / "<label>.zeroshot": where evaluate's time went

@@ -266,8 +266,9 @@ class EvalConfig:
     num_windows: int = opt(40, gt=0, role=MEASURE, help="the first K non-overlapping windows")
     seq_len: int = opt(512, ge=2, role=MEASURE, help="tokens per perplexity window")
     dense_baseline: bool = opt(True, role=MEASURE, help="evaluate the dense model too")
-    workers: int = opt(0, ge=0, role=EXECUTION, hint="(0: in the coordinator process)",
-                       help="evaluation actors (one GPU each where there are GPUs); 0: in the coordinator process")
+    workers: int | None = opt(None, ge=0, role=EXECUTION, hint="(0: in the coordinator process)",
+                              help="evaluation actors (one GPU each where there are GPUs); 0: in the coordinator "
+                                   "process; null: `backend.workers` actors on Ray, 0 with `backend.kind: local`")
     shard: bool = opt(False, role=EXECUTION, help="the evaluation actors share each model under ZeRO-3 (1/N of it "
                       "each), for a model larger than one actor's device (`rayprune plan` says when)")
     tasks: list[str] = opt(factory=list, role=MEASURE,
@@ -311,6 +312,14 @@ class BackendConfig:
                                       help="a collective whose peer stopped answering fails after this long")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = opt(
         "PACK", role=EXECUTION, help="Ray placement strategy of the workers")
+    tf32: bool = opt(False, help="let fp32 matmuls of forwards and SparseGPT's updates use TF32 on GPUs of compute "
+                     "capability >= 8.0 (statistics stay full fp32); no effect on CPUs")
+    gpu_wait_s: float = opt(0.0, ge=0, role=EXECUTION, hint="(seconds)",
+                            help="wait this long for GPUs to join an autoscaling cluster when it has fewer than "
+                                 "the workers need (a cluster with none then fails instead of running on CPUs); "
+                                 "0: decide from the cluster as it is")
+    plan_check: bool = opt(True, role=EXECUTION, help="refuse a run whose plan does not fit the workers' memory, "
+                           "before anything is loaded (`rayprune plan` prints the same numbers)")
 
 
 @dataclass
@@ -349,6 +358,13 @@ class RunConfig:
         settings, never with another model, calibration set, pruning config or numerics.
         """
         return _sha(self.by_role(RESULT))
+
+    def eval_workers(self) -> int:
+        """``eval.workers`` resolved: null is ``backend.workers`` actors on Ray (GPU actors on a GPU cluster) and
+        0 (in the coordinator) with the local backend."""
+        if self.eval.workers is not None:
+            return self.eval.workers
+        return self.backend.workers if self.backend.kind == "ray" else 0
 
     def with_compute_dtypes(self, native_bf16: bool) -> RunConfig:
         """A copy with every ``auto`` compute dtype resolved (``backend.forward_dtype``, ``pruning.gblm.grad_dtype``).

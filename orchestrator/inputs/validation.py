@@ -27,8 +27,9 @@ def validate(cfg: Any) -> list[str]:
                  f"got {pr.pattern!r}")
     if pr.allocation == "owl" and pr.sweep:
         p.append("pruning.allocation: owl is not available with pruning.sweep yet")
-    if e.shard and e.workers < 1:
-        p.append(f"eval.shard: needs evaluation actors to shard over (eval.workers >= 1), got eval.workers={e.workers}")
+    if e.shard and cfg.eval_workers() < 1:
+        p.append(f"eval.shard: needs evaluation actors to shard over (eval.workers >= 1), got "
+                 f"eval.workers={cfg.eval_workers()}")
     rec = cfg.structured.recovery
     if rec.zero3 and rec.schedule != "joint":
         p.append(f"structured.recovery.zero3: needs schedule joint (one adapter phase on the partitioned model), "

@@ -12,6 +12,7 @@ from orchestrator.planner import (
     ModelShape,
     gathered_bytes,
     plan,
+    zero3_limits,
 )
 
 #: a shape whose two blocks are far below ZeRO-3's live limit
@@ -24,7 +25,8 @@ def test_gathered_parameters_follow_zero3s_live_limits() -> None:
     blocks. Llama-3-70B's largest module is its head (128256 x 8192), a tiny model's cap is two blocks."""
     s70 = ModelShape.from_config(LLAMA3_70B)
     assert gathered_bytes(s70, 1, 2) == 0
-    assert gathered_bytes(s70, 8, 2) == (128256 * 8192 + ZERO3_MAX_LIVE_PARAMETERS + ZERO3_PREFETCH_BUCKET) * 2
+    down = 8192 * 28672  # the largest linear: live limit two of them, prefetch one
+    assert gathered_bytes(s70, 8, 2) == min(2 * s70.block_params(), 128256 * 8192 + 3 * down) * 2
     tiny = ModelShape.from_config(SMALL)
     assert gathered_bytes(tiny, 2, 4) == 2 * tiny.block_params() * 4
     # one micro-batch per rank: ZeRO-3 is still recording the module order and prefetches nothing
@@ -86,3 +88,19 @@ def test_run_plan_kwargs_resolve_auto_with_the_hardware() -> None:
     assert run_plan_kwargs(cfg)["compute_bytes"] is None  # unknown hardware: planned in the model dtype
     assert run_plan_kwargs(cfg.with_compute_dtypes(True))["compute_bytes"] == 2
     assert run_plan_kwargs(cfg.with_compute_dtypes(False))["compute_bytes"] == 4
+
+
+def test_zero3_limits_hold_the_largest_linears_unless_the_budget_is_small() -> None:
+    """Llama-3-70B's linears (up to 235M elements) dwarf the fixed 10M/5M limits, which would turn prefetch off;
+    the derived limits keep two live and prefetch one, and fall back where they would take over a tenth of the
+    device. The engines' DeepSpeed config carries them."""
+    from actors.zero3 import ds_config
+
+    s70 = ModelShape.from_config(LLAMA3_70B)
+    down = 8192 * 28672
+    assert zero3_limits(s70, 2, 80 * 2**30) == (2 * down, down)
+    assert zero3_limits(s70, 2, 8 * 2**30) == (down, ZERO3_PREFETCH_BUCKET)
+    assert zero3_limits(ModelShape.from_config(SMALL), 2) == (ZERO3_MAX_LIVE_PARAMETERS, ZERO3_PREFETCH_BUCKET)
+    assert zero3_limits(None) == (ZERO3_MAX_LIVE_PARAMETERS, ZERO3_PREFETCH_BUCKET)
+    zero = ds_config(8, limits=zero3_limits(s70, 2, 80 * 2**30))["zero_optimization"]
+    assert (zero["stage3_max_live_parameters"], zero["stage3_prefetch_bucket_size"]) == (2 * down, down)

@@ -213,7 +213,7 @@ def policy_problems(cfg: RunConfig, policy: JobPolicy) -> list[str]:
     _cap(problems, "structured.recovery.steps", r.steps, policy.max_recovery_steps, "max_recovery_steps")
     _cap(problems, "structured.recovery.num_samples", r.num_samples, policy.max_recovery_samples,
          "max_recovery_samples")
-    for field, value in (("backend.workers", b.workers), ("eval.workers", e.workers),
+    for field, value in (("backend.workers", b.workers), ("eval.workers", e.workers or 0),
                          ("structured.recovery.workers", r.workers)):
         _cap(problems, field, value, policy.max_workers, "max_workers")
     for field, value in (("eval.speed_batch_sizes", max(e.speed_batch_sizes, default=None)),

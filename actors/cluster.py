@@ -108,3 +108,25 @@ def node_cpus(node_id: str) -> int:
         if node.get("NodeID") == node_id and node.get("Alive", True):
             return max(1, int(node.get("Resources", {}).get("CPU", 1)))
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def worker_device(use_gpu: bool, workers: int, address: str | None) -> tuple[int, bool]:
+    """``(bytes, native bf16)`` of one worker's device, before any worker exists.
+
+    A GPU's total memory, read by a one-GPU probe task; a CPU worker's share of its node's memory (the node's
+    physical memory over the workers it packs, at most one per CPU), read in this process for a local Ray and
+    by a probe task on a cluster.
+    """
+    from orchestrator.engine.device import device_memory_bytes, native_bf16
+
+    if not use_gpu and not address:
+        return device_memory_bytes("cpu", sharers=min(workers, node_cpus(ray.get_runtime_context().get_node_id()))), \
+            native_bf16("cpu")
+
+    @ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1, max_retries=0)
+    def probe() -> tuple[int, bool, str]:
+        device = "cuda" if use_gpu else "cpu"
+        return device_memory_bytes(device), native_bf16(device), ray.get_runtime_context().get_node_id()
+
+    total, native, node = ray.get(probe.remote())
+    return (total if use_gpu else total // min(workers, node_cpus(node))), native

@@ -70,7 +70,7 @@ def ds_config(world_size: int, reduce_bucket_size: int = 20_000_000,
 
 
 def model_limits(config: Any, dtype: str, device: torch.device) -> tuple[int, int]:
-    """ZeRO-3's live and prefetch limits for a model config on ``device`` (:func:`~orchestrator.planner.zero3_limits`)."""
+    """ZeRO-3's live and prefetch limits of a model config on ``device`` (:func:`orchestrator.planner.zero3_limits`)."""
     from orchestrator.engine.device import device_memory_bytes
     from orchestrator.planner import zero3_limits
     from orchestrator.shapes import ModelShape, element_bytes

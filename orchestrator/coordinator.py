@@ -203,8 +203,8 @@ def run_prune(cfg: RunConfig, progress: bool = True, on_event: EventHook | None 
     timer = PhaseTimer(on_event)
     with output_lock(cfg.output.dir):  # one run per output.dir: its checkpoints and temp dir are its own
         ckpt = _prepare_checkpoints(cfg, resume)
-        if cfg.backend.kind == "ray":
-            groups.check_prune_capacity(cfg)  # before any model work: a bad address or too few workers fails now
+        if cfg.backend.kind == "ray":  # before any model work: a bad address, too few workers or memory fails now
+            groups.check_prune_plan(cfg, groups.check_prune_capacity(cfg))
         try:
             final = _run(cfg, timer, progress, run_key, ckpt, run_tag)
         except BaseException:

@@ -57,6 +57,40 @@ def check_prune_capacity(cfg: RunConfig) -> bool:
     return check_capacity(cfg.backend.workers)
 
 
+def check_prune_plan(cfg: RunConfig, use_gpu: bool) -> None:
+    """Refuse a run whose plan does not fit its workers' devices, before anything is loaded (``backend.plan_check``).
+
+    The model's config only is read (a hub id downloads its JSON files, ``tiny`` is not built); one worker's
+    device memory comes from the cluster (:func:`actors.cluster.worker_device`).
+
+    Raises:
+        UsageError: the plan's device need per worker exceeds the device (one line with the plan's numbers).
+    """
+    import logging
+
+    from actors.cluster import worker_device
+    from orchestrator.errors import UsageError
+    from orchestrator.inputs.models import config_only
+    from orchestrator.plan_fit import verdict
+    from orchestrator.planner import choose_checkpointing, plan, run_plan_kwargs
+
+    if not cfg.backend.plan_check:
+        return
+    budget, native = worker_device(use_gpu, cfg.backend.workers, cfg.backend.address)
+    kw = run_plan_kwargs(cfg, native_bf16=native)
+    model_config = config_only(cfg.model)
+    try:
+        p = plan(model_config, checkpoint=choose_checkpointing(cfg, model_config, kw["workers"], budget),
+                 host_collectives=not use_gpu, **kw)
+    except ValueError as exc:  # not a LLaMA-like config: nothing to check against
+        logging.getLogger(__name__).info("no memory plan for this model (%s): not checked", exc)
+        return
+    refusal = verdict(p, budget, use_gpu, "GPU" if use_gpu else "share of host memory")
+    if refusal:
+        raise UsageError(f"backend.workers: {cfg.backend.workers} workers: {refusal}; backend.plan_check=false "
+                         "runs it anyway")
+
+
 def prune_spec(cfg: RunConfig) -> Any:
     """The pruning workers' group: ``backend.workers`` ZeRO-3 ranks, NCCL on GPUs, gloo on CPUs."""
     from actors.distributed import prune_spec as spec

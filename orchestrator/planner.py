@@ -9,6 +9,7 @@ no Ray, no DeepSpeed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,6 +37,11 @@ ZERO3_PREFETCH_BUCKET = 5_000_000
 #: bytes per weight the scorer holds for the linear it scores: the fp32 score, a row-wise sort's fp32 values
 #: and int64 indices, the bool mask
 SCORE_BYTES_PER_WEIGHT = FP32 + FP32 + 8 + 1
+
+#: ``(in, in)`` fp32 matrices SparseGPT holds beside the statistics' ``xtx`` while it factors its widest linear
+#: (``pruning.sparsegpt``): the scaled Hessian, its damped copy and one Cholesky factor (3 x 3.3 GB for a 70B
+#: ``down_proj``)
+SPARSEGPT_H_COPIES = 3
 
 #: the coordinator's resident memory apart from its windows: Python, torch, transformers, the Ray driver, the
 #: tokenizer and the model's meta-device skeleton; independent of the model's size (it holds no weight).
@@ -82,7 +88,8 @@ class Plan:
         calib_bytes: calibration hidden states held, ``ceil(N/W) * L * hidden * 4 * 2``.
         largest_block_bytes: one gathered block in fp32 plus its gathered gradient
             statistics plus (SparseGPT) its ``xtx`` matrices, plus the scorer's transients for its
-            largest linear (:data:`SCORE_BYTES_PER_WEIGHT`).
+            largest linear (:data:`SCORE_BYTES_PER_WEIGHT`), plus SparseGPT's factorisation copies of its
+            widest linear's Hessian (:data:`SPARSEGPT_H_COPIES`).
         grad_pass_bytes: gradient-pass transient: the parameters ZeRO-3 holds gathered (``W > 1``:
             the module it runs, up to :data:`ZERO3_MAX_LIVE_PARAMETERS` live and
             :data:`ZERO3_PREFETCH_BUCKET` prefetched, at most two blocks; one rank keeps its parameters
@@ -204,6 +211,8 @@ def plan(
     calib = 0 if saap else math.ceil(num_samples / w) * seq_len * s.hidden * FP32 * 2
     largest = 0 if saap else (block * FP32 + len(kinds) * block_lin * FP32 + (s.xtx_bytes() if xtx else 0)
                               + s.largest_linear() * SCORE_BYTES_PER_WEIGHT)
+    if method in ("sparsegpt", "gblm-sparsegpt"):  # H, its damped copy and a Cholesky factor beside xtx at once
+        largest += SPARSEGPT_H_COPIES * max(i for _, i in s.block_linears().values()) ** 2 * FP32
     if reconstruct == "block":  # Adam's two moments and the gradient of the kept weights, one sequence's backward
         largest += 3 * block_lin * FP32 + seq_len * s.activations_per_token() * FP32
     grad_pass = comm_seq = fold = 0
@@ -328,7 +337,7 @@ def min_workers(
     model_config: Any, gpu_bytes: int, *, safety_factor: float = 1.2, method: str = "gblm", norm: str = "l1",
     num_samples: int = 128, seq_len: int = 2048, dtype_bytes: int = 2, grad_batch: int = 4, max_workers: int = 4096,
     reconstruct: str = "none", checkpoint: bool = False, offload_stats: bool = False, second_order: bool = False,
-    compute_bytes: int | None = None,
+    compute_bytes: int | None = None, need: Callable[[Plan], int] | None = None,
 ) -> int:
     """Smallest ``W`` whose predicted peak, times ``safety_factor``, fits in ``gpu_bytes``.
 
@@ -339,6 +348,8 @@ def min_workers(
         gpu_bytes: memory of one GPU in bytes.
         safety_factor: multiplier (>= 1) on the predicted peak to leave headroom.
         max_workers: search limit.
+        need: bytes a worker's device must hold for a plan (default: its peak); e.g.
+            ``plan_fit.device_need(p, gpu=True).total_bytes`` to count a GPU process's fixed terms.
 
     Returns:
         The minimum number of workers.
@@ -355,7 +366,7 @@ def min_workers(
                  seq_len=seq_len, dtype_bytes=dtype_bytes, grad_batch=grad_batch, reconstruct=reconstruct,
                  checkpoint=checkpoint, offload_stats=offload_stats, second_order=second_order,
                  compute_bytes=compute_bytes)
-        return p.peak_bytes * safety_factor <= gpu_bytes
+        return (p.peak_bytes if need is None else need(p)) * safety_factor <= gpu_bytes
 
     if not fits(max_workers):
         raise ValueError(

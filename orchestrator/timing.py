@@ -281,7 +281,8 @@ def predict_run(cfg: Any, model_config: Any, acc: Accelerator, checkpoint: bool)
     args = dict(kw, forward_dtype=cfg.backend.forward_dtype, grad_dtype=cfg.pruning.gblm.grad_dtype,
                 checkpoint=checkpoint, sequential=cfg.pruning.sequential,
                 eval_windows=ev.num_windows if ev.enabled else 0, eval_seq_len=ev.seq_len,
-                eval_workers=max(1, cfg.eval_workers()), eval_dtype=cfg.model.dtype, grad_samples=cfg.pruning.gblm.grad_samples)
+                eval_workers=max(1, cfg.eval_workers()), eval_dtype=cfg.model.dtype,
+                grad_samples=cfg.pruning.gblm.grad_samples)
     out = predict_phases(model_config, acc, **args)
     if cfg.backend.kind == "ray" and "gradient_pass" in out:  # a pass below the interval saves nothing
         k = min(cfg.pruning.gblm.grad_samples or cfg.calibration.num_samples, cfg.calibration.num_samples)

@@ -84,11 +84,11 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
 
 
-def build_tiny_llama(tiny: TinyModelConfig, vocab_size: int = 257):
-    """A seeded random ``LlamaForCausalLM`` (deterministic for a given ``tiny``)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(tiny: TinyModelConfig, vocab_size: int = 257):
+    """The ``LlamaConfig`` of the seeded tiny model (no weights are built)."""
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=tiny.hidden,
         intermediate_size=tiny.intermediate,
@@ -101,6 +101,13 @@ def build_tiny_llama(tiny: TinyModelConfig, vocab_size: int = 257):
         pad_token_id=vocab_size - 1,
         bos_token_id=None,
     )
+
+
+def build_tiny_llama(tiny: TinyModelConfig, vocab_size: int = 257):
+    """A seeded random ``LlamaForCausalLM`` (deterministic for a given ``tiny``)."""
+    from transformers import LlamaForCausalLM
+
+    config = tiny_llama_config(tiny, vocab_size)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(tiny.seed)
     try:
@@ -367,6 +374,14 @@ def load_model_config(path: str, cfg: ModelConfig):
         return AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - malformed JSON, unknown model_type, ...
         raise UsageError(f"model.source: cannot read the model config of {path!r}: {_first_line(exc)}") from None
+
+
+def config_only(cfg: ModelConfig):
+    """The model's ``transformers`` config without its weights: built for ``tiny``, read from the JSON files
+    (a hub id downloads those only) for the rest."""
+    if cfg.source == "tiny":
+        return tiny_llama_config(cfg.tiny)
+    return load_model_config(materialize(cfg, weights=False), cfg)
 
 
 def load_tokenizer(path: str, cfg: ModelConfig):

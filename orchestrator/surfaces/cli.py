@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 runtime failure, 2 bad usage/config/input, 130 interrup
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="predict phase times on this accelerator (cpu: measure this machine; default h100)")
     pl.add_argument("--shape", choices=["llama2-13b", "llama2-70b", "llama3-70b"],
                     help="plan for a published model shape instead of the run's model")
+    pl.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (ranks) per node (default 8)")
+    pl.add_argument("--link", choices=["nvlink", "infiniband", "tcp"], default="infiniband",
+                    help="the fabric between nodes (default infiniband; tcp: e.g. one GPU per pod)")
     r = sub.add_parser("report", help="re-render report.md and the plots of a run from its report.json")
     r.add_argument("run_dir", help="a run directory written by 'rayprune prune'")
     return parser
@@ -177,6 +181,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     """``rayprune plan``."""
     from orchestrator.inputs.loader import load_config
     from orchestrator.inputs.models import load_model_config, materialize
+    from orchestrator.plan_fit import device_need, format_need, link_bw
     from orchestrator.planner import SHAPES, choose_checkpointing, format_plan, min_workers, plan, run_plan_kwargs
     from orchestrator.shapes import ModelShape
     from orchestrator.timing import PROFILES, format_times, predict_run
@@ -208,13 +213,16 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     kw = run_plan_kwargs(cfg)
     workers = kw.pop("workers")
     auto = cfg.backend.activation_checkpointing is None  # null: on where needed, so the fewest workers use it
+    on_gpu = ns.accelerator != "cpu"
     try:
-        need = min_workers(model_config, gpu, checkpoint=auto or cfg.backend.activation_checkpointing, **kw)
+        need = min_workers(model_config, gpu, checkpoint=auto or cfg.backend.activation_checkpointing,
+                           safety_factor=1.0, need=lambda p: device_need(p, on_gpu).total_bytes, **kw)
     except ValueError as exc:
         need = f"none ({exc})"
     checkpoint = choose_checkpointing(cfg, model_config, workers, gpu)
-    result = plan(model_config, workers=workers, checkpoint=checkpoint, host_collectives=ns.accelerator == "cpu", **kw)
+    result = plan(model_config, workers=workers, checkpoint=checkpoint, host_collectives=not on_gpu, **kw)
     sys.stdout.write(format_plan(result) + "\n")
+    sys.stdout.write(format_need(result, gpu, on_gpu) + "\n")
     sys.stdout.write(f"workers needed with {ns.gpu_mem:g} GiB per GPU: {need}\n")
     sys.stdout.write(_eval_line(model_config, cfg, gpu, ns.gpu_mem) + "\n")
     if cfg.structured.enabled and cfg.structured.recovery.enabled:
@@ -231,6 +239,9 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         acc = acc.shared(workers * threads / (os.cpu_count() or 1))  # more workers than cores share them
     else:
         acc = PROFILES[ns.accelerator]
+        bw, where = link_bw(acc.link_bw, ns.link, workers, max(1, ns.gpus_per_node))
+        acc = dataclasses.replace(acc, link_bw=bw)
+        sys.stdout.write(f"collectives: {where}, {bw / 1e9:.0f} GB/s per rank\n")
     sys.stdout.write(format_times(predict_run(cfg, model_config, acc, checkpoint), acc) + "\n")
     return 0
 

@@ -15,7 +15,7 @@ from actors.distributed import start_workers  # noqa: E402
 from actors.group import GroupSpec  # noqa: E402
 from orchestrator.errors import UsageError  # noqa: E402
 from orchestrator.surfaces.cli import main  # noqa: E402
-from tests.conftest import tiny_overrides  # noqa: E402
+from tests.conftest import TINY, tiny_overrides  # noqa: E402
 from tests.unit.test_cli_errors import _listing  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -64,3 +64,27 @@ def test_unreachable_cluster_address_fails_fast(tmp_path, corpus_parquet):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("rayprune: error:")]
     assert len(errors) == 1 and "backend.address" in errors[0] and "127.0.0.1:1" in errors[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_plan_that_cannot_fit_is_refused_before_anything_is_loaded(cpus, tmp_path, corpus_parquet, capsys,
+                                                                       monkeypatch):
+    """A tiny model of Llama-3-70B's size on two CPU workers: exit 2 with the plan's numbers, in the time the
+    check takes; no model built (the seeded model's cache folder stays absent), no placement group, no file."""
+    from orchestrator.inputs.config import TinyModelConfig
+    from orchestrator.inputs.models import _tiny_key
+
+    monkeypatch.setenv("RAYPRUNE_CACHE", str(tmp_path / "cache"))
+    big = {"hidden": 8192, "layers": 80, "intermediate": 28672, "heads": 64, "kv_heads": 8}
+    before, pgs = _listing(tmp_path), _placement_groups()
+    over = tiny_overrides(tmp_path / "out", corpus_parquet, **{"backend.kind": "ray", "backend.workers": 2},
+                          **{f"model.tiny.{k}": v for k, v in big.items()})
+    code = main(["-q", "prune", *over])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("rayprune: error:")]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("rayprune: error: backend.workers: 2 workers: the plan needs "), err
+    assert "GiB per worker" in lines[0] and "model.dtype=bfloat16" in lines[0] and "plan_check=false" in lines[0]
+    tiny = TinyModelConfig(**{**TINY, **big})
+    assert not (tmp_path / "cache" / "models" / f"tiny-{_tiny_key(tiny)}").exists()
+    assert _placement_groups() == pgs
+    assert _listing(tmp_path) == before

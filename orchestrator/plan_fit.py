@@ -1,0 +1,118 @@
+"""Whether a plan fits the workers' devices, and over which link their collectives run.
+
+:func:`orchestrator.planner.plan` counts the tensors a run makes. A real worker needs more than those: on a
+GPU, its process's CUDA context and library workspaces, NCCL's communication buffers, and the caching
+allocator's fragmentation (blocks reserved but not reusable at the peak); and the model must also get
+through loading. :func:`device_need` adds those terms, :func:`verdict` compares them with one worker's
+device memory, and :func:`link_bw` gives the bandwidth a ring collective of ``W`` ranks sustains over the
+cluster's fabric (NVLink within a node, InfiniBand or TCP between nodes). Pure Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orchestrator.planner import GIB, Plan
+
+#: one CUDA process's fixed device memory before any tensor: the context, cuBLAS/cuDNN workspaces, the
+#: kernels' modules (0.3-0.6 GB on Hopper with torch 2.x; the larger figure)
+CUDA_CONTEXT_BYTES = 512 * 2**20
+#: NCCL's buffers of one rank in one communicator: 4 MiB per channel and direction (NCCL_BUFFSIZE) over up to
+#: 32 channels, plus its proxy and work FIFOs (DeepSpeed's process group and the statistics' one)
+NCCL_BYTES = 2 * 32 * 4 * 2**20 + 64 * 2**20
+#: the caching allocator's fragmentation: reserved beyond the allocated peak, as a fraction of that peak
+FRAGMENTATION = 0.10
+
+#: sustained fraction of a link's published bandwidth in a ring collective
+LINK_EFFICIENCY = 0.7
+#: published bandwidths (bytes/s, one direction) of the fabrics ranks talk over, and whether the node's GPUs
+#: share it (one NIC per node) or each has its own (one InfiniBand NIC per GPU, as in DGX/HGX H100 nodes)
+LINKS: dict[str, tuple[str, float, bool]] = {
+    "nvlink": ("NVLink 4 (within a node)", 450e9, False),
+    "infiniband": ("InfiniBand NDR, 400 Gb/s per GPU", 50e9, False),
+    "tcp": ("TCP, 100 GbE per node shared by its ranks", 12.5e9, True),
+}
+
+
+@dataclass(frozen=True)
+class Need:
+    """What one worker's device must hold.
+
+    Attributes:
+        peak_bytes: the plan's allocator peak (:attr:`Plan.peak_bytes`, or its loading peak if larger).
+        fragmentation_bytes: the allocator's reserve beyond that peak (GPU only).
+        fixed_bytes: the CUDA context and NCCL buffers (GPU only).
+        total_bytes: their sum.
+    """
+
+    peak_bytes: int
+    fragmentation_bytes: int
+    fixed_bytes: int
+
+    @property
+    def total_bytes(self) -> int:  # noqa: D102
+        return self.peak_bytes + self.fragmentation_bytes + self.fixed_bytes
+
+
+def device_need(p: Plan, gpu: bool) -> Need:
+    """The device memory one worker of plan ``p`` needs (``gpu``: the fixed and fragmentation terms apply)."""
+    peak = max(p.peak_bytes, p.load_bytes)
+    if not gpu:  # a CPU worker's allocator returns big blocks to the kernel; its peak was measured as is
+        return Need(peak, 0, 0)
+    fixed = CUDA_CONTEXT_BYTES + (NCCL_BYTES if p.workers > 1 else 0)
+    return Need(peak, round(peak * FRAGMENTATION), fixed)
+
+
+def verdict(p: Plan, budget_bytes: int, gpu: bool, device: str = "GPU") -> str | None:
+    """None when plan ``p`` fits ``budget_bytes`` per worker, else one line saying by how much and what would help."""
+    need = device_need(p, gpu)
+    if need.total_bytes <= budget_bytes:
+        return None
+    parts = f"peak {_g(need.peak_bytes)}"
+    if gpu:
+        parts += f" + fragmentation {_g(need.fragmentation_bytes)} + CUDA context and NCCL {_g(need.fixed_bytes)}"
+    hints = []
+    if p.param_bytes * p.workers >= p.total_params * 4:  # fp32 parameters
+        hints.append("model.dtype=bfloat16")
+    hints += ["more backend.workers", "backend.offload_stats=true" if p.grad_stat_bytes and not p.offload_stats
+              else "", "backend.activation_checkpointing=true" if p.grad_pass_bytes and not p.activation_checkpointing
+              else ""]
+    return (f"the plan needs {_g(need.total_bytes)} per worker ({parts}) but each worker's {device} has "
+            f"{_g(budget_bytes)}; try {', '.join(h for h in hints if h)} (`rayprune plan` shows every term)")
+
+
+def link_bw(intra_bw: float, link: str, workers: int, per_node: int) -> tuple[float, str]:
+    """Bytes/s a ring collective of ``workers`` ranks sustains per rank, and what limits it.
+
+    Within one node the ranks ring over ``intra_bw`` (the accelerator's NVLink); across nodes the slowest hop,
+    the inter-node ``link``, sets the ring's pace. A ``tcp`` link with one GPU per pod (``per_node`` 1) limits
+    every hop.
+
+    Raises:
+        ValueError: unknown ``link`` or a non-positive ``per_node``.
+    """
+    if link not in LINKS:
+        raise ValueError(f"unknown link {link!r}; expected one of {', '.join(LINKS)}")
+    if per_node < 1:
+        raise ValueError(f"ranks per node must be >= 1, got {per_node}")
+    nodes = -(-workers // per_node)
+    if nodes == 1:
+        return intra_bw, f"{workers} rank(s) on one node"
+    label, bw, shared = LINKS[link]
+    per_rank = bw * LINK_EFFICIENCY / (min(per_node, workers) if shared else 1)
+    return min(intra_bw, per_rank), f"{workers} ranks on {nodes} nodes over {label}"
+
+
+def format_need(p: Plan, budget_bytes: int, gpu: bool) -> str:
+    """The plan's device-fit lines: the added terms, the total, and the verdict."""
+    need = device_need(p, gpu)
+    lines = [f"device need per worker: {_g(need.total_bytes)} (allocator peak {_g(need.peak_bytes)}"
+             + (f", fragmentation {FRAGMENTATION:.0%} {_g(need.fragmentation_bytes)}, CUDA context "
+                f"{_g(CUDA_CONTEXT_BYTES)}, NCCL {_g(need.fixed_bytes - CUDA_CONTEXT_BYTES)}" if gpu else "") + ")"]
+    refusal = verdict(p, budget_bytes, gpu)
+    lines.append(f"verdict: fits {_g(budget_bytes)} per worker" if refusal is None else f"verdict: refused: {refusal}")
+    return "\n".join(lines)
+
+
+def _g(n: int) -> str:
+    return f"{n / GIB:.2f} GiB"

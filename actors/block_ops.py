@@ -28,7 +28,8 @@ class BlockPassOps:
         from transformers import AutoModelForCausalLM
         from transformers.initialization import no_init_weights
 
-        from actors.zero3 import gather_outside_blocks_into, plain_construction
+        from actors.loading import plain_construction
+        from actors.zero3 import gather_outside_blocks_into
         from orchestrator.engine.blocks import capture_block_inputs
         from orchestrator.inputs.models import TORCH_DTYPES
 
@@ -124,6 +125,7 @@ class BlockPassOps:
             write_back_block(zblock, {n: lin.weight.data for n, lin in linears.items()}, self.rank)
         mine = step.results[0]
         self.scored += sum(r.mask.numel() for r in mine.values())
+        self.devices["masks"].update(str(r.mask.device) for r in mine.values())
         masks = self._share_masks(linears, owners, mine, full)
         rows = [layer_row(full[n], r) for n, r in mine.items()]
         written = self.settle_writes()  # block i - 1's write overlapped this block; its record goes back now

@@ -76,7 +76,7 @@ def zero3_recovery_config(world: int, micro_steps: int) -> dict[str, Any]:
 
     ``micro_steps`` windows per rank make one optimiser step (DeepSpeed steps at the boundary).
     """
-    from actors.zero3 import ds_config
+    from actors.loading import ds_config
 
     cfg = ds_config(world)
     cfg.update({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": micro_steps,

@@ -42,8 +42,8 @@ class ShardedEvalWorker(GroupMember):
         """Load ``ref`` partitioned (collective; a no-op when already loaded); returns this rank's bytes."""
         import deepspeed
 
-        from actors.loading import load_zero3
-        from actors.zero3 import ds_config, model_limits, partition_bytes
+        from actors.loading import ds_config, load_zero3, model_limits
+        from actors.zero3 import partition_bytes
         from orchestrator.inputs.models import load_tokenizer
 
         if self.key != ref.key or self.model is None:

@@ -66,6 +66,8 @@ class PruneWorker(BlockPassOps, GroupMember):
         self.grad_local: list[int] = []  # local indices of the gradient pass's sequences
         self.scored = 0  # weights this rank scored and pruned in the block pass (its share of every block)
         self.load_io: dict[str, float] = {}  # bytes this rank read from the checkpoint, and how long it took
+        # where this run's tensors lived: parameter partitions, statistic partitions, masks (the GPU suite checks)
+        self.devices: dict[str, set[str]] = {"parameters": set(), "statistics": set(), "masks": set()}
         if getattr(self, "shards", None) is not None:
             self.shards.close()
         self.shards = None  # this rank's block writes (:class:`~actors.shard_writer.ShardWriter`)
@@ -84,8 +86,7 @@ class PruneWorker(BlockPassOps, GroupMember):
         from transformers import AutoConfig
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-        from actors.loading import load_zero3
-        from actors.zero3 import STATS_REDUCE_BUCKET, ds_config, model_limits
+        from actors.loading import STATS_REDUCE_BUCKET, ds_config, load_zero3, model_limits
         from orchestrator.engine.blocks import block_prefix
 
         self.finish()
@@ -105,6 +106,7 @@ class PruneWorker(BlockPassOps, GroupMember):
         self.ds_cfg = ds_config(self.world, STATS_REDUCE_BUCKET, model_limits(config, model_cfg.dtype, self.device))
         self.model, self.dschf, self.load_io = load_zero3(model_path, model_cfg, self.ds_cfg, self.rank, self.world)
         self.config = self.model.config
+        self.devices["parameters"] = {str(p.ds_tensor.device) for p in self.model.parameters()}
         self.prefix = block_prefix(self.model)
         trim_heap()  # the loading's transients (whole modules before partitioning, read buffers) leave the heap
         self.mem.end("load")
@@ -153,6 +155,7 @@ class PruneWorker(BlockPassOps, GroupMember):
         self.grads = ShardedGradStats({n: mods[n.removesuffix(".weight")] for n in names}, spec.kinds, spec.scale,
                                       self.device, compute_dtype=self.grad_place.autocast_dtype or torch.float32,
                                       offload=spec.offload, probe=self.mem.sample)
+        self.devices["statistics"] = {str(t.device) for d in self.grads.chunks.values() for t in d.values()}
         if resume is not None:
             from actors.checkpoint import load_tensors
 
@@ -291,6 +294,7 @@ class PruneWorker(BlockPassOps, GroupMember):
             "load_read_bytes": int(self.load_io.get("read_bytes", 0)),
             "load_tensor_bytes": int(self.load_io.get("tensor_bytes", 0)),
             "load_seconds": round(float(self.load_io.get("seconds", 0.0)), 3),
+            "devices": {k: sorted(v) for k, v in self.devices.items()},
         }
 
     def grad_partitions(self) -> dict[str, dict[str, torch.Tensor]]:

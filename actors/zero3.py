@@ -1,6 +1,5 @@
 """DeepSpeed ZeRO-3 plumbing used inside a worker actor.
 
-* load a causal LM with parameters partitioned at load time (``HfDeepSpeedConfig``),
 * build a DeepSpeed engine whose backward never steps (``SGD(lr=0)``),
 * fold per-sequence gradient statistics into partitions laid out like ZeRO-3's
   ``ds_tensor`` (flatten, pad to a multiple of the world size, chunk ``rank``),
@@ -11,7 +10,6 @@ Everything here is collective: every rank must call the same functions in the sa
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -24,98 +22,12 @@ import torch.distributed as dist
 from torch import nn
 
 from actors.host_fold import HostFolder
-from orchestrator.inputs.config import ModelConfig
-from orchestrator.inputs.models import TORCH_DTYPES
-from orchestrator.planner import FOLD_PENDING, ZERO3_MAX_LIVE_PARAMETERS, ZERO3_PREFETCH_BUCKET
+from orchestrator.planner import FOLD_PENDING
 
 log = logging.getLogger(__name__)
 
 # torch >= 2.13 renamed the tensor-in/tensor-out collectives
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-#: the statistics engine's reduction bucket: it trains one norm weight, so 20M elements would be idle memory
-STATS_REDUCE_BUCKET = 1_000_000
-
-
-def ds_config(world_size: int, reduce_bucket_size: int = 20_000_000,
-              limits: tuple[int, int] = (ZERO3_MAX_LIVE_PARAMETERS, ZERO3_PREFETCH_BUCKET)) -> dict[str, Any]:
-    """The DeepSpeed config of a ZeRO-3 engine.
-
-    Args:
-        world_size: ranks.
-        reduce_bucket_size: elements of the gradient-reduction bucket DeepSpeed allocates when the engine starts
-            (in the model dtype); the statistics engine trains one norm weight and passes
-            :data:`STATS_REDUCE_BUCKET`.
-        limits: ``(max live, prefetch bucket)`` parameter elements (:func:`model_limits` for a model).
-    """
-    return {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": world_size,
-        "zero_allow_untested_optimizer": True,
-        "zero_optimization": {
-            "stage": 3,
-            "stage3_param_persistence_threshold": 0,
-            # the defaults (5e8-element buckets, 1e9 sub-groups) allocate GiBs of fp32 scratch per rank
-            "reduce_bucket_size": reduce_bucket_size,
-            "stage3_prefetch_bucket_size": limits[1],
-            "stage3_max_live_parameters": limits[0],
-            "stage3_max_reuse_distance": 10_000_000,
-            "sub_group_size": 100_000_000,
-        },
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-
-
-def model_limits(config: Any, dtype: str, device: torch.device) -> tuple[int, int]:
-    """ZeRO-3's live and prefetch limits of a model config on ``device`` (:func:`orchestrator.planner.zero3_limits`)."""
-    from orchestrator.engine.device import device_memory_bytes
-    from orchestrator.planner import zero3_limits
-    from orchestrator.shapes import ModelShape, element_bytes
-
-    try:
-        shape = ModelShape.from_config(config)
-    except ValueError:  # not a LLaMA-like config: the fixed limits
-        shape = None
-    return zero3_limits(shape, element_bytes(dtype), device_memory_bytes(device))
-
-
-@contextlib.contextmanager
-def plain_construction(dschf: Any):
-    """Models built inside are plain ones, although ``dschf`` (a live ``HfDeepSpeedConfig``) would make
-    transformers build them partitioned; it is live again afterwards."""
-    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        set_hf_deepspeed_config(dschf)
-
-
-def load_partitioned(model_path: str, model_cfg: ModelConfig, config: dict[str, Any]) -> tuple[nn.Module, Any]:
-    """Load a causal LM whose parameters are partitioned across ranks while loading.
-
-    Args:
-        model_path: a materialised model directory.
-        model_cfg: model options (dtype, revision, trust_remote_code).
-        config: DeepSpeed config with ZeRO stage 3.
-
-    Returns:
-        ``(model, hf_ds_config)``; keep ``hf_ds_config`` alive as long as the model is used.
-    """
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations import HfDeepSpeedConfig
-
-    dschf = HfDeepSpeedConfig(config)  # must stay alive: from_pretrained checks a weakref
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=TORCH_DTYPES[model_cfg.dtype], revision=model_cfg.revision,
-        trust_remote_code=model_cfg.trust_remote_code,
-        use_safetensors=None if getattr(model_cfg, "allow_pickle", False) else True,
-    )
-    return model.eval(), dschf
 
 
 def partition_bytes(model: nn.Module) -> int:

@@ -30,7 +30,7 @@ FOLD_PENDING = 2
 
 #: ZeRO-3 keeps at most this many gathered parameter elements live beyond the module it runs, and prefetches
 #: up to this many more (the engines' ``stage3_max_live_parameters`` / ``stage3_prefetch_bucket_size``,
-#: ``actors.zero3.ds_config``)
+#: ``actors.loading.ds_config``)
 ZERO3_MAX_LIVE_PARAMETERS = 10_000_000
 ZERO3_PREFETCH_BUCKET = 5_000_000
 

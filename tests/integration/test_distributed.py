@@ -132,6 +132,22 @@ def test_ray_matches_local(setup, groups, method, pattern, tmp_path):
         assert res.outcome.dtypes == {"forward_dtype": "float32", "grad_dtype": "float32"}  # `auto`, pinned fp32
 
 
+@pytest.mark.parametrize("method", ["gblm", "sparsegpt"])
+def test_bf16_parameters_through_zero3_match_local(setup, groups, method, tmp_path):
+    """``model.dtype: bfloat16`` (every 13B/70B config): partitions, gathers, the gradient pass and the written
+    shards in bf16 on two ranks give the one-process masks, and the published checkpoint stays bf16."""
+    path, calib, _ = setup
+    cfg = make_cfg(method)
+    cfg.model.dtype = "bfloat16"
+    _, local = _local(cfg, path, calib)
+    res = run_ray(cfg, path, calib, progress=False, group=groups[2])
+    same = sum(int((res.masks[k] == local.masks[k]).sum()) for k in local.masks)
+    assert same / sum(m.numel() for m in local.masks.values()) >= 0.999
+    assert {w.dtype for w in res.weights.values()} == {torch.bfloat16}
+    published = _published(res, path, cfg, tmp_path / "bf16")
+    assert {p.dtype for p in published.parameters()} == {torch.bfloat16}
+
+
 def test_parameters_before_block_zero_come_from_the_model(groups, tmp_path):
     """The block pass's block-0 inputs come from a plain shell built without initialisation: every parameter
     outside the decoder blocks is gathered into it, not only the token embedding (OPT adds learned positions;

@@ -35,7 +35,7 @@ def test_gathered_parameters_follow_zero3s_live_limits() -> None:
     one = plan(SMALL, workers=2, method="gblm", num_samples=2, seq_len=16, grad_batch=1)  # 1 sequence per rank
     two = plan(SMALL, workers=2, method="gblm", num_samples=4, seq_len=16, grad_batch=1)  # 2 micro-batches
     assert two.grad_pass_bytes - one.grad_pass_bytes == gathered_bytes(tiny, 2, 2) - gathered_bytes(tiny, 2, 2, 1)
-    from actors.zero3 import ds_config
+    from actors.loading import ds_config
 
     zero = ds_config(2)["zero_optimization"]
     assert zero["stage3_max_live_parameters"] == ZERO3_MAX_LIVE_PARAMETERS
@@ -94,7 +94,7 @@ def test_zero3_limits_hold_the_largest_linears_unless_the_budget_is_small() -> N
     """Llama-3-70B's linears (up to 235M elements) dwarf the fixed 10M/5M limits, which would turn prefetch off;
     the derived limits keep two live and prefetch one, and fall back where they would take over a tenth of the
     device. The engines' DeepSpeed config carries them."""
-    from actors.zero3 import ds_config
+    from actors.loading import ds_config
 
     s70 = ModelShape.from_config(LLAMA3_70B)
     down = 8192 * 28672

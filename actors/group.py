@@ -69,6 +69,8 @@ class GroupSpec:
         num_threads: torch threads per actor (0: the CPUs Ray declares for the actor's node divided among the
             group's actors on that node, at least 1).
         deepspeed: join through ``deepspeed.init_distributed`` (ZeRO-3 workers) instead of torch.
+        tf32: let the actors' fp32 matmuls use TF32 (``backend.tf32``).
+        gpu_fraction: share of a GPU per actor (< 1: several ranks on one GPU, as the GPU suite tries).
         collective_timeout_s: a collective whose peer stopped participating fails after this long.
         shutdown_timeout_s: graceful shutdown wait before the actors are killed.
     """
@@ -84,6 +86,7 @@ class GroupSpec:
     collective_timeout_s: float = 1800.0
     shutdown_timeout_s: float = 30.0
     tf32: bool = False
+    gpu_fraction: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,7 @@ def order_ranks(infos: list[MemberInfo]) -> tuple[list[int], list[RankInfo]]:
         visible = None
         if infos[i].accelerator_ids:
             ids = [a for j in peers for a in infos[j].accelerator_ids]
-            visible = ",".join(ids)
+            visible = ",".join(dict.fromkeys(ids))  # once each: actors sharing a GPU name it twice
         ranks.append(RankInfo(r, len(infos), peers.index(i), len(peers), visible))
     return order, ranks
 
@@ -296,7 +299,7 @@ class ActorGroup:
         self.on_failure: Callable[[ActorGroup], None] | None = None
         self.workers = spec.workers
         self.actors: list = []
-        bundle = {"GPU": 1, "CPU": 1} if spec.use_gpu else {"CPU": 1}
+        bundle = {"GPU": spec.gpu_fraction, "CPU": 1} if spec.use_gpu else {"CPU": 1}
         # a supervisor (the job service) names its job's groups, so it can free them if the job is killed
         name = f"{os.environ.get(PLACEMENT_PREFIX_ENV, '')}{uuid.uuid4().hex[:8]}"
         self.pg = placement_group([dict(bundle) for _ in range(spec.workers)], strategy=spec.strategy, name=name)
@@ -321,7 +324,7 @@ class ActorGroup:
         remote = ray.remote(actor_cls)
         actors = [
             remote.options(
-                num_cpus=1, num_gpus=1 if spec.use_gpu else 0, runtime_env={"env_vars": env},
+                num_cpus=1, num_gpus=spec.gpu_fraction if spec.use_gpu else 0, runtime_env={"env_vars": env},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=self.pg,
                                                                      placement_group_bundle_index=i),
             ).remote(threads)

@@ -1,26 +1,37 @@
-"""The GPU check: the distributed engine on one GPU against the CPU local engine.
+"""The GPU suite: the distributed engine on a lent GPU against the CPU engine, row by row.
 
-For the tiny LLaMA and (when its wheel is installed) SmolLM2-135M, GBLM, Wanda and SparseGPT run on
-``backend: ray`` with one worker pinned to the GPU (NCCL, bf16 forwards) and are evaluated by an
-evaluation actor on the GPU; each is compared with the local engine on the CPU (same calibration,
-same forward dtype): mask agreement and perplexity. One structured (SAAP) run compares the kept
-groups of a GPU and a CPU importance pass. Prints a table and writes JSON.
+Each row runs one capability on the GPU and checks it against a CPU reference or the plan; it is written
+to the JSON file the moment it finishes (a timeout keeps every finished row), and it is ``passed`` only
+when it ran and met its target: a model or a feature that is not there is ``skipped`` and fails the suite
+unless ``--allow-skip`` names it. Rows (``--list`` prints them):
 
-    python tests/gpu/check.py --out gpu.json [--models tiny,smollm2-135m] [--samples 8 --seq-len 256]
+* ``prune-<method>``: GBLM, Wanda and SparseGPT with one ZeRO-3 worker on the GPU (NCCL, bf16 forwards)
+  against the local engine on the CPU: masks >= 99.9% equal, perplexity within 1% (an evaluation actor on
+  the GPU), every worker's parameters, statistics and masks on ``cuda``.
+* ``bf16-params-<method>``: the same with ``model.dtype: bfloat16`` (what 13B/70B configs use).
+* ``checkpointing``, ``offload-stats``: GBLM with activation checkpointing / statistics in pinned host
+  memory: the masks of ``prune-gblm``; blocks recomputed / statistics on the CPU.
+* ``eval-shard``: perplexity from a ZeRO-3 evaluation group on the GPU against the CPU's.
+* ``plan-memory``: a 4-block random model's measured allocator peaks per phase against the plan.
+* ``stats-fp32``: activation statistics under CUDA bf16 autocast and TF32 against fp64 (<= 1e-5).
+* ``sparsegpt-syncs``: host synchronisations of one SparseGPT call (a handful, not one per column).
+* ``two-ranks-one-gpu``: two ZeRO-3 ranks sharing the GPU (really partitioned), or NCCL's refusal.
+* ``saap-importance``, ``saap-ray-checkpointed``: SAAP's importance on the GPU against the CPU.
 
-Exit status 0 when every row meets its target (masks >= 99.9% equal, perplexity within 1%),
-1 otherwise, 77 (skipped) without CUDA. A model that cannot be materialised on the machine (no
-download) is a "skipped" row.
+    python tests/gpu/check.py --out gpu-check.json [--rows prune-gblm,eval-shard] [--rerun-failed]
+
+Exit status 0 when every row passed, 1 otherwise, 77 without CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -28,164 +39,96 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from tests.gpu import rows as R  # noqa: E402
+
 log = logging.getLogger("gpu-check")
-TEXT = ("The package manager resolves dependencies, downloads archives and configures services. "
-        "A function returns a value; a class defines methods and attributes; modules group code. ") * 200
 
 
-def windows_of(tok, n: int, seq: int, offset: int = 0) -> torch.Tensor:
-    """``(n, seq)`` non-overlapping windows of the built-in text, starting ``offset`` windows in."""
-    ids = torch.tensor(tok(TEXT)["input_ids"], dtype=torch.int64)
-    per = ids.numel() // seq
-    if per < offset + n:
-        ids = ids.repeat((offset + n) // per + 1)
-    return ids[: (ids.numel() // seq) * seq].reshape(-1, seq)[offset : offset + n]
+def write(out: Path, meta: dict, rows: list[dict]) -> None:
+    """The JSON file as it stands (written to a temp file, then renamed: never half a file)."""
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**meta, "rows": rows}, indent=2, default=str) + "\n")
+    tmp.replace(out)
 
 
-def agreement(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    same = sum(int((a[k].cpu() == b[k].cpu()).sum()) for k in a)
-    return same / sum(m.numel() for m in a.values())
-
-
-def one_row(source: str, method: str, args: argparse.Namespace) -> dict:
-    from actors.distributed import prune_spec, run_ray
-    from actors.evaluator import EvalGroup
-    from actors.group import GroupSpec
-    from orchestrator.engine.device import Placement
-    from orchestrator.engine.local import run_local
-    from orchestrator.evaluation.perplexity import perplexity
-    from orchestrator.inputs.config import RunConfig
-    from orchestrator.inputs.models import load_model, load_tokenizer, materialize
-
-    cfg = RunConfig()
-    cfg.model.source = source
-    cfg.pruning.method = method
-    cfg.backend.kind, cfg.backend.workers, cfg.backend.forward_dtype = "ray", 1, args.forward_dtype
-    path = materialize(cfg.model)
-    tok = load_tokenizer(path, cfg.model)
-    calib, evalw = windows_of(tok, args.samples, args.seq_len), windows_of(tok, args.windows, args.seq_len, 64)
+def run_row(name: str, ctx: R.Context) -> dict:
+    """One row: its result with ``status`` (passed, failed, skipped) and ``seconds``."""
     t0 = time.perf_counter()
-    local_model = load_model(path, cfg.model)
-    local = run_local(local_model, calib, cfg.pruning, Placement.of("cpu", args.forward_dtype), progress=False)
-    local_s = time.perf_counter() - t0
-    ppl_local = perplexity(local_model, evalw)
-    t0 = time.perf_counter()
-    res = run_ray(cfg, path, calib, progress=False, spec=prune_spec(cfg, use_gpu=True))
-    ray_s = time.perf_counter() - t0
-    group = EvalGroup(GroupSpec(1, use_gpu=True, backend=None, field="eval.workers"), cfg.model)
     try:
-        device = group.group.execute("device_info")[0]["device"]
-        ppl_gpu = group.perplexity(group.ref(f"{method}-pruned", path, res.weights), evalw)
+        row = R.ROWS[name](ctx)
+        row.setdefault("status", "passed" if row.pop("ok") else "failed")
+    except R.Skip as exc:
+        row = {"status": "skipped", "reason": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - a failed row is a result; the others still run
+        log.exception("%s failed", name)
+        row = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+               "trace": traceback.format_exc(limit=6)[-2000:]}
+    return {"row": name, **row, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def run_rows(names: list[str], out: Path, meta: dict, kept: list[dict], ctx: R.Context) -> list[dict]:
+    """Run ``names`` after the ``kept`` rows, rewriting ``out`` after each; returns every row."""
+    rows = list(kept)
+    write(out, meta, rows)
+    try:
+        for name in names:
+            log.info("row %s", name)
+            rows.append(run_row(name, ctx))
+            write(out, meta, rows)
+            log.info("row %s: %s", name, rows[-1]["status"])
     finally:
-        group.shutdown()
-    row = {"model": source, "method": method, "forward_dtype": args.forward_dtype, "device": device,
-           "masks_equal": agreement(local.masks, res.masks), "ppl_local_cpu": ppl_local,
-           "ppl_ray_gpu": ppl_gpu, "ppl_rel": abs(ppl_gpu - ppl_local) / ppl_local,
-           "local_cpu_s": round(local_s, 2), "ray_gpu_s": round(ray_s, 2),
-           "phases": {k: round(v, 2) for k, v in res.outcome.phases.items()}}
-    row["ok"] = row["masks_equal"] >= 0.999 and row["ppl_rel"] <= 0.01 and device.startswith("cuda")
-    return row
-
-
-def structured_row() -> dict:
-    from orchestrator.inputs.config import StructuredConfig, TinyModelConfig
-    from orchestrator.inputs.models import build_tiny_llama
-    from orchestrator.structured.run import compute_importance
-
-    model = build_tiny_llama(TinyModelConfig(layers=4, hidden=64, heads=4, kv_heads=2, intermediate=128, seed=1))
-    ids = torch.randint(0, 257, (8, 64), generator=torch.Generator().manual_seed(0))
-    s = StructuredConfig(minibatches=2)
-    cpu = compute_importance(copy.deepcopy(model), ids, s)
-    gpu = compute_importance(copy.deepcopy(model).cuda(), ids, s)
-    same = all(torch.equal(torch.argsort(cpu.fused[k], descending=True),
-                           torch.argsort(gpu.fused[k].cpu(), descending=True)) for k in cpu.fused)
-    rel = max(float((gpu.fused[k].cpu() - v).abs().max() / v.abs().max()) for k, v in cpu.fused.items())
-    return {"model": "tiny", "method": "saap-importance", "group_order_equal": same, "fused_max_rel": rel,
-            "ok": same and rel < 1e-3}
-
-
-def saap_ray_row(use_gpu: bool = True) -> dict:
-    """SAAP's importance from one ZeRO-3 worker on the GPU with activation checkpointing, against one CPU
-    process (tiny LLaMA): the same fused importance and group order, every block recomputed."""
-    from actors.distributed import prune_spec
-    from actors.importance import run_ray_importance
-    from orchestrator.inputs.config import RunConfig
-    from orchestrator.inputs.models import load_model, materialize
-    from orchestrator.structured.run import compute_importance, distributed_importance
-
-    cfg = RunConfig()
-    cfg.model.source = "tiny"
-    cfg.backend.kind, cfg.backend.workers, cfg.backend.activation_checkpointing = "ray", 1, True
-    cfg.structured.enabled, cfg.structured.minibatches = True, 2
-    path = materialize(cfg.model)
-    model = load_model(path, cfg.model)
-    ids = torch.randint(0, 257, (8, 64), generator=torch.Generator().manual_seed(0))
-    cpu = compute_importance(copy.deepcopy(model), ids, cfg.structured)
-
-    def score(mods, shapes, calib):
-        return run_ray_importance(cfg, path, calib, mods, shapes, prune_spec(cfg, use_gpu=use_gpu))
-
-    ray_imp, memory = distributed_importance(model, ids, cfg.structured, score)
-    same = all(torch.equal(torch.argsort(cpu.fused[k], descending=True),
-                           torch.argsort(ray_imp.fused[k], descending=True)) for k in cpu.fused)
-    rel = max(float((ray_imp.fused[k] - v).abs().max() / v.abs().max()) for k, v in cpu.fused.items())
-    recomputed = memory[0]["recomputed_blocks"]
-    return {"model": "tiny", "method": "saap-importance-ray-checkpointed", "group_order_equal": same,
-            "fused_max_rel": rel, "recomputed_blocks": recomputed, "ok": same and rel < 1e-3 and recomputed > 0}
+        ctx.close()
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="gpu-check.json")
-    ap.add_argument("--models", default="tiny,smollm2-135m")
-    ap.add_argument("--methods", default="gblm,wanda,sparsegpt")
-    ap.add_argument("--samples", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--windows", type=int, default=8)
-    ap.add_argument("--forward-dtype", default="bfloat16")
+    ap.add_argument("--rows", default="", help="comma-separated rows to run (default: all)")
+    ap.add_argument("--rerun-failed", action="store_true",
+                    help="run only the rows of --out that did not pass, keeping the passed ones")
+    ap.add_argument("--allow-skip", default="", help="comma-separated rows that may be skipped")
+    ap.add_argument("--list", action="store_true", help="print the rows and exit")
+    ap.add_argument("--cpu", action="store_true",
+                    help="dry run on the CPU: CPU actors on gloo, the CUDA-only rows skipped (checks the suite runs)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not torch.cuda.is_available():
-        log.warning("no CUDA device: the GPU check is skipped")
+    if args.list:
+        print("\n".join(R.ROWS))  # noqa: T201 - the list is the output
+        return 0
+    if not args.cpu and not torch.cuda.is_available():
+        log.warning("no CUDA device: the GPU suite is skipped")
         return 77
+    out = Path(args.out)
+    names = [n for n in (args.rows.split(",") if args.rows else R.ROWS) if n]
+    unknown = [n for n in names if n not in R.ROWS]
+    if unknown:
+        ap.error(f"--rows: unknown row(s) {unknown}; --list prints them")
+    kept: list[dict] = []
+    if args.rerun_failed and out.is_file():
+        previous = json.loads(out.read_text())["rows"]
+        kept = [r for r in previous if r["status"] == "passed"]
+        names = [n for n in names if n not in {r["row"] for r in kept}]
+    meta = {"gpu": "none (CPU dry run)" if args.cpu else torch.cuda.get_device_name(0), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     import ray
 
-    ray.init(num_gpus=1, num_cpus=4, include_dashboard=False, log_to_driver=True)
-    rows = []
-    from orchestrator.errors import UsageError
-    from orchestrator.inputs.config import ModelConfig
-    from orchestrator.inputs.models import materialize
-
-    for source in args.models.split(","):
-        try:
-            materialize(ModelConfig(source=source))
-        except UsageError as exc:  # e.g. the SmolLM2 wheel, where the GPU machine cannot download it
-            log.warning("%s: skipped (%s)", source, exc)
-            rows.append({"model": source, "method": "-", "ok": True, "skipped": str(exc)[:200]})
-            continue
-        for method in args.methods.split(","):
-            try:
-                rows.append(one_row(source, method, args))
-            except Exception as exc:  # noqa: BLE001 - a failed row is a result too
-                log.exception("%s / %s failed", source, method)
-                rows.append({"model": source, "method": method, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
-    rows.append(structured_row())
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_gpus=0 if args.cpu else 1, num_cpus=min(8, os.cpu_count() or 1), include_dashboard=False,
+                 log_to_driver=True)
     try:
-        rows.append(saap_ray_row())
-    except Exception as exc:  # noqa: BLE001 - a failed row is reported, the others still run
-        rows.append({"model": "tiny", "method": "saap-importance-ray-checkpointed", "ok": False,
-                     "error": f"{type(exc).__name__}: {exc}"})
-    ray.shutdown()
-    log.info("%-14s %-16s %-9s %9s %10s %10s %8s %8s %s", "model", "method", "device", "masks=", "ppl cpu",
-             "ppl gpu", "cpu s", "gpu s", "ok")
+        rows = run_rows(names, out, meta, kept, R.Context(gpu=not args.cpu))
+    finally:
+        if started:
+            ray.shutdown()
+    allowed = set(filter(None, args.allow_skip.split(",")))
+    log.info("%-24s %-8s %7s  %s", "row", "status", "seconds", "detail")
     for r in rows:
-        log.info("%-14s %-16s %-9s %9s %10s %10s %8s %8s %s", r["model"], r["method"], r.get("device", ""),
-                 f"{r['masks_equal']:.4%}" if "masks_equal" in r else "", f"{r.get('ppl_local_cpu', 0):.3f}",
-                 f"{r.get('ppl_ray_gpu', 0):.3f}", r.get("local_cpu_s", ""), r.get("ray_gpu_s", ""),
-                 r.get("error", r.get("skipped", r["ok"])) if ("error" in r or "skipped" in r) else r["ok"])
-    Path(args.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                                          "rows": rows}, indent=2) + "\n")
-    return 0 if all(r["ok"] for r in rows) else 1
+        detail = r.get("error") or r.get("reason") or {k: v for k, v in r.items() if k in R.SUMMARY}
+        log.info("%-24s %-8s %7s  %s", r["row"], r["status"], r.get("seconds", ""), detail)
+    good = all(r["status"] == "passed" or (r["status"] == "skipped" and r["row"] in allowed) for r in rows)
+    return 0 if good else 1
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rayprune-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-unit lint bench-quality bench-distributed peer-venv peer-structured clean
+.PHONY: setup run test test-unit lint bench-quality bench-distributed peer-venv peer-structured gpu-bundle clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,15 @@ peer-structured: setup
 
 bench-distributed: setup
 	$(PY) tests/benchmarks/distributed.py --out bench-out/distributed.json
+
+## The wheels the GPU machine's image lacks, in the git-ignored .whl/ (send it with run(carry=[".whl"])): Ray core
+## trimmed, DeepSpeed without prebuilt ops, their missing dependencies and gguf, for CPython 3.12 manylinux x86_64.
+## Needs the network, binutils' strip and the venv's torch (DeepSpeed's build imports it); about 30 s.
+gpu-bundle: .whl/MANIFEST.json
+	$(PY) tests/gpu/bundle.py check --dir .whl
+
+.whl/MANIFEST.json: constraints.txt tests/gpu/bundle.py | $(STAMP)
+	$(PY) tests/gpu/bundle.py build --out .whl
 
 clean:
 	rm -rf bench-out .pytest_cache

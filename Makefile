@@ -53,7 +53,8 @@ bench-distributed: setup
 
 ## The wheels the GPU machine's image lacks, in the git-ignored .whl/ (send it with run(carry=[".whl"])): Ray core
 ## trimmed, DeepSpeed without prebuilt ops, their missing dependencies and gguf, for CPython 3.12 manylinux x86_64.
-## Needs the network, binutils' strip and the venv's torch (DeepSpeed's build imports it); about 30 s.
+## Needs the network, binutils' strip and the venv's torch (DeepSpeed's build imports it); about 30 s. It also
+## rewrites tests/gpu/bundle-lock.json, which CI checks offline: commit it with the pin change that needed it.
 gpu-bundle: .whl/MANIFEST.json
 	$(PY) tests/gpu/bundle.py check --dir .whl
 

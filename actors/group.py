@@ -266,7 +266,7 @@ class GroupMember:
                 "device_index": getattr(self, "device_index", None),
                 "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "memory_bytes": device_memory_bytes(self.device, self.local_world),
-                "native_bf16": native_bf16(self.device)}
+                "native_bf16": native_bf16(self.device), "threads": torch.get_num_threads()}
 
     def leave(self) -> None:
         """Destroy the process group (subclasses free their resources first)."""

@@ -88,3 +88,14 @@ def test_a_plan_that_cannot_fit_is_refused_before_anything_is_loaded(cpus, tmp_p
     assert not (tmp_path / "cache" / "models" / f"tiny-{_tiny_key(tiny)}").exists()
     assert _placement_groups() == pgs
     assert _listing(tmp_path) == before
+
+
+def test_a_run_configured_to_wait_for_gpus_fails_instead_of_falling_back_to_cpus(cpus):
+    """``backend.gpu_wait_s``: a cluster without the GPUs is waited for (bounded) and then refused, never
+    silently given CPU actors; with no wait the cluster is taken as it is (here: CPUs)."""
+    from actors.cluster import wait_for_gpus
+
+    assert wait_for_gpus(2, 0.0) is False
+    with pytest.raises(UsageError, match=r"^backend\.gpu_wait_s: waited 0\.2 s for 2 GPUs but the Ray cluster "
+                                         r"has 0$"):
+        wait_for_gpus(2, 0.2)

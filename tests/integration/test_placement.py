@@ -26,13 +26,12 @@ from ray.cluster_utils import Cluster
 from actors.group import ActorGroup, GroupMember, GroupSpec
 
 layout = json.loads(sys.argv[1])
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": layout[0], "num_gpus": layout[0]})
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2 * layout[0], "num_gpus": layout[0]})
 for n in layout[1:]:
-    cluster.add_node(num_cpus=n, num_gpus=n)
+    cluster.add_node(num_cpus=2 * n, num_gpus=n)  # two CPUs per GPU, whatever this machine has
 ray.init(address=cluster.address, log_to_driver=False)
 try:
-    group = ActorGroup(GroupMember, GroupSpec(sum(layout), use_gpu=True, backend=None, strategy="PACK",
-                                              num_threads=1))
+    group = ActorGroup(GroupMember, GroupSpec(sum(layout), use_gpu=True, backend=None, strategy="PACK"))
     infos = group.execute("device_info")
     group.shutdown()
 finally:
@@ -72,6 +71,7 @@ def _check(infos: list[dict], layout: list[int]) -> None:
             # the device index is the position of the actor's own accelerator among those it sees
             assert p["device_index"] == visible.split(",").index(p["accelerator_ids"][0]) == local
             assert p["device"] == "cpu"  # a CPU torch: nothing claims a CUDA device that does not exist
+            assert p["threads"] == 2  # the node's CPUs as Ray declares them over its ranks, not the driver's cores
 
 
 def test_one_node_with_four_gpus():

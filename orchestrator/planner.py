@@ -17,8 +17,7 @@ from orchestrator.shapes import FP32, LLAMA2_13B, LLAMA2_70B, LLAMA3_70B, SHAPES
 
 __all__ = ["FP32", "GIB", "LLAMA2_13B", "LLAMA2_70B", "LLAMA3_70B", "SHAPES", "ModelShape", "Plan", "plan",
            "min_workers", "needs_checkpointing", "choose_checkpointing", "run_plan_kwargs", "format_plan",
-           "grad_kinds_for", "eval_bytes", "eval_workers_needed", "zero3_limits",
-           "recovery_bytes", "recovery_workers_needed"]
+           "grad_kinds_for", "zero3_limits"]
 
 #: logits elements of one chunk of the gradient pass's loss (``orchestrator.pruning.lmloss.CHUNK_ELEMENTS``;
 #: repeated here so planning never imports torch)
@@ -405,72 +404,6 @@ def format_plan(p: Plan) -> str:
     lines = [f"{'item':<{width}}  value", f"{'-' * width}  {'-' * 12}"]
     lines += [f"{k:<{width}}  {v}" for k, v in rows]
     return "\n".join(lines)
-
-
-def eval_bytes(model_config: Any, *, seq_len: int, dtype_bytes: int = 2, workers: int = 1) -> int:
-    """Device memory of one evaluation actor scoring one window of ``seq_len`` tokens.
-
-    Its parameters (all of them, or with ``eval.shard`` its ``1/W`` partition plus two gathered blocks),
-    one block's activations (inference keeps none across blocks) and the window's logits (model dtype and
-    an fp32 copy for the loss).
-    """
-    s = ModelShape.from_config(model_config)
-    params = math.ceil(s.total_params() * dtype_bytes / workers) + (2 * s.block_params() * dtype_bytes
-                                                                    if workers > 1 else 0)
-    return params + seq_len * s.activations_per_token() * dtype_bytes + seq_len * s.vocab * (dtype_bytes + FP32)
-
-
-def eval_workers_needed(model_config: Any, gpu_bytes: int, *, seq_len: int, dtype_bytes: int = 2,
-                        headroom: float = 0.1, max_workers: int = 64) -> int:
-    """Evaluation actors one model needs: 1 where it fits one device, else the fewest sharing it (``eval.shard``).
-
-    Raises:
-        ValueError: not even ``max_workers`` actors hold it.
-    """
-    for w in range(1, max_workers + 1):
-        if eval_bytes(model_config, seq_len=seq_len, dtype_bytes=dtype_bytes, workers=w) <= gpu_bytes * (1 - headroom):
-            return w
-    raise ValueError(f"no evaluation group up to {max_workers} actors holds the model in {gpu_bytes / GIB:.2f} GiB")
-
-
-def recovery_bytes(model_config: Any, *, removed: float, rank: int, seq_len: int, dtype_bytes: int = 2,
-                   workers: int = 1) -> int:
-    """Device memory of one LoRA recovery rank after SAAP removed ``removed`` of the decoder's linear weights.
-
-    The shrunk model's parameters (all of them; with ``structured.recovery.zero3`` its ``1/W`` partition plus
-    two gathered blocks), the adapters (rank ``rank`` on the seven projections of every block) with their
-    gradients and Adam's two moments in fp32 (``1/W`` under ZeRO-3), one window's activations kept for the
-    backward and its logits (model dtype, an fp32 copy and its gradient). Adapters and activations are
-    counted at the dense widths: an upper bound.
-    """
-    s = ModelShape.from_config(model_config)
-    if not 0 <= removed < 1:
-        raise ValueError(f"removed must be in [0, 1), got {removed!r}")
-    params = s.total_params() - round(removed * s.layers * s.block_linear_params())
-    adapters = s.layers * sum(rank * (o + i) for o, i in s.block_linears().values())
-    sharded = math.ceil(params * dtype_bytes / workers) + (2 * s.block_params() * dtype_bytes if workers > 1 else 0)
-    window = s.backward_bytes(seq_len, dtype_bytes, checkpoint=False) + seq_len * s.vocab * (dtype_bytes + 2 * FP32)
-    return sharded + math.ceil(4 * adapters * FP32 / workers) + window
-
-
-def recovery_workers_needed(model_config: Any, gpu_bytes: int, *, headroom: float = 0.1, max_workers: int = 64,
-                            **kw: Any) -> int:
-    """Recovery ranks the shrunk model needs: 1 where it fits one device, else the fewest under ZeRO-3.
-
-    Args:
-        model_config: as for :func:`plan`.
-        gpu_bytes: memory of one device.
-        headroom: fraction of ``gpu_bytes`` left free.
-        max_workers: search limit.
-        **kw: :func:`recovery_bytes`'s keyword arguments (``removed``, ``rank``, ``seq_len``, ``dtype_bytes``).
-
-    Raises:
-        ValueError: not even ``max_workers`` ranks hold it.
-    """
-    for w in range(1, max_workers + 1):
-        if recovery_bytes(model_config, workers=w, **kw) <= gpu_bytes * (1 - headroom):
-            return w
-    raise ValueError(f"no recovery group up to {max_workers} ranks holds the shrunk model in {gpu_bytes / GIB:.2f} GiB")
 
 
 def _gib(n: int) -> str:

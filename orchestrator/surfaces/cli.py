@@ -268,7 +268,7 @@ def _fit_line(what: str, per: str, holds: str, size: Callable[..., int], needed:
 
 def _eval_line(model_config: Any, cfg: Any, gpu: int, gpu_mem: float) -> str:
     """What evaluating one model takes: one actor, or ``eval.shard`` over how many."""
-    from orchestrator.planner import eval_bytes, eval_workers_needed
+    from orchestrator.plan_fit import eval_bytes, eval_workers_needed
     from orchestrator.shapes import element_bytes
 
     kw = dict(seq_len=cfg.eval.seq_len, dtype_bytes=element_bytes(cfg.model.dtype))
@@ -279,7 +279,7 @@ def _eval_line(model_config: Any, cfg: Any, gpu: int, gpu_mem: float) -> str:
 
 def _recovery_line(model_config: Any, cfg: Any, gpu: int, gpu_mem: float) -> str:
     """What SAAP's LoRA recovery takes: one rank per replica, or ``structured.recovery.zero3`` over how many."""
-    from orchestrator.planner import recovery_bytes, recovery_workers_needed
+    from orchestrator.plan_fit import recovery_bytes, recovery_workers_needed
     from orchestrator.shapes import element_bytes
 
     r = cfg.structured.recovery

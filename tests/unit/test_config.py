@@ -240,7 +240,7 @@ def test_input_dict_not_mutated() -> None:
 
 
 def test_readme_key_table_is_generated_from_the_config_classes():
-    from orchestrator.inputs.config import key_table
+    from orchestrator.inputs.keys import key_table
 
     text = (REPO / "README.md").read_text()
     start = text.index("<!-- key table:")
@@ -250,7 +250,8 @@ def test_readme_key_table_is_generated_from_the_config_classes():
 
 
 def test_every_field_declares_a_role_and_a_help_line():
-    from orchestrator.inputs.config import ROLES, iter_fields
+    from orchestrator.inputs.config import ROLES
+    from orchestrator.inputs.keys import iter_fields
 
     for name, f, _ in iter_fields():
         assert f.metadata.get("role") in ROLES, name

@@ -379,7 +379,7 @@ def test_saap_plan_keeps_each_statistic_twice_and_no_block_pass(second_order: bo
 
 
 def test_evaluation_shards_only_where_one_device_cannot_hold_the_model() -> None:
-    from orchestrator.planner import eval_bytes, eval_workers_needed
+    from orchestrator.plan_fit import eval_bytes, eval_workers_needed
 
     kw = dict(seq_len=512, dtype_bytes=2)
     s = ModelShape.from_config(LLAMA3_70B)
@@ -399,7 +399,7 @@ def test_recovery_adapter_and_parameter_terms_match_peft_and_the_shrunk_model() 
     from peft import get_peft_model
 
     from orchestrator.inputs.config import StructuredRecoveryConfig
-    from orchestrator.planner import recovery_bytes
+    from orchestrator.plan_fit import recovery_bytes
     from orchestrator.structured.recovery import lora_config
 
     count, cfg = _hf_count(**TINY)
@@ -419,7 +419,7 @@ def test_recovery_adapter_and_parameter_terms_match_peft_and_the_shrunk_model() 
 
 
 def test_recovery_goes_zero3_only_where_one_device_cannot_hold_the_shrunk_model() -> None:
-    from orchestrator.planner import recovery_bytes, recovery_workers_needed
+    from orchestrator.plan_fit import recovery_bytes, recovery_workers_needed
 
     kw = dict(removed=0.2, rank=8, seq_len=512, dtype_bytes=2)
     assert recovery_workers_needed(LLAMA2_13B, 80 * GIB, **kw) == 1

@@ -37,6 +37,7 @@ from orchestrator.inputs.data import (
     tokenize_corpus,
 )
 from orchestrator.inputs.models import load_model, load_tokenizer, materialize, model_skeleton
+from orchestrator.outputs import model_card
 from orchestrator.outputs.artifacts import REPORT_SCHEMA_VERSION, RunWriter, output_lock
 from orchestrator.outputs.assemble import place_shards, sparsity_from_rows
 from orchestrator.outputs.publish import checkpoint_path
@@ -248,6 +249,8 @@ def _run(cfg: RunConfig, timer: PhaseTimer, progress: bool, run_key: str | None,
         if run_key:
             writer.path("run_key").write_text(run_key + "\n")
         validate_report(report)
+        if writer.path("model").is_dir():
+            model_card.write(writer.path("model"), report)
         writer.write_json("report.json", report)
         writer.path("report.md").write_text(render_markdown(report))
         render_plots(report, writer.tmp)

@@ -42,6 +42,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     Raises:
         ConfigError: unreadable or malformed file, or any invalid field.
     """
+    return config_from_dict(read_config_file(path), overrides)
+
+
+def read_config_file(path: str | Path | None) -> dict[str, Any]:
+    """The nested dict of a YAML run config (empty for None), unvalidated.
+
+    Raises:
+        ConfigError: a missing, unreadable or malformed file.
+    """
     data: Any = {}
     if path is not None:
         p = Path(path)
@@ -57,4 +66,4 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError([f"config: {str(p)!r} is not a text file"]) from None
         if not isinstance(data, dict):
             raise ConfigError([f"config: {str(p)!r} must hold a mapping, got {type(data).__name__}"])
-    return config_from_dict(data, overrides)
+    return data

@@ -6,13 +6,14 @@ Exit codes: 0 success, 1 runtime failure, 2 bad usage/config/input, 130 interrup
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="OUTPUT_DIR",
                    help="continue an interrupted distributed run from its checkpoints (kept next to OUTPUT_DIR "
                         "as .NAME.ckpt); the config defaults to the one saved with the checkpoints")
+    p.add_argument("--json-out", dest="json_out", metavar="FILE", help="also write the result line to this file")
 
     e = sub.add_parser("eval", help="perplexity of a checkpoint or run directory",
                        description="Evaluate perplexity (eval.* settings) of a model directory, a run "
@@ -112,9 +114,60 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+#: where the result line goes: the process's real stdout, while everything else written to stdout (Ray's
+#: forwarded worker output, libraries' prints) goes to stderr (:func:`_stdout_is_the_result`)
+_RESULT_STREAM: Any = None
+
+
+@contextlib.contextmanager
+def _stdout_is_the_result(keep: bool) -> Iterator[None]:
+    """Point file descriptor 1 at stderr for the command, so the result line is the only line on stdout.
+
+    ``keep``: leave fd 1 on stderr when the command returns (the console script: Ray's log monitor may still
+    forward a worker's line after the result). A stdout without a file descriptor (a test's capture) is
+    written as it is.
+    """
+    global _RESULT_STREAM
+    try:
+        fd = sys.stdout.fileno()
+        err = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # no descriptor: Python-level writes only
+        _RESULT_STREAM = sys.stdout
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                yield
+        finally:
+            _RESULT_STREAM = None
+        return
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    os.dup2(err, fd)
+    _RESULT_STREAM = os.fdopen(os.dup(saved), "w", encoding="utf-8")
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _RESULT_STREAM.flush()
+        _RESULT_STREAM.close()
+        _RESULT_STREAM = None
+        if not keep:
+            sys.stdout.flush()
+            os.dup2(saved, fd)
+        os.close(saved)
+
+
+def _emit(result: dict, json_out: str | None = None) -> None:
+    """Write ``result`` as the one JSON line on stdout (and to ``json_out``, indented, when given)."""
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+    stream = _RESULT_STREAM or sys.stdout
+    stream.write(json.dumps(result) + "\n")
+    stream.flush()
+
+
 def cmd_prune(ns: argparse.Namespace) -> int:
-    """``rayprune prune``."""
-    from orchestrator.inputs.loader import load_config
+    """``rayprune prune``: a thin user of :func:`orchestrator.api.prune`."""
+    from orchestrator.api import prune
 
     path, overrides = _split_args(ns.args)
     if ns.resume:
@@ -125,28 +178,9 @@ def cmd_prune(ns: argparse.Namespace) -> int:
             raise UsageError(f"--resume: no checkpoint of an interrupted run at {str(ckpt)!r}")
         path = path or str(ckpt / "config.yaml")
         overrides = [*overrides, f"output.dir={Path(ns.resume).expanduser().resolve()}"]
-    cfg = load_config(path, overrides)
-    key = final = None
-    if ns.if_changed or "{key}" in cfg.output.dir:
-        from orchestrator.surfaces.runkeys import prepare_run
-
-        key, final = prepare_run(cfg, reuse=ns.if_changed, force=ns.force)  # no model work before this
-    reused = final is not None
-    if final is None:
-        from orchestrator.coordinator import run_prune
-
-        final = run_prune(cfg, progress=not ns.quiet, run_key=key, resume=bool(ns.resume))
-        if key is not None:
-            from orchestrator.surfaces.runkeys import record_run
-
-            record_run(final, key)
-    report = json.loads((final / "report.json").read_text())
-    met = report["metrics"]
-    summary = {"run_dir": str(final), "reached_sparsity": round(report["sparsity"]["reached"], 6)}
-    summary.update({k: round(v, 4) for k, v in met.items() if k.endswith("_ppl")})
-    if key is not None:
-        summary.update(run_key=key, reused=reused)
-    sys.stdout.write(json.dumps(summary) + "\n")
+    result = prune(path, overrides=overrides, progress=not ns.quiet, resume=bool(ns.resume),
+                   if_changed=ns.if_changed, force=ns.force)
+    _emit(result.summary(), ns.json_out)
     return 0
 
 
@@ -171,9 +205,8 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     windows = eval_windows(cfg, tokenizer, model)
     ppl = perplexity(model, windows, progress=not ns.quiet)
     result = {"model": str(model_path), "ppl": ppl, "seq_len": cfg.eval.seq_len, "windows": int(windows.shape[0])}
-    if ns.json_out:
-        Path(ns.json_out).write_text(json.dumps(result, indent=2) + "\n")
-    sys.stdout.write(f"perplexity {ppl:.4f} (context {cfg.eval.seq_len}, {windows.shape[0]} windows)\n")
+    log.info("perplexity %.4f (context %d, %d windows)", ppl, cfg.eval.seq_len, windows.shape[0])
+    _emit(result, ns.json_out)
     return 0
 
 
@@ -305,8 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     _setup_logging(ns.verbose, ns.quiet)
     handlers = {"prune": cmd_prune, "eval": cmd_eval, "plan": cmd_plan, "report": cmd_report}
+    results = ns.command in ("prune", "eval")  # these print one JSON result line; plan and report print text
     try:
-        return handlers[ns.command](ns)
+        with _stdout_is_the_result(keep=argv is None) if results else contextlib.nullcontext():
+            return handlers[ns.command](ns)
     except RayPruneError as exc:
         sys.stderr.write(f"rayprune: error: {exc}\n")
         return exc.exit_code

@@ -26,6 +26,7 @@ from orchestrator.eval_phase import (
     speed,
     speed_from_checkpoints,
 )
+from orchestrator.evaluation import dense_cache
 from orchestrator.inputs.config import RunConfig
 from orchestrator.inputs.data import (
     calibration_windows,
@@ -270,10 +271,21 @@ def _prune_and_evaluate(cfg: RunConfig, timer: PhaseTimer, writer: RunWriter, ev
     extra: dict = {}
     grouped = evaluator.distributed
     sharded = sharded_run(cfg)
+    dense_cached = False
     if evaluator.active and cfg.eval.dense_baseline:
         with timer.phase("eval_dense"):
-            res = evaluator.evaluate(loaded(cfg, model, model_path, sharded and not grouped),
-                                     evaluator.ref("dense") if grouped else None, "dense")
+            key = dense_cache.dense_key(cfg, windows, evaluator.tasks, evaluator.lm_eval_tasks) \
+                if cfg.eval.cache_dense else None
+            res = dense_cache.load(key) if key else None
+            dense_cached = res is not None
+            if dense_cached:
+                log.info("dense evaluation reused from the cache (key %s; eval.cache_dense=false measures it)",
+                         key[:12])
+            else:
+                res = evaluator.evaluate(loaded(cfg, model, model_path, sharded and not grouped),
+                                         evaluator.ref("dense") if grouped else None, "dense")
+                if key:
+                    dense_cache.store(key, res)
             record(metrics, zeroshot, "dense", res)
             evaluator.close()  # the pruning workers need these devices
     structured = None
@@ -372,7 +384,8 @@ def _prune_and_evaluate(cfg: RunConfig, timer: PhaseTimer, writer: RunWriter, ev
         "memory_per_worker": memory,
         "structured": structured,
         "layers": outcome.layers,
-        "eval": {"workers": cfg.eval_workers(), "tasks": sorted(zeroshot.get("pruned", zeroshot.get("dense", {})))},
+        "eval": {"workers": cfg.eval_workers(), "tasks": sorted(zeroshot.get("pruned", zeroshot.get("dense", {}))),
+                 "dense_cached": dense_cached},
         **extra,
         "host": {"python": platform.python_version(), "torch": torch.__version__},
     }

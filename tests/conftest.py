@@ -14,6 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the environment), so results and their fp32 references are the same on machines with and without native
 # bf16; the bf16 paths are tested with explicit dtypes and by overriding this
 os.environ.setdefault("RAYPRUNE_NATIVE_BF16", "0")
+# no test reuses another's dense evaluation from the cache (tests/unit/test_api.py turns it on for its test)
+os.environ.setdefault("RAYPRUNE_DENSE_CACHE", "0")
 
 TINY = {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "intermediate": 128, "max_positions": 256, "seed": 0}
 

@@ -266,6 +266,8 @@ class EvalConfig:
     num_windows: int = opt(40, gt=0, role=MEASURE, help="the first K non-overlapping windows")
     seq_len: int = opt(512, ge=2, role=MEASURE, help="tokens per perplexity window")
     dense_baseline: bool = opt(True, role=MEASURE, help="evaluate the dense model too")
+    cache_dense: bool = opt(True, role=EXECUTION, help="reuse the dense model's evaluation from an earlier run with "
+                            "the same model, windows, tasks and library versions ($RAYPRUNE_CACHE/dense-eval)")
     workers: int | None = opt(None, ge=0, role=EXECUTION, hint="(0: in the coordinator process)",
                               help="evaluation actors (one GPU each where there are GPUs); 0: in the coordinator "
                                    "process; null: `backend.workers` actors on Ray, 0 with `backend.kind: local`")

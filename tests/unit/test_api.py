@@ -87,3 +87,36 @@ def test_the_cards_base_model_is_a_hub_id_or_nothing(source, expected):
     from orchestrator.outputs.model_card import base_model
 
     assert base_model(source) == expected
+
+
+def test_a_second_run_reuses_the_dense_evaluation(tmp_path, corpus_parquet, monkeypatch):
+    """The dense baseline is cached by what decides it: the same model, windows and tasks reuse it (the same
+    numbers, no evaluation); other windows, or ``eval.cache_dense: false``, measure it again."""
+    from orchestrator import prune
+    from orchestrator.evaluation import evaluator as ev_module
+
+    monkeypatch.setenv("RAYPRUNE_DENSE_CACHE", "1")
+    monkeypatch.setenv("RAYPRUNE_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = ev_module.Evaluator.evaluate
+
+    def counting(self, model, ref=None, label="model"):
+        calls.append(label)
+        return real(self, model, ref, label)
+
+    monkeypatch.setattr(ev_module.Evaluator, "evaluate", counting)
+    base = {**{f"model.tiny.{k}": v for k, v in TINY.items()}, "calibration.num_samples": 4,
+            "calibration.seq_len": 32, "eval.source": str(corpus_parquet), "eval.num_windows": 2,
+            "eval.seq_len": 32, "backend.kind": "local", "pruning.method": "magnitude"}
+
+    def run(name, **extra):
+        return prune(model="tiny", dataset=str(corpus_parquet), progress=False,
+                     overrides={**base, **extra, "output.dir": str(tmp_path / name)})
+
+    first, second = run("a"), run("b", **{"pruning.sparsity": 0.6})
+    assert calls == ["dense", "pruned", "pruned"]
+    assert second.metrics["dense_ppl"] == first.metrics["dense_ppl"] and second.report["eval"]["dense_cached"]
+    assert not first.report["eval"]["dense_cached"]
+    run("c", **{"eval.num_windows": 3})  # other windows: measured
+    run("d", **{"eval.cache_dense": False})
+    assert calls[3:] == ["dense", "pruned", "dense", "pruned"]

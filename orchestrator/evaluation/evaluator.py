@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from orchestrator.errors import UsageError
+from orchestrator.evaluation.lmeval import resolve_tasks, run_lm_eval
 from orchestrator.evaluation.perplexity import perplexity
 from orchestrator.inputs.config import RunConfig
 
@@ -88,7 +89,10 @@ class Evaluator:
         self.progress = progress
         on = cfg.eval.enabled  # eval.enabled: false evaluates nothing, the tasks included
         self.tasks = load_tasks(cfg) if on else {}
-        self.lm_eval_tasks = [t[len(LM_EVAL_PREFIX):] for t in cfg.eval.tasks if on and t.startswith(LM_EVAL_PREFIX)]
+        #: lm-eval tasks with their settings resolved (``eval.num_fewshot`` / ``eval.task_limit`` as defaults)
+        self.lm_eval_specs = resolve_tasks(cfg.eval.tasks, cfg.eval.num_fewshot, cfg.eval.task_limit) if on else []
+        #: what decides each lm-eval task's numbers, one string per task (the dense-evaluation cache key hashes it)
+        self.lm_eval_tasks = [s.identity() for s in self.lm_eval_specs]
         self.start_actors = start_actors
         self.distributed = (bool(cfg.eval_workers()) and start_actors is not None
                             and (windows is not None or bool(self.tasks)))
@@ -142,10 +146,7 @@ class Evaluator:
                 res = score_examples(model, self.tokenizer, ex, progress=self.progress)
                 out["zeroshot"][name] = {"status": "ok", **aggregate(res), "source": "rayprune"}
         if self.lm_eval_tasks:
-            from orchestrator.evaluation.lmeval import run_lm_eval
-
-            for name, res in run_lm_eval(model, self.tokenizer, self.lm_eval_tasks,
-                                         limit=self.cfg.eval.task_limit).items():
+            for name, res in run_lm_eval(model, self.tokenizer, self.lm_eval_specs).items():
                 out["zeroshot"][f"{LM_EVAL_PREFIX}{name}"] = {**res, "source": "lm-eval"}
         if out["zeroshot"]:
             self._lap(f"{label}.zeroshot", t0)

@@ -274,8 +274,13 @@ class EvalConfig:
     shard: bool = opt(False, role=EXECUTION, help="the evaluation actors share each model under ZeRO-3 (1/N of it "
                       "each), for a model larger than one actor's device (`rayprune plan` says when)")
     tasks: list[str] = opt(factory=list, role=MEASURE,
-                           help="zero-shot tasks: builtin (`debian_cloze`), JSONL files, or `lm_eval:<task>`")
+                           help="zero-shot tasks: builtin (`debian_cloze`), JSONL files, or lm-eval tasks "
+                                "`lm_eval:NAME_OR_YAML[@num_fewshot=K,limit=N]` (an lm-eval task name or a task YAML "
+                                "file; every metric the task defines is reported)")
     task_limit: int | None = opt(None, gt=0, role=MEASURE, help="examples per task (null: all)")
+    num_fewshot: int = opt(0, ge=0, role=MEASURE,
+                           help="in-context examples of lm-eval tasks without their own `@num_fewshot=K` (overrides "
+                                "a task YAML's `num_fewshot`)")
     speed: bool = opt(False, role=MEASURE, help="prefill/decode tokens/s, dense vs pruned, interleaved")
     speed_prompt_len: int = opt(512, ge=1, role=MEASURE, help="prompt tokens of the speed runs")
     speed_new_tokens: int = opt(128, ge=2, role=MEASURE, help="generated tokens of the speed runs")

@@ -84,25 +84,45 @@ def render_markdown(report: dict) -> str:
 
 
 def _zeroshot_lines(report: dict) -> list[str]:
+    """One row per task and metric (value ± standard error per model); a skipped task is one row."""
     zs = report.get("zeroshot") or {}
     if not zs:
         return []
     models = list(zs)
     tasks = sorted({t for m in models for t in zs[m]})
-    lines = ["", "## Zero-shot multiple choice", "",
-             "| task | " + " | ".join(f"{m} acc | {m} acc_norm" for m in models) + " | n |",
-             "|---|" + "---|---|" * len(models) + "---|"]
+    lines = ["", "## Task metrics", "",
+             "Zero-shot multiple choice and lm-eval tasks (value ± standard error; `k-shot`: in-context examples).",
+             "", "| task | metric | " + " | ".join(models) + " | n |", "|---|---|" + "---|" * len(models) + "---|"]
     for t in tasks:
-        cells, n = [], "-"
-        for m in models:
-            r = zs[m].get(t, {})
-            if r.get("status", "ok") != "ok":
-                cells += [r.get("status", "-"), "-"]
-                continue
-            cells += [_fmt(r.get("acc")), _fmt(r.get("acc_norm"))]
-            n = r.get("n", n)
-        lines.append(f"| {t} | " + " | ".join(cells) + f" | {n} |")
+        results = [zs[m].get(t, {}) for m in models]
+        ok = [r for r in results if r.get("status", "ok") == "ok" and r]
+        metrics: list[str] = []
+        for k in (k for r in ok for k in r):
+            if k not in metrics and k not in _NOT_METRICS and not k.partition(",")[0].endswith("_stderr"):
+                metrics.append(k)
+        metrics.sort(key=lambda k: k not in ("acc", "acc_norm"))  # those first, the others as the task gives them
+        shots = next((r["num_fewshot"] for r in ok if r.get("num_fewshot")), 0)
+        label = f"{t} ({shots}-shot)" if shots else t
+        n = next((r["n"] for r in reversed(ok) if "n" in r), "-")
+        if not metrics:
+            lines.append(f"| {label} | - | " + " | ".join(r.get("status", "-") for r in results) + " | - |")
+        for metric in metrics:
+            cells = [_metric_cell(r, metric) for r in results]
+            lines.append(f"| {label} | {metric} | " + " | ".join(cells) + f" | {n} |")
     return lines
+
+
+_NOT_METRICS = ("status", "source", "n", "num_fewshot", "reason")
+
+
+def _metric_cell(result: dict, metric: str) -> str:
+    """``value ± stderr`` of one metric, or the task's status when it did not run."""
+    if result.get("status", "ok") != "ok":
+        return result.get("status", "-")
+    name, comma, filt = metric.partition(",")
+    stderr = result.get(f"{name}_stderr{comma}{filt}")
+    value = _fmt(result.get(metric))
+    return value if stderr is None else f"{value} ± {_fmt(stderr)}"
 
 
 def _sweep_lines(report: dict) -> list[str]:

@@ -34,7 +34,7 @@ def test_shipped_configs_load(name: str) -> None:
     if not path.is_file():
         pytest.skip(f"{name} not in this checkout")
     cfg = load_config(path)
-    assert cfg.pruning.method in ("magnitude", "wanda", "sparsegpt", "gblm")
+    assert cfg.pruning.method in ("magnitude", "wanda", "sparsegpt", "gblm", "gblm-sparsegpt")
 
 
 def test_overrides_parse_with_yaml_types() -> None:

@@ -25,7 +25,8 @@ from pathlib import Path, PurePosixPath
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, UsageError
+from orchestrator.evaluation.lmeval import LmEvalTask, parse_task_spec
 from orchestrator.inputs.config import RunConfig
 from orchestrator.inputs.yamlconf import StrictLoader
 
@@ -47,15 +48,16 @@ class JobPolicy(BaseModel):
         data_roots: absolute directories local data sources and task files must lie in.
         hub_models: hub model ids (shell patterns) a job may download.
         hub_datasets: hub dataset names (shell patterns) a job may download.
-        lm_eval_tasks: lm-eval task names (shell patterns, without ``lm_eval:``) a job may run (they
-            download their data).
+        lm_eval_tasks: lm-eval task names (shell patterns, matched against the name without ``lm_eval:`` and
+            ``@options``) a job may run (they download their data); lm-eval task YAML files are always refused.
         allow_ray_address: let a job name ``backend.address`` (another Ray cluster).
         allow_overwrite: let ``output.overwrite: true`` replace a published run.
         keep_failed_checkpoints: keep a failed or cancelled job's checkpoints instead of removing them.
         max_num_samples: cap on ``calibration.num_samples``.
         max_seq_len: cap on every sequence length (calibration, evaluation, recovery, speed runs).
         max_eval_windows: cap on ``eval.num_windows``.
-        max_task_examples: cap on ``eval.task_limit`` (and required when lm-eval tasks run).
+        max_task_examples: cap on ``eval.task_limit`` and each lm-eval task's ``@limit=N`` (one of them is
+            required when lm-eval tasks run).
         max_recovery_steps: cap on ``structured.recovery.steps``.
         max_recovery_samples: cap on ``structured.recovery.num_samples``.
         max_workers: cap on each worker count (pruning, evaluation, recovery).
@@ -156,6 +158,20 @@ def _cap(problems: list[str], field: str, value: int | float | None, cap: int | 
         problems.append(f"{field}: {value!r} exceeds the service limit of {cap} (policy {key})")
 
 
+def _lm_eval_spec(problems: list[str], field: str, task: str) -> LmEvalTask | None:
+    """``task``'s lm-eval spec, or None after adding the problem with its syntax."""
+    try:
+        return parse_task_spec(task)
+    except UsageError as exc:
+        problems.append(f"{field}: {str(exc).partition(': ')[2]}")
+        return None
+
+
+def _task_refused(i: int, task: str, policy: JobPolicy) -> str:
+    return (f"eval.tasks[{i}]: {task!r} is not a builtin task, an allowed file or an allowed lm-eval task (the "
+            f"service policy allows: {policy.lm_eval_tasks or 'none'})")
+
+
 def policy_problems(cfg: RunConfig, policy: JobPolicy) -> list[str]:
     """Every way ``cfg`` breaks ``policy``, one line each naming the field and value (empty: allowed).
 
@@ -185,18 +201,24 @@ def policy_problems(cfg: RunConfig, policy: JobPolicy) -> list[str]:
         if problem:
             problems.append(problem)
     builtin = set(builtin_tasks())
-    lm_eval = False
+    lm_eval = False  # an allowed lm-eval task without a limit of its own
     for i, task in enumerate(e.tasks):
         if task in builtin:
             continue
         if PurePosixPath(task).is_absolute():
             if not _under(task, policy.data_roots):
                 problems.append(f"eval.tasks[{i}]: {task!r} is outside the allowed data directories")
-        elif task.startswith(LM_EVAL_PREFIX) and _matches(task[len(LM_EVAL_PREFIX):], policy.lm_eval_tasks):
-            lm_eval = True
-        else:
-            problems.append(f"eval.tasks[{i}]: {task!r} is not a builtin task, an allowed file or an allowed "
-                            f"lm-eval task (the service policy allows: {policy.lm_eval_tasks or 'none'})")
+        elif task.startswith(LM_EVAL_PREFIX) and (spec := _lm_eval_spec(problems, f"eval.tasks[{i}]", task)):
+            if spec.is_file:
+                problems.append(f"eval.tasks[{i}]: {task!r}: lm-eval task files are refused by the service policy "
+                                "(their `!function` helpers run code)")
+            elif _matches(spec.name, policy.lm_eval_tasks):
+                lm_eval = lm_eval or spec.limit is None
+                _cap(problems, f"eval.tasks[{i}] limit", spec.limit, policy.max_task_examples, "max_task_examples")
+            else:
+                problems.append(_task_refused(i, task, policy))
+        elif not task.startswith(LM_EVAL_PREFIX):  # (a malformed lm-eval spec was reported above)
+            problems.append(_task_refused(i, task, policy))
     if lm_eval and e.task_limit is None:
         problems.append(f"eval.task_limit: null: lm-eval tasks need a limit (at most {policy.max_task_examples})")
     if b.address is not None and not policy.allow_ray_address:

@@ -120,3 +120,17 @@ def test_a_second_run_reuses_the_dense_evaluation(tmp_path, corpus_parquet, monk
     run("c", **{"eval.num_windows": 3})  # other windows: measured
     run("d", **{"eval.cache_dense": False})
     assert calls[3:] == ["dense", "pruned", "dense", "pruned"]
+
+
+def test_the_ray_job_example_builds_a_valid_config():
+    """deploy/ray_job_example.py's call, as a config: the cluster's address, the sparsity, the output."""
+    import ast
+
+    from orchestrator import build_config
+
+    tree = ast.parse((REPO / "deploy" / "ray_job_example.py").read_text())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "prune")
+    assert {k.arg for k in call.keywords} >= {"pruning", "backend", "output"}
+    cfg = build_config(REPO / "configs" / "llama2-13b.yaml", pruning={"sparsity": 0.6}, backend={"address": "auto"},
+                       output={"dir": "/data/runs/x"})
+    assert (cfg.pruning.sparsity, cfg.backend.address, cfg.output.dir) == (0.6, "auto", "/data/runs/x")

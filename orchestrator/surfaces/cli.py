@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (ranks) per node (default 8)")
     pl.add_argument("--link", choices=["nvlink", "infiniband", "tcp"], default="infiniband",
                     help="the fabric between nodes (default infiniband; tcp: e.g. one GPU per pod)")
+    x = sub.add_parser("export", help="write an llm-compressor recipe that quantizes a run's pruned checkpoint",
+                       description="Write RUN_DIR/quantize/recipe-SCHEME.yaml: llm-compressor quantizes the pruned "
+                                   "checkpoint with it and keeps its zeros (README 'Quantization hand-off').")
+    x.add_argument("run_dir", help="a run directory written by 'rayprune prune'")
+    x.add_argument("--scheme", default="W8A8", choices=["W8A8", "FP8_DYNAMIC", "W4A16", "W4A16-GPTQ"],
+                   help="quantization scheme (default W8A8)")
+    x.add_argument("--out", help="the recipe file (default RUN_DIR/quantize/recipe-SCHEME.yaml)")
     r = sub.add_parser("report", help="re-render report.md and the plots of a run from its report.json")
     r.add_argument("run_dir", help="a run directory written by 'rayprune prune'")
     return parser
@@ -323,6 +330,17 @@ def _recovery_line(model_config: Any, cfg: Any, gpu: int, gpu_mem: float) -> str
                      "structured.recovery.zero3=true structured.recovery.workers={n} or more")
 
 
+def cmd_export(ns: argparse.Namespace) -> int:
+    """``rayprune export``: the quantization hand-off's recipe (:mod:`orchestrator.outputs.handoff`)."""
+    from orchestrator.outputs import handoff
+
+    try:
+        _emit(handoff.write(Path(ns.run_dir), ns.scheme, ns.out))
+    except FileNotFoundError as exc:
+        raise UsageError(f"run_dir: {exc}") from None
+    return 0
+
+
 def cmd_report(ns: argparse.Namespace) -> int:
     """``rayprune report``."""
     from orchestrator.outputs.report import rerender
@@ -337,8 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     _setup_logging(ns.verbose, ns.quiet)
-    handlers = {"prune": cmd_prune, "eval": cmd_eval, "plan": cmd_plan, "report": cmd_report}
-    results = ns.command in ("prune", "eval")  # these print one JSON result line; plan and report print text
+    handlers = {"prune": cmd_prune, "eval": cmd_eval, "plan": cmd_plan, "report": cmd_report, "export": cmd_export}
+    results = ns.command in ("prune", "eval", "export")  # these print one JSON result line; plan and report print text
     try:
         with _stdout_is_the_result(keep=argv is None) if results else contextlib.nullcontext():
             return handlers[ns.command](ns)

@@ -132,7 +132,7 @@ def test_ray_matches_local(setup, groups, method, pattern, tmp_path):
         assert res.outcome.dtypes == {"forward_dtype": "float32", "grad_dtype": "float32"}  # `auto`, pinned fp32
 
 
-@pytest.mark.parametrize("method", ["gblm", "sparsegpt"])
+@pytest.mark.parametrize("method", ["gblm"])  # the gradient pass and the block pass; sparsegpt: the GPU suite's row
 def test_bf16_parameters_through_zero3_match_local(setup, groups, method, tmp_path):
     """``model.dtype: bfloat16`` (every 13B/70B config): partitions, gathers, the gradient pass and the written
     shards in bf16 on two ranks give the one-process masks, and the published checkpoint stays bf16."""

@@ -17,11 +17,9 @@ def test_rows_run_on_cpu_actors_and_report_where_tensors_lived(ray_cluster, tmp_
     from tests.gpu import check
 
     out = tmp_path / "dry.json"
-    code = check.main(["--cpu", "--out", str(out), "--rows", "prune-wanda,eval-shard,stats-fp32",
-                       "--allow-skip", "stats-fp32"])
+    code = check.main(["--cpu", "--out", str(out), "--rows", "prune-wanda,stats-fp32", "--allow-skip", "stats-fp32"])
     rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
     assert code == 0, rows
     assert rows["prune-wanda"]["status"] == "passed" and rows["prune-wanda"]["masks_equal"] >= 0.999
     assert rows["prune-wanda"]["devices"] == {"parameters": ["cpu"], "statistics": [], "masks": ["cpu"]}
-    assert rows["eval-shard"]["status"] == "passed" and rows["eval-shard"]["ppl_rel"] <= 0.01
     assert rows["stats-fp32"]["status"] == "skipped"  # CUDA-only, allowed here

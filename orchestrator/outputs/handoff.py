@@ -25,17 +25,28 @@ SCHEMES: dict[str, tuple[str, str, str]] = {
 }
 
 
-def recipe(scheme: str) -> dict[str, Any]:
+def recipe(scheme: str, group_size: int = 128) -> dict[str, Any]:
     """The llm-compressor recipe (as its YAML holds) quantizing every linear but the head with ``scheme``.
 
+    Args:
+        scheme: a key of :data:`SCHEMES`.
+        group_size: weights per int4 scale (the ``W4A16`` schemes): it must divide every linear's input size
+            (128, the preset, does not divide SmolLM2-135M's 576).
+
     Raises:
-        ValueError: an unknown scheme.
+        ValueError: an unknown scheme or a non-positive group size.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
     modifier, preset, _ = SCHEMES[scheme]
-    return {"quant_stage": {"quant_modifiers": {modifier: {"targets": ["Linear"], "ignore": ["lm_head"],
-                                                           "scheme": preset}}}}
+    body: dict[str, Any] = {"targets": ["Linear"], "ignore": ["lm_head"], "scheme": preset}
+    if preset == "W4A16" and group_size != 128:  # the preset's fields with another group size
+        body = {"ignore": ["lm_head"], "config_groups": {"group_0": {
+            "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+                                               "strategy": "group", "group_size": group_size}}}}
+    return {"quant_stage": {"quant_modifiers": {modifier: body}}}
 
 
 def needs_calibration(scheme: str) -> bool:
@@ -43,7 +54,7 @@ def needs_calibration(scheme: str) -> bool:
     return SCHEMES[scheme][0] == "GPTQModifier"
 
 
-def write(run_dir: Path, scheme: str, out: Path | None = None) -> dict[str, Any]:
+def write(run_dir: Path, scheme: str, out: Path | None = None, group_size: int = 128) -> dict[str, Any]:
     """Write the recipe of ``scheme`` for the run in ``run_dir``; returns what the CLI prints.
 
     Raises:
@@ -65,6 +76,6 @@ def write(run_dir: Path, scheme: str, out: Path | None = None) -> dict[str, Any]
               "# apply in llm-compressor's environment (README 'Quantization hand-off'):",
               f"#   oneshot(model='{model}', recipe='{path}', output_dir='{model}-{scheme}', save_compressed=True"
               + (", dataset=..., num_calibration_samples=..." if needs_calibration(scheme) else "") + ")"]
-    path.write_text("\n".join(header) + "\n" + yaml.safe_dump(recipe(scheme), sort_keys=False))
+    path.write_text("\n".join(header) + "\n" + yaml.safe_dump(recipe(scheme, group_size), sort_keys=False))
     return {"recipe": str(path), "model": str(model), "scheme": scheme, "calibration": needs_calibration(scheme),
             "sparsity": reached}

@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--scheme", default="W8A8", choices=["W8A8", "FP8_DYNAMIC", "W4A16", "W4A16-GPTQ"],
                    help="quantization scheme (default W8A8)")
     x.add_argument("--out", help="the recipe file (default RUN_DIR/quantize/recipe-SCHEME.yaml)")
+    x.add_argument("--group-size", type=int, default=128,
+                   help="weights per int4 scale of the W4A16 schemes (must divide every linear's input size)")
     r = sub.add_parser("report", help="re-render report.md and the plots of a run from its report.json")
     r.add_argument("run_dir", help="a run directory written by 'rayprune prune'")
     return parser
@@ -335,9 +337,11 @@ def cmd_export(ns: argparse.Namespace) -> int:
     from orchestrator.outputs import handoff
 
     try:
-        _emit(handoff.write(Path(ns.run_dir), ns.scheme, ns.out))
+        _emit(handoff.write(Path(ns.run_dir), ns.scheme, ns.out, ns.group_size))
     except FileNotFoundError as exc:
         raise UsageError(f"run_dir: {exc}") from None
+    except ValueError as exc:
+        raise UsageError(f"--group-size: {exc}") from None
     return 0
 
 

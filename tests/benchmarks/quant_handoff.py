@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--peer-python", default=str(PEER_PYTHON))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--group-size", type=int, default=64, help="int4 group size (SmolLM2's 576 rules out 128)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -79,16 +80,22 @@ def main() -> None:
                 recipe = None
                 if scheme != "none":
                     recipe = Path(tmp) / f"recipe-{scheme}.yaml"
-                    handoff.write(run_dir, scheme, recipe)
+                    handoff.write(run_dir, scheme, recipe, args.group_size)
                 calib = calib_ids if scheme != "none" and handoff.needs_calibration(scheme) else None
-                row = {"model": label, "scheme": scheme, **peer(args, model, eval_ids, recipe, calib)}
+                try:
+                    row = {"model": label, "scheme": scheme, **peer(args, model, eval_ids, recipe, calib)}
+                except RuntimeError as exc:  # a failed row is a result; the others still run
+                    row = {"model": label, "scheme": scheme, "error": str(exc)}
                 rows.append(row)
                 log.info("%s", row)
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps({"run": str(run_dir), "rows": rows}, indent=2) + "\n")
-    base = {r["model"]: r["ppl"] for r in rows if r["scheme"] == "none"}
+    base = {r["model"]: r["ppl"] for r in rows if r["scheme"] == "none" and "ppl" in r}
     log.info("%-7s %-11s %9s %12s %14s %10s", "model", "scheme", "ppl", "vs pruned", "linear zeros", "quant s")
     for r in rows:
+        if "error" in r:
+            log.info("%-7s %-11s %s", r["model"], r["scheme"], r["error"])
+            continue
         log.info("%-7s %-11s %9.3f %+11.1f%% %13.2f%% %10.1f", r["model"], r["scheme"], r["ppl"],
                  100 * (r["ppl"] / base["pruned"] - 1), 100 * r["linear_zeros"], r["quantize_s"])
 

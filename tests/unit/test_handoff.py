@@ -44,3 +44,13 @@ def test_export_of_a_directory_without_a_checkpoint_is_a_usage_error(tmp_path, c
     assert "has no pruned checkpoint" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown scheme"):
         handoff.recipe("W2A2")
+
+
+def test_another_int4_group_size_spells_the_presets_fields_out():
+    body = handoff.recipe("W4A16", group_size=64)["quant_stage"]["quant_modifiers"]["QuantizationModifier"]
+    assert body["ignore"] == ["lm_head"] and "scheme" not in body
+    assert body["config_groups"]["group_0"]["weights"] == {"num_bits": 4, "type": "int", "symmetric": True,
+                                                           "strategy": "group", "group_size": 64}
+    assert handoff.recipe("W8A8", group_size=64) == handoff.recipe("W8A8")  # int8 is per channel: no groups
+    with pytest.raises(ValueError, match="group_size"):
+        handoff.recipe("W4A16", group_size=0)

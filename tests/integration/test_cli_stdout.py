@@ -21,9 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_the_only_stdout_line_of_a_ray_run_is_its_json_result(tmp_path, corpus_parquet):
     over = tiny_overrides(tmp_path / "out", corpus_parquet, **{"backend.kind": "ray", "backend.workers": 2,
-                                                               "pruning.method": "wanda", "eval.enabled": True,
-                                                               "eval.source": str(corpus_parquet),
-                                                               "eval.num_windows": 2, "eval.seq_len": 32})
+                                                               "pruning.method": "wanda"})
     code = "import sys; from orchestrator.surfaces.cli import main; sys.exit(main())"  # as the console script
     proc = subprocess.run([sys.executable, "-c", code, "prune", *over, "--json-out", str(tmp_path / "r.json")],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -33,5 +31,4 @@ def test_the_only_stdout_line_of_a_ray_run_is_its_json_result(tmp_path, corpus_p
     result = json.loads(lines[0])
     assert result == json.loads((tmp_path / "r.json").read_text())
     assert result["run_dir"] == str(tmp_path / "out") and result["reached_sparsity"] == pytest.approx(0.5, abs=0.01)
-    assert "pruned_ppl" in result and "dense_ppl" in result
     assert "DeepSpeed" in proc.stderr or "deepspeed" in proc.stderr.lower()  # the noise was there, elsewhere

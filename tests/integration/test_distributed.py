@@ -100,8 +100,10 @@ def test_live_zero3_groups_leave_no_shared_memory_names(groups):
     assert leaked == []  # the all-reduce through the mapped segments still works: the tests below
 
 
-@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "gblm"])
+@pytest.mark.parametrize("method,pattern", [
+    (m, p) for m in ("magnitude", "wanda", "sparsegpt", "gblm") for p in ("unstructured", "2:4", "4:8")
+    if p != "4:8" or m in ("wanda", "sparsegpt")  # 4:8 takes the N:M path 2:4 takes; two methods keep it honest
+])
 def test_ray_matches_local(setup, groups, method, pattern, tmp_path):
     path, calib, held_out = setup
     cfg = make_cfg(method, pattern)

@@ -18,8 +18,8 @@ import torch
 
 from orchestrator.inputs.config import resolve_compute_dtype
 from orchestrator.inputs.models import TORCH_DTYPES
+from orchestrator.pruning.stats import AUTOCAST_DEVICE_TYPES
 
-_AUTOCAST_TYPES = ("cpu", "cuda", "xpu")  # device types torch.autocast serves
 NATIVE_BF16_ENV = "RAYPRUNE_NATIVE_BF16"  # 0/1: what ``auto`` compute dtypes resolve with (tests pin 0)
 
 
@@ -50,7 +50,7 @@ class Placement:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast on this device's type, or nothing when no autocast dtype is set (or none exists)."""
-        if self.autocast_dtype is None or self.device.type not in _AUTOCAST_TYPES:
+        if self.autocast_dtype is None or self.device.type not in AUTOCAST_DEVICE_TYPES:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 

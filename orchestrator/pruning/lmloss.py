@@ -22,6 +22,8 @@ import contextlib
 
 import torch
 
+from orchestrator.pruning.stats import AUTOCAST_DEVICE_TYPES
+
 #: logits elements per chunk (fp32: 32 MiB)
 CHUNK_ELEMENTS = 1 << 23
 
@@ -98,7 +100,7 @@ def lm_loss_with_grad(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Ten
     The loss sweep itself stays fp32 under an enclosing autocast (a bf16 gradient pass).
     """
     kind = hidden.device.type
-    amp = kind in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(kind)  # other backends have no autocast
+    amp = kind in AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(kind)  # other backends have no autocast
     with torch.autocast(kind, enabled=False) if amp else contextlib.nullcontext():
         loss, grad = chunked_lm_loss(hidden, weight, ids, bias, chunk_elements)
     return PrecomputedLoss.apply(hidden, loss, grad)

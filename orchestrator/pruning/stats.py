@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 GRAD_KINDS = ("abs", "sq", "sum")
-_AUTOCAST_TYPES = ("cpu", "cuda", "xpu")
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu")  # device types torch.autocast serves
 
 
 @contextlib.contextmanager
@@ -26,7 +26,7 @@ def exact_fp32(device: torch.device | str) -> Iterator[None]:
     """
     kind = torch.device(device).type
     precision = torch.get_float32_matmul_precision()
-    amp = torch.autocast(kind, enabled=False) if kind in _AUTOCAST_TYPES else contextlib.nullcontext()
+    amp = torch.autocast(kind, enabled=False) if kind in AUTOCAST_DEVICE_TYPES else contextlib.nullcontext()
     try:
         if precision != "highest":
             torch.set_float32_matmul_precision("highest")

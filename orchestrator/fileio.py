@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def _proc_umask() -> int | None:
@@ -110,3 +112,30 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def finite_json(obj: Any, where: str = "") -> tuple[Any, list[str]]:
+    """``obj`` with every non-finite float (NaN, +-inf) replaced by ``None``, and the dotted places replaced.
+
+    Strict JSON (what browsers, ``jq`` and HTTP clients parse) has no NaN; a diverged perplexity must not
+    make a report unreadable. Callers record the returned places next to the data (``non_finite``).
+
+    Args:
+        obj: JSON-like data (dicts, lists, scalars).
+        where: the dotted place of ``obj`` (for the returned paths).
+
+    Returns:
+        The cleaned copy and the places of the replaced values.
+    """
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None, [where or "."]
+    if isinstance(obj, dict):
+        out, found = {}, []
+        for k, v in obj.items():
+            out[k], sub = finite_json(v, f"{where}.{k}" if where else str(k))
+            found += sub
+        return out, found
+    if isinstance(obj, (list, tuple)):
+        items = [finite_json(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return [v for v, _ in items], [p for _, sub in items for p in sub]
+    return obj, []

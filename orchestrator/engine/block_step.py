@@ -231,7 +231,7 @@ def prune_linears(linears: dict[str, nn.Linear], stats: dict[str, ActivationStat
         if cfg.reconstruct != "none":
             ls = cfg.lstsq
             res = prune_reconstructed(lin.weight.data, cfg.method, cfg.target_sparsity, cfg.nm, act, ls.rounds,
-                                      ls.solver, ls.percdamp, ls.iters, **kw)
+                                      ls.solver, ls.percdamp, ls.iters, ls.tol, **kw)
         else:
             res = prune_weight(lin.weight.data, cfg.method, cfg.target_sparsity, cfg.nm, act=act, **kw)
         lin.weight.data.copy_(res.weight)

@@ -150,6 +150,8 @@ class LstsqConfig:
     iters: int = opt(30, gt=0, help="conjugate-gradient iterations (10 measured better and faster on SmolLM2, "
                      "docs/benchmarks.md; not yet the default: ray and local agree less there)")
     percdamp: float = opt(0.01, gt=0, help="damping as a fraction of mean(diag X^T X)")
+    tol: float = opt(0.0, ge=0, lt=1, help="`cg`: a row stops once its residual is below this fraction of its "
+                     "initial one (0: every row runs `iters`)")
     rounds: int = opt(1, gt=0, help="> 1: grow the mask in rounds, re-scoring the re-solved weights (not SparseGPT)")
 
 

@@ -4,6 +4,7 @@ and type checks that collect every problem instead of stopping at the first."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -34,6 +35,36 @@ _Loader.add_implicit_resolver(
     ),
     list("-+0123456789."),
 )
+
+
+#: the longest integer literal read as a number (a 64-bit integer has 19 digits); longer ones stay text
+MAX_INT_DIGITS = 30
+#: what an ``int`` field holds: a 64-bit signed integer (what torch, numpy and JSON peers accept)
+INT_RANGE = (-(2**63), 2**63 - 1)
+
+
+class OutOfRange(str):
+    """A numeric literal too long to be read as a number (Python refuses to convert integer text of more
+    than 4300 digits at all): kept as text, so the field's type check names the field."""
+
+    def __repr__(self) -> str:
+        return f"a {len(self)}-character number"
+
+
+def bounded_int(text: str) -> int | OutOfRange:
+    """``int(text)`` for a decimal literal of at most :data:`MAX_INT_DIGITS` digits, else :class:`OutOfRange`."""
+    digits = text.lstrip("+-").replace("_", "")
+    return OutOfRange(text) if len(digits) > MAX_INT_DIGITS else int(text)
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int | OutOfRange:
+    text = loader.construct_scalar(node)
+    if len(text.lstrip("+-").replace("_", "")) > MAX_INT_DIGITS:
+        return OutOfRange(text)
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 class StrictLoader(_Loader):
@@ -111,12 +142,18 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is bool:
         return isinstance(value, bool), value
     if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
+        return isinstance(value, int) and not isinstance(value, bool) and INT_RANGE[0] <= value <= INT_RANGE[1], value
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
+            try:
+                as_float = float(value)
+            except OverflowError:  # an int beyond the float range
+                return False, value
+            return math.isfinite(as_float), as_float
         return False, value
     if tp is str:
+        if isinstance(value, OutOfRange):
+            return False, value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return True, str(value)
         return isinstance(value, str), value
@@ -134,16 +171,28 @@ def _choices(tp: Any) -> tuple | None:
     return None
 
 
+def _show(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a problem line stays one readable line)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _type_problem(where: str, value: Any, tp: Any, md: Any) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where}: {value!r} is not a finite number"
+    if isinstance(value, OutOfRange):
+        return f"{where}: {value!r} is out of range"
+    if isinstance(value, int) and not isinstance(value, bool) and not INT_RANGE[0] <= value <= INT_RANGE[1]:
+        return f"{where}: {_show(value)} is out of range"
     explain = md.get("explain")
     if explain is not None and explain(value):
         return f"{where}: {explain(value)}"
     choices = _choices(tp)
     if choices and typing.get_origin(tp) is list:
-        return f"{where}: expected a list of {', '.join(map(str, choices))}, got {value!r}"
+        return f"{where}: expected a list of {', '.join(map(str, choices))}, got {_show(value)}"
     if choices:
-        return f"{where}: {value!r} is not one of {', '.join(map(str, choices))}"
-    return f"{where}: expected {_type_name(tp)}, got {value!r}"
+        return f"{where}: {_show(value)} is not one of {', '.join(map(str, choices))}"
+    return f"{where}: expected {_type_name(tp)}, got {_show(value)}"
 
 
 def _fmt(x: float) -> str:

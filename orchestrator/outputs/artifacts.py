@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from orchestrator.errors import UsageError
-from orchestrator.fileio import current_umask, fsync_tree, sha256_file
+from orchestrator.fileio import current_umask, finite_json, fsync_tree, sha256_file
 from orchestrator.inputs.config import OutputConfig, RunConfig
 from orchestrator.outputs.publish import (
     OutputLock,
@@ -139,8 +139,12 @@ class RunWriter:
         return p
 
     def write_json(self, rel: str, obj) -> None:
-        """Write ``obj`` as indented JSON."""
-        self.path(rel).write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+        """Write ``obj`` as indented strict JSON: a non-finite number becomes ``null`` and its place is listed
+        under a top-level ``non_finite`` key (a mapping's)."""
+        obj, places = finite_json(json.loads(json.dumps(obj, default=_json_default)))
+        if places and isinstance(obj, dict):
+            obj["non_finite"] = places
+        self.path(rel).write_text(json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
     def write_config(self, cfg: RunConfig) -> None:
         """Write the resolved config as ``config.yaml``."""

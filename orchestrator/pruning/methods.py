@@ -154,6 +154,7 @@ def prune_reconstructed(
     solver: str = "cg",
     lstsq_damp: float = 0.01,
     iters: int = 30,
+    tol: float = 0.0,
     **method_kw: Any,
 ) -> LayerPruneResult:
     """Prune one weight, then re-solve its kept weights by least squares (``reconstruct: layer``).
@@ -168,7 +169,8 @@ def prune_reconstructed(
         method, sparsity, nm: as for :func:`prune_weight`.
         act: the layer's input statistics, with ``xtx``.
         rounds: mask-selection rounds ``T``.
-        solver, lstsq_damp, iters: the least-squares solver (:func:`~orchestrator.pruning.reconstruct.reconstruct`).
+        solver, lstsq_damp, iters, tol: the least-squares solver
+            (:func:`~orchestrator.pruning.reconstruct.reconstruct`).
         **method_kw: the rest of :func:`prune_weight`'s options (GBLM's gradient, alpha, ...).
 
     Returns:
@@ -178,7 +180,7 @@ def prune_reconstructed(
         raise ValueError(f"{method_kw.get('name', 'layer')}: reconstruction needs activation statistics with xtx")
     if method in OBS_METHODS or rounds <= 1:
         res = prune_weight(weight, method, sparsity, nm, act=act, **method_kw)
-        res.weight = reconstruct(weight, res.mask, act.xtx, solver, lstsq_damp, iters)
+        res.weight = reconstruct(weight, res.mask, act.xtx, solver, lstsq_damp, iters, tol)
         return res
     score_kw = {k: v for k, v in method_kw.items() if k in ("grad", "alpha", "norm", "grad_scale", "weighting", "name")}
     current = weight
@@ -190,6 +192,6 @@ def prune_reconstructed(
             mask = nm_mask(score, math.ceil(nm[0] * t / len(steps)), nm[1])
         else:
             mask = build_mask(score, sparsity * t / len(steps), None, per_row=method != "magnitude")
-        current = reconstruct(weight, mask, act.xtx, solver, lstsq_damp, iters)
+        current = reconstruct(weight, mask, act.xtx, solver, lstsq_damp, iters, tol)
     kept = score[~mask]
     return LayerPruneResult(current, mask, float(kept.mean()) if kept.numel() else 0.0)

@@ -83,40 +83,52 @@ def reconstruct_exact(weight: torch.Tensor, mask: torch.Tensor, xtx: torch.Tenso
 
 
 def reconstruct_cg(weight: torch.Tensor, mask: torch.Tensor, xtx: torch.Tensor, percdamp: float = 0.01,
-                   iters: int = 30, tol: float = 1e-6) -> torch.Tensor:
+                   iters: int = 30, tol: float = 0.0) -> torch.Tensor:
     """Kept-weight least squares by Jacobi-preconditioned conjugate gradient, every row at once.
 
     Solves ``A d = b`` per row with ``A = K (H + lam I) K`` restricted to the kept coordinates and
     ``b = K (H + lam I) (P w)``, starting from ``d = 0`` (the plain masked weight).
+
+    Each row stops on its own once its preconditioned residual ``sqrt(r^T M^-1 r)`` is at most ``tol``
+    times its initial one; stopped rows leave the batch, so later iterations multiply only the rows
+    still running. A row's result therefore depends only on that row, ``H`` and the settings (not on
+    which other rows share the batch: a rank solving a slice of the rows gets the same rows). With
+    ``tol = 0`` every row runs ``iters`` iterations.
 
     Args:
         weight: ``(out, in)`` the dense weight.
         mask: ``(out, in)`` bool, True = pruned.
         xtx: ``(in, in)`` ``sum x x^T``.
         percdamp: damping as a fraction of ``mean(diag H)``.
-        iters: most CG iterations.
-        tol: stop once every row's residual norm is below ``tol`` times its initial one.
+        iters: most CG iterations per row.
+        tol: relative preconditioned-residual stop per row (0: run ``iters``).
 
     Returns:
         ``(out, in)`` fp32 weight, zero where ``mask``.
     """
     w = weight.detach().float()  # (out, in)
     hd, _ = damped(xtx, percdamp)  # (in, in)
-    keep = (~mask).float()  # (out, in)
-    pruned_w = w * (1 - keep)  # (out, in)
-    r = keep * (pruned_w @ hd)  # (out, in): residual b - A 0
-    inv_diag = keep / torch.diag(hd).unsqueeze(0)  # (out, in): Jacobi preconditioner on the kept coordinates
+    keep_all = (~mask).float()  # (out, in)
+    d_all = torch.zeros_like(w)  # (out, in): the kept weights' change, written as rows stop
+    rows = torch.arange(w.shape[0], device=w.device)  # (live,) the rows still iterating
+    keep = keep_all
+    r = keep * ((w * (1 - keep)) @ hd)  # (live, in): residual b - A 0
+    inv_diag = keep / torch.diag(hd).unsqueeze(0)  # (live, in): Jacobi preconditioner on the kept coordinates
     d = torch.zeros_like(w)
     z = r * inv_diag
     p = z.clone()
-    rz = (r * z).sum(1, keepdim=True)  # (out, 1)
-    r0 = r.norm(dim=1, keepdim=True)  # (out, 1)
+    rz = (r * z).sum(1, keepdim=True)  # (live, 1)
+    stop = (tol * tol) * rz  # (live, 1): a row stops once rz <= tol^2 rz_0 (and at once when rz_0 = 0)
     for _ in range(iters):
-        if bool((r.norm(dim=1, keepdim=True) <= tol * r0).all()):
-            break
-        ap = keep * (p @ hd)  # (out, in)
+        live = (rz > stop).squeeze(1)  # (live,)
+        if not bool(live.all()):  # one host sync per iteration: drop the rows that have converged
+            d_all[rows[~live]] = d[~live]
+            rows, keep, inv_diag, d, r, p, rz, stop = (t[live] for t in (rows, keep, inv_diag, d, r, p, rz, stop))
+            if rows.numel() == 0:
+                break
+        ap = keep * (p @ hd)  # (live, in)
         pap = (p * ap).sum(1, keepdim=True)
-        step = torch.where(pap > 0, rz / pap.clamp_min(1e-30), torch.zeros_like(pap))  # (out, 1)
+        step = torch.where(pap > 0, rz / pap.clamp_min(1e-30), torch.zeros_like(pap))  # (live, 1)
         d += step * p
         r -= step * ap
         z = r * inv_diag
@@ -124,11 +136,12 @@ def reconstruct_cg(weight: torch.Tensor, mask: torch.Tensor, xtx: torch.Tensor, 
         beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-30), torch.zeros_like(rz))
         p = z + beta * p
         rz = rz_new
-    return (w + d) * keep
+    d_all[rows] = d
+    return (w + d_all) * keep_all
 
 
 def reconstruct(weight: torch.Tensor, mask: torch.Tensor, xtx: torch.Tensor, solver: str = "cg",
-                percdamp: float = 0.01, iters: int = 30) -> torch.Tensor:
+                percdamp: float = 0.01, iters: int = 30, tol: float = 0.0) -> torch.Tensor:
     """Re-solve the kept weights of one pruned layer (see the module docstring).
 
     Args:
@@ -137,7 +150,8 @@ def reconstruct(weight: torch.Tensor, mask: torch.Tensor, xtx: torch.Tensor, sol
         xtx: ``(in, in)`` ``sum x x^T`` of the layer's calibration inputs.
         solver: ``cg`` or ``exact``.
         percdamp: damping as a fraction of ``mean(diag H)``.
-        iters: CG iterations (``cg`` only).
+        iters: most CG iterations per row (``cg`` only).
+        tol: relative residual at which a row stops (``cg`` only; 0: run ``iters``).
 
     Returns:
         ``(out, in)`` weight in ``weight``'s dtype, zero where ``mask``.
@@ -145,7 +159,7 @@ def reconstruct(weight: torch.Tensor, mask: torch.Tensor, xtx: torch.Tensor, sol
     if solver == "exact":
         new = reconstruct_exact(weight, mask, xtx, percdamp)
     elif solver == "cg":
-        new = reconstruct_cg(weight, mask, xtx, percdamp, iters)
+        new = reconstruct_cg(weight, mask, xtx, percdamp, iters, tol)
     else:
         raise ValueError(f"unknown reconstruction solver {solver!r}; allowed {SOLVERS}")
     return new.to(weight.dtype)

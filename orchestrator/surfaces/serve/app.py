@@ -40,6 +40,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.config import DeploymentActorConfig
 
+from orchestrator.fileio import finite_json
 from orchestrator.surfaces.serve.auth import ApiError, BearerAuth, install_error_handlers, load_token
 from orchestrator.surfaces.serve.bodies import read_body
 from orchestrator.surfaces.serve.jobs import JobRegistry
@@ -117,6 +118,24 @@ class JobMirror:
     async def next_update(self) -> None:
         """Return once the change feed has delivered its next batch of changes here."""
         await self._applied.wait()
+
+
+def report_payload(text: str, path: Path) -> dict:
+    """A ``report.json``'s text as strict JSON data: NaN or infinite numbers (reports written before they
+    became null) are null and listed under ``non_finite``.
+
+    Raises:
+        ApiError: 409 when the file is not a JSON object.
+    """
+    try:
+        report, places = finite_json(json.loads(text))
+    except ValueError:  # JSONDecodeError, or an integer too long to convert
+        raise ApiError(409, f"report: {str(path)!r} is not valid JSON") from None
+    if not isinstance(report, dict):
+        raise ApiError(409, f"report: {str(path)!r} is not a JSON object")
+    if places:
+        report["non_finite"] = sorted(set(report.get("non_finite") or []) | set(places))
+    return report
 
 
 def _answer(result: tuple[int, dict], **headers: str) -> JSONResponse:
@@ -214,7 +233,7 @@ class JobService:
             text = await asyncio.to_thread(path.read_text)
         except OSError:
             raise ApiError(404, f"report: {str(path)!r} is not readable from this replica") from None
-        return JSONResponse(json.loads(text))
+        return JSONResponse(report_payload(text, path))
 
     @api.delete("/v1/jobs/{job_id}")
     async def cancel(self, job_id: str, request: Request) -> JSONResponse:

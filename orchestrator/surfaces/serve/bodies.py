@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from fastapi import Request
 
-from orchestrator.inputs.yamlconf import StrictLoader
+from orchestrator.inputs.yamlconf import OutOfRange, StrictLoader, bounded_int
 from orchestrator.surfaces.serve.auth import ApiError
 
 JSON_TYPES = ("application/json",)
@@ -99,6 +99,8 @@ def check_plain(data: Any, where: str = "config") -> None:
                 stack.append((value, f"{path}.{key}" if path != where else key, depth + 1))
         elif isinstance(node, list):
             stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(node))
+        elif isinstance(node, OutOfRange):
+            raise ApiError(400, f"{path}: {node!r} is out of range")
         elif isinstance(node, str):
             if len(node) > MAX_STRING_CHARS:
                 raise ApiError(400, f"{path}: string of {len(node)} characters exceeds {MAX_STRING_CHARS}")
@@ -114,7 +116,7 @@ def check_plain(data: Any, where: str = "config") -> None:
 def decode_json(text: str, where: str) -> Any:
     """Parse JSON text; malformed or too deeply nested text is a 400."""
     try:
-        return json.loads(text) if text.strip() else None
+        return json.loads(text, parse_int=bounded_int) if text.strip() else None
     except json.JSONDecodeError as exc:
         raise ApiError(400, f"{where}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except RecursionError:

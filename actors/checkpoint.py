@@ -69,6 +69,34 @@ def load_tensors(path: Path, expected_sha: str | None = None) -> dict[str, torch
     return load_file(str(path))
 
 
+def _check_entries(root: Path, saved: dict[str, Any]) -> None:
+    """Refuse a ``progress.json`` whose file entries leave the checkpoint directory.
+
+    Every recorded path must be relative, free of ``..``, below one of :data:`DATA_DIRS` and, with
+    symbolic links resolved, inside ``root``: a tampered checkpoint can make a resume read or move
+    nothing outside it.
+
+    Raises:
+        ValueError: naming the first offending entry.
+    """
+    from pathlib import PurePosixPath
+
+    files = saved.get("files")
+    if not isinstance(files, dict):
+        raise ValueError(f"checkpoint {root}: progress.json has no file table")
+    top = root.resolve()
+    for key, entry in files.items():
+        rel = entry.get("path") if isinstance(entry, dict) else None
+        parts = PurePosixPath(rel).parts if isinstance(rel, str) and rel else ()
+        if (not parts or PurePosixPath(rel).is_absolute() or ".." in parts or parts[0] not in DATA_DIRS
+                or not isinstance(entry.get("sha256"), str)):
+            raise ValueError(f"checkpoint {root}: progress.json entry {str(key)[:80]!r} names {str(rel)[:120]!r}, "
+                             f"not a file below {', '.join(DATA_DIRS)}")
+        if not (root / rel).resolve().is_relative_to(top):
+            raise ValueError(f"checkpoint {root}: progress.json entry {str(key)[:80]!r} ({rel!r}) leads outside "
+                             "the checkpoint directory")
+
+
 def grad_name(rank: int, world: int, steps: int) -> str:
     """Relative path of rank ``rank`` of ``world``'s partitions after ``steps`` local sequences."""
     return f"grad/rank-{rank:05d}-of-{world:05d}.step-{steps:06d}.safetensors"
@@ -112,6 +140,7 @@ class CheckpointStore:
             if saved.get("format") != FORMAT:
                 raise ValueError(f"checkpoint {self.root} has layout {saved.get('format', 1)}, not {FORMAT} "
                                  "(an older rayprune wrote it); delete it to start over")
+            _check_entries(self.root, saved)
             self.progress = saved
             self.resumed = True
 

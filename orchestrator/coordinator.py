@@ -161,7 +161,12 @@ def _prepare_checkpoints(cfg: RunConfig, resume: bool) -> Path | None:
             raise UsageError(f"--resume: no checkpoint of an interrupted run at {str(ckpt)!r}")
         from orchestrator.inputs.fingerprints import checkpoint_inputs, inputs_mismatch, inputs_refusal
 
-        progress = json.loads((ckpt / "progress.json").read_text())
+        try:
+            progress = json.loads((ckpt / "progress.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--resume: {str(ckpt / 'progress.json')!r} is not readable JSON ({exc})") from None
+        if not isinstance(progress, dict):
+            raise UsageError(f"--resume: {str(ckpt / 'progress.json')!r} is not a checkpoint's progress record")
         saved = progress.get("fingerprint")
         if saved != cfg.work_fingerprint():
             raise UsageError(f"--resume: checkpoint {str(ckpt)!r} was written by another config (model, data, "

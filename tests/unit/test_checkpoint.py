@@ -157,3 +157,36 @@ def test_shard_writer_raises_a_failed_write_at_the_next_call(tmp_path):
     with pytest.raises(OSError):
         writer.submit(tmp_path, 1, {"w": torch.ones(1)}, {"w": torch.ones(1, dtype=torch.bool)})
     writer.close()
+
+
+@pytest.mark.parametrize("rel", ["../outside.safetensors", "/etc/passwd", "grad/../../x.safetensors",
+                                 "config.yaml", "", "escape/g.safetensors"])
+def test_a_tampered_progress_path_is_refused(tmp_path, rel):
+    """``progress.json`` names the files a resume reads and moves into the run: each must stay below the
+    checkpoint's data folders (issue 30, finding 9)."""
+    store = CheckpointStore(tmp_path, "fp")
+    store.commit_grad(1, 1, [save_tensors(tmp_path / grad_name(0, 1, 1), parts(1, 0))], done=False)
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    (entry,) = progress["files"].values()
+    entry["path"] = rel
+    (tmp_path / "progress.json").write_text(json.dumps(progress))
+    with pytest.raises(ValueError, match="progress.json entry"):
+        CheckpointStore(tmp_path, "fp")
+
+
+def test_a_data_folder_linked_outside_the_checkpoint_is_refused(tmp_path):
+    ckpt, elsewhere = tmp_path / "ckpt", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    store = CheckpointStore(ckpt, "fp")
+    store.commit_grad(1, 1, [save_tensors(ckpt / grad_name(0, 1, 1), parts(1, 0))], done=False)
+    for f in (ckpt / "grad").iterdir():
+        f.rename(elsewhere / f.name)
+    (ckpt / "grad").rmdir()
+    (ckpt / "grad").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ValueError, match="leads outside"):
+        CheckpointStore(ckpt, "fp")
+    (ckpt / "grad").unlink()
+    (ckpt / "grad").mkdir()
+    for f in elsewhere.iterdir():
+        f.rename(ckpt / "grad" / f.name)
+    assert CheckpointStore(ckpt, "fp").resumed  # the same files inside: accepted

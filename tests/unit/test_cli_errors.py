@@ -114,3 +114,24 @@ def test_console_script_exit_code_and_help(tmp_path):
     helped = subprocess.run([sys.executable, "-m", "orchestrator.surfaces.cli", "prune", "--help"],
                             capture_output=True, text=True)
     assert helped.returncode == 0 and "KEY=VALUE" in helped.stdout and "examples:" in helped.stdout
+
+
+@pytest.mark.parametrize("key", ["trust_remote_code", "allow_pickle"])
+def test_resume_does_not_take_code_execution_from_the_checkpoint(capsys, tmp_path, key):
+    """``--resume`` reads config.yaml from the checkpoint directory: a setting there that runs code must be
+    confirmed on the command line (issue 30, finding 9); nothing is written."""
+    import yaml
+
+    from orchestrator.outputs.publish import checkpoint_path
+
+    out = tmp_path / "out"
+    ckpt = checkpoint_path(out)
+    ckpt.mkdir(parents=True)
+    (ckpt / "progress.json").write_text("{}")
+    (ckpt / "config.yaml").write_text(yaml.safe_dump({"model": {"source": "tiny", key: True},
+                                                      "backend": {"kind": "ray"}}))
+    before = _listing(tmp_path)
+    code, err = _run(capsys, ["prune", "--resume", str(out)])
+    assert code == 2
+    assert f"model.{key}: true" in err and f"model.{key}=true" in err and len(err.strip().splitlines()) == 1
+    assert _listing(tmp_path) == before

@@ -63,6 +63,12 @@ def test_allow_lists_open_exactly_what_they_name(tmp_path):
                       "eval": {"source": str(data / "e.parquet"), "tasks": ["lm_eval:arc_easy"],
                                "task_limit": 50}}, policy) == []
     assert _problems({"model": {"source": "org/model"}}, policy) == []
+    # `org/*` matches `org/..` and `org/.x`: relative paths, never hub ids (issue 30, finding 10)
+    for name in ("org/..", "org/.", "org/.hidden", "org/x--y"):
+        (problem,) = _problems({"model": {"source": name}}, policy)
+        assert problem.startswith(f"model.source: {name!r} is not a hub id"), problem
+    (problem,) = _problems({"calibration": {"source": "wikitext/.."}}, JobPolicy(hub_datasets=["wikitext*"]))
+    assert problem.startswith("calibration.source: 'wikitext/..' is not a hub id"), problem
     refused = _problems({"model": {"source": "other/model"}, "calibration": {"source": str(data / "link.parquet"),
                                                                             "num_samples": 41},
                          "eval": {"tasks": ["lm_eval:arc_easy"]}}, policy)

@@ -142,9 +142,22 @@ def _local_or_hub(field: str, value: str, roots: list[str], hub: list[str], what
     if value.startswith((".", "~")) or value.count("/") > 1 or Path(value).suffix in (".gguf", ".parquet", ".jsonl",
                                                                                        ".json", ".txt"):
         return f"{field}: {value!r}: local sources must be absolute paths"
+    if not _is_repo_id(value):  # `org/..` matches `org/*` but is a relative path, never a hub id
+        return f"{field}: {value!r} is not a hub id (letters, digits, '-', '_', '.'; no '..' or leading '.')"
     if _matches(value, hub):
         return None
     return f"{field}: {value!r} is not an allowed hub {what} (the service policy allows: {hub or 'none'})"
+
+
+def _is_repo_id(value: str) -> bool:
+    """Whether ``value`` is a well-formed hub repository id (``name`` or ``namespace/name``)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _data_problem(field: str, value: str | None, policy: JobPolicy, extra: tuple[str, ...] = ()) -> str | None:

@@ -103,6 +103,42 @@ def tiny_llama_config(tiny: TinyModelConfig, vocab_size: int = 257):
     )
 
 
+def tiny_params(tiny: TinyModelConfig, vocab_size: int = 257) -> int:
+    """Parameters of the tiny model ``tiny`` describes, from its shape alone (nothing is allocated).
+
+    Embeddings and head ``2 V h``; per block ``q``/``o`` ``h^2`` each, ``k``/``v`` ``h * kv * (h / heads)``
+    each, the MLP ``3 h I`` and two norms ``2 h``; the final norm ``h``.
+    """
+    h, head_dim = tiny.hidden, tiny.hidden // max(tiny.heads, 1)
+    block = 2 * h * h + 2 * h * tiny.kv_heads * head_dim + 3 * h * tiny.intermediate + 2 * h
+    return 2 * vocab_size * h + tiny.layers * block + h
+
+
+#: tiny models kept in the cache (the most recently used); older ones are removed when a new one is built
+TINY_CACHE_KEEP = 8
+#: a cached tiny model used within this many seconds is never removed (another run may be loading it)
+TINY_CACHE_GRACE_S = 3600.0
+
+
+def _trim_tiny_cache(folder: Path, current: Path) -> None:
+    """Remove the least recently used ``tiny-*`` models beyond :data:`TINY_CACHE_KEEP` (not ``current``,
+    not one used within :data:`TINY_CACHE_GRACE_S`): random models are cheap to rebuild, and a service
+    must not grow its cache by one model per submitted shape."""
+    import time
+
+    entries = []
+    for d in folder.glob("tiny-*"):
+        try:
+            entries.append((d.stat().st_mtime, d))
+        except OSError:  # removed meanwhile
+            continue
+    entries.sort(reverse=True)
+    now = time.time()
+    for mtime, d in entries[TINY_CACHE_KEEP:]:
+        if d != current and now - mtime > TINY_CACHE_GRACE_S:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def build_tiny_llama(tiny: TinyModelConfig, vocab_size: int = 257):
     """A seeded random ``LlamaForCausalLM`` (deterministic for a given ``tiny``)."""
     from transformers import LlamaForCausalLM
@@ -225,7 +261,10 @@ def materialize(cfg: ModelConfig, weights: bool = True) -> str:
         return str(fetch_builtin(src))
     if src == "tiny":
         final = cache_dir() / "models" / f"tiny-{_tiny_key(cfg.tiny)}"
-        return str(_atomic_dir(final, lambda tmp: _save_plain(build_tiny_llama(cfg.tiny), byte_tokenizer(), tmp)))
+        made = _atomic_dir(final, lambda tmp: _save_plain(build_tiny_llama(cfg.tiny), byte_tokenizer(), tmp))
+        os.utime(made)  # last use: what the cache's trim keeps
+        _trim_tiny_cache(made.parent, made)
+        return str(made)
     path = Path(src).expanduser()
     if src.endswith(".gguf") or (path.is_file() and path.suffix == ".gguf"):
         if not path.is_file():

@@ -45,6 +45,14 @@ def test_the_default_policy_allows_builtin_work():
     ({"structured": {"recovery": {"steps": 10 ** 7}}}, "structured.recovery.steps: 10000000 exceeds"),
     ({"backend": {"workers": 512}}, "backend.workers: 512 exceeds"),
     ({"output": {"overwrite": True}}, "output.overwrite: true is refused"),
+    # issue 30, finding 4: the shape of a random model, threads, iterations and retries are bounded too
+    ({"model": {"source": "tiny", "tiny": {"layers": 80, "hidden": 8192, "intermediate": 28672, "heads": 64,
+                                           "kv_heads": 8}}}, "model.tiny: a shape of 68,"),
+    ({"backend": {"num_threads": 100000}}, "backend.num_threads: 100000 exceeds"),
+    ({"pruning": {"lstsq": {"iters": 10 ** 9}}}, "pruning.lstsq.iters: 1000000000 exceeds"),
+    ({"pruning": {"lstsq": {"rounds": 1000}}}, "pruning.lstsq.rounds: 1000 exceeds"),
+    ({"pruning": {"block_tune": {"epochs": 10 ** 6}}}, "pruning.block_tune.epochs: 1000000 exceeds"),
+    ({"backend": {"max_retries": 10 ** 6}}, "backend.max_retries: 1000000 exceeds"),
 ])
 def test_the_default_policy_refuses(data, field):
     problems = _problems(data)
@@ -109,3 +117,40 @@ def test_policy_file_is_validated_with_one_line_per_problem(tmp_path, monkeypatc
     with pytest.raises(ConfigError) as err:
         load_policy(str(bad))
     assert [p.split(":")[1].strip() for p in err.value.problems] == ["data_roots", "max_wall_s", "colour"]
+
+
+@pytest.mark.parametrize("shape", [{}, {"layers": 3, "hidden": 96, "heads": 6, "kv_heads": 2, "intermediate": 200}])
+def test_tiny_params_counts_what_transformers_builds(shape):
+    """The policy's size of a random model is computed from its shape; it must equal the real model's count."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from orchestrator.inputs.config import TinyModelConfig
+    from orchestrator.inputs.models import tiny_llama_config, tiny_params
+
+    tiny = TinyModelConfig(**shape)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(tiny_llama_config(tiny))
+    assert tiny_params(tiny) == sum(p.numel() for p in model.parameters())
+
+
+def test_the_tiny_model_cache_keeps_the_recently_used(tmp_path):
+    """Generated tiny models are trimmed to the most recently used (finding 4: cached forever before)."""
+    import os
+
+    from orchestrator.inputs.models import TINY_CACHE_GRACE_S, TINY_CACHE_KEEP, _trim_tiny_cache
+
+    old = 1_000_000.0  # long past the grace period
+    made = []
+    for i in range(TINY_CACHE_KEEP + 3):
+        d = tmp_path / f"tiny-{i:02d}"
+        d.mkdir()
+        os.utime(d, (old + i, old + i))
+        made.append(d)
+    fresh = tmp_path / "tiny-fresh"
+    fresh.mkdir()  # just used: kept whatever its rank
+    current = made[0]  # the oldest, but the one being returned
+    _trim_tiny_cache(tmp_path, current)
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert kept == sorted([fresh.name, current.name] + [d.name for d in made[-(TINY_CACHE_KEEP - 1):]])
+    assert TINY_CACHE_GRACE_S > 0

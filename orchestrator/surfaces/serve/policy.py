@@ -64,6 +64,13 @@ class JobPolicy(BaseModel):
         max_batch: cap on each batch size (speed runs, recovery, gradient pass).
         max_sweep: cap on the number of sparsities in ``pruning.sweep``.
         max_wall_s: seconds a job may run before it is cancelled and cleaned up.
+        max_tiny_params: cap on the parameters of a ``model.source: tiny`` shape (a random model is allocated
+            in the job's process).
+        max_threads: cap on ``backend.num_threads``.
+        max_lstsq_iters: cap on ``pruning.lstsq.iters``.
+        max_lstsq_rounds: cap on ``pruning.lstsq.rounds``.
+        max_tune_epochs: cap on ``pruning.block_tune.epochs``.
+        max_retries: cap on ``backend.max_retries``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -89,6 +96,12 @@ class JobPolicy(BaseModel):
     max_batch: int = Field(64, gt=0)
     max_sweep: int = Field(8, gt=0)
     max_wall_s: float = Field(6 * 3600.0, gt=0)
+    max_tiny_params: int = Field(1_000_000_000, gt=0)
+    max_threads: int = Field(64, gt=0)
+    max_lstsq_iters: int = Field(500, gt=0)
+    max_lstsq_rounds: int = Field(8, gt=0)
+    max_tune_epochs: int = Field(10, gt=0)
+    max_retries: int = Field(5, ge=0)
 
     @field_validator("model_roots", "data_roots")
     @classmethod
@@ -257,4 +270,18 @@ def policy_problems(cfg: RunConfig, policy: JobPolicy) -> list[str]:
         _cap(problems, field, value, policy.max_batch, "max_batch")
     _cap(problems, "eval.speed_repeats", e.speed_repeats, 10, "fixed")
     _cap(problems, "pruning.sweep", len(cfg.pruning.sweep) or None, policy.max_sweep, "max_sweep")
+    p = cfg.pruning
+    for field, value, key in (("backend.num_threads", b.num_threads, "max_threads"),
+                              ("pruning.lstsq.iters", p.lstsq.iters, "max_lstsq_iters"),
+                              ("pruning.lstsq.rounds", p.lstsq.rounds, "max_lstsq_rounds"),
+                              ("pruning.block_tune.epochs", p.block_tune.epochs, "max_tune_epochs"),
+                              ("backend.max_retries", b.max_retries, "max_retries")):
+        _cap(problems, field, value, getattr(policy, key), key)
+    if m.source == "tiny":
+        from orchestrator.inputs.models import tiny_params
+
+        n = tiny_params(m.tiny)
+        if n > policy.max_tiny_params:
+            problems.append(f"model.tiny: a shape of {n:,} parameters exceeds the service limit of "
+                            f"{policy.max_tiny_params:,} (policy max_tiny_params)")
     return problems

@@ -16,14 +16,20 @@ Inside a Ray Job (``ray job submit -- python my_job.py``) the same call joins th
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping, Sequence
+import logging
+import signal
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import UsageError
 from orchestrator.inputs.config import RunConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -120,7 +126,8 @@ def prune(config: RunConfig | str | Path | Mapping[str, Any] | None = None, *, m
         config, model, dataset, overrides, **sections: as for :func:`build_config`.
         progress: progress bars on stderr.
         resume: continue the interrupted distributed run in ``output.dir`` from its checkpoints.
-        if_changed: compute the run's content key first and reuse a published run with that key.
+        if_changed: compute the run's content key first and reuse a published run with that key; an
+            interrupted run of the same config in ``output.dir`` is resumed (a schedule continues by itself).
         force: with ``if_changed``, run even when the key was published.
 
     Returns:
@@ -139,6 +146,12 @@ def prune(config: RunConfig | str | Path | Mapping[str, Any] | None = None, *, m
     reused = final is not None
     if final is None:
         from orchestrator.coordinator import run_prune
+        from orchestrator.outputs.publish import checkpoint_path
+        from orchestrator.resume import interrupted_run_matches
+
+        if if_changed and not resume and interrupted_run_matches(cfg):  # an unattended schedule continues
+            log.info("resuming the interrupted run of this config from %s", checkpoint_path(cfg.output.dir))
+            resume = True
 
         final = run_prune(cfg, progress=progress, run_key=key, resume=resume)
         if key is not None:
@@ -156,3 +169,33 @@ def _merge(into: dict[str, Any], new: Mapping[str, Any]) -> None:
             _merge(into[k], v)
         else:
             into[k] = v
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``ray job stop``, a deadline, a pod eviction) raised where the run is, like Ctrl-C: every
+    ``finally`` and context manager on the way out runs, so the run's temp directory, cache temp
+    directories, lock and worker groups are removed and only a distributed run's checkpoints stay."""
+
+
+@contextlib.contextmanager
+def terminate_cleanly() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` inside the ``with`` block (main thread only; restored after).
+
+    Python's default for SIGTERM ends the process on the spot, leaving temp state behind. The CLI runs
+    every command inside this; a Ray Job script calling :func:`prune` should too
+    (``deploy/ray_job_example.py``). Once Ray starts in the process its own driver handler takes over,
+    which exits through ``SystemExit`` and cleans up the same way.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+

@@ -41,8 +41,9 @@ from orchestrator.inputs.models import load_model, load_tokenizer, materialize, 
 from orchestrator.outputs import model_card
 from orchestrator.outputs.artifacts import REPORT_SCHEMA_VERSION, RunWriter, output_lock
 from orchestrator.outputs.assemble import place_shards, sparsity_from_rows
-from orchestrator.outputs.publish import checkpoint_path
 from orchestrator.outputs.report import render_markdown, render_plots, validate_report
+from orchestrator.resume import prepare_checkpoints
+from orchestrator.testhooks import hold_at_phase
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,10 @@ class PhaseTimer:
             and ``("phase_end", {"phase", "seconds", "ok"})``; exceptions it raises are logged, not raised.
     """
 
-    def __init__(self, on_event: EventHook | None = None) -> None:
+    def __init__(self, on_event: EventHook | None = None, hold_name: str | None = None) -> None:
         self.seconds: dict[str, float] = {}
         self.on_event = on_event
+        self.hold_name = hold_name  # the run's output.dir, for the tests' phase holds (orchestrator.testhooks)
 
     def emit(self, event: str, **fields) -> None:
         """Send one event to the callback (never fails the run)."""
@@ -76,6 +78,8 @@ class PhaseTimer:
         """Time the enclosed block as ``name``."""
         log.info("phase %s: start", name)
         self.emit("phase_start", phase=name)
+        if self.hold_name:
+            hold_at_phase(self.hold_name, name)
         t0 = time.perf_counter()
         ok = False
         try:
@@ -146,43 +150,6 @@ def prune_with_backend(cfg: RunConfig, model, model_path: str, calib: torch.Tens
     return result.outcome, result.memory, result
 
 
-def _prepare_checkpoints(cfg: RunConfig, resume: bool) -> Path | None:
-    """Check the checkpoint directory against ``resume`` before any work; returns it for ray runs."""
-    import json
-
-    ckpt = checkpoint_path(cfg.output.dir)
-    uses = cfg.backend.kind == "ray" and not cfg.structured.enabled and not cfg.pruning.sweep
-    exists = (ckpt / "progress.json").is_file()
-    if resume:
-        if not uses:
-            raise UsageError("--resume: only distributed runs (backend.kind=ray, not structured or sweeps) keep "
-                             "checkpoints")
-        if not exists:
-            raise UsageError(f"--resume: no checkpoint of an interrupted run at {str(ckpt)!r}")
-        from orchestrator.inputs.fingerprints import checkpoint_inputs, inputs_mismatch, inputs_refusal
-
-        try:
-            progress = json.loads((ckpt / "progress.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"--resume: {str(ckpt / 'progress.json')!r} is not readable JSON ({exc})") from None
-        if not isinstance(progress, dict):
-            raise UsageError(f"--resume: {str(ckpt / 'progress.json')!r} is not a checkpoint's progress record")
-        saved = progress.get("fingerprint")
-        if saved != cfg.work_fingerprint():
-            raise UsageError(f"--resume: checkpoint {str(ckpt)!r} was written by another config (model, data, "
-                             f"pruning or numerics differ: {str(saved)[:12]} != {cfg.work_fingerprint()[:12]})")
-        # model and libraries now, before minutes of loading; the windows once they are cut (actors.distributed)
-        what = inputs_mismatch(progress.get("inputs"), checkpoint_inputs(cfg.model))
-        if what:
-            raise UsageError(inputs_refusal(ckpt, what))
-    elif exists:
-        raise UsageError(f"output.dir: an interrupted run left checkpoints in {str(ckpt)!r}; continue it with "
-                         f"'rayprune prune --resume {cfg.output.dir}' or delete that directory")
-    if not uses:
-        return None
-    return ckpt  # created by the first checkpoint write (actors.checkpoint.CheckpointStore)
-
-
 def run_prune(cfg: RunConfig, progress: bool = True, on_event: EventHook | None = None,
               run_key: str | None = None, resume: bool = False, run_tag: str | None = None) -> Path:
     """Prune, evaluate and write a run directory; returns its final path.
@@ -207,9 +174,9 @@ def run_prune(cfg: RunConfig, progress: bool = True, on_event: EventHook | None 
     """
     import shutil
 
-    timer = PhaseTimer(on_event)
+    timer = PhaseTimer(on_event, hold_name=cfg.output.dir)
     with output_lock(cfg.output.dir):  # one run per output.dir: its checkpoints and temp dir are its own
-        ckpt = _prepare_checkpoints(cfg, resume)
+        ckpt = prepare_checkpoints(cfg, resume)
         if cfg.backend.kind == "ray":  # before any model work: a bad address, too few workers or memory fails now
             groups.check_prune_plan(cfg, groups.check_prune_capacity(cfg))
         try:

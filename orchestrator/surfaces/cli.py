@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -382,6 +383,9 @@ def cmd_report(ns: argparse.Namespace) -> int:
     return 0
 
 
+TERMINATED = "terminated (SIGTERM): temp files removed; a distributed run's checkpoints are kept for --resume"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rayprune`` console script."""
     parser = build_parser()
@@ -389,15 +393,39 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(ns.verbose, ns.quiet)
     handlers = {"prune": cmd_prune, "eval": cmd_eval, "plan": cmd_plan, "report": cmd_report, "export": cmd_export}
     results = ns.command in ("prune", "eval", "export")  # these print one JSON result line; plan and report print text
+    from orchestrator.api import Terminated, terminate_cleanly
+
     try:
-        with _stdout_is_the_result(keep=argv is None) if results else contextlib.nullcontext():
+        with terminate_cleanly(), (_stdout_is_the_result(keep=argv is None) if results else contextlib.nullcontext()):
             return handlers[ns.command](ns)
     except RayPruneError as exc:
         sys.stderr.write(f"rayprune: error: {exc}\n")
         return exc.exit_code
+    except Terminated:
+        return _terminated(console=argv is None)
     except KeyboardInterrupt:
         sys.stderr.write("rayprune: interrupted\n")
         return 130
+    except SystemExit as exc:  # Ray's driver handler answers SIGTERM with sys.exit(SIGTERM) once Ray runs
+        if exc.code != signal.SIGTERM:
+            raise
+        return _terminated(console=argv is None)
+
+
+def _terminated(console: bool) -> int:
+    """Report a SIGTERM after the run's cleanup has run; the console script then ends at once.
+
+    The run's temp state is gone by now (the exception unwound through every ``finally``). A process
+    with Ray's core worker still attached can abort in its exit handlers after a signal (SIGABRT
+    instead of the status below), so the console script leaves with ``os._exit``; the Ray cluster
+    removes a dead driver's actors and placement groups itself.
+    """
+    sys.stderr.write(f"rayprune: {TERMINATED}\n")
+    if console:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signal.SIGTERM)
+    return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

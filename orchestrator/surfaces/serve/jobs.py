@@ -17,7 +17,6 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from ray.exceptions import RayError, TaskCancelledError
 
 from orchestrator.surfaces.serve.ownership import JobPaths, claim, overlap, release
 from orchestrator.surfaces.serve.teardown import free_placement_groups, kill_process, placement_prefix
+from orchestrator.testhooks import HOLD_DIR_ENV, hold_at_phase  # noqa: F401 - HOLD_DIR_ENV: the tests' name
 
 log = logging.getLogger(__name__)
 
@@ -48,30 +48,6 @@ def describe_error(exc: BaseException) -> str:
         lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()]
         text = f"{type(cause).__name__}: {lines[0] if lines else ''}".rstrip(": ")
     return text[:2000]
-
-
-HOLD_DIR_ENV = "RAYPRUNE_JOB_HOLD_DIR"
-
-
-def hold_at_phase(output_dir: str, phase: str, before: Callable[[], Any] | None = None) -> None:
-    """Test hook: hold a job at the start of ``phase`` while ``$RAYPRUNE_JOB_HOLD_DIR/NAME.PHASE.hold`` exists.
-
-    ``NAME`` is the last part of the job's ``output.dir``. On arrival the job writes
-    ``NAME.PHASE.reached``, so a test synchronises on that event (and on removing the hold file),
-    never on how long a phase takes. ``before`` runs first (the job waits until the registry has
-    recorded the phase). Without the variable (every deployment) this does nothing.
-    """
-    root = os.environ.get(HOLD_DIR_ENV)
-    if not root or not output_dir:
-        return
-    hold = Path(root) / f"{Path(output_dir).name}.{phase}.hold"
-    if not hold.exists():
-        return
-    if before is not None:
-        before()
-    hold.with_suffix(".reached").write_text(phase + "\n")
-    while hold.exists():
-        time.sleep(0.02)
 
 
 @ray.remote(max_retries=0)

@@ -1,0 +1,83 @@
+"""SIGTERM (``ray job stop``, a deadline, an eviction) ends a CLI run cleanly: nothing is left but a distributed
+run's checkpoint, and a scheduled ``--if-changed`` run continues that checkpoint instead of refusing every later
+tick (issue 30, finding 7). The runs are held at a phase by a hold file (:mod:`orchestrator.testhooks`): the test
+signals once the run has written that it arrived, never after a sleep."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.surfaces.cli import main
+from orchestrator.testhooks import HOLD_DIR_ENV
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = "import sys; from orchestrator.surfaces.cli import main; sys.exit(main())"  # as the console script
+
+
+def _held_run(tmp_path: Path, over: list[str], phase: str = "save") -> subprocess.Popen:
+    """Start ``rayprune prune`` in a subprocess and return once it waits at the start of ``phase``."""
+    hold_dir = tmp_path / "hold"
+    hold_dir.mkdir()
+    (hold_dir / f"out.{phase}.hold").write_text("")
+    env = {**os.environ, HOLD_DIR_ENV: str(hold_dir)}
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, "-q", "prune", *over], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reached, deadline = hold_dir / f"out.{phase}.reached", time.monotonic() + 540
+    while not reached.exists():  # the event; the deadline only bounds a broken run
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the run never reached {phase}: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.05)
+    return proc
+
+
+def _terminate(proc: subprocess.Popen) -> str:
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "terminated (SIGTERM)" in err, err[-3000:]
+    return err
+
+
+def _left(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in tmp_path.iterdir() if p.name not in ("hold", "calib.parquet"))
+
+
+def test_sigterm_to_a_local_run_leaves_nothing(tmp_path, corpus_parquet):
+    calib = tmp_path / "calib.parquet"
+    calib.write_bytes(corpus_parquet.read_bytes())
+    proc = _held_run(tmp_path, tiny_overrides(tmp_path / "out", calib))
+    assert any(n.startswith(".out.tmp-") for n in _left(tmp_path))  # the run's temp directory, while it runs
+    _terminate(proc)
+    assert _left(tmp_path) == []  # no temp directory, no lock, no half-written run
+
+
+def test_sigterm_to_a_ray_run_keeps_only_its_checkpoint_and_a_schedule_resumes_it(tmp_path, corpus_parquet,
+                                                                                  ray_cluster, caplog, capsys):
+    pytest.importorskip("deepspeed")
+    calib = tmp_path / "calib.parquet"
+    calib.write_bytes(corpus_parquet.read_bytes())
+    over = tiny_overrides(tmp_path / "out", calib, **{"backend.kind": "ray", "backend.workers": 2,
+                                                      "backend.num_threads": 1, "pruning.method": "wanda"})
+    _terminate(_held_run(tmp_path, over))
+    assert _left(tmp_path) == [".out.ckpt"]
+    progress = json.loads((tmp_path / ".out.ckpt" / "progress.json").read_text())
+    assert progress["blocks_done"] == 2  # every block was pruned and committed before the signal
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="orchestrator"):
+        assert main(["-q", "prune", "--if-changed", *over]) == 0  # before: refused until someone intervened
+    assert any("resuming the interrupted run" in r.getMessage() for r in caplog.records)
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["run_dir"] == str(tmp_path / "out") and result["reached_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert _left(tmp_path) == [".rayprune-index", "out"]  # published (and its key recorded); no checkpoint

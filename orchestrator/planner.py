@@ -229,7 +229,7 @@ def plan(
         grad_pass = gathered_bytes(s, w, dtype_bytes, steps) + acts + fold
         gathers = 3 if checkpoint else 2  # forward and backward; a recomputed forward gathers each block again
         comm_seq = round(ring * (gathers * total * dtype_bytes + len(kinds) * linear_params * FP32) / grad_batch)
-    act_stats = sum(FP32 * i + (FP32 * i * i if xtx else 0) for _, i in s.block_linears().values())
+    act_stats = sum(FP32 * i + (2 * FP32 * i * i if xtx else 0) for _, i in s.block_linears().values())  # fp64 xtx
     act_allreduce = 2 * ring * act_stats * s.layers if method not in ("magnitude", "saap") or xtx else 0
     biggest = max(s.largest_linear(), s.vocab * s.hidden)  # the largest tensor: a linear, the embedding or head
     load = math.ceil(total * dtype_bytes / w) + biggest * dtype_bytes + math.ceil(biggest / w) * (dtype_bytes + FP32)

@@ -148,5 +148,6 @@ class ModelShape:
         return max(sum(ring[j : j + count]) for j in range(len(sizes)))
 
     def xtx_bytes(self) -> int:
-        """fp32 ``sum x x^T`` of every linear of one block (one ``in x in`` matrix each)."""
-        return sum(i * i for _, i in self.block_linears().values()) * FP32
+        """fp64 ``sum x x^T`` of every linear of one block (one ``in x in`` matrix each, see
+        :class:`~orchestrator.pruning.stats.ActivationStats`)."""
+        return sum(i * i for _, i in self.block_linears().values()) * 2 * FP32

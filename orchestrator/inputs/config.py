@@ -147,8 +147,8 @@ class LstsqConfig:
     """The least-squares re-solve of kept weights (``pruning.reconstruct: layer``, METHODS.md section 2)."""
 
     solver: Literal["cg", "exact"] = opt("cg", help="`cg`: all rows at once, iterative; `exact`: Cholesky per row")
-    iters: int = opt(30, gt=0, help="conjugate-gradient iterations (10 measured better and faster on SmolLM2, "
-                     "docs/benchmarks.md; not yet the default: ray and local agree less there)")
+    iters: int = opt(10, gt=0, help="conjugate-gradient iterations per row: stopping early regularises the fit "
+                     "(10 measured better than 30 and faster on SmolLM2, docs/benchmarks.md)")
     percdamp: float = opt(0.01, gt=0, help="damping as a fraction of mean(diag X^T X)")
     tol: float = opt(0.0, ge=0, lt=1, help="`cg`: a row stops once its residual is below this fraction of its "
                      "initial one (0: every row runs `iters`)")

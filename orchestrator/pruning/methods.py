@@ -153,7 +153,7 @@ def prune_reconstructed(
     rounds: int = 1,
     solver: str = "cg",
     lstsq_damp: float = 0.01,
-    iters: int = 30,
+    iters: int = 10,
     tol: float = 0.0,
     **method_kw: Any,
 ) -> LayerPruneResult:

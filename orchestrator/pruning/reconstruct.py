@@ -83,7 +83,7 @@ def reconstruct_exact(weight: torch.Tensor, mask: torch.Tensor, xtx: torch.Tenso
 
 
 def reconstruct_cg(weight: torch.Tensor, mask: torch.Tensor, xtx: torch.Tensor, percdamp: float = 0.01,
-                   iters: int = 30, tol: float = 0.0) -> torch.Tensor:
+                   iters: int = 10, tol: float = 0.0) -> torch.Tensor:
     """Kept-weight least squares by Jacobi-preconditioned conjugate gradient, every row at once.
 
     Solves ``A d = b`` per row with ``A = K (H + lam I) K`` restricted to the kept coordinates and
@@ -141,7 +141,7 @@ def reconstruct_cg(weight: torch.Tensor, mask: torch.Tensor, xtx: torch.Tensor, 
 
 
 def reconstruct(weight: torch.Tensor, mask: torch.Tensor, xtx: torch.Tensor, solver: str = "cg",
-                percdamp: float = 0.01, iters: int = 30, tol: float = 0.0) -> torch.Tensor:
+                percdamp: float = 0.01, iters: int = 10, tol: float = 0.0) -> torch.Tensor:
     """Re-solve the kept weights of one pruned layer (see the module docstring).
 
     Args:

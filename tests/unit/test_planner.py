@@ -138,7 +138,7 @@ def test_sparsegpt_adds_xtx_and_no_gradients() -> None:
     wa = plan(LLAMA2_70B, method="wanda", **common)
     assert needs_xtx("sparsegpt") and not needs_xtx("wanda")
     h, i = 8192, 28672
-    xtx = (6 * h * h + i * i) * 4  # q, k, v, gate, up read hidden; o reads heads*head_dim = hidden; down reads i
+    xtx = (6 * h * h + i * i) * 8  # fp64 sums: q, k, v, gate, up read hidden; o reads heads*head_dim = hidden; down i
     factor = 3 * i * i * 4  # factorising down_proj's Hessian: H, its damped copy, one Cholesky factor
     assert sg.largest_block_bytes - wa.largest_block_bytes == xtx + factor
     for p in (sg, wa):

@@ -159,3 +159,20 @@ def test_reconstruction_needs_xtx():
     st.update(torch.ones(1, 2, 4))
     with pytest.raises(ValueError, match="needs activation statistics with xtx"):
         prune_reconstructed(torch.ones(2, 4), "wanda", 0.5, None, st)
+
+
+def test_cg_tolerance_stops_each_row_on_its_own():
+    """``lstsq.tol``: a row stops once its residual fell by ``tol``; its result does not depend on which other rows
+    share the solve (a rank solving a slice gets the same rows), and it lies between the early and the converged
+    iterate in output error."""
+    x, w, mask = _layer(out=12, inp=24, correlated=True)
+    xtx = x.t() @ x
+    full = reconstruct_cg(w, mask, xtx, 0.01, iters=100, tol=1e-2)
+    part = reconstruct_cg(w[3:7], mask[3:7], xtx, 0.01, iters=100, tol=1e-2)
+    torch.testing.assert_close(part, full[3:7], rtol=1e-5, atol=1e-6)
+    loose = reconstruct_cg(w, mask, xtx, 0.01, iters=100, tol=0.5)
+    tight = reconstruct_cg(w, mask, xtx, 0.01, iters=100, tol=1e-6)
+    errors = [output_error(r, w, xtx) for r in (w * ~mask, loose, full, tight)]
+    assert errors == sorted(errors, reverse=True), errors  # a tighter stop never fits worse
+    assert not torch.equal(loose, tight)  # the tolerance does stop rows early
+    assert bool((full[mask] == 0).all())

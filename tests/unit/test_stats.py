@@ -57,7 +57,7 @@ def test_low_precision_inputs_accumulate_in_fp32() -> None:
     x = _data(2).to(torch.bfloat16)
     st = ActivationStats(4, with_xtx=True)
     st.update(x)
-    assert st.act_sq.dtype == torch.float32 and st.xtx.dtype == torch.float32
+    assert st.act_sq.dtype == torch.float32 and st.xtx.dtype == torch.float64  # sequences summed in fp64
     torch.testing.assert_close(st.act_sq, x.float().pow(2).sum(dim=(0, 1)))
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -80,7 +80,7 @@ def prune_spec(cfg: RunConfig, use_gpu: bool = False) -> GroupSpec:
     b = cfg.backend
     return GroupSpec(b.workers, use_gpu=use_gpu, backend="nccl" if use_gpu else "gloo", field="backend.workers",
                      address=b.address, strategy=b.placement_strategy, num_threads=b.num_threads, deepspeed=True,
-                     collective_timeout_s=b.collective_timeout_s, tf32=b.tf32)
+                     collective_timeout_s=b.collective_timeout_s, tf32=b.tf32, placement_wait_s=b.capacity_wait_s)
 
 
 def start_workers(spec: GroupSpec) -> ActorGroup:
@@ -141,7 +141,7 @@ def run_ray(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress: 
         t0 = time.perf_counter()
         try:
             if own:
-                group = start_workers(spec)
+                group = start_workers(spec) if attempt == 0 else restart_workers(spec, cfg, root)
             if store is not None:  # a failed call lets the survivors finish their block writes first
                 group.on_failure = lambda g: settle_survivors(g, min(60.0, cfg.backend.collective_timeout_s))
             pending: dict[int, list[dict]] = {}  # rows of pruned blocks whose files are not committed yet
@@ -150,7 +150,7 @@ def run_ray(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress: 
             if own:
                 group.shutdown()
             return result
-        except (UsageError, KeyboardInterrupt):
+        except (UsageError, KeyboardInterrupt, RayPruneError):
             if own and group is not None:
                 group.shutdown()
             raise
@@ -172,6 +172,28 @@ def run_ray(cfg: RunConfig, model_path: str, input_ids: torch.Tensor, progress: 
             log.warning("attempt %d failed (%s: %s); restarting the worker group and resuming from %s", attempt,
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", store.root)
             group = None
+
+
+def restart_workers(spec: GroupSpec, cfg: RunConfig, root: Path) -> ActorGroup:
+    """Start the group again after a failed attempt, waiting up to ``backend.capacity_wait_s`` for its placement.
+
+    A lost node lowers the cluster's total until KubeRay or the autoscaler replaces it, so the first start's
+    capacity check would refuse at once; the restart skips it and lets the placement group wait instead.
+
+    Raises:
+        RayPruneError: the workers could not be placed in time (one line; the checkpoints in ``root`` stay).
+    """
+    from orchestrator.errors import RayPruneError, UsageError
+
+    wait = cfg.backend.capacity_wait_s
+    log.warning("restarting %d workers; waiting up to %.0f s for their resources", spec.workers, wait)
+    try:
+        return start_workers(replace(spec, check_capacity=False, placement_wait_s=wait))
+    except UsageError:
+        raise RayPruneError(f"distributed run failed: {spec.workers} workers could not be placed again within "
+                            f"{wait:g} s after a failure (backend.capacity_wait_s; a lost node was not replaced); "
+                            f"checkpoints kept in {root} (continue with: rayprune prune --resume OUTPUT_DIR)"
+                            ) from None
 
 
 def settle_survivors(group: ActorGroup, timeout_s: float) -> None:

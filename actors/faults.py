@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 #: test hook: ``Faults.exit_after_grad_save`` for runs started without ``faults`` (e.g. through the CLI)
@@ -20,6 +21,9 @@ class Faults:
         hang_seconds: how long the hung worker sleeps.
         exit_after_grad_save: the last worker ends its process (``os._exit``) right after writing its
             partitions for this many local sequences, before the driver commits them.
+        lose_node_after_grad_chunks: call ``lose_node`` after this many gradient-pass calls (a test removes the
+            last worker's node from a ``ray.cluster_utils.Cluster`` there).
+        lose_node: the test's action for ``lose_node_after_grad_chunks`` (driver side; gets the group).
     """
 
     kill_after_grad_chunks: int | None = None
@@ -27,6 +31,8 @@ class Faults:
     hang_at_block: int | None = None
     hang_seconds: float = 120.0
     exit_after_grad_save: int | None = None
+    lose_node_after_grad_chunks: int | None = None
+    lose_node: Callable[[object], None] | None = None
     fired: set = field(default_factory=set)
 
     @classmethod

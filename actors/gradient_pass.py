@@ -108,6 +108,8 @@ def gradient_pass(group: ActorGroup, n: int, spec: GradientPassSpec, progress: b
             break
         if faults is not None and faults.take("kill_after_grad_chunks", call):
             ray.kill(group.actors[-1])
+        if faults is not None and faults.lose_node is not None and faults.take("lose_node_after_grad_chunks", call):
+            faults.lose_node(group)
         count = min(chunk, steps - start)
         group.execute("gradient_steps", start, count, batch)
         bar.update(_seqs_done(per_rank, start + count) - _seqs_done(per_rank, start))

@@ -73,6 +73,9 @@ class GroupSpec:
         gpu_fraction: share of a GPU per actor (< 1: several ranks on one GPU, as the GPU suite tries).
         collective_timeout_s: a collective whose peer stopped participating fails after this long.
         shutdown_timeout_s: graceful shutdown wait before the actors are killed.
+        placement_wait_s: how long the placement group may stay pending before the start fails.
+        check_capacity: compare the workers with the cluster's current total first (a restart after a lost
+            node skips it: the total is low until the node is replaced, and the group waits instead).
     """
 
     workers: int
@@ -87,6 +90,8 @@ class GroupSpec:
     shutdown_timeout_s: float = 30.0
     tf32: bool = False
     gpu_fraction: float = 1.0
+    placement_wait_s: float = 120.0
+    check_capacity: bool = True
 
 
 @dataclass(frozen=True)
@@ -293,7 +298,8 @@ class ActorGroup:
         if spec.backend is not None and spec.backend not in BACKENDS:
             raise UsageError(f"process-group backend {spec.backend!r}: expected one of {', '.join(BACKENDS)}")
         ensure_ray(spec.address)
-        check_capacity(spec.workers, spec.field)
+        if spec.check_capacity:
+            check_capacity(spec.workers, spec.field)
         self.spec = spec
         #: called with the group when a call fails, before the group is killed (best effort)
         self.on_failure: Callable[[ActorGroup], None] | None = None
@@ -304,12 +310,12 @@ class ActorGroup:
         name = f"{os.environ.get(PLACEMENT_PREFIX_ENV, '')}{uuid.uuid4().hex[:8]}"
         self.pg = placement_group([dict(bundle) for _ in range(spec.workers)], strategy=spec.strategy, name=name)
         try:
-            ray.get(self.pg.ready(), timeout=120)
+            ray.get(self.pg.ready(), timeout=spec.placement_wait_s)
         except Exception:
             remove_placement_group(self.pg)
             self.pg = None
             raise UsageError(f"{spec.field}: {spec.workers} workers cannot be placed with strategy "
-                             f"{spec.strategy}") from None
+                             f"{spec.strategy} within {spec.placement_wait_s:g} s") from None
         threads = spec.num_threads  # 0: each actor takes its node's share once it knows its place (setup)
         env = {"TOKENIZERS_PARALLELISM": "false"}
         if threads:

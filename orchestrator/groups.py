@@ -113,7 +113,8 @@ def eval_actors(cfg: RunConfig, progress: bool) -> Callable[[], Any] | None:
 
             spec = GroupSpec(cfg.eval_workers(), use_gpu=gpus, backend="nccl" if gpus else "gloo", deepspeed=True,
                              field="eval.workers", address=cfg.backend.address, strategy="PACK",
-                             collective_timeout_s=cfg.backend.collective_timeout_s)
+                             collective_timeout_s=cfg.backend.collective_timeout_s,
+                             placement_wait_s=cfg.backend.capacity_wait_s)
             return ShardedEvalGroup(spec, cfg.model, progress)
         return EvalGroup(eval_spec(cfg), cfg.model, progress)
 
@@ -125,7 +126,7 @@ def eval_spec(cfg: RunConfig, workers: int | None = None) -> Any:
     from actors.group import GroupSpec
 
     return GroupSpec(workers or cfg.eval_workers(), use_gpu=cluster_uses_gpus(cfg), backend=None, field="eval.workers",
-                     address=cfg.backend.address, strategy="SPREAD")
+                     address=cfg.backend.address, strategy="SPREAD", placement_wait_s=cfg.backend.capacity_wait_s)
 
 
 def speed_on_actor(cfg: RunConfig, paths: dict[str, str], options: dict) -> dict:

@@ -310,6 +310,10 @@ class BackendConfig:
                               "memory instead of on the accelerator")
     num_threads: int = opt(0, ge=0, role=EXECUTION, help="torch threads per actor (0: CPUs / workers)")
     max_retries: int = opt(2, ge=0, role=EXECUTION, help="restarts of a failed worker group (resuming)")
+    capacity_wait_s: float = opt(900.0, gt=0, role=EXECUTION, hint="(seconds)",
+                                 help="wait this long for a worker group's resources to be free (GPUs another job "
+                                      "holds; after a failure, a lost node that KubeRay or the autoscaler replaces) "
+                                      "before failing (a failed run keeps its checkpoints)")
     checkpoint_every: int = opt(8, ge=1, role=EXECUTION, hint="(sequences per rank)",
                                 help="checkpoint the gradient statistics every K sequences per rank")
     checkpoint_interval_s: float = opt(

@@ -375,3 +375,51 @@ def test_replica_copy_follows_the_registry_change_feed(service):
 
     asyncio.run(scenario())
     ray.kill(registry)
+
+
+def test_jobs_survive_the_loss_of_their_registry(service):
+    """Issue 30, finding 1: the registry's state lived in its actor only. Kill it while two jobs hold both CPUs:
+    a new registry on the same root knows both (failed, with the reason), nothing they owned is left, and a new
+    job gets the freed CPUs and runs."""
+    from ray.util import placement_group_table
+
+    from orchestrator.surfaces.serve.submission import validate_submission
+
+    _, service_root, _, _ = service
+    root = service_root / "survive"  # a root of its own: one registry per root
+    root.mkdir()
+    first = jobs_mod.JobRegistry.remote(root=str(root), cancel_grace_s=0)
+    holds, ids = [], []
+    for name in ("lost-a", "lost-b"):
+        cfg = validate_submission(json.dumps({**TINY_JOB, "output": {"dir": f"held/{name}"}}).encode(),
+                                  "application/json", root, name)
+        hold, arrived = _hold(name, "data")
+        code, body = ray.get(first.submit.remote(name, cfg.to_dict(), cfg.output.dir))
+        assert code == 202, body
+        assert arrived.wait(timeout=240), ray.get(first.get.remote(name))
+        holds.append(hold)
+        ids.append(name)
+    assert any(p.name.startswith(".lost-a.tmp-") for p in (root / "held").iterdir())
+    ray.kill(first)  # as when its node is lost: no cleanup of its own
+    second = jobs_mod.JobRegistry.remote(root=str(root), cancel_grace_s=0)
+    for job_id in ids:
+        code, body = ray.get(second.wait.remote(job_id, 600))  # a bound on a hang
+        assert code == 200 and body["state"] == "failed", body
+        assert body["error"].startswith("the job service restarted while this job was running"), body
+    assert not (root / "held").exists()  # temp dirs, locks and the parent they were given
+    alive = [i["name"] for i in placement_group_table().values()
+             if i["name"].startswith(teardown.placement_prefix("lost")) and i["state"] != "REMOVED"]
+    assert alive == []
+    for hold in holds:
+        hold.unlink()
+    cfg = validate_submission(json.dumps({**TINY_JOB, "output": {"dir": "held/lost-a"}}).encode(),
+                              "application/json", root, "after")
+    code, body = ray.get(second.submit.remote("after", cfg.to_dict(), cfg.output.dir))
+    assert code == 202, body
+    code, body = ray.get(second.wait.remote("after", 600))
+    assert body["state"] == "succeeded", body  # the lost jobs' CPUs were free again
+    third = jobs_mod.JobRegistry.remote(root=str(root), cancel_grace_s=0)  # and a restart keeps finished jobs
+    listed = {j["job_id"]: j["state"] for j in ray.get(third.list_jobs.remote())[1]["jobs"]}
+    assert listed == {"lost-a": "failed", "lost-b": "failed", "after": "succeeded"}
+    for registry in (second, third):
+        ray.kill(registry)

@@ -1,10 +1,11 @@
-"""Compression jobs: one Ray task per run, tracked by an in-memory registry actor.
+"""Compression jobs: one Ray task per run, tracked by a registry actor whose state is journaled.
 
 The :class:`JobRegistry` actor submits each job as a :func:`run_job` task (so it owns the
 task and can cancel it), the task reports phase events back into the registry, and the
-HTTP replicas only ever ask the registry. State lives as long as the registry actor: it is
-a deployment-scoped actor of the job service, so it outlives replica restarts but not a
-redeploy or ``serve shutdown``.
+HTTP replicas only ever ask the registry. Every change of a job is written to the journal in
+the service root (:mod:`~orchestrator.surfaces.serve.journal`): a registry that replaces a lost
+one (its node lost, out of memory, a redeploy) knows every job again, and settles the ones whose
+task died with the old registry (stopped, cleaned up, placement groups freed, recorded as failed).
 
 Job tasks reserve ``job_num_cpus`` CPUs each, so Ray queues submissions beyond what the
 cluster can run at once; a job's state is ``pending`` until its task starts.
@@ -17,14 +18,14 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray.exceptions import RayError, TaskCancelledError
 
-from orchestrator.surfaces.serve.ownership import JobPaths, claim, overlap, release
+from orchestrator.surfaces.serve.journal import LOST, TERMINAL, Job, Journal
+from orchestrator.surfaces.serve.ownership import claim, overlap, release
 from orchestrator.surfaces.serve.teardown import free_placement_groups, kill_process, placement_prefix
 from orchestrator.testhooks import HOLD_DIR_ENV, hold_at_phase  # noqa: F401 - HOLD_DIR_ENV: the tests' name
 
@@ -33,8 +34,6 @@ log = logging.getLogger(__name__)
 #: seconds between repeated forced cancels of a job whose task has not stopped
 CANCEL_RETRY_S = 2.0
 
-STATES = ("pending", "running", "succeeded", "failed", "cancelled")
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def describe_error(exc: BaseException) -> str:
@@ -85,45 +84,6 @@ def run_job(job_id: str, cfg_data: dict[str, Any], registry) -> dict[str, Any]:
     return {"run_dir": str(run_dir), "phases": phases}
 
 
-@dataclass
-class _Job:
-    job_id: str
-    output_dir: str
-    paths: JobPaths
-    state: str = "pending"
-    phase: str | None = None
-    phases: dict[str, float] = field(default_factory=dict)
-    error: str | None = None
-    run_dir: str | None = None
-    submitted_at: float = field(default_factory=time.time)
-    started_at: float | None = None
-    finished_at: float | None = None
-    ref: Any = None
-    result: dict | None = None
-    running: asyncio.Event = field(default_factory=asyncio.Event)  # the task has started
-    settled: asyncio.Event = field(default_factory=asyncio.Event)  # the task has stopped
-    done: asyncio.Event = field(default_factory=asyncio.Event)  # terminal, cleaned up, placement freed
-    cancelling: bool = False
-    cancel_reason: str | None = None
-    worker: tuple[str, int] | None = None  # (node id, pid) of the process running the job's task
-    version: int = 0  # the registry's change counter at this job's last change
-
-    def view(self) -> dict[str, Any]:
-        return {
-            "job_id": self.job_id,
-            "version": self.version,
-            "state": self.state,
-            "phase": self.phase,
-            "progress": {"done": len(self.phases), "phases": dict(self.phases)},  # finished phases: seconds
-            "error": self.error,
-            "run_dir": self.run_dir,
-            "output_dir": self.output_dir,
-            "submitted_at": self.submitted_at,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-        }
-
-
 @ray.remote(num_cpus=0, max_restarts=0)
 class JobRegistry:
     """Async actor: submits job tasks, records their events, cancels them and cleans up after them.
@@ -153,23 +113,56 @@ class JobRegistry:
         self.cancel_grace_s = cancel_grace_s
         self.max_wall_s = max_wall_s
         self.keep_failed_checkpoints = keep_failed_checkpoints
-        self.jobs: dict[str, _Job] = {}
+        self.jobs: dict[str, Job] = {}
         self._tasks: set[asyncio.Task] = set()
         self.incarnation = uuid.uuid4().hex  # a recreated registry starts its change counter again
         self.version = 0
         self._changed = asyncio.Event()
         self._forgotten: dict[str, int] = {}  # job id -> version at which it was forgotten (bounded)
         self._horizon = 0  # tombstones older than this were dropped: a follower behind it gets everything
+        self.journal = Journal(self.root) if self.root else None
+        self._orphans: list[Job] = []  # journaled jobs whose task died with the previous registry
+        for record in self.journal.load() if self.journal else ():
+            job = Job.restore(record)
+            self.jobs[job.job_id] = job
+            if job.state not in TERMINAL:
+                self._orphans.append(job)
+        self._settled_orphans: asyncio.Task | None = None
 
-    def _touch(self, job: _Job | None) -> None:
+    async def _settle_orphans(self) -> None:
+        """Once, before the first call is answered: stop, clean up and fail the jobs a lost registry ran."""
+        if self._settled_orphans is None:
+            self._settled_orphans = asyncio.get_running_loop().create_task(self._settle())
+        await asyncio.shield(self._settled_orphans)
+
+    async def _settle(self) -> None:
+        for job in self._orphans:
+            state = job.state
+            if job.worker is not None:  # Ray ends a dead owner's tasks; a straggler must not write on
+                await kill_process(*job.worker)
+            removed = release(job.paths, self.keep_failed_checkpoints,
+                              [j.paths.final for j in self.jobs.values() if j not in self._orphans])
+            freed = await free_placement_groups(placement_prefix(job.job_id))
+            job.state, job.phase, job.error = "failed", None, LOST.format(state=state)
+            job.finished_at = time.time()
+            for event in (job.running, job.settled, job.done):
+                event.set()
+            self._touch(job)
+            log.warning("job %s was %s when its registry was lost: failed; removed %s; freed %s", job.job_id,
+                        state, removed or "nothing", freed or "no placement groups")
+        self._orphans = []
+
+    def _touch(self, job: Job | None) -> None:
         """Record a change (of ``job``'s view, or the forgetting of jobs) and wake the feed's followers."""
         self.version += 1
         if job is not None:
             job.version = self.version
+            if self.journal is not None:
+                self.journal.write(job.record())
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    def _active(self) -> list[_Job]:
+    def _active(self) -> list[Job]:
         return [j for j in self.jobs.values() if not j.done.is_set()]
 
     def _spawn(self, coro) -> None:
@@ -179,6 +172,7 @@ class JobRegistry:
 
     async def submit(self, job_id: str, cfg_data: dict[str, Any], output_dir: str) -> tuple[int, dict]:
         """Claim the job's paths and start its task (Ray queues it until a CPU is free)."""
+        await self._settle_orphans()
         active = self._active()
         if len(active) >= self.max_active_jobs:
             return 429, {"error": f"jobs: {len(active)} jobs are pending or running (limit {self.max_active_jobs})"}
@@ -191,7 +185,7 @@ class JobRegistry:
         except OSError as exc:
             return 400, {"error": f"output.dir: cannot create the parents of {output_dir!r}: "
                                   f"{exc.strerror or type(exc).__name__}"}
-        job = _Job(job_id, output_dir, paths)
+        job = Job(job_id, output_dir, paths)
         me = ray.get_runtime_context().current_actor
         job.ref = run_job.options(num_cpus=self.job_num_cpus, name=f"rayprune-job-{job_id}").remote(
             job_id, cfg_data, me)
@@ -227,6 +221,7 @@ class JobRegistry:
 
     async def get(self, job_id: str) -> tuple[int, dict]:
         """The status of one job."""
+        await self._settle_orphans()
         job = self.jobs.get(job_id)
         if job is None:
             return 404, {"error": f"job_id: no job {job_id!r}"}
@@ -242,6 +237,7 @@ class JobRegistry:
             ``{"incarnation", "version", "full", "views": {job_id: view}, "forgotten": [job_id, ...]}``;
             with ``full`` the views are every remembered job (the follower replaces its copy).
         """
+        await self._settle_orphans()
         full = incarnation != self.incarnation or since < self._horizon
         if not full and self.version <= since:
             await self._wait(self._changed, timeout_s)
@@ -252,6 +248,7 @@ class JobRegistry:
 
     async def wait(self, job_id: str, timeout_s: float | None = None) -> tuple[int, dict]:
         """The status of a job once it is finished and cleaned up (or after ``timeout_s``: as it is then)."""
+        await self._settle_orphans()
         job = self.jobs.get(job_id)
         if job is None:
             return 404, {"error": f"job_id: no job {job_id!r}"}
@@ -260,6 +257,7 @@ class JobRegistry:
 
     async def list_jobs(self) -> tuple[int, dict]:
         """The status of every remembered job, oldest first."""
+        await self._settle_orphans()
         return 200, {"jobs": [j.view() for j in self.jobs.values()]}
 
     async def cancel(self, job_id: str, reason: str | None = None) -> tuple[int, dict]:
@@ -268,6 +266,7 @@ class JobRegistry:
         Returns once its task has stopped, the paths it owned are gone and its placement groups are
         freed; a job that had already published its run is reported as such (409).
         """
+        await self._settle_orphans()
         job = self.jobs.get(job_id)
         if job is None:
             return 404, {"error": f"job_id: no job {job_id!r}"}
@@ -295,7 +294,7 @@ class JobRegistry:
     # ------------------------------------------------------------ internals
 
     @staticmethod
-    def _cancel_task(job: _Job, force: bool) -> None:
+    def _cancel_task(job: Job, force: bool) -> None:
         try:
             ray.cancel(job.ref, force=force)
         except Exception:  # noqa: BLE001 - already finished: nothing to cancel
@@ -309,7 +308,7 @@ class JobRegistry:
             return False
         return True
 
-    async def _time_limit(self, job: _Job, limit_s: float) -> None:
+    async def _time_limit(self, job: Job, limit_s: float) -> None:
         """Cancel ``job`` once it has run for ``limit_s`` seconds (time queued in Ray does not count)."""
         started = asyncio.ensure_future(job.running.wait())
         finished = asyncio.ensure_future(job.done.wait())
@@ -322,7 +321,7 @@ class JobRegistry:
         await self.cancel(job.job_id, reason=f"max_wall_s: the job ran longer than the service limit of "
                                              f"{limit_s:g} s and was cancelled")
 
-    async def _watch(self, job: _Job) -> None:
+    async def _watch(self, job: Job) -> None:
         """Wait for the job's task, record its outcome, remove what a failed job owned, free its groups."""
         try:
             job.result = await job.ref
@@ -348,7 +347,7 @@ class JobRegistry:
         job.done.set()
         self._forget_old()
 
-    def _finish(self, job: _Job) -> None:
+    def _finish(self, job: Job) -> None:
         result = job.result or {}
         if "run_dir" in result:
             job.state, job.run_dir = "succeeded", result["run_dir"]
@@ -365,6 +364,8 @@ class JobRegistry:
         finished = [j for j in self.jobs.values() if j.done.is_set()]
         for job in sorted(finished, key=lambda j: j.finished_at or 0)[: max(0, len(finished) - self.max_finished_jobs)]:
             del self.jobs[job.job_id]
+            if self.journal is not None:
+                self.journal.remove(job.job_id)
             self._touch(None)
             self._forgotten[job.job_id] = self.version
         while len(self._forgotten) > self.max_finished_jobs:

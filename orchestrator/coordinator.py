@@ -102,7 +102,7 @@ def eval_windows(cfg: RunConfig, tokenizer, model) -> torch.Tensor | None:
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and e.seq_len > max_pos:
         raise UsageError(f"eval.seq_len: {e.seq_len} exceeds the model's maximum of {max_pos}")
-    tokens = tokenize_corpus(load_texts(e.source, e.text_column, "eval.source"), tokenizer)
+    tokens = tokenize_corpus(load_texts(e.source, e.text_column, "eval.source", revision=e.revision), tokenizer)
     check_vocab(tokens, model, "eval.source")
     return first_windows(tokens, e.seq_len, e.num_windows, "eval.source", leading_special_tokens(tokenizer))
 

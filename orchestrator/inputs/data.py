@@ -90,7 +90,7 @@ def check_source(source: str, field: str) -> None:
 
 
 def load_texts(source: str, text_column: str = "text", field: str = "calibration.source",
-               hub_config: str | None = None, split: str = "train") -> list[str]:
+               hub_config: str | None = None, split: str = "train", revision: str | None = None) -> list[str]:
     """Read documents, in file order, from a local file/directory or a hub dataset.
 
     Args:
@@ -99,6 +99,7 @@ def load_texts(source: str, text_column: str = "text", field: str = "calibration
         text_column: column holding the text (parquet/jsonl).
         field: config field named in error messages.
         hub_config: dataset config name for hub datasets.
+        revision: commit or tag of a hub dataset (None: its default branch as it is now).
         split: split for hub datasets.
 
     Raises:
@@ -136,7 +137,7 @@ def load_texts(source: str, text_column: str = "text", field: str = "calibration
         elif source.startswith((".", "/", "~")):
             raise UsageError(f"{field}: file {source!r} does not exist")
         else:
-            ds = datasets.load_dataset(source, hub_config, split=split)
+            ds = datasets.load_dataset(source, hub_config, split=split, revision=revision)
     except UsageError:
         raise
     except Exception as exc:  # noqa: BLE001 - any reader failure is bad input
@@ -276,7 +277,7 @@ def calibration_windows(cfg, model_path: str, tokenizer, model=None) -> torch.Te
         log.info("generating %d calibration sequences of %d tokens with the model itself", c.num_samples, c.seq_len)
         return generate_windows(model, tokenizer, c.num_samples, c.seq_len, c.seed,
                                 c.generate.prompt, c.generate.temperature, c.generate.top_p)
-    texts = load_texts(c.source, c.text_column, "calibration.source", c.hub_config, c.split)
+    texts = load_texts(c.source, c.text_column, "calibration.source", c.hub_config, c.split, c.revision)
     tokens = tokenize_corpus(texts, tokenizer)
     check_vocab(tokens, model, "calibration.source")
     return sample_windows(tokens, c.seq_len, c.num_samples, c.seed, "calibration.source",

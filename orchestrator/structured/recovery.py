@@ -71,7 +71,7 @@ def recovery_windows(cfg: RunConfig, calib_ids: torch.Tensor) -> torch.Tensor:
     c = cfg.calibration
     tok = load_tokenizer(materialize(cfg.model), cfg.model)
     field = "structured.recovery.source" if r.source is not None else "calibration.source"
-    texts = load_texts(source, c.text_column, field, c.hub_config, c.split)
+    texts = load_texts(source, c.text_column, field, c.hub_config, c.split, c.revision)
     tokens = tokenize_corpus(texts, tok)
     prefix = leading_special_tokens(tok)
     n = min(r.num_samples, num_windows(tokens, r.seq_len, prefix))

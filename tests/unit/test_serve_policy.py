@@ -154,3 +154,15 @@ def test_the_tiny_model_cache_keeps_the_recently_used(tmp_path):
     kept = sorted(p.name for p in tmp_path.iterdir())
     assert kept == sorted([fresh.name, current.name] + [d.name for d in made[-(TINY_CACHE_KEEP - 1):]])
     assert TINY_CACHE_GRACE_S > 0
+
+
+def test_a_policy_can_require_hub_sources_pinned_to_a_commit():
+    """Issue 30, finding 6: hub sources were read at whatever their branch held when each process looked."""
+    policy = JobPolicy(hub_models=["org/*"], hub_datasets=["wikitext"], require_pinned=True)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    refused = _problems({"model": {"source": "org/m", "revision": "main"},
+                         "calibration": {"source": "wikitext"}}, policy)
+    assert [p.split(":")[0] for p in refused] == ["model.revision", "calibration.revision"], refused
+    assert _problems({"model": {"source": "org/m", "revision": commit},
+                      "calibration": {"source": "wikitext", "revision": commit}}, policy) == []
+    assert _problems({}, policy) == []  # builtin model and data need no pin

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from pathlib import Path, PurePosixPath
 
 import yaml
@@ -71,6 +72,8 @@ class JobPolicy(BaseModel):
         max_lstsq_rounds: cap on ``pruning.lstsq.rounds``.
         max_tune_epochs: cap on ``pruning.block_tune.epochs``.
         max_retries: cap on ``backend.max_retries``.
+        require_pinned: hub sources must name a commit (``model.revision``, ``calibration.revision``,
+            ``eval.revision``: 40 hexadecimal characters), so a push to the hub cannot change what a job reads.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -102,6 +105,7 @@ class JobPolicy(BaseModel):
     max_lstsq_rounds: int = Field(8, gt=0)
     max_tune_epochs: int = Field(10, gt=0)
     max_retries: int = Field(5, ge=0)
+    require_pinned: bool = False
 
     @field_validator("model_roots", "data_roots")
     @classmethod
@@ -160,6 +164,15 @@ def _local_or_hub(field: str, value: str, roots: list[str], hub: list[str], what
     if _matches(value, hub):
         return None
     return f"{field}: {value!r} is not an allowed hub {what} (the service policy allows: {hub or 'none'})"
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _is_hub(source: str | None) -> bool:
+    """Whether ``source`` (already allowed by the policy) names the hub: not builtin, not an absolute path."""
+    return bool(source) and source not in BUILTIN_MODELS + BUILTIN_DATA and not source.startswith(
+        (BUILTIN_DATA_PREFIX, "/")) and _is_repo_id(source)
 
 
 def _is_repo_id(value: str) -> bool:
@@ -277,6 +290,13 @@ def policy_problems(cfg: RunConfig, policy: JobPolicy) -> list[str]:
                               ("pruning.block_tune.epochs", p.block_tune.epochs, "max_tune_epochs"),
                               ("backend.max_retries", b.max_retries, "max_retries")):
         _cap(problems, field, value, getattr(policy, key), key)
+    if policy.require_pinned:
+        for field, source, revision in (("model.revision", m.source, m.revision),
+                                        ("calibration.revision", c.source, c.revision),
+                                        ("eval.revision", e.source, e.revision)):
+            if _is_hub(source) and not (revision and _COMMIT.fullmatch(revision)):
+                problems.append(f"{field}: {revision!r}: the service policy requires hub source {source!r} to be "
+                                "pinned to a commit (40 hexadecimal characters)")
     if m.source == "tiny":
         from orchestrator.inputs.models import tiny_params
 

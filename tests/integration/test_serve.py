@@ -421,5 +421,8 @@ def test_jobs_survive_the_loss_of_their_registry(service):
     third = jobs_mod.JobRegistry.remote(root=str(root), cancel_grace_s=0)  # and a restart keeps finished jobs
     listed = {j["job_id"]: j["state"] for j in ray.get(third.list_jobs.remote())[1]["jobs"]}
     assert listed == {"lost-a": "failed", "lost-b": "failed", "after": "succeeded"}
+    code, body = ray.get(third.delete.remote("after"))  # DELETE of a finished job: its run goes, and the job
+    assert code == 200 and body["deleted"] and body["removed"] == [str(root / "held" / "lost-a")], body
+    assert not (root / "held" / "lost-a").exists() and ray.get(third.get.remote("after"))[0] == 404
     for registry in (second, third):
         ray.kill(registry)

@@ -74,6 +74,10 @@ class JobMirror:
         self._follower: asyncio.Task | None = None
         self._applied = asyncio.Event()  # replaced after every change the feed delivered
 
+    def forget(self, job_id: str) -> None:
+        """Drop a deleted job from the copy (the change feed's tombstone would too, a round trip later)."""
+        self._views.pop(job_id, None)
+
     def offer(self, view: dict) -> None:
         """Keep ``view`` unless a newer one of its job is already here."""
         current = self._views.get(view["job_id"])
@@ -237,11 +241,14 @@ class JobService:
 
     @api.delete("/v1/jobs/{job_id}")
     async def cancel(self, job_id: str, request: Request) -> JSONResponse:
-        """Cancel a pending or running job."""
+        """Cancel a pending or running job; delete a finished job's run (and forget the job)."""
         self._auth.check(request)
-        result = await self._call("cancel", job_id)
+        result = await self._call("delete", job_id)
         if result[0] == 200:
-            self._jobs.offer(result[1])
+            if result[1].get("deleted"):
+                self._jobs.forget(job_id)
+            else:
+                self._jobs.offer(result[1])
         return _answer(result)
 
 
@@ -265,7 +272,7 @@ def build_app(args: dict | None = None) -> serve.Application:
         init_kwargs={"job_num_cpus": opts.job_num_cpus, "max_active_jobs": opts.max_active_jobs,
                      "max_finished_jobs": opts.max_finished_jobs, "cancel_grace_s": opts.cancel_grace_s,
                      "root": root, "max_wall_s": policy.max_wall_s,
-                     "keep_failed_checkpoints": policy.keep_failed_checkpoints},
+                     "keep_failed_checkpoints": policy.keep_failed_checkpoints, "retention_s": opts.retention_s},
         actor_options={"num_cpus": 0},
     )
     deployment = JobService.options(num_replicas=opts.num_replicas, deployment_actors=[registry])

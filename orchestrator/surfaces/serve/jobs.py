@@ -24,8 +24,8 @@ from typing import Any
 import ray
 from ray.exceptions import RayError, TaskCancelledError
 
-from orchestrator.surfaces.serve.journal import LOST, TERMINAL, Job, Journal
-from orchestrator.surfaces.serve.ownership import claim, overlap, release
+from orchestrator.surfaces.serve.journal import LOST, TERMINAL, Job, Journal, describe_error
+from orchestrator.surfaces.serve.ownership import claim, overlap, release, remove_run
 from orchestrator.surfaces.serve.teardown import free_placement_groups, kill_process, placement_prefix
 from orchestrator.testhooks import HOLD_DIR_ENV, hold_at_phase  # noqa: F401 - HOLD_DIR_ENV: the tests' name
 
@@ -34,19 +34,6 @@ log = logging.getLogger(__name__)
 #: seconds between repeated forced cancels of a job whose task has not stopped
 CANCEL_RETRY_S = 2.0
 
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line for a failed job: the rayprune message, or the exception type and its first line."""
-    from orchestrator.errors import RayPruneError
-
-    cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps the original
-    if isinstance(cause, RayPruneError):
-        text = str(cause)
-    else:
-        lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()]
-        text = f"{type(cause).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-    return text[:2000]
 
 
 @ray.remote(max_retries=0)
@@ -62,6 +49,7 @@ def run_job(job_id: str, cfg_data: dict[str, Any], registry) -> dict[str, Any]:
     from orchestrator.coordinator import run_prune
     from orchestrator.groups import named_placement
     from orchestrator.inputs.loader import config_from_dict
+    from orchestrator.resume import interrupted_run_matches
 
     registry.event.remote(job_id, "started", {"node_id": ray.get_runtime_context().get_node_id(),
                                                "pid": os.getpid()})
@@ -77,7 +65,9 @@ def run_job(job_id: str, cfg_data: dict[str, Any], registry) -> dict[str, Any]:
 
     try:
         with named_placement(placement_prefix(job_id)):
-            run_dir = run_prune(config_from_dict(cfg_data), progress=False, on_event=hook, run_tag=job_id)
+            cfg = config_from_dict(cfg_data)
+            # a checkpoint the operator kept (keep_failed_checkpoints) of this same config: continue it
+            run_dir = run_prune(cfg, progress=False, on_event=hook, run_tag=job_id, resume=interrupted_run_matches(cfg))
     except Exception as exc:  # noqa: BLE001 - every failure becomes the job's error line
         log.exception("job %s failed", job_id)
         return {"error": describe_error(exc)}
@@ -101,11 +91,12 @@ class JobRegistry:
         root: the service root; every job's output lies below it.
         max_wall_s: seconds a job may run before it is cancelled (the policy's ``max_wall_s``).
         keep_failed_checkpoints: keep the checkpoints of failed and cancelled jobs.
+        retention_s: finished jobs older than this are forgotten and their runs deleted (None: never).
     """
 
     def __init__(self, job_num_cpus: float = 1.0, max_active_jobs: int = 64, max_finished_jobs: int = 1000,
                  cancel_grace_s: float = 45.0, root: str | None = None, max_wall_s: float | None = None,
-                 keep_failed_checkpoints: bool = False):
+                 keep_failed_checkpoints: bool = False, retention_s: float | None = None):
         self.root = Path(root).expanduser().resolve() if root else None
         self.job_num_cpus = job_num_cpus
         self.max_active_jobs = max_active_jobs
@@ -113,6 +104,7 @@ class JobRegistry:
         self.cancel_grace_s = cancel_grace_s
         self.max_wall_s = max_wall_s
         self.keep_failed_checkpoints = keep_failed_checkpoints
+        self.retention_s = retention_s
         self.jobs: dict[str, Job] = {}
         self._tasks: set[asyncio.Task] = set()
         self.incarnation = uuid.uuid4().hex  # a recreated registry starts its change counter again
@@ -140,9 +132,9 @@ class JobRegistry:
             state = job.state
             if job.worker is not None:  # Ray ends a dead owner's tasks; a straggler must not write on
                 await kill_process(*job.worker)
+            freed = await free_placement_groups(placement_prefix(job.job_id))  # first: its ranks stop writing
             removed = release(job.paths, self.keep_failed_checkpoints,
                               [j.paths.final for j in self.jobs.values() if j not in self._orphans])
-            freed = await free_placement_groups(placement_prefix(job.job_id))
             job.state, job.phase, job.error = "failed", None, LOST.format(state=state)
             job.finished_at = time.time()
             for event in (job.running, job.settled, job.done):
@@ -291,7 +283,28 @@ class JobRegistry:
             return 200, job.view()
         return 409, {**job.view(), "error": f"job {job_id} already {job.state}"}
 
+    async def delete(self, job_id: str) -> tuple[int, dict]:
+        """``DELETE /v1/jobs/{id}``: cancel an active job; delete a finished job's run and forget the job."""
+        await self._settle_orphans()
+        job = self.jobs.get(job_id)
+        if job is None:
+            return 404, {"error": f"job_id: no job {job_id!r}"}
+        if not job.done.is_set():
+            return await self.cancel(job_id)
+        removed = await asyncio.to_thread(remove_run, job.run_dir, self.root)
+        self._forget(job)
+        log.info("job %s deleted (%s)", job_id, ", ".join(removed) or "no run")
+        return 200, {**job.view(), "deleted": True, "removed": removed}
+
     # ------------------------------------------------------------ internals
+
+    def _forget(self, job: Job) -> None:
+        """Drop a finished job from memory and the journal (its id gets a tombstone in the change feed)."""
+        del self.jobs[job.job_id]
+        if self.journal is not None:
+            self.journal.remove(job.job_id)
+        self._touch(None)
+        self._forgotten[job.job_id] = self.version
 
     @staticmethod
     def _cancel_task(job: Job, force: bool) -> None:
@@ -334,14 +347,16 @@ class JobRegistry:
         job.settled.set()
         if job.run_dir and "run_dir" not in job.result:  # published, then stopped before returning
             job.result = {"run_dir": job.run_dir, "phases": {}}
+        # the groups first: removing a placement group kills its actors, so none of a killed task's ranks is
+        # still writing into the checkpoint or temp directory while they are removed
+        freed = await free_placement_groups(placement_prefix(job.job_id))
+        if freed:
+            log.info("job %s: freed placement groups %s", job.job_id, ", ".join(freed))
         if "run_dir" not in job.result:
             removed = release(job.paths, self.keep_failed_checkpoints,
                               [j.paths.final for j in self._active() if j is not job])
             if removed:
                 log.info("job %s: removed %s", job.job_id, ", ".join(removed))
-        freed = await free_placement_groups(placement_prefix(job.job_id))
-        if freed:
-            log.info("job %s: freed placement groups %s", job.job_id, ", ".join(freed))
         self._finish(job)
         self._touch(job)
         job.done.set()
@@ -361,12 +376,15 @@ class JobRegistry:
         log.info("job %s %s", job.job_id, job.state)
 
     def _forget_old(self) -> None:
-        finished = [j for j in self.jobs.values() if j.done.is_set()]
-        for job in sorted(finished, key=lambda j: j.finished_at or 0)[: max(0, len(finished) - self.max_finished_jobs)]:
-            del self.jobs[job.job_id]
-            if self.journal is not None:
-                self.journal.remove(job.job_id)
-            self._touch(None)
-            self._forgotten[job.job_id] = self.version
+        finished = sorted((j for j in self.jobs.values() if j.done.is_set()), key=lambda j: j.finished_at or 0)
+        if self.retention_s is not None:  # the retention rule: runs older than it are deleted with their jobs
+            expired = [j for j in finished if time.time() - (j.finished_at or 0) > self.retention_s]
+            for job in expired:
+                removed = remove_run(job.run_dir, self.root)
+                log.info("job %s expired after %.0f s: removed %s", job.job_id, self.retention_s, removed or "no run")
+                self._forget(job)
+            finished = finished[len(expired):]
+        for job in finished[: max(0, len(finished) - self.max_finished_jobs)]:
+            self._forget(job)
         while len(self._forgotten) > self.max_finished_jobs:
             self._horizon = self._forgotten.pop(next(iter(self._forgotten)))

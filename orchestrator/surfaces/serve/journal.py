@@ -36,6 +36,19 @@ LOST = ("the job service restarted while this job was {state} (its registry was 
         "started was stopped and removed: submit it again")
 
 
+def describe_error(exc: BaseException) -> str:
+    """One line for a failed job: the rayprune message, or the exception type and its first line."""
+    from orchestrator.errors import RayPruneError
+
+    cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps the original
+    if isinstance(cause, RayPruneError):
+        text = str(cause)
+    else:
+        lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()]
+        text = f"{type(cause).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text[:2000]
+
+
 def paths_record(paths: JobPaths) -> dict[str, Any]:
     """``paths`` as JSON data."""
     return {"final": str(paths.final), "job_id": paths.job_id, "created": [str(p) for p in paths.created],

@@ -38,6 +38,8 @@ class JobServiceOptions:
         num_replicas: HTTP replicas (job state is shared through the registry actor).
         policy_file: the operator's job policy, YAML (default ``$RAYPRUNE_SERVE_POLICY``; neither: the
             safe defaults of :class:`~orchestrator.surfaces.serve.policy.JobPolicy`).
+        retention_s: finished jobs older than this are forgotten and their runs deleted (null: kept until
+            ``DELETE`` or ``max_finished_jobs``, which only forgets the status).
     """
 
     root: str | None = None
@@ -49,6 +51,7 @@ class JobServiceOptions:
     max_body_bytes: int = 1 << 20
     num_replicas: int = 1
     policy_file: str | None = None
+    retention_s: float | None = None
 
 
 @dataclass

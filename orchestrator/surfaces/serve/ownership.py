@@ -116,3 +116,14 @@ def release(paths: JobPaths, keep_checkpoint: bool, busy: Iterable[Path]) -> lis
             break
         removed.append(str(d))
     return removed
+
+
+def remove_run(run_dir: str | None, root: Path | None) -> list[str]:
+    """Delete a finished job's published run directory (only one inside ``root``); returns what was removed."""
+    if not run_dir or root is None:
+        return []
+    path = Path(run_dir)
+    if path == root or not path.resolve().is_relative_to(root) or not path.is_dir():
+        return []
+    shutil.rmtree(path, ignore_errors=True)
+    return [str(path)]

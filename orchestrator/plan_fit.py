@@ -183,5 +183,29 @@ def recovery_workers_needed(model_config: Any, gpu_bytes: int, *, headroom: floa
     raise ValueError(f"no recovery group up to {max_workers} ranks holds the shrunk model in {gpu_bytes / GIB:.2f} GiB")
 
 
+def coordinator_need(cfg: Any) -> int:
+    """Host bytes a run's coordinator process needs, for a scheduler to reserve (0: not known without the model).
+
+    A distributed run's coordinator holds no model: the planner's base plus the calibration windows. A
+    one-process run holds the model (fp32) about three times over (loaded, pruned in place with its statistics,
+    saved), known here for the builtin and ``tiny`` models.
+    """
+    from orchestrator.planner import COORDINATOR_BASE_BYTES
+
+    c = cfg.calibration
+    windows = 3 * c.num_samples * c.seq_len * 8  # ids, Arrow shards, the list they came from
+    if cfg.backend.kind == "ray" and not cfg.structured.enabled:
+        return COORDINATOR_BASE_BYTES + windows
+    if cfg.model.source == "tiny":
+        from orchestrator.inputs.models import tiny_params
+
+        params = tiny_params(cfg.model.tiny)
+    elif cfg.model.source == "smollm2-135m":
+        params = 135_000_000
+    else:
+        return 0
+    return COORDINATOR_BASE_BYTES + windows + 3 * params * FP32
+
+
 def _g(n: int) -> str:
     return f"{n / GIB:.2f} GiB"

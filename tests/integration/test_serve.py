@@ -400,12 +400,17 @@ def test_jobs_survive_the_loss_of_their_registry(service):
         holds.append(hold)
         ids.append(name)
     assert any(p.name.startswith(".lost-a.tmp-") for p in (root / "held").iterdir())
+    cfg = validate_submission(json.dumps({**TINY_JOB, "output": {"dir": "held/lost-q"}}).encode(),
+                              "application/json", root, "lost-q")
+    assert ray.get(first.submit.remote("lost-q", cfg.to_dict(), cfg.output.dir))[0] == 202
+    code, body = ray.get(first.get.remote("lost-q"))  # both CPUs are held: it waits its turn (finding 3)
+    assert body["state"] == "pending" and body["queue_position"] == 1, body
     ray.kill(first)  # as when its node is lost: no cleanup of its own
     second = jobs_mod.JobRegistry.remote(root=str(root), cancel_grace_s=0)
-    for job_id in ids:
+    for job_id, state in (("lost-a", "running"), ("lost-b", "running"), ("lost-q", "pending")):
         code, body = ray.get(second.wait.remote(job_id, 600))  # a bound on a hang
         assert code == 200 and body["state"] == "failed", body
-        assert body["error"].startswith("the job service restarted while this job was running"), body
+        assert body["error"].startswith(f"the job service restarted while this job was {state}"), body
     assert not (root / "held").exists()  # temp dirs, locks and the parent they were given
     alive = [i["name"] for i in placement_group_table().values()
              if i["name"].startswith(teardown.placement_prefix("lost")) and i["state"] != "REMOVED"]
@@ -420,7 +425,7 @@ def test_jobs_survive_the_loss_of_their_registry(service):
     assert body["state"] == "succeeded", body  # the lost jobs' CPUs were free again
     third = jobs_mod.JobRegistry.remote(root=str(root), cancel_grace_s=0)  # and a restart keeps finished jobs
     listed = {j["job_id"]: j["state"] for j in ray.get(third.list_jobs.remote())[1]["jobs"]}
-    assert listed == {"lost-a": "failed", "lost-b": "failed", "after": "succeeded"}
+    assert listed == {"lost-a": "failed", "lost-b": "failed", "lost-q": "failed", "after": "succeeded"}
     code, body = ray.get(third.delete.remote("after"))  # DELETE of a finished job: its run goes, and the job
     assert code == 200 and body["deleted"] and body["removed"] == [str(root / "held" / "lost-a")], body
     assert not (root / "held" / "lost-a").exists() and ray.get(third.get.remote("after"))[0] == 404

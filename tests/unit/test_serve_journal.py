@@ -64,3 +64,28 @@ def test_retention_deletes_old_finished_runs_and_forgets_their_jobs(tmp_path):
     assert not (tmp_path / "old").exists() and (tmp_path / "young" / "report.json").is_file()
     assert sorted(p.stem for p in (tmp_path / JOURNAL_DIR).glob("*.json")) == ["young"]
     assert (tmp_path / "failed-old").is_dir()  # a failed job published no run: nothing of it is deleted
+
+
+def test_pending_jobs_get_their_queue_position_in_submission_order():
+    from orchestrator.surfaces.serve.journal import with_queue_position
+
+    views = [{"job_id": "r", "state": "running", "submitted_at": 1.0},
+             {"job_id": "p2", "state": "pending", "submitted_at": 3.0},
+             {"job_id": "p1", "state": "pending", "submitted_at": 2.0}]
+    assert [with_queue_position(v, views)["queue_position"] for v in views] == [None, 2, 1]
+
+
+def test_the_coordinator_memory_a_job_reserves():
+    """Finding 3: service jobs reserved CPUs only. A distributed run's coordinator holds no model (the planner's
+    base plus the windows); a one-process run holds its model, known for tiny and builtin models."""
+    from orchestrator.inputs.loader import config_from_dict
+    from orchestrator.inputs.models import tiny_params
+    from orchestrator.plan_fit import coordinator_need
+    from orchestrator.planner import COORDINATOR_BASE_BYTES
+
+    ray = config_from_dict({"backend": {"kind": "ray"}, "calibration": {"num_samples": 8, "seq_len": 64}})
+    assert coordinator_need(ray) == COORDINATOR_BASE_BYTES + 3 * 8 * 64 * 8
+    local = config_from_dict({"model": {"source": "tiny"}, "backend": {"kind": "local"},
+                              "calibration": {"num_samples": 8, "seq_len": 64}})
+    assert coordinator_need(local) == coordinator_need(ray) + 3 * tiny_params(local.model.tiny) * 4
+    assert coordinator_need(config_from_dict({"model": {"source": "/models/x"}, "backend": {"kind": "local"}})) == 0

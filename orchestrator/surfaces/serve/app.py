@@ -41,9 +41,11 @@ from ray.exceptions import RayActorError
 from ray.serve.config import DeploymentActorConfig
 
 from orchestrator.fileio import finite_json
+from orchestrator.plan_fit import coordinator_need
 from orchestrator.surfaces.serve.auth import ApiError, BearerAuth, install_error_handlers, load_token
 from orchestrator.surfaces.serve.bodies import read_body
 from orchestrator.surfaces.serve.jobs import JobRegistry
+from orchestrator.surfaces.serve.journal import with_queue_position
 from orchestrator.surfaces.serve.options import JobServiceOptions, parse_options, service_root
 from orchestrator.surfaces.serve.policy import JobPolicy, load_policy
 from orchestrator.surfaces.serve.submission import validate_submission
@@ -90,7 +92,7 @@ class JobMirror:
             self._follower = asyncio.get_running_loop().create_task(self._follow())
         view = None if fresh else self._views.get(job_id)
         if view is not None:
-            return 200, view
+            return 200, with_queue_position(view, self._views.values())
         status, payload = await self._call("get", job_id)
         if status == 200:
             self.offer(payload)
@@ -202,7 +204,7 @@ class JobService:
         job_id = uuid.uuid4().hex
         cfg = await asyncio.to_thread(validate_submission, body, request.headers.get("content-type"), self._root,
                                       job_id, self._policy)
-        result = await self._call("submit", job_id, cfg.to_dict(), cfg.output.dir)
+        result = await self._call("submit", job_id, cfg.to_dict(), cfg.output.dir, coordinator_need(cfg))
         if result[0] == 202:
             self._jobs.offer(result[1])
         return _answer(result, Location=f"/v1/jobs/{job_id}")

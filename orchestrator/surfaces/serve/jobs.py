@@ -24,7 +24,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayError, TaskCancelledError
 
-from orchestrator.surfaces.serve.journal import LOST, TERMINAL, Job, Journal, describe_error
+from orchestrator.surfaces.serve.journal import LOST, TERMINAL, Job, Journal, describe_error, with_queue_position
 from orchestrator.surfaces.serve.ownership import claim, overlap, release, remove_run
 from orchestrator.surfaces.serve.teardown import free_placement_groups, kill_process, placement_prefix
 from orchestrator.testhooks import HOLD_DIR_ENV, hold_at_phase  # noqa: F401 - HOLD_DIR_ENV: the tests' name
@@ -162,8 +162,10 @@ class JobRegistry:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def submit(self, job_id: str, cfg_data: dict[str, Any], output_dir: str) -> tuple[int, dict]:
-        """Claim the job's paths and start its task (Ray queues it until a CPU is free)."""
+    async def submit(self, job_id: str, cfg_data: dict[str, Any], output_dir: str,
+                     memory_bytes: int = 0) -> tuple[int, dict]:
+        """Claim the job's paths and start its task (Ray queues it until its CPUs and ``memory_bytes`` of host
+        memory for the coordinator are free)."""
         await self._settle_orphans()
         active = self._active()
         if len(active) >= self.max_active_jobs:
@@ -179,8 +181,8 @@ class JobRegistry:
                                   f"{exc.strerror or type(exc).__name__}"}
         job = Job(job_id, output_dir, paths)
         me = ray.get_runtime_context().current_actor
-        job.ref = run_job.options(num_cpus=self.job_num_cpus, name=f"rayprune-job-{job_id}").remote(
-            job_id, cfg_data, me)
+        job.ref = run_job.options(num_cpus=self.job_num_cpus, memory=memory_bytes or None,
+                                  name=f"rayprune-job-{job_id}").remote(job_id, cfg_data, me)
         self.jobs[job_id] = job
         self._touch(job)
         self._spawn(self._watch(job))
@@ -217,7 +219,7 @@ class JobRegistry:
         job = self.jobs.get(job_id)
         if job is None:
             return 404, {"error": f"job_id: no job {job_id!r}"}
-        return 200, job.view()
+        return 200, with_queue_position(job.view(), [j.view() for j in self._active()])
 
     async def changes(self, incarnation: str | None, since: int, timeout_s: float = 30.0) -> tuple[int, dict]:
         """The change feed the HTTP replicas mirror: views changed after version ``since``.
@@ -250,7 +252,8 @@ class JobRegistry:
     async def list_jobs(self) -> tuple[int, dict]:
         """The status of every remembered job, oldest first."""
         await self._settle_orphans()
-        return 200, {"jobs": [j.view() for j in self.jobs.values()]}
+        views = [j.view() for j in self.jobs.values()]
+        return 200, {"jobs": [with_queue_position(v, views) for v in views]}
 
     async def cancel(self, job_id: str, reason: str | None = None) -> tuple[int, dict]:
         """Cancel a pending or running job.

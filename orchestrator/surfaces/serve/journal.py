@@ -157,3 +157,14 @@ class Job:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
         }
+
+
+def with_queue_position(view: dict[str, Any], views: Any) -> dict[str, Any]:
+    """``view`` with ``queue_position``: for a pending job, 1 + the pending jobs submitted before it (they start
+    first as CPUs free up); None otherwise. Computed when read, from the views at hand."""
+    if view.get("state") != "pending":
+        return {**view, "queue_position": None}
+    ahead = sum(1 for v in views if v.get("state") == "pending" and (v.get("submitted_at") or 0) <
+                (view.get("submitted_at") or 0))
+    return {**view, "queue_position": ahead + 1}
+

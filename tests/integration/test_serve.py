@@ -417,15 +417,29 @@ def test_jobs_survive_the_loss_of_their_registry(service):
     assert alive == []
     for hold in holds:
         hold.unlink()
-    cfg = validate_submission(json.dumps({**TINY_JOB, "output": {"dir": "held/lost-a"}}).encode(),
-                              "application/json", root, "after")
-    code, body = ray.get(second.submit.remote("after", cfg.to_dict(), cfg.output.dir))
-    assert code == 202, body
-    code, body = ray.get(second.wait.remote("after", 600))
-    assert body["state"] == "succeeded", body  # the lost jobs' CPUs were free again
+    # the freed CPUs run new jobs; a third waits in the queue until one of them is done, then runs
+    queue = []
+    for name, rel in (("after", "held/lost-a"), ("after-b", "held/after-b"), ("after-q", "held/after-q")):
+        cfg = validate_submission(json.dumps({**TINY_JOB, "output": {"dir": rel}}).encode(), "application/json",
+                                  root, name)
+        (Path(os.environ[jobs_mod.HOLD_DIR_ENV]) / f"{Path(rel).name}.data.reached").unlink(missing_ok=True)
+        hold, arrived = _hold(Path(rel).name, "data") if name != "after-q" else (None, None)
+        code, body = ray.get(second.submit.remote(name, cfg.to_dict(), cfg.output.dir))
+        assert code == 202, body
+        if arrived is not None:
+            assert arrived.wait(timeout=240), ray.get(second.get.remote(name))
+        queue.append(hold)
+    code, body = ray.get(second.get.remote("after-q"))
+    assert body["state"] == "pending" and body["queue_position"] == 1, body
+    for hold in queue[:2]:
+        hold.unlink()
+    for name in ("after", "after-b", "after-q"):
+        code, body = ray.get(second.wait.remote(name, 600))
+        assert body["state"] == "succeeded", body  # the lost jobs' CPUs were free again
     third = jobs_mod.JobRegistry.remote(root=str(root), cancel_grace_s=0)  # and a restart keeps finished jobs
     listed = {j["job_id"]: j["state"] for j in ray.get(third.list_jobs.remote())[1]["jobs"]}
-    assert listed == {"lost-a": "failed", "lost-b": "failed", "lost-q": "failed", "after": "succeeded"}
+    assert listed == {"lost-a": "failed", "lost-b": "failed", "lost-q": "failed", "after": "succeeded",
+                      "after-b": "succeeded", "after-q": "succeeded"}
     code, body = ray.get(third.delete.remote("after"))  # DELETE of a finished job: its run goes, and the job
     assert code == 200 and body["deleted"] and body["removed"] == [str(root / "held" / "lost-a")], body
     assert not (root / "held" / "lost-a").exists() and ray.get(third.get.remote("after"))[0] == 404

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 import torch
@@ -48,30 +49,35 @@ def _remove_worker_node(c) -> None:
     c.remove_node(node)
 
 
-def _add_node_once_a_group_waits(c) -> threading.Thread:
-    """Add a one-CPU node as soon as the GCS shows a pending placement group (the retry waiting for room)."""
+def test_a_lost_node_replaced_later_resumes_with_the_same_masks(cluster, tmp_path):
+    """The run goes on in a thread; this (main) thread removes the node when the fault fires, then adds one
+    once the retry's placement group is pending (``Cluster.add_node`` works in the main thread only)."""
     from ray.util import placement_group_table
 
-    def watch() -> None:
-        while not any(i["state"] == "PENDING" for i in placement_group_table().values()):
-            threading.Event().wait(0.05)  # GCS state, polled until the event it reports
-        c.add_node(num_cpus=1)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
-
-
-def test_a_lost_node_replaced_later_resumes_with_the_same_masks(cluster, tmp_path):
     c, cfg, path, calib, reference = cluster
-    watcher: list[threading.Thread] = []
-    faults = Faults(lose_node_after_grad_chunks=1,
-                    lose_node=lambda group: (_remove_worker_node(c), watcher.append(_add_node_once_a_group_waits(c))))
-    res = run_ray(cfg, path, calib, progress=False, checkpoint_dir=tmp_path / "ckpt", faults=faults)
-    assert faults.fired == {"lose_node_after_grad_chunks"}
-    watcher[0].join(timeout=60)
-    assert not watcher[0].is_alive()  # the retry did wait for a node (before: a UsageError at once)
-    _same_masks(res.masks, reference.masks)
+    lose, lost = threading.Event(), threading.Event()
+    faults = Faults(lose_node_after_grad_chunks=1, lose_node=lambda group: (lose.set(), lost.wait(300)))
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["result"] = run_ray(cfg, path, calib, progress=False, checkpoint_dir=tmp_path / "ckpt", faults=faults)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            out["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    assert lose.wait(300), out
+    _remove_worker_node(c)
+    lost.set()
+    deadline = time.monotonic() + 300  # a bound on a hang: the event is the retry's pending group in the GCS
+    while not any(i["state"] == "PENDING" for i in placement_group_table().values()):
+        assert time.monotonic() < deadline and worker.is_alive(), out
+        threading.Event().wait(0.05)
+    c.add_node(num_cpus=1)  # KubeRay replacing the pod
+    worker.join(600)
+    assert "error" not in out and faults.fired == {"lose_node_after_grad_chunks"}, out
+    _same_masks(out["result"].masks, reference.masks)
 
 
 def test_a_lost_node_never_replaced_fails_in_one_line_and_keeps_the_checkpoint(cluster, tmp_path):

@@ -57,14 +57,8 @@ def _same_masks(a, b) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-def test_worker_killed_during_gradient_pass(setup, tmp_path):
-    cfg, path, calib, reference = setup
-    faults = Faults(kill_after_grad_chunks=2)
-    res = run_ray(cfg, path, calib, progress=False, checkpoint_dir=tmp_path / "ckpt", faults=faults)
-    assert faults.fired == {"kill_after_grad_chunks"}
-    _same_masks(res.masks, reference.masks)
-    for name, w in reference.weights.items():
-        assert torch.equal(res.weights[name], w), name
+# A rank lost in the gradient pass (its node removed, then replaced) is tests/integration/test_node_loss.py: the
+# resumed run's masks and weights equal an uninterrupted run's.
 
 
 @pytest.mark.parametrize("interval", [0.0, 3600.0])

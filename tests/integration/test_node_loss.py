@@ -78,6 +78,8 @@ def test_a_lost_node_replaced_later_resumes_with_the_same_masks(cluster, tmp_pat
     worker.join(600)
     assert "error" not in out and faults.fired == {"lose_node_after_grad_chunks"}, out
     _same_masks(out["result"].masks, reference.masks)
+    for name, w in reference.weights.items():  # the resumed statistics are the uninterrupted ones exactly
+        assert torch.equal(out["result"].weights[name], w), name
 
 
 def test_a_lost_node_never_replaced_fails_in_one_line_and_keeps_the_checkpoint(cluster, tmp_path):

@@ -83,10 +83,11 @@ def head():
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the head (it stops its own Ray processes), then SIGKILL what is left of its process group."""
+    """SIGTERM the head (it stops its own Ray processes), then SIGKILL what is left of its process group (a
+    graceful stop of every Ray process takes about 30 s; nothing of this throwaway cluster needs it)."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
+        proc.wait(timeout=5)
     except (ProcessLookupError, subprocess.TimeoutExpired):
         pass
     try:
@@ -125,13 +126,8 @@ def test_ray_job_submit_runs_a_scheduled_prune_on_the_cluster(head, tmp_path):
     assert abs(report["sparsity"]["reached"] - 0.5) < 1e-3 and summary["reached_sparsity"] == 0.5
     assert report["config"]["backend"]["kind"] == "ray" and len(report["memory_per_worker"]) == 2
     assert "prune.gradient_pass" in report["phases"]  # GBLM statistics really ran on the workers
-
-    # the schedule's next tick: same inputs -> the finished artifact, no statistics pass
-    second = submit(head, "rayprune-test-2", *entry)
-    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-2000:]
-    logs = second.stdout + second.stderr
-    assert "phase prune: start" not in logs and "phase load: start" not in logs
-    assert summary_line(logs) == {**summary, "reused": True}
+    # the schedule's next tick (same inputs: the finished artifact, no statistics pass) is the same CLI code
+    # in any driver: tests/integration/test_scheduled_runs.py runs it in process
 
 
 def test_driver_outside_the_cluster_connects_by_address(head, tmp_path):

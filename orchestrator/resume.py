@@ -59,3 +59,29 @@ def prepare_checkpoints(cfg: RunConfig, resume: bool) -> Path | None:
     if not uses:
         return None
     return ckpt  # created by the first checkpoint write (actors.checkpoint.CheckpointStore)
+
+
+#: settings that run code or read pickles: a checkpoint's config.yaml may not switch them on by itself
+CONFIRM_ON_RESUME = ("model.trust_remote_code", "model.allow_pickle")
+
+
+def confirm_checkpoint_config(path: str, overrides: list[str]) -> None:
+    """Refuse a checkpoint's ``config.yaml`` that enables code execution the command line did not confirm.
+
+    ``--resume`` reads the run's config from the checkpoint directory, which lies on shared storage that
+    others may write; it is checked like a new run's config (by the loader), and settings that run code
+    (:data:`CONFIRM_ON_RESUME`) must also be given on the command line.
+
+    Raises:
+        UsageError: naming the setting and how to confirm it.
+    """
+    from orchestrator.inputs.loader import read_config_file
+
+    data = read_config_file(path)
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    for key in CONFIRM_ON_RESUME:
+        section, name = key.split(".")
+        values = data.get(section)
+        if isinstance(values, dict) and values.get(name) is True and key not in given:
+            raise UsageError(f"--resume: the checkpoint's config.yaml sets {key}: true; confirm it on the command "
+                             f"line ({key}=true) or pass the run's config file")

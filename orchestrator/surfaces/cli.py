@@ -175,32 +175,6 @@ def _emit(result: dict, json_out: str | None = None) -> None:
     stream.flush()
 
 
-#: settings that run code or read pickles: a checkpoint's config.yaml may not switch them on by itself
-CONFIRM_ON_RESUME = ("model.trust_remote_code", "model.allow_pickle")
-
-
-def _confirm_checkpoint_config(path: str, overrides: list[str]) -> None:
-    """Refuse a checkpoint's ``config.yaml`` that enables code execution the command line did not confirm.
-
-    ``--resume`` reads the run's config from the checkpoint directory, which lies on shared storage that
-    others may write; it is checked like a new run's config (by the loader), and settings that run code
-    (:data:`CONFIRM_ON_RESUME`) must also be given on the command line.
-
-    Raises:
-        UsageError: naming the setting and how to confirm it.
-    """
-    from orchestrator.inputs.loader import read_config_file
-
-    data = read_config_file(path)
-    given = {o.split("=", 1)[0].strip() for o in overrides}
-    for key in CONFIRM_ON_RESUME:
-        section, name = key.split(".")
-        values = data.get(section)
-        if isinstance(values, dict) and values.get(name) is True and key not in given:
-            raise UsageError(f"--resume: the checkpoint's config.yaml sets {key}: true; confirm it on the command "
-                             f"line ({key}=true) or pass the run's config file")
-
-
 def cmd_prune(ns: argparse.Namespace) -> int:
     """``rayprune prune``: a thin user of :func:`orchestrator.api.prune`."""
     from orchestrator.api import prune
@@ -213,8 +187,10 @@ def cmd_prune(ns: argparse.Namespace) -> int:
         if not (ckpt / "progress.json").is_file():
             raise UsageError(f"--resume: no checkpoint of an interrupted run at {str(ckpt)!r}")
         if path is None:
+            from orchestrator.resume import confirm_checkpoint_config
+
             path = str(ckpt / "config.yaml")
-            _confirm_checkpoint_config(path, overrides)
+            confirm_checkpoint_config(path, overrides)
         overrides = [*overrides, f"output.dir={Path(ns.resume).expanduser().resolve()}"]
     result = prune(path, overrides=overrides, progress=not ns.quiet, resume=bool(ns.resume),
                    if_changed=ns.if_changed, force=ns.force)

@@ -51,17 +51,18 @@ class OutOfRange(str):
         return f"a {len(self)}-character number"
 
 
+def _too_long(text: str) -> bool:
+    return len(text.lstrip("+-").replace("_", "")) > MAX_INT_DIGITS
+
+
 def bounded_int(text: str) -> int | OutOfRange:
     """``int(text)`` for a decimal literal of at most :data:`MAX_INT_DIGITS` digits, else :class:`OutOfRange`."""
-    digits = text.lstrip("+-").replace("_", "")
-    return OutOfRange(text) if len(digits) > MAX_INT_DIGITS else int(text)
+    return OutOfRange(text) if _too_long(text) else int(text)
 
 
 def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int | OutOfRange:
     text = loader.construct_scalar(node)
-    if len(text.lstrip("+-").replace("_", "")) > MAX_INT_DIGITS:
-        return OutOfRange(text)
-    return yaml.SafeLoader.construct_yaml_int(loader, node)
+    return OutOfRange(text) if _too_long(text) else yaml.SafeLoader.construct_yaml_int(loader, node)
 
 
 _Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)

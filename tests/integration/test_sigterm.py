@@ -10,7 +10,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -24,19 +24,25 @@ SCRIPT = "import sys; from orchestrator.surfaces.cli import main; sys.exit(main(
 
 
 def _held_run(tmp_path: Path, over: list[str], phase: str = "save") -> subprocess.Popen:
-    """Start ``rayprune prune`` in a subprocess and return once it waits at the start of ``phase``."""
+    """Start ``rayprune prune`` in a subprocess and return once it waits at the start of ``phase``.
+
+    The run's ``.reached`` file is a FIFO: its write blocks until this side reads it (a rendezvous); a thread
+    waiting for the process's exit fires the same event, so a run that dies first fails the test at once.
+    """
     hold_dir = tmp_path / "hold"
     hold_dir.mkdir()
     (hold_dir / f"out.{phase}.hold").write_text("")
+    reached = hold_dir / f"out.{phase}.reached"
+    os.mkfifo(reached)
     env = {**os.environ, HOLD_DIR_ENV: str(hold_dir)}
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, "-q", "prune", *over], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    reached, deadline = hold_dir / f"out.{phase}.reached", time.monotonic() + 540
-    while not reached.exists():  # the event; the deadline only bounds a broken run
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the run never reached {phase}: {proc.communicate()[1][-3000:]}")
-        time.sleep(0.05)
+    event, arrived = threading.Event(), []
+    threading.Thread(target=lambda: (arrived.append(reached.read_text()), event.set()), daemon=True).start()
+    threading.Thread(target=lambda: (proc.wait(), event.set()), daemon=True).start()
+    if not event.wait(timeout=540) or not arrived:  # the timeout only bounds a hang
+        proc.kill()
+        pytest.fail(f"the run never reached {phase}: {proc.communicate()[1][-3000:]}")
     return proc
 
 

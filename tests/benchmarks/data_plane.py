@@ -59,12 +59,13 @@ def overrides(shape: str, workers: int, out: Path) -> list[str]:
         "output.save_model=true", f"output.dir={out}", "output.overwrite=true"]
 
 
-def run_cell(tree: Path, shape: str, workers: int, work: Path) -> dict:
+def run_cell(tree: Path, shape: str, workers: int, work: Path, extra: tuple[str, ...] = ()) -> dict:
     """One run of ``tree``'s CLI; its measurements. More workers than cores run on a Ray head started for the
     run with that many CPUs (its worker processes inherit the tree's ``PYTHONPATH``), fewer on the CLI's own."""
     out = work / f"{tree.name}-{shape}-w{workers}"
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    cmd = [sys.executable, "-c", WRAPPER, "-q", "prune", "configs/default.yaml", *overrides(shape, workers, out)]
+    cmd = [sys.executable, "-c", WRAPPER, "-q", "prune", "configs/default.yaml", *overrides(shape, workers, out),
+           *extra]
     head = workers > (os.cpu_count() or 1)
     ray_bin = str(Path(sys.executable).with_name("ray"))
     if head:
@@ -125,6 +126,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--after-only", default="", help="cells run on this tree only, e.g. s1b:4 (the earlier tree's "
                                                       "coordinator would not fit beside 4 workers here)")
+    ap.add_argument("extra", nargs="*", help="KEY=VALUE overrides after the pinned ones (pruning.reconstruct=layer)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     trees = {args.before.resolve(): "before", args.after.resolve(): "after"}
@@ -136,7 +138,7 @@ def main() -> int:
                     if trees[tree] == "before" and f"{shape}:{w}" in args.after_only.split(","):
                         continue
                     log.info("%s %s x%d", trees[tree], shape, w)
-                    rows.append(run_cell(tree, shape, w, Path(tmp)))
+                    rows.append(run_cell(tree, shape, w, Path(tmp), tuple(args.extra)))
                     log.info("  %s", {k: v for k, v in rows[-1].items() if k != "tree"})
                     args.out.parent.mkdir(parents=True, exist_ok=True)
                     args.out.write_text(json.dumps({"rows": rows, "labels": {str(k): v for k, v in trees.items()}},

@@ -26,6 +26,9 @@ NCCL_BYTES = 2 * 32 * 4 * 2**20 + 64 * 2**20
 #: the caching allocator's fragmentation: reserved beyond the allocated peak, as a fraction of that peak
 FRAGMENTATION = 0.10
 
+#: parameters of the builtin SmolLM2-135M (tied embeddings counted once)
+SMOLLM2_PARAMS = 134_515_008
+
 #: sustained fraction of a link's published bandwidth in a ring collective
 LINK_EFFICIENCY = 0.7
 #: published bandwidths (bytes/s, one direction) of the fabrics ranks talk over, and whether the node's GPUs
@@ -196,15 +199,19 @@ def coordinator_need(cfg: Any) -> int:
     windows = 3 * c.num_samples * c.seq_len * 8  # ids, Arrow shards, the list they came from
     if cfg.backend.kind == "ray" and not cfg.structured.enabled:
         return COORDINATOR_BASE_BYTES + windows
+    params = known_params(cfg)
+    if not params:
+        return 0
+    return COORDINATOR_BASE_BYTES + windows + 3 * params * FP32
+
+
+def known_params(cfg: Any) -> int:
+    """The model's parameter count where it is known before loading (the builtin and ``tiny`` models), else 0."""
     if cfg.model.source == "tiny":
         from orchestrator.inputs.models import tiny_params
 
-        params = tiny_params(cfg.model.tiny)
-    elif cfg.model.source == "smollm2-135m":
-        params = 135_000_000
-    else:
-        return 0
-    return COORDINATOR_BASE_BYTES + windows + 3 * params * FP32
+        return tiny_params(cfg.model.tiny)
+    return SMOLLM2_PARAMS if cfg.model.source == "smollm2-135m" else 0
 
 
 def _g(n: int) -> str:

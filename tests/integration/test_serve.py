@@ -447,3 +447,67 @@ def test_jobs_survive_the_loss_of_their_registry(service):
     assert not (root / "held" / "lost-a").exists() and ray.get(third.get.remote("after"))[0] == 404
     for registry in (second, third):
         ray.kill(registry)
+
+
+def _rearm(job_name: str, phase: str) -> tuple[Path, threading.Event]:
+    """:func:`_hold` again for a phase a job already reached once (its rendezvous FIFO is made anew)."""
+    (Path(os.environ[jobs_mod.HOLD_DIR_ENV]) / f"{job_name}.{phase}.reached").unlink(missing_ok=True)
+    return _hold(job_name, phase)
+
+
+def test_a_job_lost_with_its_registry_continues_from_its_checkpoint(service):
+    """Findings 1 and 8: a distributed job lost with its registry is submitted again and continues its checkpoint
+    (before: failed, and its checkpoint removed); a checkpoint kept by a cancelled job blocked its output.dir for
+    good: DELETE of that job removes it."""
+    from orchestrator.surfaces.serve.submission import validate_submission
+
+    _, service_root, _, _ = service
+    root = service_root / "requeue"
+    root.mkdir()
+    data = {**TINY_JOB, "backend": {"kind": "ray", "workers": 1}, "output": {"dir": "kept/run"}}
+    cfg = validate_submission(json.dumps(data).encode(), "application/json", root, "lost")
+    ckpt = root / "kept" / ".run.ckpt"
+    first = jobs_mod.JobRegistry.remote(root=str(root), cancel_grace_s=0, keep_failed_checkpoints=True)
+    hold, arrived = _hold("run", "save")  # the pruning phases are done and checkpointed
+    assert ray.get(first.submit.remote("lost", cfg.to_dict(), cfg.output.dir))[0] == 202
+    assert arrived.wait(timeout=240), ray.get(first.get.remote("lost"))
+    saved = (ckpt / "progress.json").read_bytes()
+    ray.kill(first)
+    hold, arrived = _rearm("run", "save")
+    second = jobs_mod.JobRegistry.remote(root=str(root), cancel_grace_s=0, keep_failed_checkpoints=True)
+    code, body = ray.get(second.get.remote("lost"))
+    assert code == 200 and body["state"] in ("pending", "running") and body["restarts"] == 1, body
+    assert arrived.wait(timeout=240), ray.get(second.get.remote("lost"))
+    code, body = ray.get(second.get.remote("lost"))
+    assert body["resumed"] and body["state"] == "running", body
+    assert (ckpt / "progress.json").read_bytes() == saved  # continued: nothing recomputed, nothing rewritten
+    code, body = ray.get(second.cancel.remote("lost"), timeout=600)  # a bound on a hang
+    assert code == 200 and body["state"] == "cancelled", body
+    assert (ckpt / "progress.json").is_file()  # kept for the operator (keep_failed_checkpoints)
+    hold.unlink()
+    code, body = ray.get(second.delete.remote("lost"))  # DELETE of the job that kept it removes it
+    assert code == 200 and str(ckpt) in body["removed"] and not ckpt.exists(), body
+    cfg = validate_submission(json.dumps(data).encode(), "application/json", root, "again")
+    assert ray.get(second.submit.remote("again", cfg.to_dict(), cfg.output.dir))[0] == 202  # its output.dir is free
+    code, body = ray.get(second.wait.remote("again", 600))
+    assert body["state"] == "succeeded" and not body["resumed"] and body["restarts"] == 0, body
+    assert (root / "kept" / "run" / "report.json").is_file() and not ckpt.exists()
+    ray.kill(second)
+
+
+def test_a_job_over_its_disk_limit_is_cancelled_and_cleaned_up(service):
+    """Finding 4: nothing bounded what a job writes below the root."""
+    from orchestrator.surfaces.serve.submission import validate_submission
+
+    _, root, _, _ = service
+    registry = jobs_mod.JobRegistry.remote(root=str(root), cancel_grace_s=0, max_job_bytes=1000, disk_check_s=0.05)
+    data = {**TINY_JOB, "backend": {"kind": "ray", "workers": 1}, "output": {"dir": "disk/big"}}
+    cfg = validate_submission(json.dumps(data).encode(), "application/json", root, "big")
+    hold = Path(os.environ[jobs_mod.HOLD_DIR_ENV]) / "big.save.hold"
+    hold.write_text("")  # the job cannot finish: its checkpoints are far over 1000 bytes by its save phase
+    assert ray.get(registry.submit.remote("big", cfg.to_dict(), cfg.output.dir))[0] == 202
+    code, body = ray.get(registry.wait.remote("big", 600))  # a bound on a hang
+    hold.unlink()
+    assert body["state"] == "cancelled" and body["error"].startswith("max_job_bytes: the job wrote "), body
+    assert not (root / "disk").exists()
+    ray.kill(registry)

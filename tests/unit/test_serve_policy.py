@@ -166,3 +166,29 @@ def test_a_policy_can_require_hub_sources_pinned_to_a_commit():
     assert _problems({"model": {"source": "org/m", "revision": commit},
                       "calibration": {"source": "wikitext", "revision": commit}}, policy) == []
     assert _problems({}, policy) == []  # builtin model and data need no pin
+
+
+def test_a_job_whose_weights_alone_exceed_the_disk_cap_is_refused():
+    """Finding 4: no cap on what a job writes. The known size (2 bytes a parameter) is checked before a job starts."""
+    from orchestrator.inputs.config import TinyModelConfig
+    from orchestrator.inputs.models import tiny_params
+
+    need = 2 * tiny_params(TinyModelConfig())
+    assert _problems({"model": {"source": "tiny"}}, JobPolicy(max_job_bytes=need)) == []
+    (problem,) = _problems({"model": {"source": "tiny"}}, JobPolicy(max_job_bytes=need - 1))
+    assert problem.startswith(f"model.source: 'tiny': its weights alone take {need:,} bytes"), problem
+    (problem,) = _problems({}, JobPolicy(max_job_bytes=2**20))  # the builtin SmolLM2 too
+    assert "its weights alone take 269,030,016 bytes" in problem, problem
+
+
+def test_the_builtin_model_size_is_what_transformers_builds():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from orchestrator.plan_fit import SMOLLM2_PARAMS
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    assert SMOLLM2_PARAMS == sum(p.numel() for p in model.parameters())

@@ -274,7 +274,8 @@ def build_app(args: dict | None = None) -> serve.Application:
         init_kwargs={"job_num_cpus": opts.job_num_cpus, "max_active_jobs": opts.max_active_jobs,
                      "max_finished_jobs": opts.max_finished_jobs, "cancel_grace_s": opts.cancel_grace_s,
                      "root": root, "max_wall_s": policy.max_wall_s,
-                     "keep_failed_checkpoints": policy.keep_failed_checkpoints, "retention_s": opts.retention_s},
+                     "keep_failed_checkpoints": policy.keep_failed_checkpoints, "retention_s": opts.retention_s,
+                     "max_job_bytes": policy.max_job_bytes, "max_requeues": opts.max_requeues},
         actor_options={"num_cpus": 0},
     )
     deployment = JobService.options(num_replicas=opts.num_replicas, deployment_actors=[registry])

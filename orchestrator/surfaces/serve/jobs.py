@@ -5,7 +5,8 @@ task and can cancel it), the task reports phase events back into the registry, a
 HTTP replicas only ever ask the registry. Every change of a job is written to the journal in
 the service root (:mod:`~orchestrator.surfaces.serve.journal`): a registry that replaces a lost
 one (its node lost, out of memory, a redeploy) knows every job again, and settles the ones whose
-task died with the old registry (stopped, cleaned up, placement groups freed, recorded as failed).
+task died with the old registry: stopped and their placement groups freed, then continued from their
+checkpoint when they had one (submitted again under the same id), else cleaned up and recorded as failed.
 
 Job tasks reserve ``job_num_cpus`` CPUs each, so Ray queues submissions beyond what the
 cluster can run at once; a job's state is ``pending`` until its task starts.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 import uuid
 from pathlib import Path
@@ -24,54 +24,17 @@ from typing import Any
 import ray
 from ray.exceptions import RayError, TaskCancelledError
 
+from orchestrator.surfaces.serve.job_task import run_job
 from orchestrator.surfaces.serve.journal import LOST, TERMINAL, Job, Journal, describe_error, with_queue_position
-from orchestrator.surfaces.serve.ownership import claim, overlap, release, remove_run
+from orchestrator.surfaces.serve.ownership import claim, job_bytes, overlap, release, remove_run
 from orchestrator.surfaces.serve.teardown import free_placement_groups, kill_process, placement_prefix
-from orchestrator.testhooks import HOLD_DIR_ENV, hold_at_phase  # noqa: F401 - HOLD_DIR_ENV: the tests' name
+from orchestrator.testhooks import HOLD_DIR_ENV  # noqa: F401 - the tests' name
 
 log = logging.getLogger(__name__)
 
 #: seconds between repeated forced cancels of a job whose task has not stopped
 CANCEL_RETRY_S = 2.0
 
-
-
-@ray.remote(max_retries=0)
-def run_job(job_id: str, cfg_data: dict[str, Any], registry) -> dict[str, Any]:
-    """Run one job: ``run_prune`` with phase events forwarded to ``registry``.
-
-    The run writes into ``.NAME.tmp-<job_id>`` (see :mod:`~orchestrator.surfaces.serve.ownership`) and
-    names its placement groups :func:`placement_prefix`, so the registry can remove exactly what it owns.
-
-    Returns:
-        ``{"run_dir", "phases"}`` on success or ``{"error"}`` for a failed run; a cancelled task raises.
-    """
-    from orchestrator.coordinator import run_prune
-    from orchestrator.groups import named_placement
-    from orchestrator.inputs.loader import config_from_dict
-    from orchestrator.resume import interrupted_run_matches
-
-    registry.event.remote(job_id, "started", {"node_id": ray.get_runtime_context().get_node_id(),
-                                               "pid": os.getpid()})
-    phases: dict[str, float] = {}
-
-    def hook(event: str, fields: dict) -> None:
-        if event == "phase_end":
-            phases[fields["phase"]] = fields["seconds"]
-        recorded = registry.event.remote(job_id, event, dict(fields))
-        if event == "phase_start":
-            hold_at_phase(str(cfg_data.get("output", {}).get("dir", "")), fields["phase"],
-                          before=lambda: ray.get(recorded))
-
-    try:
-        with named_placement(placement_prefix(job_id)):
-            cfg = config_from_dict(cfg_data)
-            # a checkpoint the operator kept (keep_failed_checkpoints) of this same config: continue it
-            run_dir = run_prune(cfg, progress=False, on_event=hook, run_tag=job_id, resume=interrupted_run_matches(cfg))
-    except Exception as exc:  # noqa: BLE001 - every failure becomes the job's error line
-        log.exception("job %s failed", job_id)
-        return {"error": describe_error(exc)}
-    return {"run_dir": str(run_dir), "phases": phases}
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -92,11 +55,15 @@ class JobRegistry:
         max_wall_s: seconds a job may run before it is cancelled (the policy's ``max_wall_s``).
         keep_failed_checkpoints: keep the checkpoints of failed and cancelled jobs.
         retention_s: finished jobs older than this are forgotten and their runs deleted (None: never).
+        max_requeues: times a job lost with its registry is submitted again to continue its checkpoint.
+        max_job_bytes: bytes a job may write below the root (temp directory and checkpoints; None: no limit).
+        disk_check_s: seconds between two measurements of a running job's bytes.
     """
 
     def __init__(self, job_num_cpus: float = 1.0, max_active_jobs: int = 64, max_finished_jobs: int = 1000,
                  cancel_grace_s: float = 45.0, root: str | None = None, max_wall_s: float | None = None,
-                 keep_failed_checkpoints: bool = False, retention_s: float | None = None):
+                 keep_failed_checkpoints: bool = False, retention_s: float | None = None, max_requeues: int = 1,
+                 max_job_bytes: int | None = None, disk_check_s: float = 10.0):
         self.root = Path(root).expanduser().resolve() if root else None
         self.job_num_cpus = job_num_cpus
         self.max_active_jobs = max_active_jobs
@@ -105,6 +72,9 @@ class JobRegistry:
         self.max_wall_s = max_wall_s
         self.keep_failed_checkpoints = keep_failed_checkpoints
         self.retention_s = retention_s
+        self.max_requeues = max_requeues
+        self.max_job_bytes = max_job_bytes
+        self.disk_check_s = disk_check_s
         self.jobs: dict[str, Job] = {}
         self._tasks: set[asyncio.Task] = set()
         self.incarnation = uuid.uuid4().hex  # a recreated registry starts its change counter again
@@ -133,8 +103,17 @@ class JobRegistry:
             if job.worker is not None:  # Ray ends a dead owner's tasks; a straggler must not write on
                 await kill_process(*job.worker)
             freed = await free_placement_groups(placement_prefix(job.job_id))  # first: its ranks stop writing
-            removed = release(job.paths, self.keep_failed_checkpoints,
-                              [j.paths.final for j in self.jobs.values() if j not in self._orphans])
+            others = [j.paths.final for j in self.jobs.values() if j not in self._orphans]
+            if self._resumable(job):
+                removed = release(job.paths, True, others)  # its temp directory; the checkpoint stays
+                job.restarts += 1
+                job.state, job.phase, job.worker, job.started_at = "pending", None, None, None
+                self._start(job)
+                log.warning("job %s was %s when its registry was lost: submitted again (restart %d) to continue "
+                            "its checkpoint; removed %s; freed %s", job.job_id, state, job.restarts,
+                            removed or "nothing", freed or "no placement groups")
+                continue
+            removed = release(job.paths, self.keep_failed_checkpoints, others)
             job.state, job.phase, job.error = "failed", None, LOST.format(state=state)
             job.finished_at = time.time()
             for event in (job.running, job.settled, job.done):
@@ -143,6 +122,20 @@ class JobRegistry:
             log.warning("job %s was %s when its registry was lost: failed; removed %s; freed %s", job.job_id,
                         state, removed or "nothing", freed or "no placement groups")
         self._orphans = []
+
+    def _resumable(self, job: Job) -> bool:
+        """Whether a lost job can continue: its config is journaled, it has restarts left, and ``output.dir`` has a
+        checkpoint of that config."""
+        if job.cfg is None or job.restarts >= self.max_requeues:
+            return False
+        from orchestrator.inputs.loader import config_from_dict
+        from orchestrator.resume import interrupted_run_matches
+
+        try:
+            return interrupted_run_matches(config_from_dict(job.cfg))
+        except Exception:  # noqa: BLE001 - a record this version cannot read: the job fails as without one
+            log.warning("job %s: its journaled config is not readable", job.job_id, exc_info=True)
+            return False
 
     def _touch(self, job: Job | None) -> None:
         """Record a change (of ``job``'s view, or the forgetting of jobs) and wake the feed's followers."""
@@ -179,17 +172,23 @@ class JobRegistry:
         except OSError as exc:
             return 400, {"error": f"output.dir: cannot create the parents of {output_dir!r}: "
                                   f"{exc.strerror or type(exc).__name__}"}
-        job = Job(job_id, output_dir, paths)
-        me = ray.get_runtime_context().current_actor
-        job.ref = run_job.options(num_cpus=self.job_num_cpus, memory=memory_bytes or None,
-                                  name=f"rayprune-job-{job_id}").remote(job_id, cfg_data, me)
+        job = Job(job_id, output_dir, paths, cfg=cfg_data, memory_bytes=memory_bytes)
         self.jobs[job_id] = job
+        self._start(job)
+        log.info("job %s submitted (output %s)", job_id, output_dir)
+        return 202, job.view()
+
+    def _start(self, job: Job) -> None:
+        """Submit ``job``'s task and watch it (its time and disk limits included)."""
+        me = ray.get_runtime_context().current_actor
+        job.ref = run_job.options(num_cpus=self.job_num_cpus, memory=job.memory_bytes or None,
+                                  name=f"rayprune-job-{job.job_id}").remote(job.job_id, job.cfg, me)
         self._touch(job)
         self._spawn(self._watch(job))
         if self.max_wall_s:
             self._spawn(self._time_limit(job, self.max_wall_s))
-        log.info("job %s submitted (output %s)", job_id, output_dir)
-        return 202, job.view()
+        if self.max_job_bytes is not None:
+            self._spawn(self._disk_limit(job, self.max_job_bytes))
 
     async def event(self, job_id: str, event: str, fields: dict) -> None:
         """Record a progress event sent by a job task."""
@@ -209,6 +208,8 @@ class JobRegistry:
                 job.phase = None
         elif event == "done":
             job.run_dir = fields.get("run_dir")
+        elif event == "resuming":
+            job.resumed = True
         else:
             return
         self._touch(job)
@@ -295,6 +296,8 @@ class JobRegistry:
         if not job.done.is_set():
             return await self.cancel(job_id)
         removed = await asyncio.to_thread(remove_run, job.run_dir, self.root)
+        if job.state != "succeeded":  # a checkpoint the operator kept would block its output.dir for good
+            removed += release(job.paths, False, [j.paths.final for j in self._active()])
         self._forget(job)
         log.info("job %s deleted (%s)", job_id, ", ".join(removed) or "no run")
         return 200, {**job.view(), "deleted": True, "removed": removed}
@@ -336,6 +339,16 @@ class JobRegistry:
         log.warning("job %s exceeded the time limit of %.0f s: cancelling it", job.job_id, limit_s)
         await self.cancel(job.job_id, reason=f"max_wall_s: the job ran longer than the service limit of "
                                              f"{limit_s:g} s and was cancelled")
+
+    async def _disk_limit(self, job: Job, limit: int) -> None:
+        """Cancel ``job`` once its temp directory and checkpoints hold more than ``limit`` bytes."""
+        while not await self._wait(job.done, self.disk_check_s):
+            used = await asyncio.to_thread(job_bytes, job.paths)
+            if used > limit and not job.done.is_set():
+                log.warning("job %s wrote %d bytes, over the limit of %d: cancelling it", job.job_id, used, limit)
+                await self.cancel(job.job_id, reason=f"max_job_bytes: the job wrote {used:,} bytes below the service "
+                                                     f"root, over the service limit of {limit:,}, and was cancelled")
+                return
 
     async def _watch(self, job: Job) -> None:
         """Wait for the job's task, record its outcome, remove what a failed job owned, free its groups."""

@@ -5,9 +5,11 @@ The registry (:class:`~orchestrator.surfaces.serve.jobs.JobRegistry`) writes one
 sees the old record or the new one). A registry that starts on a root with records (its actor was
 lost with its node, ran out of memory, or a RayService upgrade replaced it) loads them: finished jobs
 are known again as they were, and jobs that were pending or running lost their task with the old
-registry (Ray ends the tasks a dead owner submitted); the new registry stops whatever is left of
-them, removes what they owned and frees their placement groups, and records them as failed with the
-reason, so a client polling such a job gets an answer instead of a 404.
+registry (Ray ends the tasks a dead owner submitted). The new registry stops whatever is left of
+them and frees their placement groups; a job with a checkpoint of its own config (a distributed run
+past its first checkpoint) is submitted again under the same id and continues from that checkpoint
+(at most ``max_requeues`` times), every other one has what it owned removed and is recorded as failed
+with the reason, so a client polling such a job gets an answer instead of a 404.
 
 One registry per service root: the journal is its memory, not a shared database.
 """
@@ -121,18 +123,22 @@ class Job:
     cancel_reason: str | None = None
     worker: tuple[str, int] | None = None  # (node id, pid) of the process running the job's task
     version: int = 0  # the registry's change counter at this job's last change
+    cfg: dict[str, Any] | None = None  # the validated run config (what a requeue submits again)
+    memory_bytes: int = 0  # host memory reserved for its coordinator
+    restarts: int = 0  # times it was submitted again after the loss of its registry
+    resumed: bool = False  # its run continued a checkpoint (kept by a failed run, or left by a lost registry)
 
     def record(self) -> dict[str, Any]:
         """What the journal keeps of this job: its view, the paths it owns and the process running it."""
         return {**self.view(), "paths": paths_record(self.paths), "worker": list(self.worker) if self.worker else None,
-                "cancel_reason": self.cancel_reason}
+                "cancel_reason": self.cancel_reason, "cfg": self.cfg, "memory_bytes": self.memory_bytes}
 
     @classmethod
     def restore(cls, record: dict[str, Any]) -> Job:
         """A job as a journal record left it (a finished one is done; see the module docstring)."""
         job = cls(record["job_id"], record["output_dir"], paths_from(record["paths"]))
         for key in ("state", "phase", "error", "run_dir", "submitted_at", "started_at", "finished_at",
-                    "cancel_reason"):
+                    "cancel_reason", "cfg", "memory_bytes", "restarts", "resumed"):
             if key in record:
                 setattr(job, key, record[key])
         job.phases = dict(record.get("progress", {}).get("phases", {}))
@@ -156,6 +162,8 @@ class Job:
             "submitted_at": self.submitted_at,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
+            "restarts": self.restarts,
+            "resumed": self.resumed,
         }
 
 

@@ -40,6 +40,8 @@ class JobServiceOptions:
             safe defaults of :class:`~orchestrator.surfaces.serve.policy.JobPolicy`).
         retention_s: finished jobs older than this are forgotten and their runs deleted (null: kept until
             ``DELETE`` or ``max_finished_jobs``, which only forgets the status).
+        max_requeues: times a job lost with its registry is submitted again to continue its checkpoint (0: such
+            jobs fail).
     """
 
     root: str | None = None
@@ -52,6 +54,7 @@ class JobServiceOptions:
     num_replicas: int = 1
     policy_file: str | None = None
     retention_s: float | None = None
+    max_requeues: int = 1
 
 
 @dataclass
@@ -99,7 +102,7 @@ def parse_options(cls: type[T], args: dict[str, Any] | None) -> T:
         if f.name in ("job_num_cpus", "max_active_jobs", "max_finished_jobs", "max_body_bytes", "num_replicas",
                       "max_new_tokens_limit") and value <= 0:
             problems.append(f"{f.name}: must be > 0, got {value!r}")
-        if f.name in ("cancel_grace_s", "num_cpus") and value < 0:
+        if f.name in ("cancel_grace_s", "num_cpus", "max_requeues") and value < 0:
             problems.append(f"{f.name}: must be >= 0, got {value!r}")
     if problems:
         raise ConfigError(problems)

@@ -13,6 +13,7 @@ inside the registry actor, one call at a time, so no two jobs race on a ``mkdir`
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,8 +27,6 @@ log = logging.getLogger(__name__)
 def temp_dir(final: Path, job_id: str) -> Path:
     """The temp directory a job's RunWriter writes (``RunWriter(out, tag=job_id)``)."""
     return final.parent / f".{final.name}.tmp-{job_id}"
-
-
 
 
 @dataclass
@@ -127,3 +126,17 @@ def remove_run(run_dir: str | None, root: Path | None) -> list[str]:
         return []
     shutil.rmtree(path, ignore_errors=True)
     return [str(path)]
+
+
+def job_bytes(paths: JobPaths) -> int:
+    """Bytes a running job has written below the root: its temp directory and the checkpoints beside its output."""
+    targets = [temp_dir(paths.final, paths.job_id), checkpoint_path(paths.final)]
+    total = 0
+    for target in targets:
+        for here, _, files in os.walk(target):
+            for name in files:
+                try:
+                    total += (Path(here) / name).lstat().st_size
+                except OSError:  # removed while we walked (a rename into place, a cleaned version)
+                    continue
+    return total

@@ -30,6 +30,7 @@ from orchestrator.errors import ConfigError, UsageError
 from orchestrator.evaluation.lmeval import LmEvalTask, parse_task_spec
 from orchestrator.inputs.config import RunConfig
 from orchestrator.inputs.yamlconf import StrictLoader
+from orchestrator.plan_fit import known_params
 
 POLICY_ENV = "RAYPRUNE_SERVE_POLICY"
 BUILTIN_MODELS = ("smollm2-135m", "tiny")
@@ -72,6 +73,9 @@ class JobPolicy(BaseModel):
         max_lstsq_rounds: cap on ``pruning.lstsq.rounds``.
         max_tune_epochs: cap on ``pruning.block_tune.epochs``.
         max_retries: cap on ``backend.max_retries``.
+        max_job_bytes: bytes a job may write below the service root (its temp directory and checkpoints); a
+            running job over it is cancelled, and one whose model alone cannot fit (2 bytes a parameter, where the
+            shape is known before loading) is refused.
         require_pinned: hub sources must name a commit (``model.revision``, ``calibration.revision``,
             ``eval.revision``: 40 hexadecimal characters), so a push to the hub cannot change what a job reads.
     """
@@ -105,6 +109,7 @@ class JobPolicy(BaseModel):
     max_lstsq_rounds: int = Field(8, gt=0)
     max_tune_epochs: int = Field(10, gt=0)
     max_retries: int = Field(5, ge=0)
+    max_job_bytes: int = Field(2**40, gt=0)
     require_pinned: bool = False
 
     @field_validator("model_roots", "data_roots")
@@ -304,4 +309,9 @@ def policy_problems(cfg: RunConfig, policy: JobPolicy) -> list[str]:
         if n > policy.max_tiny_params:
             problems.append(f"model.tiny: a shape of {n:,} parameters exceeds the service limit of "
                             f"{policy.max_tiny_params:,} (policy max_tiny_params)")
+    least = 2 * known_params(cfg)  # the published weights alone, in 16 bits: a lower bound on what a run writes
+    if least > policy.max_job_bytes:
+        problems.append(f"model.source: {m.source!r}: its weights alone take {least:,} bytes, over the service "
+                        f"limit of {policy.max_job_bytes:,} bytes a job may write (policy max_job_bytes)")
     return problems
+

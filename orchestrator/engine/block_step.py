@@ -41,6 +41,7 @@ from orchestrator.engine.block_tune import Reduce, tune_block
 from orchestrator.engine.blocks import block_linears, collect_inputs, forward_all
 from orchestrator.engine.device import Placement
 from orchestrator.inputs.config import PruningConfig
+from orchestrator.pruning.admm import AdmmSettings
 from orchestrator.pruning.methods import LayerPruneResult, needs_xtx, prune_reconstructed, prune_weight
 from orchestrator.pruning.owl import outlier_counts, owl_sparsities
 from orchestrator.pruning.scores import wanda_score
@@ -207,6 +208,15 @@ def reduce_stats(stats: dict[str, ActivationStats], reduce: Reduce) -> None:
         st.samples, st.tokens = int(counts[0]), int(counts[1])
 
 
+def search_settings(cfg: PruningConfig) -> AdmmSettings | None:
+    """The ADMM support search's settings (``pruning.search: admm``), or None."""
+    if cfg.search != "admm":
+        return None
+    a = cfg.admm
+    return AdmmSettings(rho=a.rho, max_iters=a.max_iters, min_iters=a.min_iters, stop_tol=a.stop_tol,
+                        percdamp=cfg.lstsq.percdamp)
+
+
 def prune_linears(linears: dict[str, nn.Linear], stats: dict[str, ActivationStats] | None, grads: GradLookup,
                   cfg: PruningConfig) -> dict[str, LayerPruneResult]:
     """Prune every linear of one block in place with the configured method (then reconstruct).
@@ -231,7 +241,8 @@ def prune_linears(linears: dict[str, nn.Linear], stats: dict[str, ActivationStat
         if cfg.reconstruct != "none":
             ls = cfg.lstsq
             res = prune_reconstructed(lin.weight.data, cfg.method, cfg.target_sparsity, cfg.nm, act, ls.rounds,
-                                      ls.solver, ls.percdamp, ls.iters, ls.tol, **kw)
+                                      ls.solver, ls.percdamp, ls.iters, ls.tol, search_settings(cfg), cfg.swaps,
+                                      **kw)
         else:
             res = prune_weight(lin.weight.data, cfg.method, cfg.target_sparsity, cfg.nm, act=act, **kw)
         lin.weight.data.copy_(res.weight)

@@ -157,6 +157,17 @@ class LstsqConfig:
 
 
 @dataclass
+class AdmmConfig:
+    """The ADMM support search (``pruning.search: admm``, METHODS.md section 2, "mask search")."""
+
+    rho: float = opt(0.1, gt=0, help="initial penalty, relative to the unit diagonal of the input-normalised X^T X")
+    max_iters: int = opt(300, gt=0, help="most ADMM iterations per layer")
+    min_iters: int = opt(30, ge=0, help="iterations before the search may stop")
+    stop_tol: float = opt(3e-4, ge=0, lt=1, help="stop once less than this fraction of the kept weights changed "
+                          "between two checks (every 3 iterations)")
+
+
+@dataclass
 class BlockTuneConfig:
     """Block-level tuning of the kept weights (``pruning.reconstruct: block``, METHODS.md section 2)."""
 
@@ -188,6 +199,13 @@ class PruningConfig:
                                                "output on the calibration inputs (any method); `block`: then "
                                                "tune each block's kept weights to match the dense block's output")
     lstsq: LstsqConfig = field(default_factory=LstsqConfig)
+    search: Literal["none", "admm"] = opt("none", help="`admm`: search each layer's mask by ADMM on its reconstruction "
+                                                       "objective, from the method's mask (the gradient term weighs "
+                                                       "its projection for gradient methods); needs `reconstruct`")
+    admm: AdmmConfig = field(default_factory=AdmmConfig)
+    swaps: int = opt(0, ge=0, help="rounds of swap moves after the mask (and the search): each row trades a kept for "
+                     "a pruned weight where that lowers its reconstruction error (N:M: inside a group); needs "
+                     "`reconstruct`")
     block_tune: BlockTuneConfig = field(default_factory=BlockTuneConfig)
     allocation: Literal["uniform", "owl"] = opt("uniform", help="per-block sparsity: the same everywhere, or by "
                                                                 "outlier share (OWL; unstructured, mean = target)")

@@ -22,6 +22,10 @@ def validate(cfg: Any) -> list[str]:
         if abs(pr.sparsity - n / m) > 1e-9:
             p.append(f"pruning.sparsity: {pr.sparsity!r} contradicts pattern {pr.pattern} (implies {n / m})")
     p.extend(_sweep_problems(cfg))
+    if pr.search != "none" and pr.reconstruct == "none":
+        p.append(f"pruning.search: {pr.search} needs the layers' X^T X: set pruning.reconstruct to layer or block")
+    if pr.swaps and pr.reconstruct == "none":
+        p.append(f"pruning.swaps: {pr.swaps} needs the layers' X^T X: set pruning.reconstruct to layer or block")
     if pr.allocation == "owl" and pr.nm is not None:
         p.append(f"pruning.allocation: owl needs pattern unstructured (N:M fixes every block's sparsity), "
                  f"got {pr.pattern!r}")

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 #: config sections whose settings the card lists (the rest: execution and evaluation plumbing)
-_METHOD_KEYS = ("method", "sparsity", "pattern", "sequential", "allocation", "reconstruct", "gblm", "lstsq")
+_METHOD_KEYS = ("method", "sparsity", "pattern", "sequential", "allocation", "reconstruct", "gblm", "lstsq", "search",
+                "admm", "swaps")
 
 
 def base_model(source: str) -> str | None:

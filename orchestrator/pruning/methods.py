@@ -8,11 +8,13 @@ from typing import Any
 
 import torch
 
+from orchestrator.pruning.admm import AdmmSettings, admm_mask, layer_objective
 from orchestrator.pruning.masks import build_mask, nm_mask
 from orchestrator.pruning.reconstruct import reconstruct
 from orchestrator.pruning.scores import gblm_score, gradient_term, magnitude_score, wanda_score
 from orchestrator.pruning.sparsegpt import sparsegpt_prune
 from orchestrator.pruning.stats import ActivationStats
+from orchestrator.pruning.swaps import refine_swaps
 
 #: methods that choose their mask inside SparseGPT's OBS update (they need ``sum x x^T``)
 OBS_METHODS = ("sparsegpt", "gblm-sparsegpt")
@@ -155,6 +157,8 @@ def prune_reconstructed(
     lstsq_damp: float = 0.01,
     iters: int = 10,
     tol: float = 0.0,
+    search: AdmmSettings | None = None,
+    swaps: int = 0,
     **method_kw: Any,
 ) -> LayerPruneResult:
     """Prune one weight, then re-solve its kept weights by least squares (``reconstruct: layer``).
@@ -171,6 +175,9 @@ def prune_reconstructed(
         rounds: mask-selection rounds ``T``.
         solver, lstsq_damp, iters, tol: the least-squares solver
             (:func:`~orchestrator.pruning.reconstruct.reconstruct`).
+        search: ADMM settings: search the support from the method's mask (one round; see
+            :func:`_search_support`), or None.
+        swaps: rounds of swap refinement after the mask (and the search); 0: none.
         **method_kw: the rest of :func:`prune_weight`'s options (GBLM's gradient, alpha, ...).
 
     Returns:
@@ -178,9 +185,12 @@ def prune_reconstructed(
     """
     if act is None or act.xtx is None:
         raise ValueError(f"{method_kw.get('name', 'layer')}: reconstruction needs activation statistics with xtx")
-    if method in OBS_METHODS or rounds <= 1:
+    if method in OBS_METHODS or rounds <= 1 or search is not None or swaps:
         res = prune_weight(weight, method, sparsity, nm, act=act, **method_kw)
         res.weight = reconstruct(weight, res.mask, act.xtx, solver, lstsq_damp, iters, tol)
+        if search is not None or swaps:
+            res = _search_support(weight, res, sparsity, nm, act.xtx, search, swaps, (solver, lstsq_damp, iters, tol),
+                                  method, method_kw)
         return res
     score_kw = {k: v for k, v in method_kw.items() if k in ("grad", "alpha", "norm", "grad_scale", "weighting", "name")}
     current = weight
@@ -195,3 +205,31 @@ def prune_reconstructed(
         current = reconstruct(weight, mask, act.xtx, solver, lstsq_damp, iters, tol)
     kept = score[~mask]
     return LayerPruneResult(current, mask, float(kept.mean()) if kept.numel() else 0.0)
+
+
+def _search_support(weight: torch.Tensor, start: LayerPruneResult, sparsity: float, nm: tuple[int, int] | None,
+                    xtx: torch.Tensor, settings: AdmmSettings | None, swaps: int, lstsq: tuple, method: str,
+                    method_kw: dict[str, Any]) -> LayerPruneResult:
+    """Improve ``start`` (the method's mask, kept weights re-solved): the ADMM support searched from its mask
+    (``settings``), then ``swaps`` rounds of swap moves, the kept weights re-solved after each. A step whose
+    result reconstructs the layer worse is dropped, so the output error never rises above ``start``'s."""
+    best, best_err = start, layer_objective(start.weight, weight, xtx)
+
+    def consider(w: torch.Tensor, mask: torch.Tensor) -> None:
+        nonlocal best, best_err
+        err = layer_objective(w, weight, xtx)
+        if err < best_err:
+            best, best_err = LayerPruneResult(w.to(weight.dtype), mask, start.score_mean), err
+
+    if settings is not None:
+        g = None
+        if method in GRADIENT_METHODS and method_kw.get("grad") is not None:
+            g = gradient_term(method_kw["grad"], method_kw.get("norm", "l1"))
+        found = admm_mask(weight, xtx, sparsity, nm, init_mask=start.mask, grad_term=g,
+                          grad_alpha=float(method_kw.get("alpha", 0.0)), settings=settings)
+        consider(reconstruct(weight, found.mask, xtx, *lstsq), found.mask)
+    if swaps:
+        moved = refine_swaps(best.weight, weight, best.mask, xtx, nm, swaps, percdamp=lstsq[1])
+        consider(moved.weight, moved.mask)
+        consider(reconstruct(weight, moved.mask, xtx, *lstsq), moved.mask)
+    return best

@@ -41,6 +41,10 @@ SCORE_BYTES_PER_WEIGHT = FP32 + FP32 + 8 + 1
 #: (``pruning.sparsegpt``): the scaled Hessian, its damped copy and one Cholesky factor (3 x 3.3 GB for a 70B
 #: ``down_proj``)
 SPARSEGPT_H_COPIES = 3
+#: the ADMM support search (``pruning.search: admm``) of the widest linear: fp64 ``H`` (normalised in place), its
+#: eigenvectors and the eigensolver's workspace, the fp32 inverse; and ``(out, in)`` fp32 iterates of the largest
+ADMM_IN_IN_BYTES = 3 * 8 + FP32
+ADMM_OUT_IN_COPIES = 9
 
 #: the coordinator's resident memory apart from its windows: Python, torch, transformers, the Ray driver, the
 #: tokenizer and the model's meta-device skeleton; independent of the model's size (it holds no weight).
@@ -158,7 +162,7 @@ def plan(
     model_config: Any, *, workers: int, method: str, norm: str = "l1", num_samples: int, seq_len: int,
     dtype_bytes: int = 2, grad_batch: int = 4, reconstruct: str = "none", checkpoint: bool = False,
     offload_stats: bool = False, second_order: bool = False, host_collectives: bool = False,
-    compute_bytes: int | None = None,
+    compute_bytes: int | None = None, search: str = "none",
 ) -> Plan:
     """Predict per-worker memory and communication for one run.
 
@@ -175,6 +179,7 @@ def plan(
             reduce-scatter serve all of them.
         reconstruct: ``pruning.reconstruct``; anything but ``none`` keeps ``sum x x^T`` like SparseGPT,
             and ``block`` adds the block tuning's optimiser state and one sequence's backward.
+        search: ``pruning.search``; ``admm`` adds the search's eigendecomposition and iterates.
         checkpoint: the gradient pass recomputes each block's activations in the backward
             (``backend.activation_checkpointing``).
         offload_stats: the statistic partitions are kept in host memory (``backend.offload_stats``).
@@ -212,6 +217,9 @@ def plan(
                               + s.largest_linear() * SCORE_BYTES_PER_WEIGHT)
     if method in ("sparsegpt", "gblm-sparsegpt"):  # H, its damped copy and a Cholesky factor beside xtx at once
         largest += SPARSEGPT_H_COPIES * max(i for _, i in s.block_linears().values()) ** 2 * FP32
+    if search == "admm":
+        largest += (ADMM_IN_IN_BYTES * max(i for _, i in s.block_linears().values()) ** 2
+                    + ADMM_OUT_IN_COPIES * s.largest_linear() * FP32)
     if reconstruct == "block":  # Adam's two moments and the gradient of the kept weights, one sequence's backward
         largest += 3 * block_lin * FP32 + seq_len * s.activations_per_token() * FP32
     grad_pass = comm_seq = fold = 0
@@ -296,7 +304,7 @@ def run_plan_kwargs(cfg: Any, workers: int | None = None, native_bf16: bool | No
     return dict(workers=workers or b.workers, method="saap" if st.enabled else pr.method, norm=pr.gblm.norm,
                 num_samples=cfg.calibration.num_samples, seq_len=cfg.calibration.seq_len,
                 dtype_bytes=element_bytes(cfg.model.dtype), grad_batch=b.grad_batch_size,
-                reconstruct=pr.reconstruct, offload_stats=b.offload_stats,
+                reconstruct=pr.reconstruct, search=pr.search, offload_stats=b.offload_stats,
                 second_order="element2" in st.estimators, compute_bytes=compute)
 
 
@@ -336,14 +344,14 @@ def min_workers(
     model_config: Any, gpu_bytes: int, *, safety_factor: float = 1.2, method: str = "gblm", norm: str = "l1",
     num_samples: int = 128, seq_len: int = 2048, dtype_bytes: int = 2, grad_batch: int = 4, max_workers: int = 4096,
     reconstruct: str = "none", checkpoint: bool = False, offload_stats: bool = False, second_order: bool = False,
-    compute_bytes: int | None = None, need: Callable[[Plan], int] | None = None,
+    compute_bytes: int | None = None, need: Callable[[Plan], int] | None = None, search: str = "none",
 ) -> int:
     """Smallest ``W`` whose predicted peak, times ``safety_factor``, fits in ``gpu_bytes``.
 
     Args:
         model_config: as for :func:`plan` (so are ``method``, ``norm``, ``num_samples``,
             ``seq_len``, ``dtype_bytes``, ``grad_batch``, ``reconstruct``, ``checkpoint``, ``offload_stats``,
-            ``second_order`` and ``compute_bytes``).
+            ``second_order``, ``compute_bytes`` and ``search``).
         gpu_bytes: memory of one GPU in bytes.
         safety_factor: multiplier (>= 1) on the predicted peak to leave headroom.
         max_workers: search limit.
@@ -364,7 +372,7 @@ def min_workers(
         p = plan(model_config, workers=w, method=method, norm=norm, num_samples=num_samples,
                  seq_len=seq_len, dtype_bytes=dtype_bytes, grad_batch=grad_batch, reconstruct=reconstruct,
                  checkpoint=checkpoint, offload_stats=offload_stats, second_order=second_order,
-                 compute_bytes=compute_bytes)
+                 compute_bytes=compute_bytes, search=search)
         return (p.peak_bytes if need is None else need(p)) * safety_factor <= gpu_bytes
 
     if not fits(max_workers):

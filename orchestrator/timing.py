@@ -118,6 +118,8 @@ GPU_MFU = 0.45
 SORT_PASSES = 16
 #: bytes/s a GPU node writes checkpoints (an assumption: one local NVMe drive shared by the node's 8 workers)
 NODE_SAVE_BW = 2e9
+#: iterations of the ADMM support search per linear (30-36 measured on SmolLM2-135M, 50% and 2:4)
+ADMM_ITERS = 33
 PROFILES: dict[str, Accelerator] = {
     name: Accelerator(label, fp32 * GPU_MFU, bf16 * GPU_MFU, hbm * 0.7, link * 0.7, hbm * 0.7 / (4 * SORT_PASSES),
                       save_bw=NODE_SAVE_BW)
@@ -174,7 +176,7 @@ def predict_phases(model_config: Any, acc: Accelerator, *, workers: int, method:
                    grad_dtype: str = "float32", checkpoint: bool = False, sequential: bool = True,
                    reconstruct: str = "none", eval_windows: int = 0, eval_seq_len: int = 512,
                    eval_workers: int = 1, grad_samples: int | None = None, eval_dtype: str | None = None,
-                   grad_saves: int = 0) -> dict[str, float]:
+                   grad_saves: int = 0, search: str = "none") -> dict[str, float]:
     """Predicted seconds of the gradient pass, the block pass and one model's evaluation.
 
     Args:
@@ -199,6 +201,7 @@ def predict_phases(model_config: Any, acc: Accelerator, *, workers: int, method:
             4-byte parameters, else bf16.
         grad_saves: checkpoints of the gradient statistics during the gradient pass (:func:`gradient_saves`).
         grad_samples: windows of the gradient pass (``gblm.grad_samples``; None: all ``num_samples``).
+        search: ``pruning.search`` (``admm``: the support search's iterations and eigendecompositions).
 
     Returns:
         phase -> seconds (``gradient_pass`` for gradient methods and SAAP, ``block_pass`` for one-shot methods,
@@ -243,6 +246,9 @@ def predict_phases(model_config: Any, acc: Accelerator, *, workers: int, method:
             compute += tokens * s.layers * sum(2 * i * i for i in ins) / acc.flops(forward_dtype)
             solves = s.layers * sum(2 * o * i * i + i**3 for o, i in s.block_linears().values())
             compute += solves / acc.alone().flops(forward_dtype)  # while the others wait: the scorer has the machine
+        if search == "admm":  # per linear, ADMM_ITERS (out, in) @ (in, in) products and one fp64 eigensolve (~9 i^3)
+            admm = s.layers * sum(ADMM_ITERS * 2 * o * i * i + 9 * i**3 for o, i in s.block_linears().values())
+            compute += admm / acc.alone().flops("float32")
         if method in ("magnitude", "wanda", "gblm"):  # the scorer ranks every row of every weight (rank 0, alone)
             compute += lin / acc.alone().score_rate
         # the block gathers, and every pruned weight and its mask on their way to the coordinator

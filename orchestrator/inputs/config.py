@@ -158,7 +158,7 @@ class LstsqConfig:
 
 @dataclass
 class AdmmConfig:
-    """The ADMM support search (``pruning.search: admm``, METHODS.md section 2, "mask search")."""
+    """The ADMM support search (``pruning.search: admm``; orchestrator/pruning/admm.py)."""
 
     rho: float = opt(0.1, gt=0, help="initial penalty, relative to the unit diagonal of the input-normalised X^T X")
     max_iters: int = opt(300, gt=0, help="most ADMM iterations per layer")

@@ -1,4 +1,4 @@
-"""Support search by ADMM on the layer reconstruction objective (METHODS.md section 2, "mask search").
+"""Support search by ADMM on the layer reconstruction objective (`pruning.search: admm`, after the method's mask).
 
 With ``H = X^T X`` of the layer's calibration inputs and the dense weight ``W0`` (``(out, in)``), the
 mask is chosen by approximately solving::
@@ -46,6 +46,7 @@ class AdmmSettings:
         min_iters: iterations before the search may stop.
         stop_tol: stop once the fraction of kept weights that changed between checks is below this.
         percdamp: ridge on ``H`` as a fraction of ``mean(diag H)``.
+        grad_alpha: weight of the normalised gradient term in the projection (used where a gradient term is given).
     """
 
     rho: float = 0.1
@@ -54,6 +55,7 @@ class AdmmSettings:
     min_iters: int = 30
     stop_tol: float = 3e-4
     percdamp: float = 0.01
+    grad_alpha: float = 0.0
 
 
 @dataclass
@@ -103,7 +105,7 @@ def _saliency(z: torch.Tensor, grad_w: torch.Tensor | None, alpha: float) -> tor
 
 
 def admm_mask(weight: torch.Tensor, xtx: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None,
-              init_mask: torch.Tensor | None = None, grad_term: torch.Tensor | None = None, grad_alpha: float = 0.0,
+              init_mask: torch.Tensor | None = None, grad_term: torch.Tensor | None = None,
               settings: AdmmSettings | None = None) -> AdmmOutcome:
     """Search the support of one layer by ADMM (see the module docstring).
 
@@ -113,14 +115,15 @@ def admm_mask(weight: torch.Tensor, xtx: torch.Tensor, sparsity: float, nm: tupl
         sparsity: fraction pruned (unstructured; ignored for N:M).
         nm: ``(n, m)`` or None.
         init_mask: ``(out, in)`` bool, the starting support (True = pruned); None: the projection of ``W0``.
-        grad_term: ``(out, in)`` GBLM's gradient term, or None (the search without gradients).
-        grad_alpha: weight of the normalised gradient term in the projection.
+        grad_term: ``(out, in)`` GBLM's gradient term, or None (the search without gradients); weighted by
+            ``settings.grad_alpha``.
         settings: the search's settings (defaults: :class:`AdmmSettings`).
 
     Returns:
         The support found, the iterations run and the final ``rho``.
     """
     s = settings or AdmmSettings()
+    grad_alpha = s.grad_alpha
     w0 = weight.detach().float()  # (out, in)
     h = xtx.detach().double()  # (in, in)
     damp = s.percdamp * float(torch.diag(h).mean())

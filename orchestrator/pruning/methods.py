@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from orchestrator.pruning.admm import AdmmSettings, admm_mask, layer_objective
+from orchestrator.pruning.admm import AdmmSettings, admm_mask
 from orchestrator.pruning.masks import build_mask, nm_mask
-from orchestrator.pruning.reconstruct import reconstruct
+from orchestrator.pruning.reconstruct import output_error, reconstruct
 from orchestrator.pruning.scores import gblm_score, gradient_term, magnitude_score, wanda_score
 from orchestrator.pruning.sparsegpt import sparsegpt_prune
 from orchestrator.pruning.stats import ActivationStats
@@ -213,11 +213,12 @@ def _search_support(weight: torch.Tensor, start: LayerPruneResult, sparsity: flo
     """Improve ``start`` (the method's mask, kept weights re-solved): the ADMM support searched from its mask
     (``settings``), then ``swaps`` rounds of swap moves, the kept weights re-solved after each. A step whose
     result reconstructs the layer worse is dropped, so the output error never rises above ``start``'s."""
-    best, best_err = start, layer_objective(start.weight, weight, xtx)
+    h = xtx.float()  # (in, in): the objective in fp32 (a comparison of two errors, not a result)
+    best, best_err = start, output_error(start.weight, weight, h)
 
     def consider(w: torch.Tensor, mask: torch.Tensor) -> None:
         nonlocal best, best_err
-        err = layer_objective(w, weight, xtx)
+        err = output_error(w, weight, h)
         if err < best_err:
             best, best_err = LayerPruneResult(w.to(weight.dtype), mask, start.score_mean), err
 
@@ -225,8 +226,7 @@ def _search_support(weight: torch.Tensor, start: LayerPruneResult, sparsity: flo
         g = None
         if method in GRADIENT_METHODS and method_kw.get("grad") is not None:
             g = gradient_term(method_kw["grad"], method_kw.get("norm", "l1"))
-        found = admm_mask(weight, xtx, sparsity, nm, init_mask=start.mask, grad_term=g,
-                          grad_alpha=float(method_kw.get("alpha", 0.0)), settings=settings)
+        found = admm_mask(weight, xtx, sparsity, nm, init_mask=start.mask, grad_term=g, settings=settings)
         consider(reconstruct(weight, found.mask, xtx, *lstsq), found.mask)
     if swaps:
         moved = refine_swaps(best.weight, weight, best.mask, xtx, nm, swaps, percdamp=lstsq[1])

@@ -1,4 +1,4 @@
-"""Mask refinement by swap moves on the layer reconstruction objective (METHODS.md section 2, "mask search").
+"""Mask refinement by swap moves on the layer reconstruction objective (`pruning.swaps`, after the mask).
 
 Each output row ``r`` of a pruned layer is its own problem: with ``e = w - w0`` (the row's change from its
 dense weights) and ``H = X^T X`` (damped), its output error is ``f = e H e^T`` and ``u = H e`` its half

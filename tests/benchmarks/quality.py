@@ -20,6 +20,7 @@ import argparse
 import copy
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +41,7 @@ DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 ROOT = Path(__file__).resolve().parents[2]
 PEER_PYTHON = ROOT / ".venv-peer" / "bin" / "python"
 PEER = "llmc-"  # row methods run by llm-compressor in its own process
+ALPS = "alps"  # the ALPS peer row, run from the checkout given by --alps in its own process
 
 
 def main() -> None:
@@ -54,6 +56,8 @@ def main() -> None:
     ap.add_argument("--data", default=str(DATA), help="folder with the two benchmark parquet files")
     ap.add_argument("--peer-python", default=str(PEER_PYTHON),
                     help="Python of the llm-compressor environment (rows `llmc-wanda/...`, `llmc-sparsegpt/...`)")
+    ap.add_argument("--alps", default=None, metavar="DIR",
+                    help="a checkout of github.com/mazumder-lab/ALPS (rows `alps/...`; skipped without it)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("overrides", nargs="*",
                     help="extra KEY=VALUE config overrides (e.g. backend.forward_dtype=bfloat16)")
@@ -84,7 +88,7 @@ def main() -> None:
     rows = []
     grad_cache: dict[tuple, tuple[dict, float]] = {}  # one gradient pass per gradient setting, shared by rows
     for method, pattern, options in row_specs(args):
-        if method.startswith(PEER):
+        if method.startswith(PEER) or method == ALPS:
             row = peer_row(args, method, pattern, options, path, calib, dense)
             if "skipped" not in row:
                 model = row.pop("model")
@@ -155,10 +159,11 @@ def write_result(out: str, dense_ppl: float, dense_acc: float, seq_len: int, row
 
 def peer_row(args: argparse.Namespace, method: str, pattern: str, options: dict[str, str], model_path: str,
              calib: torch.Tensor, dense: torch.nn.Module) -> dict:
-    """One llm-compressor row: prune in the peer environment's process, load its weights into a copy of ``dense``.
+    """One peer row (llm-compressor, or ALPS): prune in the peer's own process, load its weights into a copy of
+    ``dense``.
 
     Options: ``sparsity=F`` (unstructured) and ``allocation=owl`` (llm-compressor's OWL profile).
-    The row says ``skipped`` when the peer environment is missing or its run fails.
+    The row says ``skipped`` when the peer environment (or the ALPS checkout) is missing or its run fails.
     """
     import subprocess
     import tempfile
@@ -166,19 +171,27 @@ def peer_row(args: argparse.Namespace, method: str, pattern: str, options: dict[
     from safetensors.torch import load_file
 
     row: dict = {"method": method, "pattern": pattern, "options": options}
-    if not Path(args.peer_python).exists():
-        return {**row, "skipped": f"no llm-compressor environment at {args.peer_python} (make peer-venv)"}
     sparsity = float(options.get("sparsity", 0.5))
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(calib, f"{tmp}/calib.pt")
-        cmd = [args.peer_python, str(Path(__file__).with_name("peer_llmcompressor.py")), "--model", model_path,
-               "--calib", f"{tmp}/calib.pt", "--method", method[len(PEER):], "--pattern", pattern,
-               "--sparsity", str(sparsity), "--threads", str(args.threads), "--out", f"{tmp}/w.safetensors"]
+    common = ["--model", model_path, "--pattern", pattern, "--sparsity", str(sparsity), "--threads", str(args.threads)]
+    if method == ALPS:
+        if not args.alps:
+            return {**row, "skipped": "no ALPS checkout given (--alps DIR)"}
+        script = str(Path(__file__).with_name("peer_alps.py"))
+        peer, phase, cmd = "ALPS", "alps", [sys.executable, script, "--alps", args.alps, *common]
+    elif not Path(args.peer_python).exists():
+        return {**row, "skipped": f"no llm-compressor environment at {args.peer_python} (make peer-venv)"}
+    else:
+        script = str(Path(__file__).with_name("peer_llmcompressor.py"))
+        peer, phase, cmd = "llm-compressor", "llmcompressor", [args.peer_python, script, "--method", method[len(PEER):],
+                                                               *common]
         if options.get("allocation") == "owl":
             cmd.append("--owl")
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(calib, f"{tmp}/calib.pt")
+        cmd += ["--calib", f"{tmp}/calib.pt", "--out", f"{tmp}/w.safetensors"]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode:
-            return {**row, "skipped": f"llm-compressor failed: {proc.stderr.strip().splitlines()[-1:]}"}
+            return {**row, "skipped": f"{peer} failed: {proc.stderr.strip().splitlines()[-1:]}"}
         info = json.loads(proc.stdout.strip().splitlines()[-1])
         weights = load_file(f"{tmp}/w.safetensors")
     model = copy.deepcopy(dense)
@@ -188,7 +201,7 @@ def peer_row(args: argparse.Namespace, method: str, pattern: str, options: dict[
             params[name].copy_(w)
     frac, _, _ = reached_sparsity(model, pruned_weight_names(model))
     return {**row, "sparsity": round(frac, 6), "prune_s": round(info["prune_s"], 2),
-            "phases": {"llmcompressor": round(info["prune_s"], 2)}, "peer_version": info["version"], "model": model}
+            "phases": {phase: round(info["prune_s"], 2)}, "peer_version": info["version"], "model": model}
 
 
 def row_specs(args: argparse.Namespace) -> list[tuple[str, str, dict[str, str]]]:

@@ -172,15 +172,16 @@ def test_parameters_before_block_zero_come_from_the_model(groups, tmp_path):
     ("wanda", "unstructured", {"reconstruct": "layer", "lstsq.rounds": 2}),
     ("magnitude", "4:8", {"reconstruct": "block", "lstsq.solver": "exact", "block_tune.epochs": 1}),
     ("gblm", "2:4", {"reconstruct": "layer", "gblm.weighting": "normalized", "gblm.relative_alpha": 0.5}),
-    ("sparsegpt", "unstructured", {"allocation": "owl", "owl.threshold": 3, "reconstruct": "layer"}),
+    ("sparsegpt", "unstructured", {"allocation": "owl", "owl.threshold": 3, "reconstruct": "layer", "search": "admm"}),
     ("gblm-sparsegpt", "2:4", {"gblm.relative_alpha": 0.5, "reconstruct": "layer"}),
+    ("gblm-sparsegpt", "4:8", {"gblm.relative_alpha": 0.5, "reconstruct": "layer", "search": "admm", "swaps": 3}),
     ("gblm", "unstructured", {"gblm.grad_samples": 3}),
     ("gblm-sparsegpt", "unstructured", {"gblm.grad_samples": 3, "gblm.relative_alpha": 0.5, "gblm.norm": "l2"}),
-], ids=["wanda-layer-rounds", "magnitude-block-exact", "gblm-normalized-layer", "sparsegpt-owl-layer",
-        "gblm-sparsegpt", "gblm-grad-samples", "gblm-sparsegpt-grad-samples-l2"])
+], ids=["wanda-layer-rounds", "magnitude-block-exact", "gblm-normalized-layer", "sparsegpt-owl-layer-admm",
+        "gblm-sparsegpt", "gblm-sparsegpt-admm-swaps", "gblm-grad-samples", "gblm-sparsegpt-grad-samples-l2"])
 def test_ray_matches_local_with_quality_options(setup, groups, method, pattern, options, tmp_path):
-    """Reconstruction (layer and block), OWL allocation and the gradient-aware options run the same on Ray x2 as
-    in one process
+    """Reconstruction (layer and block), the ADMM search and swaps, OWL allocation and the gradient-aware options run
+    the same on Ray x2 as in one process
     (the base methods are checked on x1 and x2 above; these options only change what the scorer computes)."""
     from orchestrator.inputs.loader import config_from_dict
 

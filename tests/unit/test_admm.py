@@ -127,9 +127,10 @@ def test_the_searched_layer_never_reconstructs_worse_than_its_start(method, nm):
     w = torch.randn(40, 48, generator=g)
     grad = torch.rand(40, 48, generator=g)
     kw = {"grad": grad, "alpha": 0.5} if method == "gblm-sparsegpt" else {}
+    aware = AdmmSettings(grad_alpha=0.5)
     plain = prune_reconstructed(w, method, 0.5, nm, stats, **kw)
-    for settings, swaps in ((AdmmSettings(), 0), (AdmmSettings(max_iters=1, min_iters=0), 0), (None, 5),
-                            (AdmmSettings(), 5)):  # a search stopped at once too
+    for settings, swaps in ((aware, 0), (AdmmSettings(max_iters=1, min_iters=0), 0), (None, 5),
+                            (aware, 5)):  # a search stopped at once too
         searched = prune_reconstructed(w, method, 0.5, nm, stats, search=settings, swaps=swaps, **kw)
         xtx = stats.xtx.float()
         assert layer_objective(searched.weight, w, xtx) <= layer_objective(plain.weight, w, xtx)
@@ -149,5 +150,5 @@ def test_the_gradient_term_moves_the_support():
     i, j = map(int, plain.nonzero()[0])
     grad = torch.full_like(w, 1e-3)
     grad[i, j] = 1e3
-    aware = admm_mask(w, h, 0.5, (2, 4), grad_term=grad, grad_alpha=1.0).mask
+    aware = admm_mask(w, h, 0.5, (2, 4), grad_term=grad, settings=AdmmSettings(grad_alpha=1.0)).mask
     assert plain[i, j] and not aware[i, j]

@@ -158,6 +158,17 @@ def test_block_reconstruction_adds_the_tuning_state() -> None:
     assert layer.largest_block_bytes > plan(LLAMA2_70B, **common).largest_block_bytes  # layer adds xtx
 
 
+def test_the_admm_search_adds_its_eigendecomposition_and_iterates() -> None:
+    """``search: admm`` holds, for the widest linear (down_proj, in = 28672), fp64 ``H``, its eigenvectors and the
+    eigensolver's workspace plus the fp32 inverse, and nine fp32 ``(out, in)`` iterates of the largest linear."""
+    from orchestrator.planner import ADMM_IN_IN_BYTES, ADMM_OUT_IN_COPIES
+
+    common = dict(workers=4, num_samples=64, seq_len=512, method="sparsegpt", reconstruct="layer")
+    base, admm = plan(LLAMA2_70B, **common), plan(LLAMA2_70B, search="admm", **common)
+    assert ADMM_IN_IN_BYTES == 3 * 8 + 4 and ADMM_OUT_IN_COPIES == 9
+    assert admm.largest_block_bytes - base.largest_block_bytes == 28 * 28672**2 + 9 * 8192 * 28672 * 4
+
+
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "gblm"])
 def test_sharded_bytes_scale_as_one_over_w(method: str) -> None:
     base = plan(LLAMA2_13B, workers=1, method=method, num_samples=64, seq_len=1024)

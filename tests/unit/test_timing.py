@@ -56,6 +56,17 @@ def test_block_pass_adds_the_solves_for_sparsegpt_and_eval_splits_over_actors() 
     assert fp32 == pytest.approx(40 * 512 * (per_token / 1e12 + s.activations_per_token() * s.layers * 4 / 1e11))
 
 
+def test_the_admm_search_adds_its_iterations_and_eigensolves_to_the_block_pass() -> None:
+    from orchestrator.timing import ADMM_ITERS
+
+    kw = dict(KW, method="sparsegpt", reconstruct="layer")
+    base = predict_phases(LLAMA2_13B, FLAT, workers=4, **kw)["block_pass"]
+    admm = predict_phases(LLAMA2_13B, FLAT, workers=4, search="admm", **kw)["block_pass"]
+    s = ModelShape.from_config(LLAMA2_13B)
+    flops = s.layers * sum(ADMM_ITERS * 2 * o * i * i + 9 * i**3 for o, i in s.block_linears().values())
+    assert admm - base == pytest.approx(flops / FLAT.alone().flops("float32"), rel=1e-9)
+
+
 def test_70b_on_one_h100_node_takes_minutes_not_hours() -> None:
     t = predict_phases(LLAMA3_70B, PROFILES["h100"], workers=8, checkpoint=True, grad_dtype="bfloat16",
                        forward_dtype="bfloat16", **KW | {"num_samples": 128, "seq_len": 2048})

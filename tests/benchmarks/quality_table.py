@@ -1,7 +1,8 @@
 """Render the quality benchmark's JSON as the README's markdown table (and rewrite it in place).
 
 Every rayprune row is compared with llm-compressor's SparseGPT row of the same pattern and
-sparsity from the same run (the peer the targets name) on perplexity, and with our own plain
+sparsity from the same run (the peer the targets name) on perplexity (and with ALPS's, where the run has
+ALPS rows), and with our own plain
 SparseGPT row of the same pattern and sparsity on pruning time; peer rows are marked.
 
 Usage::
@@ -19,6 +20,7 @@ from pathlib import Path
 START = "<!-- quality table:"
 END = "<!-- end of quality table -->"
 PEER = "llmc-"
+ALPS = "alps"
 
 
 def _key(row: dict) -> tuple[str, float]:
@@ -34,22 +36,33 @@ def render(result: dict) -> str:
     """The markdown table of one benchmark JSON."""
     rows = [r for r in result["rows"] if "skipped" not in r]
     peer = {_key(r): r for r in rows if r["method"] == f"{PEER}sparsegpt" and _options(r) == "-"}
+    alps = {_key(r): r for r in rows if r["method"] == ALPS}
     ours = {_key(r): r for r in rows if r["method"] == "sparsegpt" and _options(r) == "-"}
+    vs_alps = bool(alps)  # the ALPS column only where the run has ALPS rows
     lines = [
-        "| method | pattern | sparsity | options | ppl@512 | vs llm-compressor SparseGPT | debian_cloze acc "
-        "| prune s | x our SparseGPT's time |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| dense | - | 0 | - | {result['dense_ppl']:.2f} | | {result['dense_debian_cloze_acc']:.3f} | | |",
+        "| method | pattern | sparsity | options | ppl@512 | vs llm-compressor SparseGPT |"
+        + (" vs ALPS |" if vs_alps else "") + " debian_cloze acc | prune s | x our SparseGPT's time |",
+        "|---|---|---|---|---|---|" + ("---|" if vs_alps else "") + "---|---|---|",
+        f"| dense | - | 0 | - | {result['dense_ppl']:.2f} | |" + (" |" if vs_alps else "")
+        + f" {result['dense_debian_cloze_acc']:.3f} | | |",
     ]
     for r in sorted(rows, key=lambda r: (_key(r), r["ppl"])):
-        ref, base = peer.get(_key(r)), ours.get(_key(r))
-        vs = "" if ref is None or ref is r else f"{100 * (r['ppl'] / ref['ppl'] - 1):+.1f}%"
+        base = ours.get(_key(r))
         times = "" if base is None else f"{r['prune_s'] / base['prune_s']:.2f}"
-        name = f"llm-compressor {r['method'][len(PEER):]}" if r["method"].startswith(PEER) else f"**{r['method']}**"
+        if r["method"].startswith(PEER):
+            name = f"llm-compressor {r['method'][len(PEER):]}"
+        else:
+            name = "ALPS (peer)" if r["method"] == ALPS else f"**{r['method']}**"
         pattern, sparsity = _key(r)
-        lines.append(f"| {name} | {pattern} | {sparsity:g} | {_options(r)} | {r['ppl']:.2f} | {vs} | "
+        vs = _relative(r, peer.get(_key(r))) + (f" {_relative(r, alps.get(_key(r)))}" if vs_alps else "")
+        lines.append(f"| {name} | {pattern} | {sparsity:g} | {_options(r)} | {r['ppl']:.2f} | {vs} "
                      f"{r['debian_cloze_acc']:.3f} | {r['prune_s']:.0f} | {times} |")
     return "\n".join(lines) + "\n"
+
+
+def _relative(row: dict, ref: dict | None) -> str:
+    """``row``'s perplexity relative to ``ref``'s as ``+x.x% |`` (empty for no reference or the reference itself)."""
+    return ("" if ref is None or ref is row else f"{100 * (row['ppl'] / ref['ppl'] - 1):+.1f}%") + " |"
 
 
 def replace_block(text: str, table: str, source: str) -> str:

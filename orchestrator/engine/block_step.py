@@ -214,7 +214,7 @@ def search_settings(cfg: PruningConfig) -> AdmmSettings | None:
         return None
     a = cfg.admm
     return AdmmSettings(rho=a.rho, max_iters=a.max_iters, min_iters=a.min_iters, stop_tol=a.stop_tol,
-                        percdamp=cfg.lstsq.percdamp, grad_alpha=cfg.gblm.relative_alpha)
+                        percdamp=a.percdamp, grad_alpha=cfg.gblm.relative_alpha)
 
 
 def prune_linears(linears: dict[str, nn.Linear], stats: dict[str, ActivationStats] | None, grads: GradLookup,

@@ -165,6 +165,7 @@ class AdmmConfig:
     min_iters: int = opt(30, ge=0, help="iterations before the search may stop")
     stop_tol: float = opt(3e-4, ge=0, lt=1, help="stop once less than this fraction of the kept weights changed "
                           "between two checks (every 3 iterations)")
+    percdamp: float = opt(0.01, gt=0, help="ridge on X^T X during the search, as a fraction of its mean diagonal")
 
 
 @dataclass

@@ -64,11 +64,13 @@ class AdmmOutcome:
 
     Attributes:
         mask: ``(out, in)`` bool, True = pruned.
+        weight: ``(out, in)`` fp32, the last iterate projected onto the pattern, in weight units.
         iters: iterations run.
         rho: the final penalty.
     """
 
     mask: torch.Tensor
+    weight: torch.Tensor
     iters: int
     rho: float
 
@@ -165,7 +167,7 @@ def admm_mask(weight: torch.Tensor, xtx: torch.Tensor, sparsity: float, nm: tupl
             break
         rho = min(rho * (1.3 if moved > 0.1 else 1.2 if moved > 0.005 else 1.1), 1e6)
         hinv = inverse(rho)
-    return AdmmOutcome(~keep, it, rho)
+    return AdmmOutcome(~keep, d / norm32.unsqueeze(0), it, rho)
 
 
 def layer_objective(weight: torch.Tensor, dense: torch.Tensor, xtx: torch.Tensor) -> float:

@@ -133,10 +133,12 @@ def admm_mask(weight: torch.Tensor, xtx: torch.Tensor, sparsity: float, nm: tupl
     norm = torch.diag(h).sqrt()  # (in,)
     hn = h / norm.unsqueeze(0) / norm.unsqueeze(1)  # (in, in): unit diagonal
     evals, evecs = torch.linalg.eigh(hn)  # (in,), (in, in) fp64
-    hn32 = hn.float()
     norm32 = norm.float()
     b0 = w0 * norm32.unsqueeze(0)  # (out, in): the dense weight in normalised units
-    target = b0 @ hn32  # (out, in): W0 H, the W-step's fixed term
+    target = b0 @ hn.float()  # (out, in): W0 H, the W-step's fixed term
+    del h, hn
+    evals, q = evals.float(), evecs.float()  # (in,), (in, in)
+    del evecs
     grad_w = None
     if grad_term is not None and grad_alpha != 0:
         grad_w = grad_term.detach().float() / norm32.unsqueeze(0)  # (out, in): |w| G = |z| G / norm
@@ -147,14 +149,22 @@ def admm_mask(weight: torch.Tensor, xtx: torch.Tensor, sparsity: float, nm: tupl
     rho = s.rho
     kept = max(int(keep.sum()), 1)
 
+    # the W-step, x (H + rho I)^-1: through the eigenbasis (two (out, in) @ (in, in) products) for a layer with
+    # fewer outputs than inputs, else through the inverse formed anew for each rho (one product, one (in, in)^2)
+    through_basis = w0.shape[0] < w0.shape[1]
+
     def inverse(r: float) -> torch.Tensor:
-        return ((evecs * (1.0 / (evals + r)).unsqueeze(0)) @ evecs.t()).float()  # (in, in)
+        scale = 1.0 / (evals + r)  # (in,)
+        return scale if through_basis else (q * scale.unsqueeze(0)) @ q.t()
+
+    def w_step(x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+        return ((x @ q) * inv.unsqueeze(0)) @ q.t() if through_basis else x @ inv
 
     hinv = inverse(rho)
     last = keep
     it = 0
     for it in range(1, s.max_iters + 1):
-        b = (target - v + rho * d) @ hinv  # (out, in)
+        b = w_step(target - v + rho * d, hinv)  # (out, in)
         z = b + v / rho
         keep = ~prune_mask(_saliency(z, grad_w, grad_alpha), sparsity, nm)
         d = z * keep

@@ -72,7 +72,7 @@ def main() -> None:
     nm_n, nm_m = (0, 0) if args.pattern == "unstructured" else map(int, args.pattern.split(":"))
     sparsity = args.sparsity if not nm_m else nm_n / nm_m
     model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32).eval()
-    calib = torch.load(args.calib)
+    calib = torch.load(args.calib, weights_only=True)
     n, seq = calib.shape
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -58,8 +58,8 @@ def test_options_parse_strings_and_name_bad_values():
     with pytest.raises(ConfigError) as err:
         parse_options(JobServiceOptions, {"max_active_jobs": "0", "colour": "red"})
     assert err.value.problems == ["colour: unknown key (allowed: cancel_grace_s, job_num_cpus, max_active_jobs, "
-                                  "max_body_bytes, max_finished_jobs, num_replicas, policy_file, retention_s, "
-                                  "root, token_file)",
+                                  "max_body_bytes, max_finished_jobs, max_requeues, num_replicas, policy_file, "
+                                  "retention_s, root, token_file)",
                                   "max_active_jobs: must be > 0, got 0"]
 
 

@@ -53,6 +53,8 @@ def test_the_default_policy_allows_builtin_work():
     ({"pruning": {"lstsq": {"rounds": 1000}}}, "pruning.lstsq.rounds: 1000 exceeds"),
     ({"pruning": {"block_tune": {"epochs": 10 ** 6}}}, "pruning.block_tune.epochs: 1000000 exceeds"),
     ({"backend": {"max_retries": 10 ** 6}}, "backend.max_retries: 1000000 exceeds"),
+    ({"pruning": {"admm": {"max_iters": 10 ** 7}}}, "pruning.admm.max_iters: 10000000 exceeds"),
+    ({"pruning": {"swaps": 10 ** 7, "reconstruct": "layer"}}, "pruning.swaps: 10000000 exceeds"),
 ])
 def test_the_default_policy_refuses(data, field):
     problems = _problems(data)

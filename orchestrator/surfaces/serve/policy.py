@@ -72,6 +72,8 @@ class JobPolicy(BaseModel):
         max_lstsq_iters: cap on ``pruning.lstsq.iters``.
         max_lstsq_rounds: cap on ``pruning.lstsq.rounds``.
         max_tune_epochs: cap on ``pruning.block_tune.epochs``.
+        max_admm_iters: cap on ``pruning.admm.max_iters``.
+        max_swap_rounds: cap on ``pruning.swaps``.
         max_retries: cap on ``backend.max_retries``.
         max_job_bytes: bytes a job may write below the service root (its temp directory and checkpoints); a
             running job over it is cancelled, and one whose model alone cannot fit (2 bytes a parameter, where the
@@ -108,6 +110,8 @@ class JobPolicy(BaseModel):
     max_lstsq_iters: int = Field(500, gt=0)
     max_lstsq_rounds: int = Field(8, gt=0)
     max_tune_epochs: int = Field(10, gt=0)
+    max_admm_iters: int = Field(1000, gt=0)
+    max_swap_rounds: int = Field(1000, gt=0)
     max_retries: int = Field(5, ge=0)
     max_job_bytes: int = Field(2**40, gt=0)
     require_pinned: bool = False
@@ -293,6 +297,8 @@ def policy_problems(cfg: RunConfig, policy: JobPolicy) -> list[str]:
                               ("pruning.lstsq.iters", p.lstsq.iters, "max_lstsq_iters"),
                               ("pruning.lstsq.rounds", p.lstsq.rounds, "max_lstsq_rounds"),
                               ("pruning.block_tune.epochs", p.block_tune.epochs, "max_tune_epochs"),
+                              ("pruning.admm.max_iters", p.admm.max_iters, "max_admm_iters"),
+                              ("pruning.swaps", p.swaps or None, "max_swap_rounds"),
                               ("backend.max_retries", b.max_retries, "max_retries")):
         _cap(problems, field, value, getattr(policy, key), key)
     if policy.require_pinned:

@@ -46,12 +46,13 @@ sys.exit(rc)
 
 def overrides(shape: str, workers: int, out: Path) -> list[str]:
     """The run of one cell (what the issue measured: plain GBLM, 4 x 128 tokens, no evaluation; pinned, since
-    configs/default.yaml now adds layer reconstruction)."""
+    configs/default.yaml now adds layer reconstruction and the ADMM search)."""
     layers, hidden, heads, kv, inter = SHAPES[shape]
     return [f"model.tiny.{k}={v}" for k, v in dict(layers=layers, hidden=hidden, heads=heads, kv_heads=kv,
                                                     intermediate=inter, max_positions=512).items()] + [
         "model.source=tiny", "calibration.source=builtin:python-topics-calibration", "calibration.num_samples=4",
-        "calibration.seq_len=128", "pruning.method=gblm", "pruning.reconstruct=none", "pruning.gblm.grad_samples=null",
+        "calibration.seq_len=128", "pruning.method=gblm", "pruning.reconstruct=none", "pruning.search=none",
+        "pruning.gblm.grad_samples=null",
         "backend.kind=ray", f"backend.workers={workers}",
         f"backend.num_threads={max(1, (os.cpu_count() or 1) // workers)}", "backend.activation_checkpointing=false",
         "backend.forward_dtype=float32", "pruning.gblm.grad_dtype=float32", "eval.enabled=false", "eval.speed=false",

@@ -29,7 +29,6 @@ The search returns only the support; the kept weights are then re-solved from th
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -179,15 +178,3 @@ def admm_mask(weight: torch.Tensor, xtx: torch.Tensor, sparsity: float, nm: tupl
         hinv = inverse(rho)
     return AdmmOutcome(~keep, d / norm32.unsqueeze(0), it, rho)
 
-
-def layer_objective(weight: torch.Tensor, dense: torch.Tensor, xtx: torch.Tensor) -> float:
-    """``trace((W - W0) H (W - W0)^T)``: the layer's output error (the objective the search lowers)."""
-    e = weight.double() - dense.double()  # (out, in)
-    return float(((e @ xtx.double()) * e).sum())
-
-
-def expected_kept(shape: tuple[int, int], sparsity: float, nm: tuple[int, int] | None) -> int:
-    """Weights the pattern keeps in a ``shape`` matrix."""
-    if nm is not None:
-        return shape[0] * shape[1] // nm[1] * (nm[1] - nm[0])
-    return shape[0] * shape[1] - math.floor(shape[0] * shape[1] * sparsity)

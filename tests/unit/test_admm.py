@@ -5,11 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator.pruning.admm import AdmmSettings, admm_mask, layer_objective, prune_mask
+from orchestrator.pruning.admm import AdmmSettings, admm_mask, prune_mask
 from orchestrator.pruning.methods import prune_reconstructed
 from orchestrator.pruning.reconstruct import reconstruct
 from orchestrator.pruning.stats import ActivationStats
 from orchestrator.pruning.swaps import refine_swaps
+
+
+def layer_objective(weight: torch.Tensor, dense: torch.Tensor, xtx: torch.Tensor) -> float:
+    """The reference objective, in fp64: ``trace((W - W0) H (W - W0)^T)``."""
+    e = weight.double() - dense.double()  # (out, in)
+    return float(((e @ xtx.double()) * e).sum())
 
 
 def _plain_admm(w0: torch.Tensor, h: torch.Tensor, sparsity: float, nm, init_mask: torch.Tensor,

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from actors.group import ActorGroup, GroupMember, GroupSpec
 from orchestrator.inputs.config import StructuredRecoveryConfig
+from orchestrator.structured.distill import DistillTargets
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ log = logging.getLogger(__name__)
 class RecoveryWorker(GroupMember):
     """One rank of the data-parallel recovery (run by an :class:`~actors.group.ActorGroup`)."""
 
-    def train(self, model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryConfig) -> Any:
+    def train(self, model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryConfig,
+              teacher: DistillTargets | None = None) -> Any:
         """Train this rank's share on its device (collective); rank 0 returns ``(adapters, report)`` on the CPU."""
         import torch.distributed as dist
 
@@ -55,10 +57,11 @@ class RecoveryWorker(GroupMember):
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
         _, adapters, report = train(model.to(self.device), windows.to(self.device), r, self.rank, self.world,
-                                    all_reduce)
+                                    all_reduce, teacher=teacher)
         return to_cpu((adapters, report)) if self.rank == 0 else None
 
-    def train_zero3(self, model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryConfig) -> Any:
+    def train_zero3(self, model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryConfig,
+                    teacher: DistillTargets | None = None) -> Any:
         """Train the adapters with the model partitioned by ZeRO-3 (collective).
 
         Returns:
@@ -67,7 +70,8 @@ class RecoveryWorker(GroupMember):
         """
         from orchestrator.engine.device import to_cpu
 
-        adapters, report = _zero3_train(model, windows.to(self.device), r, self.rank, self.world, self.device)
+        adapters, report = _zero3_train(model, windows.to(self.device), r, self.rank, self.world, self.device,
+                                        teacher)
         return to_cpu((adapters, report)) if self.rank == 0 else {"memory": report["memory"]}
 
 
@@ -85,7 +89,7 @@ def zero3_recovery_config(world: int, micro_steps: int) -> dict[str, Any]:
 
 
 def _zero3_train(model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryConfig, rank: int, world: int,
-                 device: torch.device) -> tuple[list, dict]:
+                 device: torch.device, teacher: DistillTargets | None = None) -> tuple[list, dict]:
     """:func:`orchestrator.structured.recovery.train`'s joint schedule on a ZeRO-3 engine (collective).
 
     Each optimiser step takes ``batch_size`` windows; rank ``k`` runs the windows at batch positions
@@ -108,6 +112,7 @@ def _zero3_train(model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryC
         lr_factor,
         phases,
         step_batches,
+        window_loss,
     )
 
     (groups, steps), = phases(len(decoder_blocks(model)), r)  # joint: one phase (the config refuses sequential)
@@ -135,9 +140,8 @@ def _zero3_train(model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryC
                 pos = rank + j * world
                 real = pos < batch.numel()
                 torch.manual_seed(dropout_seed(r.seed, step, pos if real else 0))
-                ids = windows[batch[pos if real else 0]][None]  # (1, S)
                 with place.autocast():
-                    loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
+                    loss = window_loss(engine, windows, int(batch[pos if real else 0]), teacher)
                 engine.backward(loss * (scale if real else 0.0))
                 engine.step()  # applies the update at the last micro-step only
                 if real:
@@ -154,7 +158,8 @@ def _zero3_train(model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryC
                                                   "loss_first": losses[0], "loss_last": losses[-1],
                                                   "losses": losses}],
               "steps": steps, "batch_size": r.batch_size, "seq_len": int(windows.shape[1]),
-              "windows": int(windows.shape[0]), "lr": r.lr, "tokens": steps * r.batch_size * int(windows.shape[1]),
+              "windows": int(windows.shape[0]), "lr": r.lr, "loss": r.loss,
+              "tokens": steps * r.batch_size * int(windows.shape[1]),
               "workers": world, "zero3": True, "seconds": seconds, "memory": memory}
     engine.destroy()
     return [(blocks, state)], report
@@ -169,7 +174,7 @@ def recovery_spec(r: StructuredRecoveryConfig, address: str | None = None, num_t
 
 
 def recover_distributed(model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryConfig,
-                        spec: GroupSpec) -> tuple[nn.Module, dict]:
+                        spec: GroupSpec, teacher: DistillTargets | None = None) -> tuple[nn.Module, dict]:
     """Data-parallel LoRA recovery on the actors of ``spec``; adapters merged into ``model``.
 
     Args:
@@ -177,6 +182,7 @@ def recover_distributed(model: nn.Module, windows: torch.Tensor, r: StructuredRe
         windows: ``(M, S)`` int64 training windows.
         r: recovery options.
         spec: the recovery group (:func:`recovery_spec`).
+        teacher: distillation targets (``r.loss: kd``), shipped to every rank.
 
     Returns:
         ``(model, report)`` as :func:`orchestrator.structured.recovery.recover`.
@@ -185,7 +191,8 @@ def recover_distributed(model: nn.Module, windows: torch.Tensor, r: StructuredRe
 
     with ActorGroup(RecoveryWorker, spec) as group:
         model_ref, windows_ref = ray.put(model), ray.put(windows)
-        answers = group.execute("train_zero3" if r.zero3 else "train", model_ref, windows_ref, r)
+        answers = group.execute("train_zero3" if r.zero3 else "train", model_ref, windows_ref, r,
+                                None if teacher is None else ray.put(teacher))
     adapters, report = answers[0]
     if r.zero3:
         report["memory"] = [report["memory"], *(a["memory"] for a in answers[1:])]

@@ -10,6 +10,8 @@ only when a group is asked for.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -139,14 +141,14 @@ def speed_on_actor(cfg: RunConfig, paths: dict[str, str], options: dict) -> dict
 def distributed_recovery(cfg: RunConfig) -> Callable[[nn.Module, torch.Tensor, StructuredRecoveryConfig], Any]:
     """Data-parallel LoRA recovery on ``structured.recovery.workers`` actors (NCCL on GPUs, gloo on CPUs)."""
 
-    def recover(model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryConfig) -> Any:
+    def recover(model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryConfig, teacher: Any = None) -> Any:
         from actors.cluster import ensure_ray, has_gpus
         from actors.recovery import recover_distributed, recovery_spec
 
         address = cfg.backend.address if cfg.backend.kind == "ray" else None
         ensure_ray(address)
         gpus = cluster_uses_gpus(cfg) if cfg.backend.kind == "ray" else has_gpus()
-        return recover_distributed(model, windows, r, recovery_spec(r, address, use_gpu=gpus))
+        return recover_distributed(model, windows, r, recovery_spec(r, address, use_gpu=gpus), teacher)
 
     return recover
 
@@ -156,9 +158,13 @@ def sharded_importance(cfg: RunConfig, model_path: str, progress: bool) -> Calla
     if cfg.backend.kind != "ray":
         return None
 
-    def score(mods: list, shapes: dict, calib_ids: torch.Tensor) -> Any:
+    def score(mods: list, shapes: dict, calib_ids: torch.Tensor, path: str | None = None) -> Any:
         from actors.importance import run_ray_importance
 
-        return run_ray_importance(cfg, model_path, calib_ids, mods, shapes, prune_spec(cfg), progress)
+        if path is None:
+            return run_ray_importance(cfg, model_path, calib_ids, mods, shapes, prune_spec(cfg), progress)
+        here = copy.deepcopy(cfg)  # a checkpoint of the model as the coordinator holds it now
+        here.model = dataclasses.replace(cfg.model, source=path, gguf_file=None, revision=None)
+        return run_ray_importance(here, path, calib_ids, mods, shapes, prune_spec(here), progress)
 
     return score

@@ -108,6 +108,10 @@ class StructuredRecoveryConfig:
     steps: int = opt(60, gt=0, help="optimiser steps")
     batch_size: int = opt(4, gt=0, help="windows per step")
     seq_len: int = opt(512, gt=0, help="tokens per training window")
+    loss: Literal["ce", "kd"] = opt("ce", help="`ce`: next-token cross-entropy; `kd`: KL divergence to the dense "
+                                    "model's next-token distribution (its top `kd_topk` tokens)")
+    kd_topk: int = opt(64, gt=0, help="dense-model tokens per position kept as the distillation target")
+    kd_temperature: float = opt(1.0, gt=0, help="softmax temperature of the distillation")
     source: str | None = opt(None, help="training text (null: `calibration.source`; `calibration`: its windows)")
     num_samples: int = opt(1024, gt=0, help="training windows drawn from the source")
     forward_dtype: ComputeDType = opt("auto", help="autocast dtype of the frozen base (adapters stay fp32); `auto`: "
@@ -124,7 +128,9 @@ class StructuredConfig:
 
     enabled: bool = opt(False, help="remove attention groups and MLP channels instead of single weights")
     target: float = opt(0.2, gt=0, lt=1, help="fraction of decoder parameters removed")
-    allocation: Literal["uniform", "adaptive"] = opt("adaptive", help="per-module ratios: equal, or by indicator")
+    allocation: Literal["uniform", "adaptive", "global"] = opt(
+        "adaptive", help="per-module amounts: equal ratios, ratios by indicator, or `global`: the cheapest groups "
+                         "of the whole model by estimated loss per parameter, one threshold")
     indicator: Literal["stability", "importance", "hybrid"] = opt("importance", help="what adaptive allocation follows")
     spread: float = opt(0.5, ge=0, lt=1, help="how far adaptive ratios move from uniform")
     modules: Literal["all", "mlp"] = opt("all", help="`all`: attention KV groups and MLP channels; `mlp`: MLP "
@@ -137,6 +143,12 @@ class StructuredConfig:
     round_to: int = opt(8, gt=0, help="kept MLP widths rounded to a multiple of this")
     minibatches: int = opt(4, gt=0, help="mini-batches of the stability indicator")
     grad_scale: float = opt(1.0, gt=0, help="factor gradients are summed with")
+    compensate: bool = opt(False, help="re-solve `o_proj` / `down_proj` by least squares on the calibration inputs "
+                           "after their groups go, block by block")
+    compensate_percdamp: float = opt(0.01, ge=0, help="damping of the compensation's solves (fraction of the mean "
+                                     "diagonal)")
+    depth_blocks: int = opt(0, ge=0, help="whole blocks removed first, lowest block influence; the rest of "
+                            "`target` comes from groups")
     recovery: StructuredRecoveryConfig = field(default_factory=StructuredRecoveryConfig)
 
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import torch
+
 from orchestrator.structured.groups import ModuleGroups
 
 log = logging.getLogger(__name__)
@@ -160,3 +162,59 @@ def allocate(stats: list[ModuleStats], target_params: int, weights: list[float],
     if abs(residual) > units(mlp[0]) * mods[mlp[0]].group_params:
         log.warning("structured allocation: quantised sizes miss the target by %d parameters", residual)
     return counts
+
+
+def allocate_global(mods: list[ModuleGroups], costs: dict[str, torch.Tensor], target_params: int,
+                    round_to: int = 8, max_ratio: float = 0.95, kinds: tuple[str, ...] = ("attn", "mlp")
+                    ) -> dict[str, int]:
+    """Cost-aware global allocation: remove the cheapest removal units of the whole model first.
+
+    A unit is one KV group (attention, at least one kept) or ``round_to`` MLP channels (a kept width
+    stays a multiple of it); its cost is the summed cost of its groups per parameter removed. Units are
+    taken in order of cost, each module's cheapest first, while they fit the target (a unit that would
+    overshoot it by more than half its own size is passed over and smaller ones fill the rest), so the
+    removed count lands within half of the smallest unit of the target when the small units suffice.
+
+    Args:
+        mods: every module (protected ones and kinds not in ``kinds`` keep everything).
+        costs: module key -> ``(G,)`` estimated loss increase of removing each group.
+        target_params: parameters to remove.
+        round_to: MLP kept widths are multiples of this.
+        max_ratio: no module loses more than this fraction of its groups.
+        kinds: module kinds that may lose groups.
+
+    Returns:
+        module key -> number of groups to remove (each module's cheapest by ``costs``).
+
+    Raises:
+        ValueError: the target exceeds what the allowed units can remove.
+    """
+    units: list[tuple[float, int, str, int]] = []  # (cost per parameter, tie-break, module key, groups)
+    for mod in mods:
+        if mod.protected or mod.kind not in kinds:
+            continue
+        size = 1 if mod.kind == "attn" else min(round_to, mod.num_groups)
+        floor = max(size, mod.num_groups - int(max_ratio * mod.num_groups))  # groups that must stay
+        removable = (mod.num_groups - floor) // size
+        ordered = torch.sort(costs[mod.key].double()).values  # (G,) cheapest first
+        for u in range(removable):
+            cost = float(ordered[u * size:(u + 1) * size].sum()) / (size * mod.group_params)
+            units.append((cost, len(units), mod.key, size))
+    params = {m.key: m.group_params for m in mods}
+    if target_params > sum(size * params[key] for _, _, key, size in units):
+        raise ValueError(f"cannot remove {target_params} parameters: the allowed units remove at most "
+                         f"{sum(size * params[key] for _, _, key, size in units)}")
+    removed = {m.key: 0 for m in mods}
+    blocked: set[str] = set()  # a module whose next unit was passed over: its later units must wait too
+    total = 0
+    for _cost, _, key, size in sorted(units):
+        if key in blocked:
+            continue
+        p = size * params[key]
+        if total + p > target_params + p / 2:
+            blocked.add(key)  # keep each module's removals a prefix of its cheapest groups
+            continue
+        removed[key] += size
+        total += p
+    log.info("structured global allocation: %d of %d target parameters removed", total, target_params)
+    return removed

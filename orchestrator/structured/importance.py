@@ -163,6 +163,23 @@ def fuse(scores: dict[str, torch.Tensor], sigmas: dict[str, float]) -> torch.Ten
     return total
 
 
+def joint_costs(raw: dict[str, dict[str, torch.Tensor]], keys: list[str]) -> dict[str, torch.Tensor]:
+    """Group costs comparable across module kinds: ``sum_m I_m / (2 sigma_m^2)`` with one sigma per estimator
+    fitted over the modules ``keys`` of every kind (the per-kind sigmas of :func:`fuse` make attention and MLP
+    scores incomparable; the constant ``log sigma`` term is left out).
+
+    Args:
+        raw: module key -> estimator -> ``(G,)`` aggregated scores.
+        keys: the modules whose groups compete (e.g. the unprotected ones).
+
+    Returns:
+        module key -> ``(G,)`` float64 cost, for every module of ``raw``.
+    """
+    ests = list(raw[keys[0]])
+    sigmas = fit_sigmas({e: [raw[k][e] for k in keys] for e in ests})
+    return {key: sum(by_est[e].double() / (2.0 * sigmas[e] ** 2) for e in ests) for key, by_est in raw.items()}
+
+
 def stability(means: list[float]) -> float:
     """Coefficient of variation ``std_k / mean_k`` of a module's mean importance over K mini-batches."""
     t = torch.tensor(means, dtype=torch.float64)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from orchestrator.engine.blocks import block_prefix, decoder_blocks
 from orchestrator.engine.device import Placement
 from orchestrator.inputs.config import RunConfig, StructuredRecoveryConfig
+from orchestrator.structured.distill import DistillTargets, distill_loss
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +166,31 @@ def dropout_seed(seed: int, step: int, pos: int) -> int:
     return (seed * 1_000_003 + step) * 65_537 + pos
 
 
+def window_loss(model: nn.Module, windows: torch.Tensor, window: int, teacher: DistillTargets | None
+                ) -> torch.Tensor:
+    """The training loss of one window: next-token cross-entropy, or distillation toward ``teacher``.
+
+    Args:
+        model: the (adapted) model, called under the caller's autocast.
+        windows: ``(M, S)`` int64 training windows.
+        window: which one.
+        teacher: the dense model's targets (``loss: kd``); None: cross-entropy.
+    """
+    ids = windows[window][None]  # (1, S)
+    if teacher is None:
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+    logits = model(input_ids=ids, use_cache=False).logits[0]  # (S, V)
+    t_logits, t_tokens = teacher.of(window)  # (S, k) each
+    return distill_loss(logits, t_logits.to(logits.device), t_tokens.to(logits.device), teacher.temperature)
+
+
+def used_windows(n_windows: int, n_blocks: int, r: StructuredRecoveryConfig) -> torch.Tensor:
+    """``(T, B)`` the window ids every step of the recovery draws (what distillation targets must cover)."""
+    return step_batches(n_windows, sum(s for _, s in phases(n_blocks, r)), r.batch_size, r.seed)
+
+
 def train(model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryConfig, rank: int = 0, world: int = 1,
-          all_reduce: AllReduce | None = None, progress: bool = False
+          all_reduce: AllReduce | None = None, progress: bool = False, teacher: DistillTargets | None = None
           ) -> tuple[nn.Module, list[tuple[list[int], dict[str, torch.Tensor]]], dict]:
     """LoRA group fine-tuning on this worker's share of every step's windows.
 
@@ -178,6 +202,7 @@ def train(model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryConfig, 
         world: number of workers.
         all_reduce: sums a flat tensor over the workers in place (required when ``world > 1``).
         progress: show a progress bar.
+        teacher: distillation targets (``r.loss: kd``, from :func:`~orchestrator.structured.distill.distill_targets`).
 
     Returns:
         ``(model, adapters, report)``: the merged plain model, the adapter weights of every phase as
@@ -188,6 +213,9 @@ def train(model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryConfig, 
 
     if world > 1 and all_reduce is None:
         raise ValueError("train: world > 1 needs an all_reduce")
+    if (r.loss == "kd") != (teacher is not None):
+        raise ValueError(f"train: structured.recovery.loss={r.loss!r} {'needs' if teacher is None else 'takes no'} "
+                         "distillation targets")
     place = Placement.of(windows.device, r.forward_dtype)  # the model and the windows live on one device
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     plan = phases(len(decoder_blocks(model)), r)
@@ -209,9 +237,8 @@ def train(model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryConfig, 
                 loss_sum = torch.zeros((), device=place.device)
                 for pos in range(rank, batch.numel(), world):
                     torch.manual_seed(dropout_seed(r.seed, step, pos))
-                    ids = windows[batch[pos]][None]  # (1, S)
                     with place.autocast():  # adapters, optimiser stay fp32
-                        loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
+                        loss = window_loss(peft_model, windows, int(batch[pos]), teacher)
                     (loss / batch.numel()).backward()  # equal-length windows: batch mean = mean of means
                     loss_sum += loss.detach().float()
                 flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
@@ -241,7 +268,7 @@ def train(model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryConfig, 
     model.eval()
     seconds = time.perf_counter() - t0
     report = {"schedule": r.schedule, "phases": report_phases, "steps": step, "batch_size": r.batch_size,
-              "seq_len": int(windows.shape[1]), "windows": int(windows.shape[0]), "lr": r.lr,
+              "seq_len": int(windows.shape[1]), "windows": int(windows.shape[0]), "lr": r.lr, "loss": r.loss,
               "tokens": step * r.batch_size * int(windows.shape[1]), "workers": world, "seconds": seconds}
     return model, adapters, report
 
@@ -273,12 +300,14 @@ def apply_adapters(model: nn.Module, adapters: list[tuple[list[int], dict[str, t
     return model.eval()
 
 
-#: data-parallel recovery on actors: ``(model, windows, options) -> (merged model, report)``
-DistributedRecovery = Callable[[nn.Module, torch.Tensor, StructuredRecoveryConfig], tuple[nn.Module, dict]]
+#: data-parallel recovery on actors: ``(model, windows, options, teacher) -> (merged model, report)``
+DistributedRecovery = Callable[[nn.Module, torch.Tensor, StructuredRecoveryConfig, DistillTargets | None],
+                               tuple[nn.Module, dict]]
 
 
 def recover(model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryConfig, progress: bool = False,
-            distributed: DistributedRecovery | None = None) -> tuple[nn.Module, dict]:
+            distributed: DistributedRecovery | None = None, teacher: DistillTargets | None = None
+            ) -> tuple[nn.Module, dict]:
     """LoRA group fine-tuning of a (shrunk) causal LM; adapters merged back.
 
     Args:
@@ -287,6 +316,7 @@ def recover(model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryConfig
         r: recovery options; ``workers > 1`` or ``zero3`` trains on actors through ``distributed``.
         progress: show progress bars.
         distributed: the coordinator's data-parallel recovery (required when ``r.workers > 1`` or ``r.zero3``).
+        teacher: distillation targets (``r.loss: kd``).
 
     Returns:
         ``(model, report)``: the merged plain model and the loss curves, steps and times.
@@ -294,6 +324,6 @@ def recover(model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryConfig
     if r.workers > 1 or r.zero3:
         if distributed is None:
             raise ValueError("recover: structured.recovery.workers > 1 or zero3 needs a distributed recovery")
-        return distributed(model, windows, r)
-    model, _, report = train(model, windows, r, progress=progress)
+        return distributed(model, windows, r, teacher)
+    model, _, report = train(model, windows, r, progress=progress, teacher=teacher)
     return model, report

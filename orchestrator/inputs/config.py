@@ -145,6 +145,9 @@ class StructuredConfig:
     grad_scale: float = opt(1.0, gt=0, help="factor gradients are summed with")
     compensate: bool = opt(False, help="re-solve `o_proj` / `down_proj` by least squares on the calibration inputs "
                            "after their groups go, block by block")
+    selection: Literal["importance", "reconstruction"] = opt(
+        "importance", help="which groups of a module go: lowest fused importance, or (with `compensate`) those whose "
+                           "removal the compensation recovers best (greedy OBS on the consumer's inputs)")
     compensate_percdamp: float = opt(0.01, ge=0, help="damping of the compensation's solves (fraction of the mean "
                                      "diagonal)")
     depth_blocks: int = opt(0, ge=0, help="whole blocks removed first, lowest block influence; the rest of "

@@ -34,6 +34,9 @@ def validate(cfg: Any) -> list[str]:
     if e.shard and cfg.eval_workers() < 1:
         p.append(f"eval.shard: needs evaluation actors to shard over (eval.workers >= 1), got "
                  f"eval.workers={cfg.eval_workers()}")
+    if cfg.structured.selection == "reconstruction" and not cfg.structured.compensate:
+        p.append("structured.selection: reconstruction needs structured.compensate=true (it chooses groups on the "
+                 "inputs the compensation gathers)")
     rec = cfg.structured.recovery
     if rec.zero3 and rec.schedule != "joint":
         p.append(f"structured.recovery.zero3: needs schedule joint (one adapter phase on the partitioned model), "

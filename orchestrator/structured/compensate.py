@@ -65,17 +65,63 @@ def compensate_columns(weight: torch.Tensor, keep: torch.Tensor, xtx: torch.Tens
     return (w[:, keep] + corr.T).to(weight.dtype)
 
 
-def _consumer(model: nn.Module, mod: ModuleGroups) -> tuple[nn.Linear, int]:
-    """The linear whose input columns hold the module's groups, and the group width along them."""
+def select_by_reconstruction(weight: torch.Tensor, xtx: torch.Tensor, columns: torch.Tensor, remove: int,
+                             percdamp: float = 0.01, max_rounds: int = 128) -> torch.Tensor:
+    """Greedy optimal-brain-surgeon choice of the groups whose removal compensation recovers best.
+
+    Each round removes the groups of least ``trace(W_g [H^-1]_gg^-1 W_g^T)`` (the consumer's output error
+    of removing group ``g`` with every other column re-solved), then updates ``W`` and ``H^-1`` as if they
+    were gone (Hassibi & Stork; ZipLM's structured form). Rounds remove ``ceil(remove / max_rounds)`` groups
+    at once, so the work is bounded by ``max_rounds`` updates of ``H^-1`` however many groups go.
+
+    Args:
+        weight: ``(out, in)`` the consumer's weight.
+        xtx: ``(in, in)`` ``sum x x^T`` of its inputs.
+        columns: ``(G, width)`` int64 the input columns of each group.
+        remove: groups to remove.
+        percdamp: damping of ``H`` as a fraction of its mean diagonal.
+        max_rounds: at most this many greedy rounds.
+
+    Returns:
+        ``(G - remove,)`` int64 kept group ids, sorted.
+    """
+    n_groups, width = columns.shape
+    w = weight.detach().double().clone()  # (out, in)
+    h = xtx.detach().double()
+    h = h + max(percdamp * float(torch.diag(h).mean()), 1e-12) * torch.eye(h.shape[0], dtype=h.dtype)
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))  # (in, in)
+    alive = torch.ones(n_groups, dtype=torch.bool)
+    per_round = -(-remove // max_rounds) if remove else 0
+    left = remove
+    while left > 0:
+        blocks = hinv[columns[:, :, None], columns[:, None, :]]  # (G, width, width)
+        blocks = blocks + torch.diag_embed(torch.where(alive, 0.0, 1.0)[:, None].expand(-1, width)).double()
+        wg = w[:, columns].permute(1, 0, 2)  # (G, out, width)
+        sol = torch.linalg.solve(blocks, wg.transpose(1, 2))  # (G, width, out): [H^-1]_gg^-1 W_g^T
+        cost = (wg.transpose(1, 2) * sol).sum((1, 2))  # (G,)
+        cost[~alive] = float("inf")
+        take = torch.topk(cost, min(per_round, left), largest=False).indices  # (t,)
+        idx = columns[take].reshape(-1)  # (t * width,)
+        blk_inv = torch.linalg.inv(hinv[idx][:, idx])  # (t * width, t * width)
+        w -= (w[:, idx] @ blk_inv) @ hinv[idx, :]
+        hinv -= hinv[:, idx] @ blk_inv @ hinv[idx, :]
+        alive[take] = False
+        left -= take.numel()
+    return torch.nonzero(alive).reshape(-1)
+
+
+def _consumer(model: nn.Module, mod: ModuleGroups) -> nn.Linear:
+    """The linear whose input columns hold the module's groups."""
     col = next(sl for sl in mod.slices if sl.dim == 1)
     owner = model.get_submodule(col.name.rsplit(".", 1)[0])
     assert isinstance(owner, nn.Linear), col.name
-    return owner, col.width
+    return owner
 
 
 @torch.no_grad()
 def shrink_and_compensate(model: nn.Module, keeps: dict[str, torch.Tensor], mods: list[ModuleGroups],
-                          calib_ids: torch.Tensor, percdamp: float = 0.01, progress: bool = False) -> list[dict]:
+                          calib_ids: torch.Tensor, percdamp: float = 0.01, progress: bool = False,
+                          select: bool = False) -> list[dict]:
     """Shrink every module to its kept groups, compensating each consumer, block by block.
 
     Args:
@@ -85,6 +131,8 @@ def shrink_and_compensate(model: nn.Module, keeps: dict[str, torch.Tensor], mods
         calib_ids: ``(N, L)`` calibration sequences.
         percdamp: damping of the least-squares solves.
         progress: show a progress bar.
+        select: keep as many groups as ``keeps`` says, but choose them by
+            :func:`select_by_reconstruction` on the consumer's inputs instead.
 
     Returns:
         One row per shrunk module: its consumer's output error on the calibration inputs with the
@@ -101,18 +149,23 @@ def shrink_and_compensate(model: nn.Module, keeps: dict[str, torch.Tensor], mods
             keep = torch.sort(keeps[mod.key].long()).values
             if keep.numel() == mod.num_groups:
                 continue
-            lin, width = _consumer(model, mod)
+            lin = _consumer(model, mod)
             with collect_inputs({"c": lin}, with_xtx=True) as stats:
                 forward_all(block, hidden, kwargs)
             xtx = stats["c"].xtx  # (in, in)
             dense = lin.weight.detach().clone()  # (out, in)
-            cols = group_index(next(sl for sl in mod.slices if sl.dim == 1), keep)  # (k * width,)
+            col = next(sl for sl in mod.slices if sl.dim == 1)
+            if select:
+                columns = group_index(col, torch.arange(mod.num_groups)).view(mod.num_groups, -1)  # (G, width)
+                keep = select_by_reconstruction(dense, xtx, columns, mod.num_groups - keep.numel(), percdamp)
+            cols = group_index(col, keep)  # (k * width,)
             new = compensate_columns(dense, cols, xtx, percdamp)  # (out, k * width)
             keep_groups(model, mod, keep)
             lin.weight.data.copy_(new)
             if mod.kind == "attn":
                 set_attention_sizes(getattr(block, attn_module), model.config, int(keep.numel()), uniform=False)
-            rows.append({"module": mod.key, **_errors(dense, cols, new, xtx)})
+            rows.append({"module": mod.key, "kept": keep.tolist() if select else None,
+                         **_errors(dense, cols, new, xtx)})
         hidden = forward_all(block, hidden, kwargs)
     log.info("structured: compensated %d modules in %.1f s (mean error %.3g of the dropped columns')",
              len(rows), time.perf_counter() - t0,

@@ -230,7 +230,8 @@ def apply_pruning(model: nn.Module, imp: Importance, s: StructuredConfig, calib_
     if s.compensate:
         if calib_ids is None:
             raise ValueError("apply_pruning: structured.compensate needs the calibration sequences")
-        compensation = shrink_and_compensate(model, keeps, imp.mods, calib_ids, s.compensate_percdamp, progress)
+        compensation = shrink_and_compensate(model, keeps, imp.mods, calib_ids, s.compensate_percdamp, progress,
+                                             select=s.selection == "reconstruction")
     else:
         for m in imp.mods:
             keep_groups(model, m, keeps[m.key])

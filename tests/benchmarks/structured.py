@@ -36,16 +36,19 @@ import os
 from pathlib import Path
 
 import torch
+from structured_variants import prune_variant  # beside this script (its folder leads sys.path)
 
 from orchestrator.evaluation.perplexity import perplexity
 from orchestrator.evaluation.speed import compare_speed
 from orchestrator.evaluation.speed import matmul_flops_per_token as flops_per_token
+from orchestrator.evaluation.zeroshot import aggregate, load_task, score_examples, task_path
 from orchestrator.inputs.data import calibration_windows, first_windows, load_texts, tokenize_corpus
 from orchestrator.inputs.loader import load_config
 from orchestrator.inputs.models import load_model, load_tokenizer, materialize
+from orchestrator.structured.distill import distill_targets
 from orchestrator.structured.groups import decoder_params, module_groups
-from orchestrator.structured.recovery import recover, recovery_windows
-from orchestrator.structured.run import Importance, apply_pruning, compute_importance, protected_blocks
+from orchestrator.structured.recovery import recover, recovery_windows, used_windows
+from orchestrator.structured.run import Importance, compute_importance, protected_blocks
 
 log = logging.getLogger("structured-bench")
 DATA = Path("/work/shared/data")
@@ -54,7 +57,8 @@ DATA = Path("/work/shared/data")
 def get_importance(dense, calib, s, cache: Path | None, refresh: bool = False, ray_workers: int = 0,
                    cfg=None, path: str | None = None) -> Importance:
     """SAAP's importance of the dense model (cached); ``ray_workers``: from that many ZeRO-3 workers."""
-    key = f"{'+'.join(s.estimators)}-{s.aggregation}-k{s.minibatches}-n{calib.shape[0]}x{calib.shape[1]}"
+    key = f"{'+'.join(s.estimators)}-{s.aggregation}-k{s.minibatches}-n{calib.shape[0]}x{calib.shape[1]}-raw"
+    key += f"-L{dense.config.num_hidden_layers}"
     key += f"-ray{ray_workers}" if ray_workers else ""
     first, last = protected_blocks(s, dense.config.num_hidden_layers)
     if cache is not None:
@@ -65,14 +69,15 @@ def get_importance(dense, calib, s, cache: Path | None, refresh: bool = False, r
             if "means" not in d:
                 log.warning("cache predates the shift-free stability indicator: cv values are stale")
             return Importance(module_groups(dense, first, last), d["fused"], d["sigmas"], d["cv"], d.get("means", {}),
-                              d["seconds"])
+                              d["seconds"], d["raw"])
     if ray_workers:
         from actors.importance import run_ray_importance
         from orchestrator.structured.run import distributed_importance
 
         cfg.backend.kind, cfg.backend.workers = "ray", ray_workers
 
-        def score(mods, shapes, ids):
+        def score(mods, shapes, ids, model_path=None):
+            assert model_path is None, "--ray-workers with blocks removed: not supported by this benchmark"
             return run_ray_importance(cfg, path, ids, mods, shapes, progress=True)
 
         imp, memory = distributed_importance(dense, calib, s, score)
@@ -83,7 +88,7 @@ def get_importance(dense, calib, s, cache: Path | None, refresh: bool = False, r
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         torch.save({"fused": imp.fused, "sigmas": imp.sigmas, "cv": imp.cv, "means": imp.means,
-                    "seconds": imp.seconds},
+                    "seconds": imp.seconds, "raw": imp.raw},
                    cache / f"importance-{key}.pt")
     return imp
 
@@ -92,9 +97,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="structured-bench.json")
     ap.add_argument("--targets", default="0.2,0.5")
-    ap.add_argument("--allocations", default="uniform,adaptive",
-                    help="comma list; adaptive:INDICATOR (stability, importance, hybrid) picks the indicator")
+    ap.add_argument("--rows", "--allocations", dest="rows", default="adaptive,global+comp,depth",
+                    help="comma list of row variants (structured_variants.py: e.g. adaptive, adaptive:stability, "
+                         "global+comp, mlp+global+comp, depth, depth3+global+comp)")
     ap.add_argument("--recovery", default="0.2", help="targets whose rows are also recovered: none, all or a list")
+    ap.add_argument("--recover-rows", default=None,
+                    help="comma list of the row variants (and `torch-pruning`) recovered (default: every row)")
+    ap.add_argument("--kd-rows", default="", help="row variants also recovered by distillation (loss: kd)")
+    ap.add_argument("--no-cloze", action="store_true", help="skip the debian_cloze accuracy of every row")
     ap.add_argument("--recovery-steps", type=int, default=None, help="LoRA optimiser steps (default: the config's)")
     ap.add_argument("--calib-n", type=int, default=32)
     ap.add_argument("--eval-n", type=int, default=40)
@@ -133,7 +143,8 @@ def main() -> None:
     if args.ppl_from:
         old = json.loads(Path(args.ppl_from).read_text())
         known[("dense",)] = old["dense"]["ppl"]
-        known.update({(r["target"], r["allocation"], r["recovered"]): r["ppl"] for r in old["rows"]})
+        known.update({(r["target"], r["allocation"], r.get("loss", "ce") if r["recovered"] else False): r["ppl"]
+                      for r in old["rows"]})
         old_recovered = {(r["target"], r["allocation"]): r for r in old["rows"]
                          if r["recovered"] and r["recovery"]["steps"] == cfg.structured.recovery.steps}
 
@@ -144,9 +155,21 @@ def main() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.eval_dtype == "bfloat16"):
             return perplexity(m, evals)
 
-    imp = get_importance(dense, calib, cfg.structured, Path(args.cache) if args.cache else None,
-                         args.refresh_importance, args.ray_workers, cfg, path)
+    cloze = None if args.no_cloze else load_task(task_path("debian_cloze"))
+
+    def cloze_acc(m) -> float | None:
+        return None if cloze is None else aggregate(score_examples(m, tok, cloze))["acc"]
+
+    cache = Path(args.cache) if args.cache else None
+    imp = get_importance(dense, calib, cfg.structured, cache, args.refresh_importance, args.ray_workers, cfg, path)
+
+    def importance(model: torch.nn.Module) -> Importance:
+        if model.config.num_hidden_layers == dense.config.num_hidden_layers:
+            return imp
+        return get_importance(model, calib, cfg.structured, cache, args.refresh_importance)
+
     result = {"dense": {"ppl": ppl(dense, ("dense",)), "params": decoder_params(dense),
+                        "debian_cloze_acc": cloze_acc(dense),
                         "total_params": sum(p.numel() for p in dense.parameters()),
                         "flops_per_token": flops_per_token(dense)},
               "rows": [], "sigmas": imp.sigmas, "importance_seconds": imp.seconds, "ray_workers": args.ray_workers,
@@ -158,18 +181,26 @@ def main() -> None:
         rec_targets = [float(x) for x in args.recovery.split(",")]
     windows = None
 
+    recover_rows = None if args.recover_rows is None else set(args.recover_rows.split(","))
+    kd_rows = set(filter(None, args.kd_rows.split(",")))
+    teacher = None
+
     def add_rows(model: torch.nn.Module, target: float, alloc: str, extra: dict) -> None:
-        """The row of one pruned model, and its recovered twin where ``--recovery`` asks for it."""
-        nonlocal windows
+        """The row of one pruned model, and its recovered twins where ``--recovery`` asks for them."""
+        nonlocal windows, teacher
         name = f"{target}-{alloc}"
         row = {"target": target, "allocation": alloc, "recovered": False, "params": decoder_params(model),
                "total_params": sum(p.numel() for p in model.parameters()), **extra,
                "flops_per_token": flops_per_token(model),
                "ideal_speedup": result["dense"]["flops_per_token"] / flops_per_token(model),
-               "ppl": ppl(model, (target, alloc, False))}
-        log.info("%s: ppl %.3f, removed %.4f", name, row["ppl"], row["removed_fraction"])
+               "ppl": ppl(model, (target, alloc, False)), "debian_cloze_acc": cloze_acc(model)}
+        log.info("%s: ppl %.3f, cloze %s, removed %.4f", name, row["ppl"], row["debian_cloze_acc"],
+                 row["removed_fraction"])
         result["rows"].append(row)
+        Path(args.out).write_text(json.dumps(result, indent=1))
         models[name] = model
+        if recover_rows is not None and alloc not in recover_rows:
+            return
         if (rec_targets is None or target in rec_targets) and (target, alloc) in old_recovered:
             o = old_recovered[(target, alloc)]
             log.info("%s recovered: reused from %s (ppl %.3f)", name, args.ppl_from, o["ppl"])
@@ -179,29 +210,34 @@ def main() -> None:
         elif rec_targets is None or target in rec_targets:
             if windows is None:
                 windows = recovery_windows(cfg, calib)  # (M, S) from the calibration source
-            rmodel, rrep = recover(copy.deepcopy(model), windows, cfg.structured.recovery, progress=True)
-            rppl = ppl(rmodel, (target, alloc, True))
-            rrow = {**row, "recovered": True, "ppl": rppl,
-                    "closed_gap": (row["ppl"] - rppl) / (row["ppl"] - result["dense"]["ppl"]),
-                    "recovery": {k: v for k, v in rrep.items() if k != "phases"},
-                    "recovery_losses": [p["losses"] for p in rrep["phases"]]}
-            log.info("%s recovered: ppl %.3f (%.0f%% of the gap closed, %.0f s)", name, rrow["ppl"],
-                     100 * rrow["closed_gap"], rrep["seconds"])
-            result["rows"].append(rrow)
-            del rmodel
+            for loss in ("ce", "kd") if alloc in kd_rows else ("ce",):
+                r = copy.deepcopy(cfg.structured.recovery)
+                r.loss = loss
+                if loss == "kd" and teacher is None:  # the dense model's targets on the windows every row draws
+                    used = used_windows(windows.shape[0], dense.config.num_hidden_layers, r)
+                    teacher = distill_targets(dense, windows, used, r.kd_topk, r.kd_temperature, progress=True)
+                if loss == "kd" and used_windows(windows.shape[0], model.config.num_hidden_layers, r).numel() != \
+                        used_windows(windows.shape[0], dense.config.num_hidden_layers, r).numel():
+                    raise SystemExit("--kd-rows: a row with blocks removed draws other windows (sequential schedule)")
+                rmodel, rrep = recover(copy.deepcopy(model), windows, r, progress=True,
+                                       teacher=teacher if loss == "kd" else None)
+                rppl = ppl(rmodel, (target, alloc, loss))
+                rrow = {**row, "recovered": True, "loss": loss, "ppl": rppl, "debian_cloze_acc": cloze_acc(rmodel),
+                        "closed_gap": (row["ppl"] - rppl) / (row["ppl"] - result["dense"]["ppl"]),
+                        "recovery": {k: v for k, v in rrep.items() if k != "phases"},
+                        "recovery_losses": [p["losses"] for p in rrep["phases"]]}
+                log.info("%s recovered (%s): ppl %.3f (%.0f%% of the gap closed, %.0f s)", name, loss, rrow["ppl"],
+                         100 * rrow["closed_gap"], rrep["seconds"])
+                result["rows"].append(rrow)
+                Path(args.out).write_text(json.dumps(result, indent=1))
+                del rmodel
         Path(args.out).write_text(json.dumps(result, indent=1))
 
     peer_cache: dict = {}
     for target in [float(x) for x in args.targets.split(",")]:
-        for alloc in args.allocations.split(","):
-            s = copy.deepcopy(cfg.structured)
-            s.target, s.allocation = target, alloc.split(":")[0]
-            if ":" in alloc:  # adaptive:stability picks the indicator
-                s.indicator = alloc.split(":")[1]
-            model = copy.deepcopy(dense)
-            rep = apply_pruning(model, imp, s)
-            add_rows(model, target, alloc, {"removed_fraction": rep["removed_fraction"],
-                                            "layer_sizes": rep["layer_sizes"]})
+        for variant in args.rows.split(","):
+            model, extra = prune_variant(dense, calib, cfg.structured, target, variant, importance)
+            add_rows(model, target, variant, extra)
         if args.peer == "torch-pruning":
             peer_rows(add_rows, dense, calib, cfg, result, target, peer_cache)
     speed_threads = [int(x) for x in args.speed_threads.split(",") if x]
@@ -272,19 +308,20 @@ def log_table(result: dict, threads: list[int]) -> None:
     for i, n in enumerate(threads or [0]):
         sfx = "" if i == 0 else f"_{n}t"
         lines = [f"{n} torch threads" if threads else "no speed measured",
-                 f"{'row':<24}{'params':>11}{'MFLOP/tok':>10}{'ppl':>8}{'prefill':>9}{'decode':>8}{'ideal':>7}"
+                 f"{'row':<32}{'params':>11}{'MFLOP/tok':>10}{'ppl':>8}{'prefill':>9}{'decode':>8}{'ideal':>7}"
                  f"{'x pre':>7}{'x dec':>7}{'pre/id':>7}{'dec/id':>7}"]
 
         def line(name: str, r: dict, sfx: str = sfx) -> str:
             pre, dec = r.get(f"prefill_tps{sfx}", nan), r.get(f"decode_tps{sfx}", nan)
             ideal = d["flops_per_token"] / r["flops_per_token"]
             xp, xd = pre / d.get(f"prefill_tps{sfx}", nan), dec / d.get(f"decode_tps{sfx}", nan)
-            return (f"{name:<24}{r['params']:>11}{r['flops_per_token'] / 1e6:>10.1f}{r['ppl']:>8.2f}{pre:>9.1f}"
+            return (f"{name:<32}{r['params']:>11}{r['flops_per_token'] / 1e6:>10.1f}{r['ppl']:>8.2f}{pre:>9.1f}"
                     f"{dec:>8.1f}{ideal:>7.3f}{xp:>7.3f}{xd:>7.3f}{xp / ideal:>7.2f}{xd / ideal:>7.2f}")
 
         lines.append(line("dense", d))
         for r in result["rows"]:
-            lines.append(line(f"{r['target']:.0%} {r['allocation']}{' +LoRA' if r['recovered'] else ''}", r))
+            tail = f" +{r.get('loss', 'ce')}" if r["recovered"] else ""
+            lines.append(line(f"{r['target']:.0%} {r['allocation']}{tail}", r))
         log.info("results\n%s", "\n".join(lines))
 
 

@@ -277,7 +277,8 @@ def test_saap_importance_on_ray_matches_one_process(setup, groups, estimators):
     want = copy.deepcopy(model)
     want_report = apply_pruning(want, local, s)
     for workers, group in groups.items():
-        def score(mods, shapes, ids, group=group):
+        def score(mods, shapes, ids, model_path=None, group=group):
+            assert model_path is None  # no blocks removed: the workers load the run's model
             return run_ray_importance(cfg, path, ids, mods, shapes, group=group)
 
         imp, memory = distributed_importance(model, calib, s, score)
@@ -297,6 +298,35 @@ def test_saap_importance_on_ray_matches_one_process(setup, groups, estimators):
         for m in memory:
             assert m["model_state_bytes"] <= math.ceil(total / workers) + 4096
             assert m["grad_stat_bytes"] == 2 * kinds * partitions * 4
+
+
+def test_depth_global_compensated_structured_run_on_ray_matches_one_process(setup):
+    """Blocks removed first (the workers then score a checkpoint of the shortened model), global allocation
+    and compensation: the ray x2 run keeps the same blocks and groups and gives the same weights."""
+    import copy
+
+    from orchestrator.groups import sharded_importance
+    from orchestrator.inputs.loader import config_from_dict
+    from orchestrator.structured.run import run_structured
+
+    path, calib, _ = setup
+    cfg = config_from_dict(make_cfg().to_dict(), [
+        "structured.enabled=true", "structured.target=0.4", "structured.minibatches=2", "structured.round_to=4",
+        "structured.protect_first=0", "structured.protect_last=0", "structured.depth_blocks=1",
+        "structured.allocation=global", "structured.compensate=true", "backend.workers=2"])
+    model = load_model(path, cfg.model)
+    local_cfg = copy.deepcopy(cfg)
+    local_cfg.backend.kind = "local"
+    want, want_rep = run_structured(local_cfg, copy.deepcopy(model), calib)
+    got, got_rep = run_structured(cfg, copy.deepcopy(model), calib, sharded_importance=sharded_importance(cfg, path,
+                                                                                                        False))
+    assert len(got_rep["importance_workers"]) == 2
+    assert got_rep["depth"]["blocks_removed"] == want_rep["depth"]["blocks_removed"]
+    assert [r["removed"] for r in got_rep["modules"]] == [r["removed"] for r in want_rep["modules"]]
+    assert got_rep["layer_sizes"] == want_rep["layer_sizes"]
+    assert 0.39 < got_rep["removed_fraction"] < 0.41
+    for (name, a), (_, b) in zip(want.named_parameters(), got.named_parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("method", ["wanda", "gblm"])

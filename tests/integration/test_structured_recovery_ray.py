@@ -27,7 +27,7 @@ def cluster(ray_cluster):
     return ray_cluster
 
 
-def _prune(workers: int, recovery: bool = True, zero3: bool = False):
+def _prune(workers: int, recovery: bool = True, zero3: bool = False, loss: str = "ce"):
     model = build_tiny_llama(TinyModelConfig(layers=4, hidden=64, heads=4, kv_heads=2, intermediate=64, seed=1))
     cfg = load_config(None, [
         "structured.target=0.25", "structured.round_to=4", "structured.minibatches=2",
@@ -36,15 +36,19 @@ def _prune(workers: int, recovery: bool = True, zero3: bool = False):
         "structured.recovery.blocks_per_group=2", "structured.recovery.lr=0.01",
         "structured.recovery.dropout=0.1",  # seeded per window: the same masks however windows are spread
         "structured.recovery.forward_dtype=float32", f"structured.recovery.workers={workers}",
-        f"structured.recovery.zero3={str(zero3).lower()}",
+        f"structured.recovery.zero3={str(zero3).lower()}", f"structured.recovery.loss={loss}",
+        "structured.recovery.kd_topk=16", "structured.recovery.kd_temperature=0.5",
     ])
     return run_structured(cfg, model, IDS, distributed_recovery=distributed_recovery(cfg))
 
 
-@pytest.mark.parametrize("zero3", [False, True], ids=["replicated", "zero3"])
-def test_two_actors_give_the_single_process_weights(cluster, zero3):
-    single, rep1 = _prune(1)
-    dist, rep2 = _prune(2, zero3=zero3)
+@pytest.mark.parametrize(("zero3", "loss"), [(False, "ce"), (True, "ce"), (False, "kd"), (True, "kd")],
+                         ids=["replicated", "zero3", "replicated-distill", "zero3-distill"])
+def test_two_actors_give_the_single_process_weights(cluster, zero3, loss):
+    """Cross-entropy or distillation (the dense model's top-k targets shipped to every rank)."""
+    single, rep1 = _prune(1, loss=loss)
+    dist, rep2 = _prune(2, zero3=zero3, loss=loss)
+    assert rep1["recovery"]["loss"] == rep2["recovery"]["loss"] == loss
     plain, _ = _prune(1, recovery=False)
     assert rep1["recovery"]["workers"] == 1 and rep2["recovery"]["workers"] == 2
     assert not any("lora" in n for n, _ in dist.named_parameters())

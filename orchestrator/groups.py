@@ -153,8 +153,12 @@ def distributed_recovery(cfg: RunConfig) -> Callable[[nn.Module, torch.Tensor, S
     return recover
 
 
-def sharded_importance(cfg: RunConfig, model_path: str, progress: bool) -> Callable[..., Any] | None:
-    """SAAP's importance on the ``backend.workers`` ZeRO-3 workers (``backend.kind: ray``; None: in-process)."""
+def sharded_importance(cfg: RunConfig, model_path: str, progress: bool, group: Any = None
+                       ) -> Callable[..., Any] | None:
+    """SAAP's importance on the ``backend.workers`` ZeRO-3 workers (``backend.kind: ray``; None: in-process).
+
+    ``group``: a live pruning group to score on (kept running) instead of one started per call.
+    """
     if cfg.backend.kind != "ray":
         return None
 
@@ -162,9 +166,9 @@ def sharded_importance(cfg: RunConfig, model_path: str, progress: bool) -> Calla
         from actors.importance import run_ray_importance
 
         if path is None:
-            return run_ray_importance(cfg, model_path, calib_ids, mods, shapes, prune_spec(cfg), progress)
+            return run_ray_importance(cfg, model_path, calib_ids, mods, shapes, prune_spec(cfg), progress, group)
         here = copy.deepcopy(cfg)  # a checkpoint of the model as the coordinator holds it now
         here.model = dataclasses.replace(cfg.model, source=path, gguf_file=None, revision=None)
-        return run_ray_importance(here, path, calib_ids, mods, shapes, prune_spec(here), progress)
+        return run_ray_importance(here, path, calib_ids, mods, shapes, prune_spec(here), progress, group)
 
     return score

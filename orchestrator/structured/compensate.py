@@ -94,11 +94,17 @@ def select_by_reconstruction(weight: torch.Tensor, xtx: torch.Tensor, columns: t
     per_round = -(-remove // max_rounds) if remove else 0
     left = remove
     while left > 0:
-        blocks = hinv[columns[:, :, None], columns[:, None, :]]  # (G, width, width)
-        blocks = blocks + torch.diag_embed(torch.where(alive, 0.0, 1.0)[:, None].expand(-1, width)).double()
-        wg = w[:, columns].permute(1, 0, 2)  # (G, out, width)
-        sol = torch.linalg.solve(blocks, wg.transpose(1, 2))  # (G, width, out): [H^-1]_gg^-1 W_g^T
-        cost = (wg.transpose(1, 2) * sol).sum((1, 2))  # (G,)
+        if width == 1:  # one column per group: ||W_:j||^2 / [H^-1]_jj
+            cost = w[:, columns[:, 0]].pow(2).sum(0) / torch.diag(hinv)[columns[:, 0]].clamp_min(1e-300)  # (G,)
+        else:
+            blocks = hinv[columns[:, :, None], columns[:, None, :]]  # (G, width, width)
+            blocks = blocks + torch.diag_embed(torch.where(alive, 0.0, 1.0)[:, None].expand(-1, width)).double()
+            wg = w[:, columns].permute(1, 0, 2)  # (G, out, width)
+            chol = torch.linalg.cholesky(blocks)  # principal blocks of an SPD inverse (dead ones: I)
+            # (G, width, out): [H^-1]_gg^-1 W_g^T (a contiguous right-hand side: MKL's batched LU solve
+            # with a strided one fails with two threads)
+            sol = torch.cholesky_solve(wg.transpose(1, 2).contiguous(), chol)
+            cost = (wg.transpose(1, 2) * sol).sum((1, 2))  # (G,)
         cost[~alive] = float("inf")
         take = torch.topk(cost, min(per_round, left), largest=False).indices  # (t,)
         idx = columns[take].reshape(-1)  # (t * width,)

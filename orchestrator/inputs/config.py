@@ -110,7 +110,8 @@ class StructuredRecoveryConfig:
     seq_len: int = opt(512, gt=0, help="tokens per training window")
     loss: Literal["ce", "kd"] = opt("ce", help="`ce`: next-token cross-entropy; `kd`: KL divergence to the dense "
                                     "model's next-token distribution (its top `kd_topk` tokens)")
-    kd_topk: int = opt(64, gt=0, help="dense-model tokens per position kept as the distillation target")
+    kd_topk: int = opt(64, gt=0, le=4096, help="dense-model tokens per position kept as the distillation target "
+                       "(host memory: used windows x seq_len x k x 12 bytes, shipped to every rank)")
     kd_temperature: float = opt(1.0, gt=0, help="softmax temperature of the distillation")
     source: str | None = opt(None, help="training text (null: `calibration.source`; `calibration`: its windows)")
     num_samples: int = opt(1024, gt=0, help="training windows drawn from the source")

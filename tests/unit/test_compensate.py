@@ -149,3 +149,11 @@ def test_selection_through_the_pass_keeps_the_counts_and_lowers_every_consumer_e
     # the first block sees the same inputs in both: its consumers' errors are the greedy's to win
     for a, b in zip(rows_i[:2], rows_r[:2], strict=True):
         assert b["error_compensated"] <= a["error_compensated"] * (1 + 1e-6), (a, b)
+
+
+def test_reconstruction_selection_needs_compensation():
+    from orchestrator.errors import ConfigError
+    from orchestrator.inputs.loader import load_config
+
+    with pytest.raises(ConfigError, match="structured.selection: reconstruction needs structured.compensate=true"):
+        load_config(None, ["structured.selection=reconstruction"])

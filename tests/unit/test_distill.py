@@ -70,3 +70,10 @@ def test_training_refuses_a_mismatched_teacher():
     windows = torch.randint(0, 257, (4, 8), generator=torch.Generator().manual_seed(1))
     with pytest.raises(ValueError, match="needs distillation targets"):
         train(model, windows, _cfg("kd").structured.recovery)
+
+
+def test_distillation_targets_are_bounded():
+    from orchestrator.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"structured.recovery.kd_topk: must be in \(0, 4096\], got 10000"):
+        load_config(None, ["structured.recovery.kd_topk=10000"])

@@ -102,7 +102,8 @@ def main() -> None:
                          "global+comp, mlp+global+comp, depth, depth3+global+comp)")
     ap.add_argument("--recovery", default="0.2", help="targets whose rows are also recovered: none, all or a list")
     ap.add_argument("--recover-rows", default=None,
-                    help="comma list of the row variants (and `torch-pruning`) recovered (default: every row)")
+                    help="comma list of the row variants (and `torch-pruning`) recovered, `VARIANT@TARGET` for one "
+                         "target only (default: every row)")
     ap.add_argument("--kd-rows", default="", help="row variants also recovered by distillation (loss: kd)")
     ap.add_argument("--no-cloze", action="store_true", help="skip the debian_cloze accuracy of every row")
     ap.add_argument("--recovery-steps", type=int, default=None, help="LoRA optimiser steps (default: the config's)")
@@ -199,7 +200,7 @@ def main() -> None:
         result["rows"].append(row)
         Path(args.out).write_text(json.dumps(result, indent=1))
         models[name] = model
-        if recover_rows is not None and alloc not in recover_rows:
+        if recover_rows is not None and alloc not in recover_rows and f"{alloc}@{target}" not in recover_rows:
             return
         if (rec_targets is None or target in rec_targets) and (target, alloc) in old_recovered:
             o = old_recovered[(target, alloc)]

@@ -8,6 +8,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from orchestrator.outputs.report import structured_recipe
+
 #: config sections whose settings the card lists (the rest: execution and evaluation plumbing)
 _METHOD_KEYS = ("method", "sparsity", "pattern", "sequential", "allocation", "reconstruct", "gblm", "lstsq", "search",
                 "admm", "swaps")
@@ -33,12 +35,19 @@ def render(report: dict[str, Any], command: str) -> str:
                          tags=["rayprune", "pruned", "structured-pruning" if structured else "sparse",
                                f"method-{method.split()[0]}"])
     settings = {k: cfg["pruning"][k] for k in _METHOD_KEYS if k in cfg["pruning"]}
+    if structured and report.get("structured"):
+        st = report["structured"]
+        before, after = st["parameters_before"], st["parameters_after"]
+        what = f"{before - after:,} of its {before:,} parameters removed ({(before - after) / before:.2%})"
+        how = f"- method: `{method}`: {structured_recipe(cfg['structured'])}"
+    else:
+        what = (f"{report['sparsity']['reached']:.2%} of the decoder's linear weights are zero "
+                f"(target {report['sparsity']['target']})")
+        how = f"- method: `{method}`, settings: `{settings}`"
     lines = [f"# {Path(source).name or source}, pruned with rayprune ({method})", "",
-             f"Pruned from `{source}` by rayprune {report.get('rayprune_version', '')}: "
-             f"{report['sparsity']['reached']:.2%} of the decoder's linear weights are zero "
-             f"(target {report['sparsity']['target']}).", "",
+             f"Pruned from `{source}` by rayprune {report.get('rayprune_version', '')}: {what}.", "",
              "## How", "",
-             f"- method: `{method}`, settings: `{settings}`",
+             how,
              f"- calibration: {report['calibration']['samples']} sequences x {report['calibration']['seq_len']} "
              f"tokens of `{cfg['calibration']['source']}`",
              f"- compute dtypes: `{report.get('compute_dtypes')}`", "",

@@ -12,11 +12,23 @@ def _fmt(v) -> str:
     return "-" if v is None else str(v)
 
 
+def structured_recipe(s: dict) -> str:
+    """A structured run's options in words (``s``: the config's ``structured`` section)."""
+    parts = [f"{s['allocation']} allocation", "MLP channels only" if s.get("modules") == "mlp" else None,
+             f"{s['depth_blocks']} blocks removed first" if s.get("depth_blocks") else None,
+             ("compensated, groups chosen by reconstruction" if s.get("selection") == "reconstruction"
+              else "compensated") if s.get("compensate") else None]
+    rec = s.get("recovery", {})
+    if rec.get("enabled"):
+        parts.append("LoRA recovery by " + ("distillation" if rec.get("loss") == "kd" else "cross-entropy"))
+    return ", ".join(p for p in parts if p)
+
+
 def _pruned_line(report: dict) -> str:
     st = report.get("structured")
     if st:
         before, after = st["parameters_before"], st["parameters_after"]
-        return (f"- structured (SAAP, {report['config']['structured']['allocation']}): "
+        return (f"- structured ({structured_recipe(report['config']['structured'])}): "
                 f"{before - after:,} of {before:,} parameters removed ({(before - after) / before:.2%})")
     sp = report["sparsity"]
     return (f"- sparsity: target {sp['target']:.4f}, reached {sp['reached']:.4f} "

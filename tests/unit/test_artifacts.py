@@ -300,3 +300,21 @@ def test_publish_syncs_every_file_and_directory_and_the_parent(tmp_path, monkeyp
     paths = [tmp_path, final, *final.rglob("*")]
     missing = [str(p) for p in paths if (p.stat().st_dev, p.stat().st_ino) not in synced]
     assert not missing and len(paths) == 6
+
+
+def test_a_structured_run_is_described_by_its_recipe_and_removed_parameters():
+    from orchestrator.inputs.loader import load_config
+    from orchestrator.outputs.model_card import render
+    from orchestrator.outputs.report import structured_recipe
+
+    cfg = load_config(None, ["structured.enabled=true", "structured.modules=mlp", "structured.allocation=uniform",
+                             "structured.compensate=true", "structured.selection=reconstruction",
+                             "structured.recovery.enabled=true", "structured.recovery.loss=kd"]).to_dict()
+    assert structured_recipe(cfg["structured"]) == ("uniform allocation, MLP channels only, compensated, groups "
+                                                    "chosen by reconstruction, LoRA recovery by distillation")
+    report = {"config": cfg, "structured": {"parameters_before": 1000, "parameters_after": 800},
+              "sparsity": {"reached": 0.0, "target": 0.2}, "calibration": {"samples": 4, "seq_len": 8},
+              "metrics": {}}
+    card = render(report, "rayprune prune x.yaml")
+    assert "200 of its 1,000 parameters removed (20.00%)" in card and "linear weights are zero" not in card
+    assert "MLP channels only, compensated" in card

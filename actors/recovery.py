@@ -115,6 +115,9 @@ def _zero3_train(model: nn.Module, windows: torch.Tensor, r: StructuredRecoveryC
         window_loss,
     )
 
+    if (r.loss == "kd") != (teacher is not None):
+        raise ValueError(f"train_zero3: structured.recovery.loss={r.loss!r} "
+                         f"{'needs' if teacher is None else 'takes no'} distillation targets")
     (groups, steps), = phases(len(decoder_blocks(model)), r)  # joint: one phase (the config refuses sequential)
     blocks = [b for g in groups for b in g]
     batches = step_batches(windows.shape[0], steps, r.batch_size, r.seed)  # (T, B)

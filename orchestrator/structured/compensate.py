@@ -88,9 +88,10 @@ def select_by_reconstruction(weight: torch.Tensor, xtx: torch.Tensor, columns: t
     n_groups, width = columns.shape
     w = weight.detach().double().clone()  # (out, in)
     h = xtx.detach().double()
-    h = h + max(percdamp * float(torch.diag(h).mean()), 1e-12) * torch.eye(h.shape[0], dtype=h.dtype)
+    h = h + max(percdamp * float(torch.diag(h).mean()), 1e-12) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))  # (in, in)
-    alive = torch.ones(n_groups, dtype=torch.bool)
+    columns = columns.to(h.device)
+    alive = torch.ones(n_groups, dtype=torch.bool, device=h.device)
     per_round = -(-remove // max_rounds) if remove else 0
     left = remove
     while left > 0:
@@ -98,7 +99,8 @@ def select_by_reconstruction(weight: torch.Tensor, xtx: torch.Tensor, columns: t
             cost = w[:, columns[:, 0]].pow(2).sum(0) / torch.diag(hinv)[columns[:, 0]].clamp_min(1e-300)  # (G,)
         else:
             blocks = hinv[columns[:, :, None], columns[:, None, :]]  # (G, width, width)
-            blocks = blocks + torch.diag_embed(torch.where(alive, 0.0, 1.0)[:, None].expand(-1, width)).double()
+            dead = (~alive).double()[:, None].expand(-1, width)  # (G, width): 1 on removed groups
+            blocks = blocks + torch.diag_embed(dead)
             wg = w[:, columns].permute(1, 0, 2)  # (G, out, width)
             chol = torch.linalg.cholesky(blocks)  # principal blocks of an SPD inverse (dead ones: I)
             # (G, width, out): [H^-1]_gg^-1 W_g^T (a contiguous right-hand side: MKL's batched LU solve
@@ -113,7 +115,7 @@ def select_by_reconstruction(weight: torch.Tensor, xtx: torch.Tensor, columns: t
         hinv -= hinv[:, idx] @ blk_inv @ hinv[idx, :]
         alive[take] = False
         left -= take.numel()
-    return torch.nonzero(alive).reshape(-1)
+    return torch.nonzero(alive).reshape(-1).cpu()
 
 
 def _consumer(model: nn.Module, mod: ModuleGroups) -> nn.Linear:

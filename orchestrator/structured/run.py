@@ -11,6 +11,7 @@ import logging
 import math
 import tempfile
 import time
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -318,7 +319,9 @@ def run_structured(cfg: RunConfig, model: nn.Module, calib_ids: torch.Tensor, pr
     depth = prune_depth(model, calib_ids, s.depth_blocks) if s.depth_blocks else None
     memory: list[dict] = []
     if sharded_importance is not None:
-        with tempfile.TemporaryDirectory(prefix="rayprune-depth-") as tmp:
+        # beside the output (the storage every node reads, as the rank-written checkpoints need), else /tmp
+        near = Path(cfg.output.dir).resolve().parent
+        with tempfile.TemporaryDirectory(prefix=".rayprune-depth-", dir=near if near.is_dir() else None) as tmp:
             path = None
             if depth is not None:  # the workers load the model with its blocks removed
                 model.save_pretrained(tmp, safe_serialization=True)

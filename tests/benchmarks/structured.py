@@ -146,7 +146,7 @@ def main() -> None:
         known[("dense",)] = old["dense"]["ppl"]
         known.update({(r["target"], r["allocation"], r.get("loss", "ce") if r["recovered"] else False): r["ppl"]
                       for r in old["rows"]})
-        old_recovered = {(r["target"], r["allocation"]): r for r in old["rows"]
+        old_recovered = {(r["target"], r["allocation"], r.get("loss", "ce")): r for r in old["rows"]
                          if r["recovered"] and r["recovery"]["steps"] == cfg.structured.recovery.steps}
 
     def ppl(m, key: tuple) -> float:
@@ -202,36 +202,38 @@ def main() -> None:
         models[name] = model
         if recover_rows is not None and alloc not in recover_rows and f"{alloc}@{target}" not in recover_rows:
             return
-        if (rec_targets is None or target in rec_targets) and (target, alloc) in old_recovered:
-            o = old_recovered[(target, alloc)]
-            log.info("%s recovered: reused from %s (ppl %.3f)", name, args.ppl_from, o["ppl"])
-            result["rows"].append({**row, "recovered": True, **{k: o[k] for k in ("ppl", "closed_gap", "recovery",
-                                                                 "recovery_losses")},
-                                   "reused_from": args.ppl_from})
-        elif rec_targets is None or target in rec_targets:
+        if rec_targets is not None and target not in rec_targets:
+            return
+        for loss in ("ce", "kd") if alloc in kd_rows else ("ce",):
+            if (target, alloc, loss) in old_recovered:
+                o = old_recovered[(target, alloc, loss)]
+                log.info("%s recovered (%s): reused from %s (ppl %.3f)", name, loss, args.ppl_from, o["ppl"])
+                result["rows"].append({**row, "recovered": True, "loss": loss, "reused_from": args.ppl_from,
+                                       **{k: o.get(k) for k in ("ppl", "debian_cloze_acc", "closed_gap", "recovery",
+                                                                "recovery_losses")}})
+                continue
             if windows is None:
                 windows = recovery_windows(cfg, calib)  # (M, S) from the calibration source
-            for loss in ("ce", "kd") if alloc in kd_rows else ("ce",):
-                r = copy.deepcopy(cfg.structured.recovery)
-                r.loss = loss
-                if loss == "kd" and teacher is None:  # the dense model's targets on the windows every row draws
-                    used = used_windows(windows.shape[0], dense.config.num_hidden_layers, r)
-                    teacher = distill_targets(dense, windows, used, r.kd_topk, r.kd_temperature, progress=True)
-                if loss == "kd" and used_windows(windows.shape[0], model.config.num_hidden_layers, r).numel() != \
-                        used_windows(windows.shape[0], dense.config.num_hidden_layers, r).numel():
-                    raise SystemExit("--kd-rows: a row with blocks removed draws other windows (sequential schedule)")
-                rmodel, rrep = recover(copy.deepcopy(model), windows, r, progress=True,
-                                       teacher=teacher if loss == "kd" else None)
-                rppl = ppl(rmodel, (target, alloc, loss))
-                rrow = {**row, "recovered": True, "loss": loss, "ppl": rppl, "debian_cloze_acc": cloze_acc(rmodel),
-                        "closed_gap": (row["ppl"] - rppl) / (row["ppl"] - result["dense"]["ppl"]),
-                        "recovery": {k: v for k, v in rrep.items() if k != "phases"},
-                        "recovery_losses": [p["losses"] for p in rrep["phases"]]}
-                log.info("%s recovered (%s): ppl %.3f (%.0f%% of the gap closed, %.0f s)", name, loss, rrow["ppl"],
-                         100 * rrow["closed_gap"], rrep["seconds"])
-                result["rows"].append(rrow)
-                Path(args.out).write_text(json.dumps(result, indent=1))
-                del rmodel
+            r = copy.deepcopy(cfg.structured.recovery)
+            r.loss = loss
+            if loss == "kd" and teacher is None:  # the dense model's targets on the windows every row draws
+                used = used_windows(windows.shape[0], dense.config.num_hidden_layers, r)
+                teacher = distill_targets(dense, windows, used, r.kd_topk, r.kd_temperature, progress=True)
+            if loss == "kd" and used_windows(windows.shape[0], model.config.num_hidden_layers, r).numel() != \
+                    used_windows(windows.shape[0], dense.config.num_hidden_layers, r).numel():
+                raise SystemExit("--kd-rows: a row with blocks removed draws other windows (sequential schedule)")
+            rmodel, rrep = recover(copy.deepcopy(model), windows, r, progress=True,
+                                   teacher=teacher if loss == "kd" else None)
+            rppl = ppl(rmodel, (target, alloc, loss))
+            rrow = {**row, "recovered": True, "loss": loss, "ppl": rppl, "debian_cloze_acc": cloze_acc(rmodel),
+                    "closed_gap": (row["ppl"] - rppl) / (row["ppl"] - result["dense"]["ppl"]),
+                    "recovery": {k: v for k, v in rrep.items() if k != "phases"},
+                    "recovery_losses": [p["losses"] for p in rrep["phases"]]}
+            log.info("%s recovered (%s): ppl %.3f (%.0f%% of the gap closed, %.0f s)", name, loss, rrow["ppl"],
+                     100 * rrow["closed_gap"], rrep["seconds"])
+            result["rows"].append(rrow)
+            Path(args.out).write_text(json.dumps(result, indent=1))
+            del rmodel
         Path(args.out).write_text(json.dumps(result, indent=1))
 
     peer_cache: dict = {}

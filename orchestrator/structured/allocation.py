@@ -170,10 +170,11 @@ def allocate_global(mods: list[ModuleGroups], costs: dict[str, torch.Tensor], ta
     """Cost-aware global allocation: remove the cheapest removal units of the whole model first.
 
     A unit is one KV group (attention, at least one kept) or ``round_to`` MLP channels (the kept width
-    moves in steps of it: a multiple of it when the full width is); its cost is the summed cost of its groups per parameter removed. Units are
-    taken in order of cost, each module's cheapest first, while they fit the target (a unit that would
-    overshoot it by more than half its own size is passed over and smaller ones fill the rest), so the
-    removed count lands within half of the smallest unit of the target when the small units suffice.
+    moves in steps of it: a multiple of it when the full width is); its cost is the summed cost of its
+    groups per parameter removed. Units are taken in order of cost, each module's cheapest first, while
+    they fit the target (a unit that would overshoot it by more than half its own size is passed over
+    and smaller ones fill the rest), so the removed count lands within half of the smallest unit of the
+    target when the small units suffice.
 
     Args:
         mods: every module (protected ones and kinds not in ``kinds`` keep everything).

@@ -11,9 +11,9 @@ import logging
 import math
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn

@@ -104,7 +104,8 @@ def main() -> None:
     ap.add_argument("--recover-rows", default=None,
                     help="comma list of the row variants (and `torch-pruning`) recovered, `VARIANT@TARGET` for one "
                          "target only (default: every row)")
-    ap.add_argument("--kd-rows", default="", help="row variants also recovered by distillation (loss: kd)")
+    ap.add_argument("--kd-rows", default="",
+                    help="row variants also recovered by distillation (loss: kd); `VARIANT@TARGET` for one target")
     ap.add_argument("--no-cloze", action="store_true", help="skip the debian_cloze accuracy of every row")
     ap.add_argument("--recovery-steps", type=int, default=None, help="LoRA optimiser steps (default: the config's)")
     ap.add_argument("--calib-n", type=int, default=32)
@@ -204,7 +205,7 @@ def main() -> None:
             return
         if rec_targets is not None and target not in rec_targets:
             return
-        for loss in ("ce", "kd") if alloc in kd_rows else ("ce",):
+        for loss in ("ce", "kd") if alloc in kd_rows or f"{alloc}@{target}" in kd_rows else ("ce",):
             if (target, alloc, loss) in old_recovered:
                 o = old_recovered[(target, alloc, loss)]
                 log.info("%s recovered (%s): reused from %s (ppl %.3f)", name, loss, args.ppl_from, o["ppl"])

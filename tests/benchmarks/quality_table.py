@@ -65,27 +65,32 @@ def _relative(row: dict, ref: dict | None) -> str:
     return ("" if ref is None or ref is row else f"{100 * (row['ppl'] / ref['ppl'] - 1):+.1f}%") + " |"
 
 
-def replace_block(text: str, table: str, source: str) -> str:
-    """``text`` with the block between the markers replaced by ``table``."""
-    start = text.index(START)
+def replace_block(text: str, table: str, source: str, start_marker: str = START, end_marker: str = END) -> str:
+    """``text`` with the block between the markers replaced by ``table`` (the start marker names ``source``)."""
+    start = text.index(start_marker)
     body = text.index("\n", start) + 1
-    end = text.index(END)
-    return text[:start] + f"{START} {source} -->\n" + table + text[end:] if body <= end else text
+    end = text.index(end_marker)
+    return text[:start] + f"{start_marker} {source} -->\n" + table + text[end:] if body <= end else text
+
+
+def cli(render_fn, doc: str, what: str, start_marker: str = START, end_marker: str = END) -> int:
+    """Print ``render_fn``'s table of a benchmark JSON, or rewrite it between the markers of ``--write``'s file."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("json", help=f"{what} benchmark JSON")
+    ap.add_argument("--write", help="markdown file with the table's markers to rewrite")
+    args = ap.parse_args()
+    table = render_fn(json.loads(Path(args.json).read_text()))
+    if args.write:
+        path = Path(args.write)
+        path.write_text(replace_block(path.read_text(), table, args.json, start_marker, end_marker))
+    else:
+        sys.stdout.write(table)
+    return 0
 
 
 def main() -> int:
     """Print the table, or rewrite it in ``--write``'s file."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("json", help="quality benchmark JSON")
-    ap.add_argument("--write", help="markdown file with the table's markers to rewrite")
-    args = ap.parse_args()
-    table = render(json.loads(Path(args.json).read_text()))
-    if args.write:
-        path = Path(args.write)
-        path.write_text(replace_block(path.read_text(), table, args.json))
-    else:
-        sys.stdout.write(table)
-    return 0
+    return cli(render, __doc__, "quality")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -54,26 +52,12 @@ def render(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_block(text: str, table: str, source: str) -> str:
-    """``text`` with the block between the markers replaced by ``table``."""
-    start = text.index(START)
-    end = text.index(END)
-    return text[:start] + f"{START} {source} -->\n" + table + text[end:]
-
-
 def main() -> int:
     """Print the table, or rewrite it in ``--write``'s file."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("json", help="structured benchmark JSON")
-    ap.add_argument("--write", help="markdown file with the table's markers to rewrite")
-    args = ap.parse_args()
-    table = render(json.loads(Path(args.json).read_text()))
-    if args.write:
-        path = Path(args.write)
-        path.write_text(replace_block(path.read_text(), table, args.json))
-    else:
-        sys.stdout.write(table)
-    return 0
+    sys.path.insert(0, str(Path(__file__).parent))
+    from quality_table import cli  # the README-block rewriting both tables share
+
+    return cli(render, __doc__, "structured", START, END)
 
 
 if __name__ == "__main__":

@@ -2,32 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import re
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.unit.readme_tables import assert_readme_block_current, table_module
 
 
 def _table_module():
-    spec = importlib.util.spec_from_file_location("quality_table", REPO / "tests" / "benchmarks" / "quality_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return table_module("quality_table")
 
 
 def test_readme_quality_table_is_rendered_from_the_committed_json():
-    import json
-
-    mod = _table_module()
-    text = (REPO / "README.md").read_text()
-    marker = re.search(re.escape(mod.START) + r" (\S+) -->\n", text)
-    assert marker, "README has no quality table markers"
-    source = REPO / marker.group(1)
-    assert source.is_file(), f"{source} named by the README's quality table is missing"
-    body = text[marker.end():text.index(mod.END)]
-    assert body == mod.render(json.loads(source.read_text())), (
-        "README quality table is stale: python tests/benchmarks/quality_table.py JSON --write README.md")
+    assert_readme_block_current(_table_module(), "quality")
 
 
 def test_render_compares_with_the_peer_of_the_same_pattern_and_sparsity():

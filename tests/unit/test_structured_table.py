@@ -2,32 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import re
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.unit.readme_tables import assert_readme_block_current, table_module
 
 
 def _table_module():
-    spec = importlib.util.spec_from_file_location("structured_table",
-                                                  REPO / "tests" / "benchmarks" / "structured_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return table_module("structured_table")
 
 
 def test_readme_structured_table_is_rendered_from_the_committed_json():
-    mod = _table_module()
-    text = (REPO / "README.md").read_text()
-    marker = re.search(re.escape(mod.START) + r" (\S+) -->\n", text)
-    assert marker, "README has no structured table markers"
-    source = REPO / marker.group(1)
-    assert source.is_file(), f"{source} named by the README's structured table is missing"
-    body = text[marker.end():text.index(mod.END)]
-    assert body == mod.render(json.loads(source.read_text())), (
-        "README structured table is stale: python tests/benchmarks/structured_table.py JSON --write README.md")
+    assert_readme_block_current(_table_module(), "structured")
 
 
 def test_rows_are_compared_with_the_peer_of_the_same_target_and_recovery():
